@@ -1,0 +1,125 @@
+"""`causal_attention`: the one contract that every attention backend meets.
+
+    out = causal_attention(q, k, v, dropout_p=0.0, scale=None, backend="auto")
+
+    q, k, v: (B, H, T, D), any strides (views of a fused qkv projection are fine)
+    out:     (B, H, T, D)
+
+Query i attends to keys 0..i (the causal mask, diagonal included):
+
+    keys ->   0 1 2 3
+    query 0   x . . .
+    query 1   x x . .
+    query 2   x x x .
+    query 3   x x x x
+
+Bad input is refused here, once, with an error naming the argument, the value and the limit, so
+that backends can assume well-formed tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+
+from fastgpt.attention.registry import Backend, auto_order, get_backend
+
+log = logging.getLogger("fastgpt.attention")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_announced: set[tuple] = set()
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def validate_inputs(q, k, v, dropout_p: float, scale: Optional[float]) -> None:
+    """Raises TypeError/ValueError naming the offending argument, its value and the limit."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, T, D); got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (B, H, T, D); got {t.dim()} dims with shape {_shape(t)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {_shape(t)} but q has shape {_shape(q)}: q, k and v must share (B, H, T, D)")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}: q, k and v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on device {t.device} but q is on {q.device}: q, k and v must share one device")
+    if q.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"q has dtype {q.dtype}; causal_attention supports {names}")
+    B, H, T, D = q.shape
+    if min(B, H, T, D) < 1:
+        raise ValueError(f"q has shape {_shape(q)}: B, H, T and D must all be at least 1")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None (meaning D**-0.5); got {scale!r}")
+
+
+def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto") -> Backend:
+    """The backend that `causal_attention` runs for this call; never a silent substitute.
+
+    A named backend that cannot run raises (RuntimeError when it is unavailable in this process,
+    ValueError when it does not support the call). "auto" takes the first backend of the
+    device's preference list that can run the call and logs its choice once per kind of call.
+    """
+    if backend != "auto":
+        chosen = get_backend(backend)
+        reason = chosen.unavailable_reason(q.device)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} is not available on device {q.device}: {reason}")
+        reason = chosen.unsupported_reason(q, dropout_p)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} does not support this call: {reason}")
+        return chosen
+
+    refusals = []
+    for name in auto_order(q.device, dropout_p > 0):
+        candidate = get_backend(name)
+        reason = candidate.unavailable_reason(q.device) or candidate.unsupported_reason(q, dropout_p)
+        if reason is None:
+            key = (q.device.type, q.dtype, dropout_p > 0, name)
+            if key not in _announced:
+                _announced.add(key)
+                log.info("backend='auto' picked %r for %s %s attention, dropout %s",
+                         name, q.device.type, str(q.dtype).removeprefix("torch."), dropout_p)
+            return candidate
+        refusals.append(f"{name}: {reason}")
+    raise RuntimeError(f"no attention backend can run this call on {q.device}: " + "; ".join(refusals))
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal scaled-dot-product attention, softmax(scale·q·kᵀ + causal mask) · v.
+
+    Args:
+        q, k, v: (B, H, T, D) tensors of one dtype (float16, bfloat16, float32, float64) on one
+            device; any strides.
+        dropout_p: probability of zeroing an attention weight after the softmax, in [0, 1). Pass
+            0.0 in evaluation; kept weights are scaled by 1/(1 - dropout_p).
+        scale: multiplies q·kᵀ before the softmax; None means D**-0.5.
+        backend: a registered backend name ("naive", "sdpa", ...) or "auto".
+
+    Returns:
+        (B, H, T, D) tensor, same dtype and device as q.
+    """
+    validate_inputs(q, k, v, dropout_p, scale)
+    chosen = select_backend(q, dropout_p, backend)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return chosen.fn(q, k, v, float(dropout_p), float(scale))

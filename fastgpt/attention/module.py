@@ -1,0 +1,49 @@
+"""`CausalSelfAttention`: the drop-in multi-head attention layer of the GPT."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastgpt.attention.api import causal_attention
+from fastgpt.attention.registry import get_backend
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: x (B, T, C) -> (B, T, C), C = n_embd = n_head · D.
+
+    One fused q/k/v projection (no bias, as the lecture's key/query/value layers), attention
+    through `causal_attention` with the chosen backend, then an output projection and dropout on
+    the residual branch. The backend is not a parameter: `set_backend` swaps it at any time
+    without touching the weights or the state_dict.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.dropout = dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.set_backend(backend)
+
+    def set_backend(self, name: str) -> None:
+        if name != "auto":
+            get_backend(name)  # an unknown name fails now, not at the next forward
+        self.backend = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 × (B, T, C)
+        # (B, T, C) -> (B, nh, T, hs): strided views, no copy; backends accept any strides
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.proj(y))
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}, dropout={self.dropout}, backend={self.backend!r}"

@@ -1,0 +1,57 @@
+"""`naive`: the lecture's explicit attention math, and the reference every backend is checked against.
+
+Memory traffic per (B, H) slice, T×T weights materialised three times in the forward:
+    att = q @ kᵀ · scale        # read 2·T·D, write T·T
+    mask the future with -inf  # read T·T, write T·T
+    softmax                    # read T·T, write T·T
+    dropout                    # read T·T, write T·T (plus the mask)
+    out = att @ v              # read T·T + T·D, write T·D
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastgpt.attention.registry import Backend, register_backend
+
+
+def naive_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    keep_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(scale·q·kᵀ, causal) with dropout on the weights, · v.  q, k, v: (B, H, T, D).
+
+    `keep_mask` (B, H, T, T) of bools replaces the random dropout draw: weights where it is False
+    are zeroed and the rest scaled by 1/(1 - dropout_p). Parity tests pass the mask a fused kernel
+    used, to build the exact reference for that kernel's dropout.
+    """
+    T, D = q.shape[-2], q.shape[-1]
+    if scale is None:
+        scale = D**-0.5
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    att = att.masked_fill(future, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if keep_mask is not None:
+        att = att * keep_mask.to(att.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p, training=True)
+    return att @ v  # (B, H, T, D)
+
+
+def _naive_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+    return naive_attention(q, k, v, dropout_p, scale)
+
+
+register_backend(Backend(
+    name="naive",
+    fn=_naive_backend,
+    description="the lecture's explicit math (materialises the T×T weights); the reference",
+))
