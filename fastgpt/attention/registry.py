@@ -42,7 +42,7 @@ class Backend:
 
 
 # Modules that register the built-in backends, imported on first use of the registry.
-_BUILTIN_MODULES = ("fastgpt.attention.naive", "fastgpt.attention.sdpa")
+_BUILTIN_MODULES = ("fastgpt.attention.naive", "fastgpt.attention.sdpa", "fastgpt.attention.ext_backend")
 
 # The order in which `backend="auto"` tries backends, per device type and per kind of call
 # (with or without dropout): fastest first, as measured by the attention benchmark. The first

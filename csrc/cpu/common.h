@@ -1,0 +1,151 @@
+// What the CPU kernels share: the GEMM they call on tiles, a work-balanced parallel loop, the
+// zero-filled allocation of causal matrices, strided (B, H, rows, cols) views, bfloat16 rows.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#if defined(FASTGPT_HAVE_SGEMM)
+// The Fortran BLAS entry point that PyTorch itself links (MKL or OpenBLAS): column-major, LP64.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+#else
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+#endif
+
+namespace fastgpt::cpu {
+
+// Row-major C (m×n, ldc) = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ when trans_x; A is m×k
+// after op, B is k×n after op. Called from inside at::parallel_for: BLAS then runs one thread.
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+#if defined(FASTGPT_HAVE_SGEMM)
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands, keep the flags.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  sgemm_(&tb, &ta, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+#else
+  // Portable fallback (no BLAS symbol exported by this torch build): at::mm on borrowed views.
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto view = [&](const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    auto x = at::from_blob(const_cast<float*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? x.t() : x;
+  };
+  at::Tensor A = view(a, m, k, lda, trans_a), B = view(b, k, n, ldb, trans_b);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (beta == 0.0f) {
+    C.copy_(at::mm(A, B).mul_(alpha));
+  } else {
+    C.copy_(at::addmm(C, A, B, beta, alpha));
+  }
+#endif
+}
+
+// at::parallel_for over items [0, n) with one contiguous range per thread holding about the same
+// total cost; `cum(i)` is the cost of items [0, i), non-decreasing. Causal work is triangular, so
+// equal item counts would leave one thread with three quarters of it.
+template <typename CumCost, typename Body>
+void parallel_for_balanced(int64_t n, const CumCost& cum, const Body& body) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(int64_t{0}, n);
+    return;
+  }
+  const double total = static_cast<double>(cum(n));
+  auto split = [&](int64_t t) -> int64_t {  // first item whose prefix cost reaches t/threads of the total
+    if (t >= threads) return n;
+    const double target = total * static_cast<double>(t) / static_cast<double>(threads);
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<double>(cum(mid)) < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t begin = split(t), end = split(t + 1);
+      if (begin < end) body(begin, end);
+    }
+  });
+}
+
+// A zero-filled tensor for a causal matrix whose kernels write only the lower triangle. Large ones
+// come straight from mmap: the OS hands out zeroed pages, and on 2 MiB transparent huge pages
+// (madvise) a first touch costs a fraction of 4 KiB page faults (a fresh 100 MB buffer: ~25 ms of
+// faults with 4 KiB pages on the dev machine, ~4 ms with huge pages).
+inline at::Tensor zeros_causal(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t{2} << 20;
+  constexpr size_t kMinBytes = size_t{4} << 20;  // below this, malloc's recycled memory is cheaper
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  if (nbytes >= kMinBytes) {
+    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t len = rounded + kHugePage;  // room to align the start to a huge page
+    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      const uintptr_t start = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) / kHugePage * kHugePage;
+      void* data = reinterpret_cast<void*>(start);
+      madvise(data, rounded, MADV_HUGEPAGE);  // a hint: without THP it is plain zeroed pages
+      return at::from_blob(data, sizes, [base, len](void*) { munmap(base, len); }, options);
+    }
+  }
+#endif
+  return at::zeros(sizes, options);
+}
+
+// A (B, H, rows, cols) tensor whose last dim is contiguous, read through its strides: the strided
+// q/k/v views of a fused qkv projection need no copy. Anything else is made contiguous first.
+template <typename scalar_t>
+struct Rows4 {
+  scalar_t* data;
+  int64_t heads, stride_b, stride_h, ld;
+
+  scalar_t* at(int64_t bh) const { return data + (bh / heads) * stride_b + (bh % heads) * stride_h; }
+};
+
+inline at::Tensor rows_readable(const at::Tensor& t) {
+  const int64_t rows = t.size(2), cols = t.size(3);
+  const bool last_ok = cols <= 1 || t.stride(3) == 1;
+  const bool rows_ok = rows <= 1 || (t.stride(2) >= cols && t.stride(2) <= INT32_MAX);
+  return (last_ok && rows_ok) ? t : t.contiguous();
+}
+
+template <typename scalar_t>
+Rows4<scalar_t> rows4(const at::Tensor& t) {
+  // A single row's stride is never stepped over; BLAS still wants ld >= cols.
+  const int64_t ld = t.size(2) <= 1 ? std::max<int64_t>(t.size(3), 1) : t.stride(2);
+  return {static_cast<scalar_t*>(t.data_ptr()), t.size(1), t.stride(0), t.stride(1), ld};
+}
+
+// bfloat16 <-> float32 rows: the kernels compute in float32 on converted copies.
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+}
+inline void from_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+}  // namespace fastgpt::cpu

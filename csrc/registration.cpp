@@ -1,0 +1,52 @@
+// The fastgpt op library: schemas (device independent) and the CPU kernels behind them. The CUDA
+// kernels (issue 7) register under the same names with TORCH_LIBRARY_IMPL(fastgpt, CUDA, m).
+// Autograd and the shape-only fake kernels are registered from Python (fastgpt/ext/ops.py).
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "causal_ops.h"
+
+// The instruction set the CPU kernels were compiled for: the build passes -DCPU_CAPABILITY=AVX512,
+// AVX2 or DEFAULT, the same macro that sizes ATen's Vectorized.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+#define FASTGPT_STRINGIFY_(x) #x
+#define FASTGPT_STRINGIFY(x) FASTGPT_STRINGIFY_(x)
+
+TORCH_LIBRARY(fastgpt, m) {
+  // tril(a · bᵀ): (B, H, T, D) × (B, H, T, D) -> (B, H, T, T), zero above the diagonal.
+  m.def("causal_matmul_nt(Tensor a, Tensor b) -> Tensor");
+  // tril(p) · x: (B, H, T, T) × (B, H, T, D) -> (B, H, T, D); p above the diagonal is not read.
+  m.def("causal_matmul_nn(Tensor p, Tensor x) -> Tensor");
+  // tril(p)ᵀ · x: (B, H, T, T) × (B, H, T, D) -> (B, H, T, D); p above the diagonal is not read.
+  m.def("causal_matmul_tn(Tensor p, Tensor x) -> Tensor");
+  // dropout(softmax(scale · scores with the causal mask)), the keep mask drawn from the Philox
+  // stream at (seed, offset): (B, H, T, T) -> (B, H, T, T), zero above the diagonal.
+  m.def("causal_softmax(Tensor scores, float scale, float dropout_p, int seed, int offset) -> Tensor");
+  m.def("causal_softmax_backward(Tensor grad, Tensor scores, float scale, float dropout_p, int seed, "
+        "int offset) -> Tensor");
+  // Testing hook: the (B, H, T, T) bool keep mask causal_softmax draws for (seed, offset).
+  m.def("dropout_keep_mask(Tensor scores, float dropout_p, int seed, int offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("causal_matmul_nt", &fastgpt::cpu::causal_matmul_nt);
+  m.impl("causal_matmul_nn", &fastgpt::cpu::causal_matmul_nn);
+  m.impl("causal_matmul_tn", &fastgpt::cpu::causal_matmul_tn);
+  m.impl("causal_softmax", &fastgpt::cpu::causal_softmax);
+  m.impl("causal_softmax_backward", &fastgpt::cpu::causal_softmax_backward);
+  m.impl("dropout_keep_mask", &fastgpt::cpu::dropout_keep_mask);
+}
+
+// `import fastgpt._C` (the ahead-of-time build) runs the registrations above; the module itself
+// only records which instruction set its CPU kernels were compiled for. The JIT build is loaded
+// with torch.ops.load_library and never imports this.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastgpt's compiled ops (torch.ops.fastgpt)", -1,
+                               nullptr, nullptr, nullptr, nullptr, nullptr};
+  PyObject* mod = PyModule_Create(&module);
+  if (mod != nullptr) PyModule_AddStringConstant(mod, "cpu_capability", FASTGPT_STRINGIFY(CPU_CAPABILITY));
+  return mod;
+}

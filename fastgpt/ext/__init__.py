@@ -1,0 +1,25 @@
+"""fastgpt's compiled ops (csrc/): causal matmuls and the fused causal softmax with dropout.
+
+Importing this package compiles nothing; the first call of an op builds or loads the extension
+(see build.py). The `ext` attention backend (fastgpt.attention.ext_backend) is built from these.
+"""
+
+from fastgpt.ext.build import ExtensionUnavailable, load, unavailable_reason
+from fastgpt.ext.ops import (
+    causal_matmul_nn,
+    causal_matmul_nt,
+    causal_matmul_tn,
+    causal_softmax,
+    dropout_keep_mask,
+)
+
+__all__ = [
+    "ExtensionUnavailable",
+    "causal_matmul_nn",
+    "causal_matmul_nt",
+    "causal_matmul_tn",
+    "causal_softmax",
+    "dropout_keep_mask",
+    "load",
+    "unavailable_reason",
+]

@@ -1,0 +1,206 @@
+"""Building and loading the C++ extension in csrc/: ahead of time, or just in time on first use.
+
+    load()                 registers torch.ops.fastgpt.* in this process (idempotent)
+    unavailable_reason()   why load() cannot work here, or None; cheap: never compiles
+
+Which build is used:
+  * the ahead-of-time module `fastgpt._C`, when `pip install --no-build-isolation .` built it
+    (setup.py) and it was compiled for an instruction set this CPU has;
+  * otherwise a just-in-time build with torch.utils.cpp_extension and ninja, cached under
+    ~/.cache/fastgpt (or $FASTGPT_CACHE_DIR) per torch version, Python version and instruction set,
+    so only the first use in a given environment compiles.
+FASTGPT_EXT_BUILD=jit or =aot forces one of the two. A missing compiler or ninja is an error that
+says what to install; nothing falls back to another attention backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CSRC = REPO / "csrc"
+JIT_NAME = "fastgpt_ext"
+# Translation units of the CPU build; headers are listed so that editing one rebuilds.
+SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp")
+HEADERS = ("causal_ops.h", "checks.h", "philox.h", "cpu/common.h")
+# Measured on the 2-core dev machine: ~60 s for the three translation units in parallel.
+COMPILE_SECONDS_ESTIMATE = 60
+
+# Flags that make ATen's Vectorized<float> as wide as torch's own kernels on this CPU: the
+# CPU_CAPABILITY macros select ATen's vec512/vec256 headers, the -m flags let the compiler emit them.
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+_ISA_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The C++ extension cannot be built or loaded here; the message says what to install."""
+
+
+_lock = threading.Lock()
+_loaded: Optional[str] = None  # "aot" or "jit" once torch.ops.fastgpt is registered
+
+
+def cpu_capability() -> str:
+    """The instruction set torch dispatches its own CPU kernels to here, as one of ISA_FLAGS' keys."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap if cap in ISA_FLAGS else "DEFAULT"
+
+
+def compile_flags(capability: str) -> list[str]:
+    flags = ["-O3", "-fopenmp", *ISA_FLAGS[capability]]
+    if torch_exports_sgemm():
+        flags.append("-DFASTGPT_HAVE_SGEMM")
+    return flags
+
+
+def torch_exports_sgemm() -> bool:
+    """Whether libtorch_cpu exports the Fortran `sgemm_` of the BLAS torch links (MKL on x86 Linux);
+    without it the kernels call at::mm on their tiles, correct but slower."""
+    lib = Path(torch.__file__).parent / "lib" / ("libtorch_cpu.dylib" if sys.platform == "darwin" else "libtorch_cpu.so")
+    try:
+        return hasattr(ctypes.CDLL(str(lib)), "sgemm_")
+    except OSError:
+        return False
+
+
+def cache_dir(capability: str, flags: list[str]) -> Path:
+    root = os.environ.get("FASTGPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastgpt")
+    # One directory per environment that produces a different binary: two venvs never share one.
+    key = "|".join([torch.__version__, sys.version, sys.platform, capability, *flags, str(CSRC)])
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(root) / f"ext-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{capability.lower()}-{tag}"
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """cpp_extension runs `ninja` from PATH; the pip package's binary is not on it when the venv
+    is used without being activated, so put it there for the duration of the build."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+    except ImportError:
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def jit_unavailable_reason() -> Optional[str]:
+    """Why a just-in-time build cannot run here (no sources, compiler or ninja), or None."""
+    missing_sources = [s for s in (*SOURCES, *HEADERS) if not (CSRC / s).is_file()]
+    if missing_sources:
+        return (f"the C++ sources are not at {CSRC} (missing {', '.join(missing_sources)}); install fastgpt "
+                "from a source checkout (`pip install -e .`) or build the extension ahead of time "
+                "(`pip install --no-build-isolation .` with torch already installed)")
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    compiler = get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        return (f"no C++ compiler: {compiler!r} (from $CXX, default 'c++') is not on PATH; the ext backend "
+                "compiles csrc/ on first use. Install one (Debian/Ubuntu: `apt install g++`; conda: "
+                "`conda install -c conda-forge gxx`) or point $CXX at it")
+    with _ninja_on_path():
+        if shutil.which("ninja") is None:
+            return ("ninja is not installed; the ext backend compiles csrc/ on first use with "
+                    "torch.utils.cpp_extension, which needs it: `pip install ninja`")
+    return None
+
+
+def _aot_module():
+    """fastgpt._C if it was built ahead of time and can run on this CPU, else None."""
+    if os.environ.get("FASTGPT_EXT_BUILD") == "jit":
+        return None
+    try:
+        module = importlib.import_module("fastgpt._C")
+    except ImportError:
+        return None
+    built_for = getattr(module, "cpu_capability", "DEFAULT")
+    if _ISA_RANK.get(built_for, 0) > _ISA_RANK[cpu_capability()]:
+        raise ExtensionUnavailable(
+            f"fastgpt._C was compiled for {built_for} but this CPU runs torch at {cpu_capability()}; rebuild it "
+            "here (`pip install --no-build-isolation .`) or set FASTGPT_EXT_BUILD=jit")
+    return module
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why load() would fail in this process, or None. Does not compile anything."""
+    if _loaded is not None:
+        return None
+    try:
+        if _aot_module() is not None:
+            return None
+    except ExtensionUnavailable as e:
+        return str(e)
+    if os.environ.get("FASTGPT_EXT_BUILD") == "aot":
+        return "FASTGPT_EXT_BUILD=aot but fastgpt._C is not installed: `pip install --no-build-isolation .`"
+    return jit_unavailable_reason()
+
+
+def _jit_build() -> None:
+    reason = jit_unavailable_reason()
+    if reason is not None:
+        raise ExtensionUnavailable(reason)
+    capability = cpu_capability()
+    flags = compile_flags(capability)
+    build_dir = cache_dir(capability, flags)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(CSRC / s) for s in SOURCES]
+    library = build_dir / f"{JIT_NAME}.so"
+    newest_source = max((CSRC / s).stat().st_mtime for s in (*SOURCES, *HEADERS))
+    compiling = not library.is_file() or library.stat().st_mtime < newest_source
+    if compiling:
+        print(f"fastgpt: compiling the C++ extension (first use, ~{COMPILE_SECONDS_ESTIMATE} s) into {build_dir} ...",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    from torch.utils import cpp_extension
+
+    with _ninja_on_path():
+        cpp_extension.load(name=JIT_NAME, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+    if compiling:
+        print(f"fastgpt: compiled the C++ extension in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def load() -> str:
+    """Registers torch.ops.fastgpt.* (and their autograd and fake kernels); returns "aot" or "jit"."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            if _aot_module() is not None:
+                kind = "aot"
+            elif os.environ.get("FASTGPT_EXT_BUILD") == "aot":
+                raise ExtensionUnavailable(unavailable_reason())
+            else:
+                _jit_build()
+                kind = "jit"
+            from fastgpt.ext import ops  # autograd and fake kernels need the ops to exist
+
+            ops.register_python_parts()
+            _loaded = kind
+    return _loaded

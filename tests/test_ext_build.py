@@ -1,0 +1,78 @@
+"""Building the extension: what a missing compiler or ninja says, the cache, the first-use message.
+
+These tests never compile: they drive fastgpt.ext.build with a monkeypatched environment.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastgpt.attention import causal_attention
+from fastgpt.ext import build
+from fastgpt.parity import make_qkv
+
+
+@pytest.fixture()
+def not_loaded(monkeypatch):
+    """This process as if the extension had never been loaded, with the JIT build forced."""
+    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setenv("FASTGPT_EXT_BUILD", "jit")
+
+
+def _hide_ninja(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no ninja binary on PATH ...
+    monkeypatch.setitem(sys.modules, "ninja", None)  # ... and no pip package to borrow one from
+
+
+def test_missing_compiler_says_what_to_install(not_loaded, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    reason = build.unavailable_reason()
+    assert "no C++ compiler" in reason and "no-such-c++-compiler" in reason and "apt install g++" in reason
+    with pytest.raises(build.ExtensionUnavailable, match="apt install g\\+\\+"):
+        build.load()
+
+
+def test_missing_ninja_says_what_to_install(not_loaded, monkeypatch, tmp_path):
+    compiler = subprocess.check_output(["sh", "-c", "command -v c++"], text=True).strip()
+    monkeypatch.setenv("CXX", compiler)  # the compiler stays reachable by absolute path
+    _hide_ninja(monkeypatch, tmp_path)
+    assert "pip install ninja" in build.unavailable_reason()
+    with pytest.raises(build.ExtensionUnavailable, match="pip install ninja"):
+        build.load()
+
+
+def test_backend_raises_the_build_reason_and_never_falls_back(not_loaded, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    _hide_ninja(monkeypatch, tmp_path)
+    q, k, v = make_qkv((1, 2, 8, 16), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="backend='ext' is not available on device cpu: no C\\+\\+ compiler"):
+        causal_attention(q, k, v, backend="ext")
+
+
+def test_jit_build_announces_the_first_compile_and_caches_per_environment(not_loaded, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path))
+    calls = []
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
+    build._jit_build()
+    err = capsys.readouterr().err
+    assert "fastgpt: compiling the C++ extension (first use" in err
+    (kw,) = calls
+    assert kw["build_directory"].startswith(str(tmp_path)) and torch.__version__.split("+")[0] in kw["build_directory"]
+    assert "-O3" in kw["extra_cflags"] and "-fopenmp" in kw["extra_cflags"]
+    assert kw["is_python_module"] is False
+    # A library newer than the sources: no message (cpp_extension and ninja then do nothing).
+    (tmp_path / kw["build_directory"] / f"{build.JIT_NAME}.so").touch()
+    build._jit_build()
+    assert "compiling" not in capsys.readouterr().err
+
+
+def test_import_fastgpt_compiles_nothing():
+    code = ("import fastgpt, fastgpt.ext, sys; names = fastgpt.backend_names(); "
+            "assert 'ext' in names, names; from fastgpt.ext import build; assert build._loaded is None")
+    subprocess.run([sys.executable, "-c", code], check=True)
