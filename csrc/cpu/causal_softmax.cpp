@@ -18,43 +18,13 @@
 #include "../checks.h"
 #include "../philox.h"
 #include "common.h"
+#include "dropout_cpu.h"
 
 namespace fastgpt::cpu {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
-
-// mult[0..n) of flat row `row`: keep_scale where the element is kept, 0 where it is dropped.
-// Sixteen Philox blocks at once, one per lane of structure-of-arrays counters, so the compiler
-// vectorises the rounds; the words are the ones philox4x32_10 gives for the same counters.
-void dropout_multipliers(const DropoutStream& ds, uint32_t row, int64_t n, float* mult) {
-  constexpr int kLanes = 16;
-  const int64_t groups = (n + 3) / 4;
-  for (int64_t g0 = 0; g0 < groups; g0 += kLanes) {
-    alignas(64) uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      c0[l] = static_cast<uint32_t>(g0 + l);
-      c1[l] = row;
-      c2[l] = ds.offset0;
-      c3[l] = ds.offset1;
-    }
-    uint32_t k0 = ds.key0, k1 = ds.key1;
-    for (int r = 0; r < kPhiloxRounds; ++r) {
-      for (int l = 0; l < kLanes; ++l) philox_round(c0[l], c1[l], c2[l], c3[l], k0, k1);
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    alignas(64) float m[4 * kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      m[4 * l + 0] = c0[l] >= ds.threshold ? ds.keep_scale : 0.0f;
-      m[4 * l + 1] = c1[l] >= ds.threshold ? ds.keep_scale : 0.0f;
-      m[4 * l + 2] = c2[l] >= ds.threshold ? ds.keep_scale : 0.0f;
-      m[4 * l + 3] = c3[l] >= ds.threshold ? ds.keep_scale : 0.0f;
-    }
-    std::memcpy(mult + 4 * g0, m, sizeof(float) * std::min<int64_t>(4 * kLanes, n - 4 * g0));
-  }
-}
 
 // out[0..L) = softmax(scale · s[0..L)), times mult when given.
 void softmax_row(const float* s, float* out, int64_t L, float scale, const float* mult) {

@@ -34,14 +34,14 @@ CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp")
-HEADERS = ("causal_ops.h", "checks.h", "philox.h", "cpu/common.h")
+HEADERS = ("causal_ops.h", "checks.h", "philox.h", "cpu/common.h", "cpu/dropout_cpu.h")
 # Measured on the 2-core dev machine: ~60 s for the three translation units in parallel.
 COMPILE_SECONDS_ESTIMATE = 60
 
 # Flags that make ATen's Vectorized<float> as wide as torch's own kernels on this CPU: the
 # CPU_CAPABILITY macros select ATen's vec512/vec256 headers, the -m flags let the compiler emit them.
 ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi2",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
