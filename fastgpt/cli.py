@@ -1,2 +1,175 @@
-def main(argv=None):
-    raise SystemExit("not yet")
+"""The `fastgpt` command: train, sample, parity.
+
+Every ModelConfig/TrainConfig field is a flag of `fastgpt train` (n_layer -> --n-layer); a flag
+given on the command line overrides the preset's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from fastgpt.config import PRESETS, TrainConfig
+from fastgpt.model import ModelConfig
+
+
+def _flag_type(annotation) -> Any:
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X] -> X
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for cls in (ModelConfig, TrainConfig):
+        group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.replace("_", "-")
+            kind = _flag_type(hints[field.name])
+            if kind is bool:
+                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+            else:
+                group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastgpt.config import make_configs
+    from fastgpt.train import Trainer, resolve_device
+
+    overrides = _overrides(args)
+    if overrides.pop("resume", False):
+        trainer = Trainer.resume(overrides.pop("out_dir", "out"), overrides)
+        print(f"fastgpt: resuming at iteration {trainer.iter} of {trainer.train_config.max_iters}")
+    else:
+        preset = args.preset
+        if preset is None:
+            # The lecture's preset needs a GPU; on a CPU the nanoGPT CPU run is the sensible default.
+            preset = "shakespeare-char" if resolve_device(overrides.get("device", "auto")).type == "cuda" else "cpu"
+            print(f"fastgpt: preset {preset!r} (the default on this device; choose with --preset)")
+        trainer = Trainer(*make_configs(preset, overrides))
+    trainer.run()
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from fastgpt.data import CharTokenizer
+    from fastgpt.model import build_model
+    from fastgpt.train import resolve_device, sample_text
+
+    device = resolve_device(args.device)
+    state = load_checkpoint(Path(args.out_dir) / CHECKPOINT_NAME, map_location=device)
+    config = ModelConfig(**state["model_config"])
+    if args.attention is not None:
+        config.attention = args.attention
+    model = build_model(config).to(device)
+    model.load_state_dict(state["model"])
+    tokenizer = CharTokenizer(state["vocab"])
+    start = time.perf_counter()
+    text = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device)
+    elapsed = time.perf_counter() - start
+    print(text)
+    print(f"fastgpt: {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:,.0f} tokens/s)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastgpt.attention import available_backends, get_backend
+    from fastgpt.parity import DTYPE_NAMES, PARITY_SHAPES, check_parity, make_qkv
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = args.backends or available_backends(device)
+    dtype_names = args.dtypes or (["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"])
+    failures = 0
+    print(f"parity against the float64 reference on {device}: max |error| / tolerance, per output")
+    print(f"{'backend':<8} {'dtype':<9} {'shape (B,H,T,D)':<18} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
+    for name in names:
+        backend = get_backend(name)
+        reason = backend.unavailable_reason(device)
+        if reason is not None:
+            print(f"{name:<8} unavailable on {device}: {reason}")
+            failures += 1
+            continue
+        for dtype_name in dtype_names:
+            dtype = DTYPE_NAMES[dtype_name]
+            for shape in PARITY_SHAPES:
+                probe = make_qkv(shape, dtype, device)[0]
+                reason = backend.unsupported_reason(probe, 0.0)
+                if reason is not None:
+                    print(f"{name:<8} {dtype_name:<9} {str(shape):<18} not supported: {reason}")
+                    continue
+                result = check_parity(name, shape, dtype, device)
+                cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
+                status = "ok" if result.ok else f"FAIL ({result.worst})"
+                failures += not result.ok
+                print(f"{name:<8} {dtype_name:<9} {str(shape):<18} {cells}  {status}")
+    print(f"fastgpt parity: {'all passed' if failures == 0 else f'{failures} failure(s)'}")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (a preset, overridden by flags)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="starting configuration (default: cpu on a CPU, shakespeare-char on a GPU)")
+    _add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="generate text from a checkpoint")
+    sample.add_argument("--out-dir", default="out", help="directory holding ckpt.pt (default: out)")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--max-new-tokens", type=int, default=500)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=None)
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--attention", default=None, help="attention backend (default: the checkpoint's)")
+    sample.set_defaults(func=cmd_sample)
+
+    parity = sub.add_parser("parity", help="check attention backends against the float64 reference")
+    parity.add_argument("--backends", nargs="+", default=None, help="default: every backend available on the device")
+    parity.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parity.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32", "float64"])
+    parity.set_defaults(func=cmd_parity)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Our own messages (which backend 'auto' picked) at INFO; other libraries' loggers untouched.
+    log = logging.getLogger("fastgpt")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fastgpt: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input from the user: one clear line, not a traceback.
+        print(f"fastgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from fastgpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""The corpus, the character tokenizer and batches of training windows.
+
+Where the text comes from, first match wins:
+    1. an explicit path (`--data PATH`),
+    2. the FASTGPT_DATA environment variable,
+    3. the cache, $FASTGPT_CACHE or ~/.cache/fastgpt/tinyshakespeare.txt,
+    4. a download of tiny-shakespeare into the cache (needs network).
+Any UTF-8 text file works as a corpus; its vocabulary is the set of characters it contains.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_FILENAME = "tinyshakespeare.txt"
+TRAIN_FRACTION = 0.9  # the lecture's split: first 90% train, last 10% val
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTGPT_CACHE", Path.home() / ".cache" / "fastgpt"))
+
+
+def _download(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            tmp.write_bytes(response.read())
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"no corpus given and downloading tiny-shakespeare from {url} failed ({e}). "
+            f"Pass --data PATH (any UTF-8 text file), set FASTGPT_DATA=PATH, or copy the file to {dest}"
+        ) from None
+    os.replace(tmp, dest)  # never leave a half-downloaded file where the cache is read
+
+
+def resolve_corpus_path(path: Optional[str | os.PathLike] = None) -> Path:
+    """The corpus file to read, following the order in the module docstring."""
+    if path is None:
+        path = os.environ.get("FASTGPT_DATA") or None
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file {str(path)!r} does not exist (from --data or FASTGPT_DATA)")
+        return path
+    cached = cache_dir() / CORPUS_FILENAME
+    if not cached.is_file():
+        print(f"fastgpt: downloading tiny-shakespeare to {cached}")
+        _download(TINY_SHAKESPEARE_URL, cached)
+    return cached
+
+
+def read_corpus(path: Optional[str | os.PathLike] = None, min_chars: int = 2) -> str:
+    """The corpus text; refuses files that are missing, not UTF-8, or shorter than `min_chars`."""
+    path = resolve_corpus_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({e})") from None
+    if len(text) < min_chars:
+        raise ValueError(f"corpus file {str(path)!r} has {len(text)} characters; at least {min_chars} are needed")
+    return text
+
+
+class CharTokenizer:
+    """Maps each character of the vocabulary to an integer id (stoi) and back (itos)."""
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.itos = {i: ch for i, ch in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, s: str) -> list[int]:
+        unknown = sorted(set(s) - self.stoi.keys())
+        if unknown:
+            shown = "".join(unknown[:20])
+            raise ValueError(
+                f"text contains {len(unknown)} character(s) not in the model's vocabulary: {shown!r}; "
+                f"use only these {self.vocab_size} characters: {self.chars!r}"
+            )
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[int(i)] for i in ids)
+
+
+@dataclass
+class CharDataset:
+    """The encoded corpus split 90/10 into train and val, and random windows drawn from it."""
+
+    tokenizer: CharTokenizer
+    train: torch.Tensor  # (N_train,) int64
+    val: torch.Tensor  # (N_val,) int64
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharDataset":
+        tokenizer = CharTokenizer.from_text(text)
+        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        n = int(TRAIN_FRACTION * len(data))
+        return cls(tokenizer, data[:n], data[n:])
+
+    @classmethod
+    def load(cls, path: Optional[str | os.PathLike] = None) -> "CharDataset":
+        return cls.from_text(read_corpus(path))
+
+    def check_block_size(self, block_size: int) -> None:
+        """Both splits must hold at least one window of block_size + 1 tokens (input + target)."""
+        for name, split in (("train", self.train), ("val", self.val)):
+            if len(split) < block_size + 1:
+                raise ValueError(
+                    f"the corpus's {name} split has {len(split)} characters, fewer than block_size + 1 = "
+                    f"{block_size + 1}: use a longer corpus or a smaller --block-size"
+                )
+
+    def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch_size` random windows: x (B, T) and the targets y (B, T), y shifted by one."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
+        data = self.train if split == "train" else self.val
+        if len(data) < block_size + 1:
+            self.check_block_size(block_size)
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        offsets = torch.arange(block_size + 1)
+        windows = data[starts[:, None] + offsets]  # (B, T + 1): one gather, no Python loop
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if torch.device(device).type == "cuda":
+            # pinned memory + non_blocking lets the copy overlap with the previous step's compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)

@@ -1,0 +1,185 @@
+"""The lecture's language models: the bigram baseline and the GPT.
+
+GPT, bottom-up: token + position embeddings -> n_layer pre-norm Blocks (causal self-attention,
+then a 4× MLP, a residual around each) -> final LayerNorm -> LM head over the vocabulary.
+Which kernel computes the attention is not part of the model's parameters: see
+`GPT.set_attention_backend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from fastgpt.attention import CausalSelfAttention
+
+
+@dataclass
+class ModelConfig:
+    model: str = "gpt"  # "gpt" or "bigram"
+    vocab_size: int = 65  # set from the corpus's vocabulary when training
+    block_size: int = 256  # context length T: the most tokens the model attends over
+    n_layer: int = 6  # number of transformer blocks
+    n_head: int = 6  # attention heads per block; head size = n_embd // n_head
+    n_embd: int = 384  # width C of the residual stream
+    dropout: float = 0.2  # on the attention weights and on each residual branch
+    attention: str = "auto"  # attention backend: "auto" or a name from fastgpt.backend_names()
+
+    def validate(self) -> None:
+        if self.model not in ("gpt", "bigram"):
+            raise ValueError(f"model must be 'gpt' or 'bigram'; got {self.model!r}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+
+
+class LanguageModel(nn.Module):
+    """What both models share: sampling. Subclasses define forward(idx, targets) -> (logits, loss)."""
+
+    # The most tokens forward() accepts; None for a model without a context limit (bigram).
+    context_size: Optional[int] = None
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, targets: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if targets is None:
+            return None
+        B, T, V = logits.shape
+        return F.cross_entropy(logits.view(B * T, V), targets.reshape(B * T))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Extends idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
+
+        The context fed to the model is cropped to its last `context_size` tokens. Runs in eval
+        mode (no dropout) and restores the previous mode afterwards.
+        """
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) tensor of token ids (int64); got shape {tuple(idx.shape)}, {idx.dtype}")
+        if idx.shape[1] < 1:
+            raise ValueError("idx must hold at least one token to start from (T >= 1)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                context = idx if self.context_size is None else idx[:, -self.context_size:]
+                logits, _ = self(context)
+                logits = logits[:, -1, :] / temperature  # (B, V): only the last position predicts
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+                idx = torch.cat((idx, next_id), dim=1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+class BigramLanguageModel(LanguageModel):
+    """Each token reads the logits for the next token straight off a (V, V) table."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        logits = self.token_embedding_table(idx)  # (B, T, V)
+        return logits, self._loss(logits, targets)
+
+    def set_attention_backend(self, name: str) -> None:
+        pass  # no attention to swap
+
+
+class MLP(nn.Module):
+    """The per-token feed-forward: C -> 4C -> ReLU -> C, then dropout on the residual branch."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.relu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Communication (attention) then computation (MLP), each pre-normed, each a residual branch."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.attention)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        x = x + self.mlp(self.ln2(x))
+        return x
+
+
+class GPT(LanguageModel):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.context_size = config.block_size
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # The lecture's init: N(0, 0.02) weights, zero biases. Small logits at init give a loss
+        # near ln(vocab_size), the loss of a uniform guess.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Swaps the attention kernel of every block, on a live model, mid-training if need be.
+        Parameters, optimizer state and the checkpoint format are untouched."""
+        for block in self.blocks:
+            block.attn.set_backend(name)
+        self.config.attention = name
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"idx has T={T} tokens but block_size is {self.config.block_size}; crop the context")
+        pos = torch.arange(T, device=idx.device)
+        x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return logits, self._loss(logits, targets)
+
+
+def build_model(config: ModelConfig) -> LanguageModel:
+    config.validate()
+    return GPT(config) if config.model == "gpt" else BigramLanguageModel(config)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,120 @@
+import logging
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt.attention import CausalSelfAttention, causal_attention, naive_attention
+from fastgpt.attention.registry import Backend, auto_order, register_backend
+from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=str)
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_parity_with_float64_reference(backend, shape, dtype):
+    result = check_parity(backend, shape, dtype)
+    assert result.ok, f"{backend} {shape} {dtype}: errors {result.errors} over limits {result.limits}"
+
+
+def test_parity_check_catches_a_wrong_backend():
+    # A backend that forgets the causal mask must fail the same check the real ones pass.
+    def leaky(q, k, v, dropout_p, scale):
+        return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
+
+    register_backend(Backend(name="_leaky_test_backend", fn=leaky, description="test only"))
+    assert not check_parity("_leaky_test_backend", (2, 2, 17, 32), torch.float32).ok
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = make_qkv((1, 2, 9, 16), torch.float64, "cpu")
+    assert torch.allclose(causal_attention(q, k, v, backend="sdpa"), causal_attention(q, k, v, scale=0.25, backend="naive"))
+    assert not torch.allclose(causal_attention(q, k, v, scale=1.0, backend="naive"), causal_attention(q, k, v, backend="naive"))
+
+
+def test_naive_dropout_follows_keep_mask():
+    q, k, v = make_qkv((2, 2, 12, 8), torch.float64, "cpu")
+    keep = torch.rand(2, 2, 12, 12, generator=torch.Generator().manual_seed(0)) > 0.3
+    out = naive_attention(q, k, v, dropout_p=0.3, keep_mask=keep)
+    att = torch.softmax((q @ k.transpose(-2, -1) * 8**-0.5).masked_fill(torch.ones(12, 12).triu(1).bool(), -torch.inf), -1)
+    assert torch.allclose(out, (att * keep / 0.7) @ v)
+
+
+def test_dropout_zeroes_weights_and_is_seeded():
+    q, k, v = make_qkv((2, 2, 32, 16), torch.float32, "cpu")
+    for backend in ("naive", "sdpa"):
+        torch.manual_seed(1)
+        a = causal_attention(q, k, v, dropout_p=0.5, backend=backend)
+        torch.manual_seed(1)
+        b = causal_attention(q, k, v, dropout_p=0.5, backend=backend)
+        assert torch.equal(a, b)
+        assert not torch.allclose(a, causal_attention(q, k, v, backend=backend))
+
+
+def test_available_backends_and_auto_choice_is_announced(caplog):
+    assert {"naive", "sdpa"} <= set(fastgpt.available_backends("cpu"))
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float16)  # a dtype no earlier test sent through auto
+    with caplog.at_level(logging.INFO, logger="fastgpt"):
+        chosen = fastgpt.select_backend(q, 0.0)
+    assert chosen.name == auto_order(q.device, False)[0]
+    assert f"picked {chosen.name!r}" in caplog.text
+
+
+def test_non_contiguous_inputs_are_accepted():
+    q, k, v = make_qkv((2, 3, 10, 16), torch.float32, "cpu")
+    assert not q.is_contiguous()
+    out = causal_attention(q, k, v, backend="naive")
+    expected = causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="naive")
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+GOOD = torch.zeros(2, 2, 4, 8)
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((GOOD[0], GOOD[0], GOOD[0]), {}, ValueError, r"q must have 4 dims \(B, H, T, D\); got 3"),
+    ((GOOD, GOOD[:, :, :3], GOOD), {}, ValueError, r"k has shape \(2, 2, 3, 8\) but q has shape \(2, 2, 4, 8\)"),
+    ((GOOD, GOOD, GOOD.double()), {}, ValueError, "v has dtype torch.float64 but q has dtype torch.float32"),
+    ((GOOD.long(), GOOD.long(), GOOD.long()), {}, ValueError, "q has dtype torch.int64; causal_attention supports"),
+    ((GOOD, GOOD, GOOD), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\); got 1.0"),
+    ((GOOD, GOOD, GOOD), {"dropout_p": -0.1}, ValueError, r"dropout_p must be a number in \[0, 1\); got -0.1"),
+    ((GOOD, GOOD, GOOD), {"scale": float("nan")}, ValueError, "scale must be a finite number"),
+    ((GOOD, GOOD, GOOD), {"backend": "flash9"}, ValueError, "backend='flash9' is not a known attention backend; choose one of: auto, naive, sdpa"),
+    ((GOOD[:, :, :0], GOOD[:, :, :0], GOOD[:, :, :0]), {}, ValueError, "B, H, T and D must all be at least 1"),
+    (([1.0], GOOD, GOOD), {}, TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_input_names_argument_value_and_limit(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        causal_attention(*args, **kwargs)
+
+
+def test_mixed_devices_are_refused():
+    meta = torch.zeros(2, 2, 4, 8, device="meta")
+    with pytest.raises(ValueError, match="k is on device meta but q is on cpu"):
+        causal_attention(GOOD, meta, GOOD)
+
+
+def test_named_backend_that_refuses_a_call_says_why_and_does_not_fall_back():
+    register_backend(Backend(name="_fp32_only_test_backend", fn=lambda *a: pytest.fail("must not run"),
+                             description="test only",
+                             unsupported_reason=lambda q, p: None if q.dtype == torch.float32 else f"dtype {q.dtype} unsupported"))
+    register_backend(Backend(name="_absent_test_backend", fn=lambda *a: pytest.fail("must not run"),
+                             description="test only", unavailable_reason=lambda d: "its package is not installed"))
+    with pytest.raises(ValueError, match="does not support this call: dtype torch.float16 unsupported"):
+        causal_attention(GOOD.half(), GOOD.half(), GOOD.half(), backend="_fp32_only_test_backend")
+    with pytest.raises(RuntimeError, match="not available on device cpu: its package is not installed"):
+        causal_attention(GOOD, GOOD, GOOD, backend="_absent_test_backend")
+    assert "_absent_test_backend" not in fastgpt.available_backends("cpu")
+
+
+def test_module_is_drop_in_and_swaps_backend_without_touching_weights():
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(n_embd=32, n_head=4, backend="naive").double()
+    x = torch.randn(3, 11, 32, dtype=torch.float64)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y_naive = layer(x)
+    layer.set_backend("sdpa")
+    assert torch.allclose(layer(x), y_naive)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    with pytest.raises(ValueError, match="not a known attention backend"):
+        layer.set_backend("nope")

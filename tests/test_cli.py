@@ -1,0 +1,68 @@
+"""The `fastgpt` command end to end on a small corpus."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastgpt.cli import main
+
+SMALL_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+             "--eval-iters", "2", "--eval-interval", "10", "--no-progress", "--no-decay-lr"]
+
+
+def test_train_resume_and_sample(small_corpus, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--preset", "cpu", "--data", str(small_corpus), "--out-dir", out, "--max-iters", "20",
+                 "--sample-tokens", "30", "--attention", "naive", *SMALL_RUN]) == 0
+    printed = capsys.readouterr().out
+    assert "attention backend 'naive' -> naive" in printed
+    assert "step 20: train loss" in printed
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [0, 10, 20]
+
+    # --resume continues the same run, here with a later end and another attention backend
+    assert main(["train", "--resume", "--out-dir", out, "--max-iters", "30", "--attention", "sdpa", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming at iteration 20 of 30" in printed and "-> sdpa" in printed
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["backend"]) for r in records] == [(0, "naive"), (10, "naive"), (20, "naive"), (30, "sdpa")]
+
+    assert main(["sample", "--out-dir", out, "--prompt", "To be", "--max-new-tokens", "25", "--seed", "0",
+                 "--temperature", "0.8", "--top-k", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("To be") and len(captured.out.rstrip("\n")) >= 5 + 20
+    assert "tokens/s" in captured.err
+
+
+def test_sample_with_unknown_prompt_characters_says_what_to_use(small_corpus, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", str(small_corpus), "--out-dir", out, "--max-iters", "1", "--sample-tokens", "0",
+                 *SMALL_RUN]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--out-dir", out, "--prompt", "Zebra!"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the model's vocabulary: '!Z'" in err and "use only these" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "/no/such/corpus.txt", "--max-iters", "1"], "corpus file '/no/such/corpus.txt' does not exist"),
+    (["train", "--n-head", "5", "--n-embd", "16"], "n_embd=16 must be divisible by n_head=5"),
+    (["train", "--attention", "flash9", "--max-iters", "1"], "backend='flash9' is not a known attention backend"),
+    (["sample", "--out-dir", "/no/such/run"], "no checkpoint at '/no/such/run/ckpt.pt'"),
+])
+def test_bad_input_is_one_clear_error(argv, message, small_corpus, tmp_path, capsys):
+    argv = [*argv, "--out-dir", str(tmp_path)] if argv[0] == "train" else argv
+    if argv[0] == "train" and "--data" not in argv:
+        argv += ["--data", str(small_corpus)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parity_command_passes_for_cpu_backends():
+    # A real process, as a user runs it: the exit status is the verdict.
+    proc = subprocess.run([sys.executable, "-m", "fastgpt", "parity", "--backends", "naive", "sdpa", "--dtypes", "float32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" ok") == 2 * 8 and "all passed" in proc.stdout

@@ -1,0 +1,114 @@
+import urllib.request
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastgpt.data import CharDataset, CharTokenizer, read_corpus, resolve_corpus_path
+
+ALPHABET = "abc XYZ\n!é—"
+
+
+@given(st.text(alphabet=ALPHABET, min_size=0, max_size=200))
+def test_tokenizer_round_trip(s):
+    tok = CharTokenizer(ALPHABET)
+    ids = tok.encode(s)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == s
+
+
+def test_tokenizer_ids_follow_sorted_vocabulary():
+    tok = CharTokenizer.from_text("hello world")
+    assert tok.chars == " dehlorw"
+    assert tok.stoi["d"] == 1 and tok.itos[1] == "d"
+
+
+def test_unknown_characters_name_them_and_the_vocabulary():
+    tok = CharTokenizer("abc")
+    with pytest.raises(ValueError, match=r"not in the model's vocabulary: 'xz'.*'abc'"):
+        tok.encode("axbz")
+
+
+def test_tiny_shakespeare_vocabulary_and_split(shakespeare_path):
+    ds = CharDataset.load(shakespeare_path)
+    assert ds.tokenizer.vocab_size == 65
+    assert len(ds.train) + len(ds.val) == 1_115_394
+    assert len(ds.train) == int(0.9 * 1_115_394)
+
+
+def test_get_batch_shapes_and_shifted_targets(small_corpus):
+    ds = CharDataset.load(small_corpus)
+    g = torch.Generator().manual_seed(0)
+    x, y = ds.get_batch("train", batch_size=5, block_size=16, generator=g)
+    assert x.shape == y.shape == (5, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted left by one
+    # each row is a real window of the split, with its next character as the last target
+    train = ds.train.tolist()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = next(i for i in range(len(train) - 16) if train[i:i + 16] == row_x)
+        assert train[start + 16] == row_y[-1]
+
+
+def test_get_batch_is_seedable(small_corpus):
+    ds = CharDataset.load(small_corpus)
+    a = ds.get_batch("val", 4, 8, torch.Generator().manual_seed(3))
+    b = ds.get_batch("val", 4, 8, torch.Generator().manual_seed(3))
+    c = ds.get_batch("val", 4, 8, torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+def test_explicit_path_beats_env_var(small_corpus, tmp_path, monkeypatch):
+    other = tmp_path / "other.txt"
+    other.write_text("zzzz")
+    monkeypatch.setenv("FASTGPT_DATA", str(other))
+    assert resolve_corpus_path(small_corpus) == small_corpus
+    assert resolve_corpus_path() == other
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt.*does not exist"):
+        read_corpus(tmp_path / "nope.txt")
+
+
+def test_empty_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="has 0 characters; at least 2"):
+        read_corpus(empty)
+
+
+def test_non_utf8_file_is_refused(tmp_path):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(ValueError, match="is not UTF-8"):
+        read_corpus(binary)
+
+
+def test_corpus_too_short_for_block_size(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij" * 3)  # 30 chars: val split has 3
+    ds = CharDataset.load(short)
+    with pytest.raises(ValueError, match=r"val split has 3 characters, fewer than block_size \+ 1 = 9"):
+        ds.check_block_size(8)
+
+
+def test_no_network_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTGPT_DATA", raising=False)
+    monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path / "cache"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="Pass --data PATH.*FASTGPT_DATA"):
+        resolve_corpus_path()
+    assert not any((tmp_path / "cache").glob("*")), "a failed download must leave nothing in the cache"
+
+
+def test_cache_is_used_without_network(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTGPT_DATA", raising=False)
+    monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path))
+    (tmp_path / "tinyshakespeare.txt").write_text("cached text")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
+    assert read_corpus() == "cached text"
