@@ -21,6 +21,8 @@ at::Tensor causal_softmax(const at::Tensor& scores, double scale, double dropout
 // dScores from dP: P recomputed from the scores, the mask regenerated from (seed, offset).
 at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& scores, double scale,
                                    double dropout_p, int64_t seed, int64_t offset);
+// Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
+void empty_cache();
 // The keep mask causal_softmax draws for `scores`' shape: a testing hook, never used by the math.
 at::Tensor dropout_keep_mask(const at::Tensor& scores, double dropout_p, int64_t seed, int64_t offset);
 

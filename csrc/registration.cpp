@@ -29,6 +29,8 @@ TORCH_LIBRARY(fastgpt, m) {
         "int offset) -> Tensor");
   // Testing hook: the (B, H, T, T) bool keep mask causal_softmax draws for (seed, offset).
   m.def("dropout_keep_mask(Tensor scores, float dropout_p, int seed, int offset) -> Tensor");
+  // Frees the CPU kernels' cache of causal-matrix buffers (no tensors: one kernel for all keys).
+  m.def("empty_cache() -> ()", &fastgpt::cpu::empty_cache);
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {

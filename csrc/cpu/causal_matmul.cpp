@@ -17,13 +17,22 @@
 #include "../checks.h"
 #include "common.h"
 
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/zero.h>
+
 namespace fastgpt::cpu {
 namespace {
 
-// 64 rows × D=64 floats = 16 KiB per operand tile: a block's panel of a T=1024 row stays in L2.
+// 64 rows × D=64 floats = 16 KiB per operand tile, and a block's (64 × T) panel of a T = 1024
+// causal matrix (256 KiB) stays in L2. 32 and 128 measured the same within noise at T = 256 and 1024.
 constexpr int64_t kBlock = 64;
 
 int64_t num_blocks(int64_t T) { return (T + kBlock - 1) / kBlock; }
+
+// The diagonal tile is computed in strips of kStrip rows, each only as wide as its last row needs:
+// 75% of the tile's products instead of all of them. At T = 256 the diagonal tiles are a fifth of
+// the causal work; 32-row strips measured 3-5% faster there than whole tiles, 16-row ones less.
+constexpr int64_t kStrip = 32;
 
 // Cost of block i of a row-block loop (rows × columns touched), prefix-summed per head so that
 // parallel_for_balanced can find equal shares of a triangle.
@@ -84,13 +93,23 @@ void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& out)
       const float* b_rows = float_rows(Bm.at(bh), Bm.ld, 0, r1, D, b_buf, ldb);
       scalar_t* c = C.at(bh) + r0 * C.ld;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        gemm(false, true, m, r1, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c, C.ld);
-        // The GEMM filled the whole diagonal tile; the causal matrix is zero above the diagonal.
-        for (int64_t r = 0; r < m; ++r) std::fill(c + r * C.ld + r0 + r + 1, c + r * C.ld + r1, 0.0f);
+        // Keys before the block: the full (m × r0) panel.
+        gemm(false, true, m, r0, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c, C.ld);
+        // The diagonal tile, strip by strip: rows [s0, s1) of the block against keys [r0, r0 + s1).
+        for (int64_t s0 = 0; s0 < m; s0 += kStrip) {
+          const int64_t s1 = std::min(m, s0 + kStrip);
+          gemm(false, true, s1 - s0, s1, D, 1.0f, a_rows + s0 * lda, lda, b_rows + r0 * ldb, ldb, 0.0f,
+               c + s0 * C.ld + r0, C.ld);
+        }
+        // The strips overshoot the diagonal by less than a strip; above it the matrix is zero.
+        for (int64_t r = 0; r < m; ++r) zero_fill(c + r * C.ld + r0 + r + 1, T - (r0 + r + 1), /*streaming=*/true);
       } else {
         c_buf.resize(std::max<size_t>(c_buf.size(), static_cast<size_t>(m * r1)));
         gemm(false, true, m, r1, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c_buf.data(), r1);
-        for (int64_t r = 0; r < m; ++r) from_float(c_buf.data() + r * r1, c + r * C.ld, r0 + r + 1);
+        for (int64_t r = 0; r < m; ++r) {
+          from_float(c_buf.data() + r * r1, c + r * C.ld, r0 + r + 1);
+          zero_fill(c + r * C.ld + r0 + r + 1, T - (r0 + r + 1));
+        }
       }
     }
   });
@@ -119,7 +138,11 @@ void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, at::Tensor& out)
         if (r0 > 0) gemm(false, false, m, D, r0, 1.0f, p_bh + r0 * P.ld, P.ld, x_bh, X.ld, 0.0f, c, C.ld);
         // The diagonal tile, lower triangle only.
         copy_lower_tile(p_bh + r0 * P.ld + r0, P.ld, m, tile.data());
-        gemm(false, false, m, D, m, 1.0f, tile.data(), m, x_bh + r0 * X.ld, X.ld, r0 > 0 ? 1.0f : 0.0f, c, C.ld);
+        for (int64_t s0 = 0; s0 < m; s0 += kStrip) {  // strip rows [s0, s1) need keys [r0, r0 + s1)
+          const int64_t s1 = std::min(m, s0 + kStrip);
+          gemm(false, false, s1 - s0, D, s1, 1.0f, tile.data() + s0 * m, m, x_bh + r0 * X.ld, X.ld,
+               r0 > 0 ? 1.0f : 0.0f, c + s0 * C.ld, C.ld);
+        }
       } else {
         // One GEMM over the (m × r1) panel converted to float32, zeros above the diagonal.
         p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>(m * r1)));
@@ -150,19 +173,26 @@ void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, at::Tensor& out)
     return static_cast<double>((c1 - c0) * (T - c0) * D + (T - c0) * 16);
   });
   parallel_for_balanced(BH * nb, cum, [&](int64_t begin, int64_t end) {
-    std::vector<float> p_buf, x_buf, c_buf, tile(kBlock * kBlock);
+    std::vector<float> p_buf, x_buf, c_buf, tile(kBlock * kBlock), ct(kBlock * D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nb, c0 = (item % nb) * kBlock, c1 = std::min(T, c0 + kBlock), m = c1 - c0;
       const int64_t below = T - c1;  // query rows under the diagonal tile
       const scalar_t* p_bh = P.at(bh);
       scalar_t* c = C.at(bh) + c0 * C.ld;
       if constexpr (std::is_same_v<scalar_t, float>) {
+        // Computed transposed, Cᵀ (D × m) = X[c0:T]ᵀ · tril(P)[c0:T, c0:c1], so that P's column strip
+        // is B of the GEMM, read row by row: MKL is ~25% faster this way than with Pᵀ as A.
         const float* x_bh = X.at(bh);
         copy_lower_tile(p_bh + c0 * P.ld + c0, P.ld, m, tile.data());
-        gemm(true, false, m, D, m, 1.0f, tile.data(), m, x_bh + c0 * X.ld, X.ld, 0.0f, c, C.ld);
-        if (below > 0) {
-          gemm(true, false, m, D, below, 1.0f, p_bh + c1 * P.ld + c0, P.ld, x_bh + c1 * X.ld, X.ld, 1.0f, c, C.ld);
+        for (int64_t s0 = 0; s0 < m; s0 += kStrip) {  // tile columns [s0, s1) are zero above row s0
+          const int64_t s1 = std::min(m, s0 + kStrip);
+          gemm(true, false, D, s1 - s0, m - s0, 1.0f, x_bh + (c0 + s0) * X.ld, X.ld, tile.data() + s0 * m + s0, m,
+               0.0f, ct.data() + s0, m);
         }
+        if (below > 0) {
+          gemm(true, false, D, m, below, 1.0f, x_bh + c1 * X.ld, X.ld, p_bh + c1 * P.ld + c0, P.ld, 1.0f, ct.data(), m);
+        }
+        at::vec::transpose_mxn<float>(ct.data(), m, c, C.ld, static_cast<int>(D), static_cast<int>(m));
       } else {
         // Rows [c0, T) of P's column block, float32, zeros above the diagonal: ((T - c0) × m).
         const int64_t rows = T - c0;
@@ -207,8 +237,9 @@ at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   check_blas_size(a.size(2), op, "T");
   check_blas_size(a.size(3), op, "D");
   const auto ra = rows_readable(a), rb = rows_readable(b);
-  at::Tensor out = zeros_causal({a.size(0), a.size(1), a.size(2), a.size(2)}, a.options());
-  if (out.numel() == 0 || a.size(3) == 0) return out;
+  at::Tensor out = empty_causal({a.size(0), a.size(1), a.size(2), a.size(2)}, a.options());
+  if (out.numel() == 0) return out;
+  if (a.size(3) == 0) return out.zero_();
   if (a.scalar_type() == at::kFloat) matmul_nt_kernel<float>(ra, rb, out);
   else matmul_nt_kernel<c10::BFloat16>(ra, rb, out);
   return out;

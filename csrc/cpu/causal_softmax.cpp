@@ -26,38 +26,39 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
+// Every loop below runs whole vectors; the ragged end of a row (L % 16 lanes) goes through the
+// same vector code with masked loads and stores, not a scalar exp per element.
+
 // out[0..L) = softmax(scale · s[0..L)), times mult when given.
 void softmax_row(const float* s, float* out, int64_t L, float scale, const float* mult) {
-  const Vec vscale(scale);
-  Vec vmax(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + kW <= L; j += kW) vmax = at::vec::maximum(vmax, Vec::loadu(s + j) * vscale);
-  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; j < L; ++j) mx = std::max(mx, s[j] * scale);
+  const Vec vscale(scale), neg_inf(-std::numeric_limits<float>::infinity()), zero(0.0f);
+  const int64_t full = L / kW * kW, tail = L - full;
+  Vec vmax = neg_inf;
+  for (int64_t j = 0; j < full; j += kW) vmax = at::vec::maximum(vmax, Vec::loadu(s + j) * vscale);
+  if (tail > 0) vmax = at::vec::maximum(vmax, Vec::set(neg_inf, Vec::loadu(s + full, tail) * vscale, tail));
+  const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 
   const Vec vmx(mx);
-  Vec vsum(0.0f);
-  j = 0;
-  for (; j + kW <= L; j += kW) {
+  Vec vsum = zero;
+  for (int64_t j = 0; j < full; j += kW) {
     const Vec e = (Vec::loadu(s + j) * vscale - vmx).exp_u20();
     e.store(out + j);
     vsum += e;
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < L; ++j) {
-    out[j] = std::exp(s[j] * scale - mx);
-    sum += out[j];
+  if (tail > 0) {
+    const Vec e = Vec::set(zero, (Vec::loadu(s + full, tail) * vscale - vmx).exp_u20(), tail);
+    e.store(out + full, tail);
+    vsum += e;
   }
+  const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
 
-  const float inv = 1.0f / sum;
-  const Vec vinv(inv);
-  j = 0;
+  const Vec vinv(1.0f / sum);
   if (mult != nullptr) {
-    for (; j + kW <= L; j += kW) (Vec::loadu(out + j) * vinv * Vec::loadu(mult + j)).store(out + j);
-    for (; j < L; ++j) out[j] = out[j] * inv * mult[j];
+    for (int64_t j = 0; j < full; j += kW) (Vec::loadu(out + j) * vinv * Vec::loadu(mult + j)).store(out + j);
+    if (tail > 0) (Vec::loadu(out + full, tail) * vinv * Vec::loadu(mult + full, tail)).store(out + full, tail);
   } else {
-    for (; j + kW <= L; j += kW) (Vec::loadu(out + j) * vinv).store(out + j);
-    for (; j < L; ++j) out[j] *= inv;
+    for (int64_t j = 0; j < full; j += kW) (Vec::loadu(out + j) * vinv).store(out + j);
+    if (tail > 0) (Vec::loadu(out + full, tail) * vinv).store(out + full, tail);
   }
 }
 
@@ -65,23 +66,32 @@ void softmax_row(const float* s, float* out, int64_t L, float scale, const float
 void softmax_backward_row(const float* g, const float* s, float* ds, int64_t L, float scale,
                           const float* mult, float* p) {
   softmax_row(s, p, L, scale, nullptr);  // bit-identical to the forward's P
+  const int64_t full = L / kW * kW, tail = L - full;
+  // dP = g ∘ mult (the dropout of the forward, applied to its gradient); acc = Σ dP ∘ P.
+  auto grad_times_mask = [&](int64_t j, int64_t n) {
+    Vec dp = Vec::loadu(g + j, n);
+    return mult != nullptr ? dp * Vec::loadu(mult + j, n) : dp;
+  };
   Vec vacc(0.0f);
-  int64_t j = 0;
-  for (; j + kW <= L; j += kW) {
-    Vec dp = Vec::loadu(g + j);
-    if (mult != nullptr) dp = dp * Vec::loadu(mult + j);
+  for (int64_t j = 0; j < full; j += kW) {
+    const Vec dp = grad_times_mask(j, kW);
     dp.store(ds + j);
     vacc = at::vec::fmadd(dp, Vec::loadu(p + j), vacc);
   }
-  float acc = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vacc);
-  for (; j < L; ++j) {
-    ds[j] = mult != nullptr ? g[j] * mult[j] : g[j];
-    acc += ds[j] * p[j];
+  if (tail > 0) {  // masked loads are zero past the end, so the product adds nothing there
+    const Vec dp = grad_times_mask(full, tail);
+    dp.store(ds + full, tail);
+    vacc = at::vec::fmadd(dp, Vec::loadu(p + full, tail), vacc);
   }
+  const float acc = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vacc);
+  // dS = scale · P ∘ (dP - acc)
   const Vec vacc_b(acc), vscale(scale);
-  j = 0;
-  for (; j + kW <= L; j += kW) ((Vec::loadu(ds + j) - vacc_b) * Vec::loadu(p + j) * vscale).store(ds + j);
-  for (; j < L; ++j) ds[j] = (ds[j] - acc) * p[j] * scale;
+  for (int64_t j = 0; j < full; j += kW) {
+    ((Vec::loadu(ds + j) - vacc_b) * Vec::loadu(p + j) * vscale).store(ds + j);
+  }
+  if (tail > 0) {
+    ((Vec::loadu(ds + full, tail) - vacc_b) * Vec::loadu(p + full, tail) * vscale).store(ds + full, tail);
+  }
 }
 
 // Rows of a (B, H, T, T) causal matrix: row r = bh·T + i costs about i + 1 (+ a fixed overhead).
@@ -114,6 +124,7 @@ void softmax_kernel(const at::Tensor& scores, at::Tensor& out, float scale, cons
         softmax_row(s_buf.data(), o_buf.data(), L, scale, m);
         from_float(o_buf.data(), o, L);
       }
+      zero_fill(o + L, T - L);
     }
   });
 }
@@ -141,6 +152,7 @@ void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& scores, a
         softmax_backward_row(g_buf.data(), s_buf.data(), o_buf.data(), L, scale, m, p_buf.data());
         from_float(o_buf.data(), o, L);
       }
+      zero_fill(o + L, T - L);
     }
   });
 }
@@ -156,7 +168,7 @@ at::Tensor causal_softmax(const at::Tensor& scores, double scale, double dropout
   constexpr const char* op = "fastgpt::causal_softmax";
   check_softmax_args(scores, scale, dropout_p, op);
   const auto s = rows_readable(scores);
-  at::Tensor out = zeros_causal(scores.sizes(), scores.options());
+  at::Tensor out = empty_causal(scores.sizes(), scores.options());
   if (out.numel() == 0) return out;
   const auto ds = stream_for(dropout_p, seed, offset);
   if (scores.scalar_type() == at::kFloat) softmax_kernel<float>(s, out, static_cast<float>(scale), ds);
@@ -173,13 +185,15 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& sco
   TORCH_CHECK(grad.sizes() == scores.sizes(), op, ": grad has shape ", grad.sizes(), " but scores has shape ",
               scores.sizes(), "; they must match");
   const auto g = rows_readable(grad), s = rows_readable(scores);
-  at::Tensor out = zeros_causal(scores.sizes(), scores.options());
+  at::Tensor out = empty_causal(scores.sizes(), scores.options());
   if (out.numel() == 0) return out;
   const auto ds = stream_for(dropout_p, seed, offset);
   if (scores.scalar_type() == at::kFloat) softmax_backward_kernel<float>(g, s, out, static_cast<float>(scale), ds);
   else softmax_backward_kernel<c10::BFloat16>(g, s, out, static_cast<float>(scale), ds);
   return out;
 }
+
+void empty_cache() { BufferPool::instance().empty_cache(); }
 
 at::Tensor dropout_keep_mask(const at::Tensor& scores, double dropout_p, int64_t seed, int64_t offset) {
   constexpr const char* op = "fastgpt::dropout_keep_mask";
