@@ -94,6 +94,9 @@ void softmax_backward_row(const float* g, const float* s, float* ds, int64_t L, 
   }
 }
 
+// Row elements below which a thread is not worth waking: ~20 µs at ~1 ns per element.
+constexpr double kMinCostPerThread = 2e4;
+
 // Rows of a (B, H, T, T) causal matrix: row r = bh·T + i costs about i + 1 (+ a fixed overhead).
 struct RowCost {
   int64_t T;
@@ -108,7 +111,7 @@ template <typename scalar_t>
 void softmax_kernel(const at::Tensor& scores, at::Tensor& out, float scale, const DropoutStream& ds) {
   const int64_t T = scores.size(2), rows = scores.size(0) * scores.size(1) * T;
   const auto S = rows4<scalar_t>(scores), O = rows4<scalar_t>(out);
-  parallel_for_balanced(rows, RowCost{T}, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(rows, RowCost{T}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> mult(ds.enabled ? T : 0), s_buf, o_buf;
     if constexpr (!std::is_same_v<scalar_t, float>) s_buf.resize(T), o_buf.resize(T);
     for (int64_t r = begin; r < end; ++r) {
@@ -134,7 +137,7 @@ void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& scores, a
                              const DropoutStream& ds) {
   const int64_t T = scores.size(2), rows = scores.size(0) * scores.size(1) * T;
   const auto G = rows4<scalar_t>(grad), S = rows4<scalar_t>(scores), O = rows4<scalar_t>(out);
-  parallel_for_balanced(rows, RowCost{T}, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(rows, RowCost{T}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> mult(ds.enabled ? T : 0), p_buf(T), g_buf, s_buf, o_buf;
     if constexpr (!std::is_same_v<scalar_t, float>) g_buf.resize(T), s_buf.resize(T), o_buf.resize(T);
     for (int64_t r = begin; r < end; ++r) {

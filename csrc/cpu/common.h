@@ -68,17 +68,20 @@ inline void store_fence() {
 
 // at::parallel_for over items [0, n) with one contiguous range per thread holding about the same
 // total cost; `cum(i)` is the cost of items [0, i), non-decreasing. Causal work is triangular, so
-// equal item counts would leave one thread with three quarters of it.
+// equal item counts would leave one thread with three quarters of it. Each thread gets at least
+// `min_cost` (~20 µs of work): waking a pool thread costs more than a tiny problem, and on a busy
+// machine waiting for it can take a scheduler tick (milliseconds).
 template <typename CumCost, typename Body>
-void parallel_for_balanced(int64_t n, const CumCost& cum, const Body& body) {
+void parallel_for_balanced(int64_t n, const CumCost& cum, double min_cost, const Body& body) {
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const double total = static_cast<double>(cum(n));
+  const int64_t by_cost = static_cast<int64_t>(total / min_cost);
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, std::max<int64_t>(by_cost, 1)});
   if (threads <= 1 || at::in_parallel_region()) {
     body(int64_t{0}, n);
     store_fence();
     return;
   }
-  const double total = static_cast<double>(cum(n));
   auto split = [&](int64_t t) -> int64_t {  // first item whose prefix cost reaches t/threads of the total
     if (t >= threads) return n;
     const double target = total * static_cast<double>(t) / static_cast<double>(threads);
