@@ -51,5 +51,6 @@ def _extension_build():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = _extension_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip's build backends run this file as __main__; tests import it
+    ext_modules, cmdclass = _extension_build()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -76,3 +76,28 @@ def test_import_fastgpt_compiles_nothing():
     code = ("import fastgpt, fastgpt.ext, sys; names = fastgpt.backend_names(); "
             "assert 'ext' in names, names; from fastgpt.ext import build; assert build._loaded is None")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastgpt_setup", build.REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the build, does not run setup()
+    return module
+
+
+def test_setup_py_builds_the_same_sources_ahead_of_time(monkeypatch):
+    monkeypatch.delenv("FASTGPT_NO_AOT", raising=False)
+    monkeypatch.delenv("FASTGPT_CPU_CAPABILITY", raising=False)
+    (extension,), cmdclass = _setup_module()._extension_build()
+    assert extension.name == "fastgpt._C" and "build_ext" in cmdclass
+    assert sorted(extension.sources) == sorted(f"csrc/{s}" for s in build.SOURCES)
+    assert all((build.REPO / s).is_file() for s in extension.sources)
+    assert extension.extra_compile_args["cxx"] == build.compile_flags(build.cpu_capability())
+
+
+def test_setup_py_refuses_an_unknown_instruction_set(monkeypatch):
+    monkeypatch.setenv("FASTGPT_CPU_CAPABILITY", "AVX1024")
+    with pytest.raises(SystemExit, match="FASTGPT_CPU_CAPABILITY='AVX1024'"):
+        _setup_module()._extension_build()

@@ -4,11 +4,11 @@
 //   causal_matmul_nn(p, x) = tril(p) · x     (B,H,T,T) × (B,H,T,D) -> (B,H,T,D)   O = P·V,  dQ = dS·K
 //   causal_matmul_tn(p, x) = tril(p)ᵀ · x    (B,H,T,T) × (B,H,T,D) -> (B,H,T,D)   dV = Pᵀ·dO, dK = dSᵀ·Q
 //
-// Work is cut into blocks of kBlock rows (or key columns) per (batch, head); each block is one or
-// two GEMM calls over exactly the tiles on or below the diagonal, so the ~half of the T×T work
-// above it is never done. Only the diagonal tile is masked element by element: it is copied with
-// zeros above the diagonal (consumers) or re-zeroed after the GEMM (producer). Above-diagonal
-// entries of a causal input are never read.
+// Work is cut into blocks of kBlock rows (or key columns) per (batch, head); each block is a few
+// GEMM calls over the tiles on or below the diagonal only (the diagonal tile in kStrip-row strips),
+// so the ~half of the T×T work above it is never done. Only the diagonal tile is masked element by
+// element: it is copied with zeros above the diagonal (consumers) or zeroed after the GEMM
+// (producer). Above-diagonal entries of a causal input are never read.
 //
 // float32 runs the GEMM in place on the (strided) inputs; bfloat16 converts the panel a block
 // needs to float32 first and rounds the result once.

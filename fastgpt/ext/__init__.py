@@ -11,6 +11,7 @@ from fastgpt.ext.ops import (
     causal_matmul_tn,
     causal_softmax,
     dropout_keep_mask,
+    empty_cache,
 )
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "causal_matmul_tn",
     "causal_softmax",
     "dropout_keep_mask",
+    "empty_cache",
     "load",
     "unavailable_reason",
 ]

@@ -113,6 +113,12 @@ def dropout_keep_mask(scores: torch.Tensor, dropout_p: float, seed: int, offset:
     return _ops().dropout_keep_mask(scores, float(dropout_p), seed, offset)
 
 
+def empty_cache() -> None:
+    """Returns the CPU kernels' cached causal-matrix buffers to the OS (see csrc/cpu/buffer_pool.h;
+    FASTGPT_EXT_CACHE_MB caps the cache, default 1024, 0 disables it)."""
+    _ops().empty_cache()
+
+
 # ---- autograd and fake kernels, registered once the library is loaded ------------------------------
 
 def _setup_two(ctx, inputs, output):
