@@ -124,6 +124,42 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_results
+
+    out_dir = Path(args.out_dir)
+    if args.what == "attention":
+        from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
+        from fastgpt.benchmarks.plots import plot_attention
+
+        device = args.device or ("cuda" if torch_cuda_available() else "cpu")
+        sweep = AttentionSweep.smoke(device) if args.smoke else AttentionSweep.default(device)
+        for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens"):
+            if getattr(args, name) is not None:
+                setattr(sweep, name, getattr(args, name))
+        result = run_attention_benchmark(sweep, progress=not args.no_progress)
+        print(attention_markdown(result))
+        files = write_results(result, out_dir, "attention")
+        pngs = plot_attention(result, out_dir)
+    else:
+        from fastgpt.benchmarks.train import run_train_benchmark
+
+        result = run_train_benchmark(args.preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
+                                     backends=args.backends, data=args.data, peak_flops=args.peak_flops,
+                                     progress=not args.no_progress)
+        print(train_markdown(result))
+        files = write_results(result, out_dir, f"train_{args.preset}")
+        pngs = []
+    print("fastgpt bench: wrote " + ", ".join(str(p) for p in [*files.values(), *pngs]))
+    return 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parity.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32", "float64"])
     parity.set_defaults(func=cmd_parity)
+
+    bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots)")
+    bench.add_argument("what", choices=["attention", "train"])
+    bench.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    bench.add_argument("--out-dir", default="bench_results", help="where the JSON, CSV and PNGs go")
+    bench.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
+    bench.add_argument("--reps", type=int, default=None, help="timed repetitions per cell")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--smoke", action="store_true", help="attention: a tiny sweep, to check the harness")
+    bench.add_argument("--seq-lens", type=int, nargs="+", default=None, help="attention: the T sweep")
+    bench.add_argument("--tokens", type=int, default=None, help="attention: B·T, held constant")
+    bench.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
+    bench.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
+    bench.add_argument("--dropouts", type=float, nargs="+", default=None)
+    bench.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="train: the preset to time")
+    bench.add_argument("--steps", type=int, default=5, help="train: steps per timed repetition")
+    bench.add_argument("--data", default=None, help="train: corpus path")
+    bench.add_argument("--peak-flops", type=float, default=None, help="train: the device's peak FLOP/s for MFU")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

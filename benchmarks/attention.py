@@ -1,0 +1,134 @@
+"""`fastgpt bench attention`: every backend against eager PyTorch over a sweep of sequence lengths.
+
+For each cell (T, mode, dropout, dtype) the backends available on the device run interleaved
+(A B A B ...) on the same inputs, after each was checked against the float64 reference at that
+T, D and dtype (the parity rule of fastgpt/parity.py). B·T is held constant across the sweep so
+every cell processes the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from fastgpt.attention import available_backends, causal_attention, get_backend
+from fastgpt.benchmarks.common import attention_flops, environment, memory_method, peak_memory_bytes, summarize, time_interleaved
+from fastgpt.parity import check_parity
+
+MODES = ("forward", "backward", "forward+backward")
+
+
+@dataclass
+class AttentionSweep:
+    device: str
+    seq_lens: list[int]
+    tokens: int  # B·T, constant across the sweep
+    n_head: int
+    head_dim: int
+    dtypes: list[str]
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    dropouts: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    backends: Optional[list[str]] = None  # None: every backend available on the device
+    reps: int = 5
+    warmup: int = 2
+
+    @classmethod
+    def default(cls, device: str) -> "AttentionSweep":
+        if torch.device(device).type == "cuda":
+            # FlashAttention's standard sweep: 16k tokens, hidden 2048 = 16 heads of 128
+            return cls(device, [128, 256, 512, 1024, 2048, 4096, 8192, 16384], 16384, 16, 128, ["bfloat16", "float16"])
+        return cls(device, [64, 128, 256, 512, 1024, 2048], 4096, 6, 64, ["float32"])
+
+    @classmethod
+    def smoke(cls, device: str) -> "AttentionSweep":
+        """A few seconds' worth: for CI, checking the harness end to end, not the speed."""
+        return cls(device, [16, 48], 96, 2, 16, ["float32"], reps=2, warmup=1)
+
+
+def _interpreted(name: str, device: torch.device) -> bool:
+    return name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callable[[], Any]:
+    def forward():
+        with torch.no_grad():
+            return causal_attention(q, k, v, dropout_p=dropout_p, backend=name)
+
+    def forward_backward():
+        out = causal_attention(q, k, v, dropout_p=dropout_p, backend=name)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    if mode == "forward":
+        return forward
+    if mode == "forward+backward":
+        return forward_backward
+    # backward alone: one forward builds the graph, each timed call replays only the backward
+    out = causal_attention(q, k, v, dropout_p=dropout_p, backend=name)
+    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
+def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dict[str, Any]:
+    """Runs the sweep; returns {"environment", "sweep", "records"} with one record per
+    (backend, cell), a `status` of "ok" or the reason it has no figures."""
+    device = torch.device(sweep.device)
+    names = sweep.backends or available_backends(device)
+    if "naive" not in names:
+        names = ["naive", *names]  # the baseline every speed-up is quoted against
+    env = environment(device)
+    cells = [(dtype, T, mode, p) for dtype in sweep.dtypes for T in sweep.seq_lens for mode in sweep.modes for p in sweep.dropouts]
+    validated: dict[tuple, Optional[str]] = {}  # (backend, T, dtype) -> None if it passed, else why not
+    records = []
+    bar = tqdm(cells, desc="attention cells", disable=not progress, dynamic_ncols=True)
+    for dtype_name, T, mode, dropout_p in bar:
+        bar.set_postfix(T=T, mode=mode, dropout=dropout_p, refresh=False)
+        dtype = getattr(torch, dtype_name)
+        B, H, D = max(1, sweep.tokens // T), sweep.n_head, sweep.head_dim
+        base = dict(T=T, B=B, H=H, D=D, dtype=dtype_name, mode=mode, dropout=dropout_p, device=env["device"])
+        g = torch.Generator().manual_seed(T)
+        q, k, v, dout = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+        q, k, v = (t.requires_grad_(mode != "forward") for t in (q, k, v))
+
+        calls, statuses = {}, {}
+        for name in names:
+            backend = get_backend(name)
+            reason = backend.unavailable_reason(device) or backend.unsupported_reason(q, dropout_p)
+            if reason is None and _interpreted(name, device):
+                reason = "interpreted (TRITON_INTERPRET=1): a CPU emulation of the GPU kernel, not timed"
+            if reason is None:
+                key = (name, T, dtype_name)
+                if key not in validated:
+                    result = check_parity(name, (1, H, T, D), dtype, device)
+                    validated[key] = None if result.ok else f"failed validation: {result.errors} over {result.limits}"
+                reason = validated[key]
+            if reason is None:
+                try:
+                    calls[name] = _make_call(name, mode, q, k, v, dout, dropout_p)
+                except torch.OutOfMemoryError as e:
+                    reason = f"out of memory: {str(e).splitlines()[0]}"
+            statuses[name] = reason or "ok"
+
+        try:
+            times = time_interleaved(calls, device, sweep.reps, sweep.warmup) if calls else {}
+        except torch.OutOfMemoryError as e:
+            times = {}
+            statuses.update({name: f"out of memory: {str(e).splitlines()[0]}" for name in calls})
+
+        flops = attention_flops(B, H, T, D, mode)
+        naive_median = summarize(times["naive"])["median_s"] if "naive" in times else None
+        for name in names:
+            record = {"backend": name, **base, "status": statuses[name], "memory_method": memory_method(device)}
+            if name in times:
+                stats = summarize(times[name])
+                record.update(stats)
+                record["tflops"] = flops / stats["median_s"] / 1e12
+                record["tokens_per_s"] = B * T / stats["median_s"]
+                record["speedup_vs_naive"] = naive_median / stats["median_s"] if naive_median else None
+                record["peak_memory_bytes"] = peak_memory_bytes(calls[name], device)
+            records.append(record)
+        del q, k, v, dout, calls
+    bar.close()
+    return {"environment": env, "sweep": asdict(sweep), "records": records}

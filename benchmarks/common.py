@@ -1,0 +1,170 @@
+"""What every benchmark shares: the FLOP formula, timing, memory, and the record of the machine.
+
+Timing: providers run interleaved (A B A B ...) after a warm-up, so a drift of the machine's speed
+hits all of them alike; we report the median and the p20/p80 spread. On CUDA each run is timed
+with events on the stream; on CPU with perf_counter around a finished call.
+
+Memory, and how it is measured (the `memory_method` written beside every figure):
+  CUDA: torch.cuda.max_memory_allocated() after a reset, minus what was allocated before the call
+        (the inputs): the call's own peak.
+  CPU:  the process's resident-set high-water mark (VmHWM, reset by writing 5 to
+        /proc/self/clear_refs) minus the resident set before the call, after glibc's
+        malloc_trim has returned freed heap pages. Real pages touched by the call; Linux only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+def attention_flops(B: int, H: int, T: int, D: int, mode: str) -> float:
+    """FLOPs of causal attention, the convention of FlashAttention's benchmarks: 4·B·H·T²·D for
+    the forward (two T×T×D matmuls, 2 FLOPs per multiply-add), halved for the causal mask;
+    the backward counts 2.5× the forward (five matmuls against two)."""
+    forward = 4 * B * H * T * T * D / 2
+    factors = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
+    if mode not in factors:
+        raise ValueError(f"mode must be one of {', '.join(factors)}; got {mode!r}")
+    return forward * factors[mode]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between closest ranks."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(seconds), "p20_s": percentile(seconds, 20), "p80_s": percentile(seconds, 80)}
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
+                     warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function, run in turn (A B A B ...) `reps` times after warm-up."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_time_once(fn, device))
+    return times
+
+
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _release_free_heap() -> None:
+    """Hands freed heap pages back to the OS (glibc malloc_trim), so memory that earlier calls
+    freed but the allocator kept resident cannot hide the next call's peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda max_memory_allocated minus inputs"
+    return "process VmHWM (reset via /proc/self/clear_refs, after malloc_trim) minus RSS before"
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """The extra memory `fn` needs at its peak (see the module docstring for the method)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    _release_free_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    fn()
+    peak = _rss_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """The machine and versions, written beside every figure."""
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}",
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname_cores": str(os.cpu_count()),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "absent"
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda or "unknown"
+    return env

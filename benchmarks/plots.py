@@ -1,0 +1,74 @@
+"""Plots of an attention benchmark, drawn from its JSON: time and peak memory against T, one line
+per backend, the p20-p80 spread as a band."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+
+
+def _plain_ticks(ax) -> None:
+    """Log axes labelled 0.5, 2, 40 rather than 5×10⁻¹; T labelled 64, 128, ... rather than 2⁶."""
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+
+
+def plot_attention(result: dict[str, Any], out_dir: Path, name: str = "attention") -> list[Path]:
+    """One PNG per dtype: a row per dropout, columns = the modes' times, then peak memory."""
+    records = [r for r in result["records"] if r["status"] == "ok"]
+    paths = []
+    for dtype in dict.fromkeys(r["dtype"] for r in records):
+        rows = [r for r in records if r["dtype"] == dtype]
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        dropouts = list(dict.fromkeys(r["dropout"] for r in rows))
+        backends = list(dict.fromkeys(r["backend"] for r in rows))
+        fig, axes = plt.subplots(len(dropouts), len(modes) + 1, figsize=(4.2 * (len(modes) + 1), 3.6 * len(dropouts)),
+                                 squeeze=False, dpi=110)
+        for i, dropout in enumerate(dropouts):
+            for j, mode in enumerate(modes):
+                ax = axes[i][j]
+                for backend in backends:
+                    pts = sorted((r for r in rows if (r["backend"], r["mode"], r["dropout"]) == (backend, mode, dropout)),
+                                 key=lambda r: r["T"])
+                    if not pts:
+                        continue
+                    T = [r["T"] for r in pts]
+                    ax.plot(T, [1e3 * r["median_s"] for r in pts], marker="o", ms=3, label=backend)
+                    ax.fill_between(T, [1e3 * r["p20_s"] for r in pts], [1e3 * r["p80_s"] for r in pts], alpha=0.2)
+                ax.set_title(f"{mode}, dropout {dropout}", fontsize=10)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("sequence length T (B·T constant)")
+                ax.set_ylabel("time per call (ms)")
+                _plain_ticks(ax)
+                ax.grid(alpha=0.3, which="both")
+            ax = axes[i][-1]
+            for backend in backends:
+                pts = sorted((r for r in rows if (r["backend"], r["mode"], r["dropout"]) == (backend, "forward+backward", dropout)
+                              and r.get("peak_memory_bytes") is not None), key=lambda r: r["T"])
+                if pts:
+                    ax.plot([r["T"] for r in pts], [r["peak_memory_bytes"] / 2**20 for r in pts], marker="o", ms=3, label=backend)
+            ax.set_title(f"peak memory, forward+backward, dropout {dropout}", fontsize=10)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length T (B·T constant)")
+            ax.set_ylabel("MiB above the inputs")
+            _plain_ticks(ax)
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].legend()
+        env = result["environment"]
+        fig.suptitle(f"causal attention, {dtype}, H={rows[0]['H']}, D={rows[0]['D']}: {env['device']}, torch {env['torch']}",
+                     fontsize=11)
+        fig.tight_layout()
+        path = out_dir / f"{name}_{dtype}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,92 @@
+"""Benchmark results to files and tables. The JSON is the single source: the CSV, the Markdown
+tables and the plots are all derived from its records."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_results(result: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
+    """<name>.json (everything) and <name>.csv (one tidy row per record, environment repeated)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
+    json_path.write_text(json.dumps(result, indent=1))
+    rows = [{**record, **{f"env_{k}": v for k, v in result["environment"].items()}} for record in result["records"]]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"json": json_path, "csv": csv_path}
+
+
+def _ms(seconds) -> str:
+    return f"{seconds * 1e3:.2f}" if seconds is not None else "–"
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.1f}" if n is not None else "–"
+
+
+def environment_line(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    return (f"{env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, triton {env['triton']}, "
+            f"python {env['python']}, commit {env['commit']}, {env['timestamp']}")
+
+
+def attention_markdown(result: dict[str, Any]) -> str:
+    """One table per (dtype, mode, dropout): a row per T; per backend the median ms (p20-p80),
+    the speed-up over naive, TFLOP/s and peak memory."""
+    records = result["records"]
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    # CPUs reach GFLOP/s, GPUs TFLOP/s: print the unit that gives readable numbers
+    on_gpu = not result["environment"]["device"].startswith("CPU")
+    unit, per_tflop = ("TFLOP/s", 1.0) if on_gpu else ("GFLOP/s", 1e3)
+    lines = [f"Machine: {environment_line(result)}", ""]
+    notes = {}
+    groups = list(dict.fromkeys((r["dtype"], r["mode"], r["dropout"]) for r in records))
+    for dtype, mode, dropout in groups:
+        lines.append(f"**{mode}, dropout {dropout}, {dtype}** (median ms [p20–p80] · × naive · {unit} · peak MiB)")
+        lines.append("")
+        lines.append("| T | B | " + " | ".join(backends) + " |")
+        lines.append("|---|---|" + "---|" * len(backends))
+        rows = [r for r in records if (r["dtype"], r["mode"], r["dropout"]) == (dtype, mode, dropout)]
+        for T in dict.fromkeys(r["T"] for r in rows):
+            cells = []
+            for name in backends:
+                r = next((x for x in rows if x["T"] == T and x["backend"] == name), None)
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    notes.setdefault(name, r["status"])
+                    cells.append("n/a")
+                else:
+                    speedup = f"{r['speedup_vs_naive']:.2f}×" if r.get("speedup_vs_naive") else "–"
+                    cells.append(f"{_ms(r['median_s'])} [{_ms(r['p20_s'])}–{_ms(r['p80_s'])}] · {speedup} · "
+                                 f"{r['tflops'] * per_tflop:.3g} · {_mib(r.get('peak_memory_bytes'))}")
+            B = next(r["B"] for r in rows if r["T"] == T)
+            lines.append(f"| {T} | {B} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for name, why in notes.items():
+        lines.append(f"- `{name}` n/a: {why}")
+    if records:
+        lines.append(f"- memory: {records[0]['memory_method']}")
+    return "\n".join(lines)
+
+
+def train_markdown(result: dict[str, Any]) -> str:
+    lines = [f"Machine: {environment_line(result)}", "",
+             f"**training step, preset `{result['preset']}`** ({result['reps']} interleaved reps of "
+             f"{result['steps_per_rep']} steps; median [p20–p80])", "",
+             "| backend | s/step | tokens/s | peak MiB | MFU |", "|---|---|---|---|---|"]
+    for r in result["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['backend']} | n/a: {r['status']} | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}% (estimate)" if r.get("mfu") is not None else "– (no known peak)"
+        lines.append(f"| {r['backend']} | {r['median_s']:.4f} [{r['p20_s']:.4f}–{r['p80_s']:.4f}] | "
+                     f"{r['tokens_per_s']:,.0f} | {_mib(r['peak_memory_bytes'])} | {mfu} |")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""`fastgpt bench train`: a full training step (forward, backward, AdamW) of a preset, per backend.
+
+One model serves every backend: between timed runs it swaps the attention kernel with
+`set_attention_backend` (which changes no weight), so the backends see the same parameters and
+batches, interleaved A B A B ...
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from fastgpt.attention import available_backends, get_backend
+from fastgpt.benchmarks.common import environment, memory_method, peak_memory_bytes, summarize, time_interleaved
+from fastgpt.config import make_configs
+from fastgpt.data import CharDataset
+from fastgpt.model import num_parameters
+from fastgpt.train import Trainer
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(); MFU is an estimate against them. None known for CPUs.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
+
+
+def device_peak_flops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def training_flops_per_step(n_params: int, n_layer: int, n_embd: int, batch_size: int, block_size: int) -> float:
+    """6 FLOPs per parameter per token (forward 2, backward 4), plus the attention matmuls
+    (12·L·C·T per token counted over the full T×T, as in the PaLM appendix and nanoGPT)."""
+    tokens = batch_size * block_size
+    return 6 * n_params * tokens + 12 * n_layer * n_embd * block_size * tokens
+
+
+def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3, warmup: int = 1,
+                        backends: Optional[list[str]] = None, data: Optional[str] = None,
+                        peak_flops: Optional[float] = None, progress: bool = True) -> dict[str, Any]:
+    model_config, train_config = make_configs(preset, {"device": device, "data": data, "progress": False})
+    trainer = Trainer(model_config, train_config, CharDataset.load(data))
+    dev = trainer.device
+    names = backends or available_backends(dev)
+    env = environment(dev)
+    records, calls = [], {}
+    probe = torch.empty(1, model_config.n_head, model_config.block_size, model_config.n_embd // model_config.n_head, device=dev)
+    for name in names:
+        backend = get_backend(name)
+        reason = backend.unavailable_reason(dev) or backend.unsupported_reason(probe, model_config.dropout)
+        if reason is None and name == "triton" and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            reason = "interpreted (TRITON_INTERPRET=1): not timed"
+        if reason is not None:
+            records.append({"backend": name, "preset": preset, "status": reason})
+            continue
+
+        def run_steps(name=name):
+            trainer.set_attention_backend(name)
+            for _ in range(steps):
+                trainer.step()
+
+        calls[name] = run_steps
+
+    with tqdm(total=1, desc=f"train steps ({preset})", disable=not progress) as bar:
+        times = time_interleaved(calls, dev, reps, warmup) if calls else {}
+        bar.update(1)
+
+    tokens_per_step = train_config.batch_size * model_config.block_size
+    flops = training_flops_per_step(num_parameters(trainer.model), model_config.n_layer, model_config.n_embd,
+                                    train_config.batch_size, model_config.block_size)
+    peak = device_peak_flops(dev, peak_flops)
+    for name, seconds in times.items():
+        per_step = [s / steps for s in seconds]
+        stats = summarize(per_step)
+        memory = peak_memory_bytes(lambda: calls[name](), dev)
+        records.append({
+            "backend": name, "preset": preset, "status": "ok", **stats,
+            "tokens_per_s": tokens_per_step / stats["median_s"],
+            "peak_memory_bytes": memory, "memory_method": memory_method(dev),
+            "mfu": flops / stats["median_s"] / peak if peak else None,
+            "params": num_parameters(trainer.model),
+        })
+    return {"environment": env, "preset": preset, "steps_per_rep": steps, "reps": reps, "records": records}

@@ -1,0 +1,65 @@
+"""The benchmark harness end to end, CI-sized: structure and finiteness, never speed."""
+
+import json
+import math
+
+import pytest
+
+from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
+from fastgpt.benchmarks.common import attention_flops, percentile
+from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_results
+from fastgpt.benchmarks.train import run_train_benchmark
+from fastgpt.cli import main
+
+
+def test_attention_flops_convention():
+    # 4·B·H·T²·D forward, halved for causal; backward 2.5× forward
+    assert attention_flops(1, 1, 8, 4, "forward") == 4 * 64 * 4 / 2
+    assert attention_flops(2, 3, 8, 4, "forward+backward") == 3.5 * attention_flops(2, 3, 8, 4, "forward")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attention_flops(1, 1, 8, 4, "sideways")
+
+
+def test_percentile():
+    assert percentile([3, 1, 2, 4, 5], 50) == 3
+    assert percentile([1, 2], 20) == pytest.approx(1.2)
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    sweep = AttentionSweep.smoke("cpu")
+    sweep.backends = ["naive", "sdpa"]
+    result = run_attention_benchmark(sweep, progress=False)
+    records = result["records"]
+    assert len(records) == 2 * len(sweep.seq_lens) * len(sweep.modes) * len(sweep.dropouts)
+    for r in records:
+        assert r["status"] == "ok", r
+        for key in ("median_s", "p20_s", "p80_s", "tflops", "tokens_per_s", "speedup_vs_naive"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
+        assert r["peak_memory_bytes"] is not None and r["peak_memory_bytes"] >= 0
+        assert r["B"] * r["T"] <= sweep.tokens
+    assert {"device", "torch", "commit", "timestamp"} <= set(result["environment"])
+
+    files = write_results(result, tmp_path, "attention")
+    assert json.loads(files["json"].read_text())["records"] == records
+    assert len(files["csv"].read_text().splitlines()) == len(records) + 1
+    table = attention_markdown(result)
+    assert "| T | B | naive | sdpa |" in table and "forward+backward, dropout 0.2" in table
+
+
+def test_bench_cli_writes_table_files_and_plot(tmp_path, capsys):
+    assert main(["bench", "attention", "--smoke", "--backends", "naive", "sdpa", "--modes", "forward",
+                 "--dropouts", "0", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "**forward, dropout 0.0, float32**" in capsys.readouterr().out
+    png = tmp_path / "attention_float32.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_benchmark_smoke(small_corpus):
+    result = run_train_benchmark("cpu", "cpu", steps=1, reps=2, warmup=0, backends=["naive", "sdpa"],
+                                 data=str(small_corpus), progress=False)
+    assert [r["backend"] for r in result["records"]] == ["naive", "sdpa"]
+    for r in result["records"]:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and math.isfinite(r["median_s"])
+        assert r["mfu"] is None  # no known peak for a CPU
+    assert "| naive |" in train_markdown(result)
