@@ -18,9 +18,11 @@ at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x);  // tril(
 // P = dropout(softmax(scale · scores, causal)), the dropout mask drawn from (seed, offset).
 at::Tensor causal_softmax(const at::Tensor& scores, double scale, double dropout_p, int64_t seed,
                           int64_t offset);
-// dScores from dP: P recomputed from the scores, the mask regenerated from (seed, offset).
-at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& scores, double scale,
-                                   double dropout_p, int64_t seed, int64_t offset);
+// dScores from dP without dropout, from the forward's output P.
+at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, double scale);
+// dScores from dP with dropout: P recomputed from the scores, the mask regenerated from (seed, offset).
+at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& scores, double scale,
+                                           double dropout_p, int64_t seed, int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for `scores`' shape: a testing hook, never used by the math.

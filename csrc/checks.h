@@ -45,8 +45,9 @@ inline void check_blas_size(int64_t n, const char* op, const char* what) {
               "; the kernels support at most 2^31 - 1");
 }
 
-inline void check_softmax_args(const at::Tensor& scores, double scale, double dropout_p, const char* op) {
-  check_causal_matrix(scores, op, "scores");
+inline void check_softmax_args(const at::Tensor& scores, double scale, double dropout_p, const char* op,
+                               const char* name = "scores") {
+  check_causal_matrix(scores, op, name);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1); got ", dropout_p);
   // The dropout stream counts rows in 32 bits (philox.h).

@@ -25,7 +25,10 @@ TORCH_LIBRARY(fastgpt, m) {
   // dropout(softmax(scale · scores with the causal mask)), the keep mask drawn from the Philox
   // stream at (seed, offset): (B, H, T, T) -> (B, H, T, T), zero above the diagonal.
   m.def("causal_softmax(Tensor scores, float scale, float dropout_p, int seed, int offset) -> Tensor");
-  m.def("causal_softmax_backward(Tensor grad, Tensor scores, float scale, float dropout_p, int seed, "
+  // Its backward without dropout, from the forward's output: scale · P ∘ (grad - rowsum(grad ∘ P)).
+  m.def("causal_softmax_backward(Tensor grad, Tensor probs, float scale) -> Tensor");
+  // With dropout, from the forward's scores: P recomputed, the keep mask regenerated.
+  m.def("causal_softmax_dropout_backward(Tensor grad, Tensor scores, float scale, float dropout_p, int seed, "
         "int offset) -> Tensor");
   // Testing hook: the (B, H, T, T) bool keep mask causal_softmax draws for (seed, offset).
   m.def("dropout_keep_mask(Tensor scores, float dropout_p, int seed, int offset) -> Tensor");
@@ -39,6 +42,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("causal_matmul_tn", &fastgpt::cpu::causal_matmul_tn);
   m.impl("causal_softmax", &fastgpt::cpu::causal_softmax);
   m.impl("causal_softmax_backward", &fastgpt::cpu::causal_softmax_backward);
+  m.impl("causal_softmax_dropout_backward", &fastgpt::cpu::causal_softmax_dropout_backward);
   m.impl("dropout_keep_mask", &fastgpt::cpu::dropout_keep_mask);
 }
 

@@ -47,7 +47,8 @@ def test_opcheck(dtype, T):
         (ops.causal_matmul_tn, (p, v)),
         (ops.causal_softmax, (p, 0.3, 0.0, 0, 0)),
         (ops.causal_softmax, (p, 0.3, 0.25, 1234, 7)),
-        (ops.causal_softmax_backward, (p.detach(), p.detach(), 0.3, 0.25, 1234, 7)),
+        (ops.causal_softmax_backward, (p.detach(), p.detach(), 0.3)),
+        (ops.causal_softmax_dropout_backward, (p.detach(), p.detach(), 0.3, 0.25, 1234, 7)),
         (ops.dropout_keep_mask, (p.detach(), 0.25, 1234, 7)),
     ]
     for op, args in cases:
@@ -82,6 +83,16 @@ def test_softmax_parity(shape, dtype):
     op = lambda s: ext.causal_softmax(s, scale)  # noqa: E731
     ref = lambda s: ref_softmax(s, scale)  # noqa: E731
     assert_within(*op_parity(op, ref, [scores], dtype), f"softmax {shape} {dtype}")
+
+
+def test_both_softmax_backwards_agree_without_dropout():
+    # From the stored P, or from the scores with P recomputed: the same float32 math, bit for bit.
+    # (In bfloat16 the stored P is rounded and the recomputed one is not.)
+    s = causal_input(2, 3, 77).float()
+    p = ext.causal_softmax(s, 0.7)
+    g = torch.randn(2, 3, 77, 77)
+    ops = torch.ops.fastgpt
+    assert torch.equal(ops.causal_softmax_backward(g, p, 0.7), ops.causal_softmax_dropout_backward(g, s, 0.7, 0.0, 0, 0))
 
 
 def test_causal_outputs_are_zero_above_the_diagonal():
@@ -182,7 +193,10 @@ CPP_BAD = [
     (lambda: ops.causal_matmul_nn(_t(1, 2, 5, 5), _t(1, 2, 5, 4, dtype=torch.float64)), r"x has dtype Double"),
     (lambda: ops.causal_softmax(_t(1, 2, 5, 5), float("nan"), 0.0, 0, 0), r"scale must be finite; got nan"),
     (lambda: ops.causal_softmax(_t(1, 2, 5, 5), 1.0, 1.0, 0, 0), r"dropout_p must be in \[0, 1\); got 1"),
-    (lambda: ops.causal_softmax_backward(_t(1, 2, 4, 4), _t(1, 2, 5, 5), 1.0, 0.0, 0, 0), r"grad has shape"),
+    (lambda: ops.causal_softmax_backward(_t(1, 2, 4, 4), _t(1, 2, 5, 5), 1.0),
+     r"causal_softmax_backward: grad has shape \[1, 2, 4, 4\] but probs has shape \[1, 2, 5, 5\]"),
+    (lambda: ops.causal_softmax_dropout_backward(_t(1, 2, 5, 5), _t(1, 2, 5, 5, dtype=torch.bfloat16), 1.0, 0.1, 0, 0),
+     r"grad has dtype Float but scores has dtype BFloat16"),
     (lambda: ops.causal_softmax(_t(2, 5, 5), 1.0, 0.0, 0, 0), r"scores must have 4 dims \(B, H, T, T\)"),
     # Tensors on two devices reach the CPU kernel only by redispatch here (the dispatcher picks the
     # other device's key first); the CUDA kernels run the same check.

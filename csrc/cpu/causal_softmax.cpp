@@ -4,9 +4,10 @@
 //
 // Per row of length L = i + 1 (the row stays in L1: 4 KiB at T = 1024):
 //   forward   m = max(scale·s); e = exp(scale·s - m); P = e / Σe; out = P ∘ keep / (1 - p)
-//   backward  P recomputed as above; dP = grad ∘ keep / (1 - p); dS = scale · P ∘ (dP - Σ dP∘P)
-// The backward reads the scores, not a stored P, and regenerates the keep mask from the Philox
-// stream (philox.h), so neither the probabilities before dropout nor the mask are ever stored.
+//   backward  dP = grad ∘ keep / (1 - p); dS = scale · P ∘ (dP - Σ dP∘P)
+// Without dropout the backward reads P, the forward's output. With dropout it reads the scores,
+// recomputes P and regenerates the keep mask from the Philox stream (philox.h): neither the
+// probabilities before dropout nor the mask are ever stored.
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -62,12 +63,10 @@ void softmax_row(const float* s, float* out, int64_t L, float scale, const float
   }
 }
 
-// ds[0..L) from the upstream grad g and the scores s; p: scratch of L floats.
-void softmax_backward_row(const float* g, const float* s, float* ds, int64_t L, float scale,
-                          const float* mult, float* p) {
-  softmax_row(s, p, L, scale, nullptr);  // bit-identical to the forward's P
+// ds[0..L) = scale · p ∘ (dP - Σ dP ∘ p), dP = g ∘ mult (the forward's dropout applied to its
+// gradient) or g; p: the probabilities before dropout.
+void softmax_grad_row(const float* g, const float* p, float* ds, int64_t L, float scale, const float* mult) {
   const int64_t full = L / kW * kW, tail = L - full;
-  // dP = g ∘ mult (the dropout of the forward, applied to its gradient); acc = Σ dP ∘ P.
   auto grad_times_mask = [&](int64_t j, int64_t n) {
     Vec dp = Vec::loadu(g + j, n);
     return mult != nullptr ? dp * Vec::loadu(mult + j, n) : dp;
@@ -84,7 +83,6 @@ void softmax_backward_row(const float* g, const float* s, float* ds, int64_t L, 
     vacc = at::vec::fmadd(dp, Vec::loadu(p + full, tail), vacc);
   }
   const float acc = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vacc);
-  // dS = scale · P ∘ (dP - acc)
   const Vec vacc_b(acc), vscale(scale);
   for (int64_t j = 0; j < full; j += kW) {
     ((Vec::loadu(ds + j) - vacc_b) * Vec::loadu(p + j) * vscale).store(ds + j);
@@ -132,11 +130,13 @@ void softmax_kernel(const at::Tensor& scores, at::Tensor& out, float scale, cons
   });
 }
 
-template <typename scalar_t>
-void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& scores, at::Tensor& out, float scale,
+// kRecompute: `saved` holds the forward's scores and P is recomputed (bit-identical to the
+// forward's), the mask regenerated; otherwise `saved` is the forward's output P (no dropout).
+template <typename scalar_t, bool kRecompute>
+void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& saved, at::Tensor& out, float scale,
                              const DropoutStream& ds) {
-  const int64_t T = scores.size(2), rows = scores.size(0) * scores.size(1) * T;
-  const auto G = rows4<scalar_t>(grad), S = rows4<scalar_t>(scores), O = rows4<scalar_t>(out);
+  const int64_t T = saved.size(2), rows = saved.size(0) * saved.size(1) * T;
+  const auto G = rows4<scalar_t>(grad), S = rows4<scalar_t>(saved), O = rows4<scalar_t>(out);
   parallel_for_balanced(rows, RowCost{T}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> mult(ds.enabled ? T : 0), p_buf(T), g_buf, s_buf, o_buf;
     if constexpr (!std::is_same_v<scalar_t, float>) g_buf.resize(T), s_buf.resize(T), o_buf.resize(T);
@@ -147,14 +147,23 @@ void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& scores, a
       scalar_t* o = O.at(bh) + i * O.ld;
       if (ds.enabled) dropout_multipliers(ds, static_cast<uint32_t>(r), L, mult.data());
       const float* m = ds.enabled ? mult.data() : nullptr;
+      const float* g_f;
+      const float* s_f;
+      float* o_f;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        softmax_backward_row(g, s, o, L, scale, m, p_buf.data());
+        g_f = g, s_f = s, o_f = o;
       } else {
         to_float(g, g_buf.data(), L);
         to_float(s, s_buf.data(), L);
-        softmax_backward_row(g_buf.data(), s_buf.data(), o_buf.data(), L, scale, m, p_buf.data());
-        from_float(o_buf.data(), o, L);
+        g_f = g_buf.data(), s_f = s_buf.data(), o_f = o_buf.data();
       }
+      const float* p = s_f;
+      if constexpr (kRecompute) {
+        softmax_row(s_f, p_buf.data(), L, scale, nullptr);
+        p = p_buf.data();
+      }
+      softmax_grad_row(g_f, p, o_f, L, scale, m);
+      if constexpr (!std::is_same_v<scalar_t, float>) from_float(o_buf.data(), o, L);
       zero_fill(o + L, T - L);
     }
   });
@@ -179,20 +188,39 @@ at::Tensor causal_softmax(const at::Tensor& scores, double scale, double dropout
   return out;
 }
 
-at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& scores, double scale,
-                                   double dropout_p, int64_t seed, int64_t offset) {
-  constexpr const char* op = "fastgpt::causal_softmax_backward";
-  check_softmax_args(scores, scale, dropout_p, op);
+namespace {
+void check_grad(const at::Tensor& grad, const at::Tensor& saved, const char* op, const char* saved_name) {
   check_rank4(grad, op, "grad", "(B, H, T, T)");
-  check_same_dtype_device(grad, scores, op, "grad", "scores");
-  TORCH_CHECK(grad.sizes() == scores.sizes(), op, ": grad has shape ", grad.sizes(), " but scores has shape ",
-              scores.sizes(), "; they must match");
+  check_same_dtype_device(grad, saved, op, "grad", saved_name);
+  TORCH_CHECK(grad.sizes() == saved.sizes(), op, ": grad has shape ", grad.sizes(), " but ", saved_name,
+              " has shape ", saved.sizes(), "; they must match");
+}
+}  // namespace
+
+at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, double scale) {
+  constexpr const char* op = "fastgpt::causal_softmax_backward";
+  check_softmax_args(probs, scale, 0.0, op, "probs");
+  check_grad(grad, probs, op, "probs");
+  const auto g = rows_readable(grad), p = rows_readable(probs);
+  at::Tensor out = empty_causal(probs.sizes(), probs.options());
+  if (out.numel() == 0) return out;
+  const auto ds = stream_for(0.0, 0, 0);
+  if (probs.scalar_type() == at::kFloat) softmax_backward_kernel<float, false>(g, p, out, static_cast<float>(scale), ds);
+  else softmax_backward_kernel<c10::BFloat16, false>(g, p, out, static_cast<float>(scale), ds);
+  return out;
+}
+
+at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& scores, double scale,
+                                           double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "fastgpt::causal_softmax_dropout_backward";
+  check_softmax_args(scores, scale, dropout_p, op);
+  check_grad(grad, scores, op, "scores");
   const auto g = rows_readable(grad), s = rows_readable(scores);
   at::Tensor out = empty_causal(scores.sizes(), scores.options());
   if (out.numel() == 0) return out;
   const auto ds = stream_for(dropout_p, seed, offset);
-  if (scores.scalar_type() == at::kFloat) softmax_backward_kernel<float>(g, s, out, static_cast<float>(scale), ds);
-  else softmax_backward_kernel<c10::BFloat16>(g, s, out, static_cast<float>(scale), ds);
+  if (scores.scalar_type() == at::kFloat) softmax_backward_kernel<float, true>(g, s, out, static_cast<float>(scale), ds);
+  else softmax_backward_kernel<c10::BFloat16, true>(g, s, out, static_cast<float>(scale), ds);
   return out;
 }
 

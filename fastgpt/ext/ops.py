@@ -10,8 +10,9 @@
 
 A causal matrix (B, H, T, T) is zero above the diagonal on output and not read there on input.
 The gradients are the same ops again: d tril(a·bᵀ) = (tril(g)·b, tril(g)ᵀ·a), and so on, so the
-backward skips the same tiles as the forward. The dropout mask is regenerated in the backward
-from (seed, offset), never stored.
+backward skips the same tiles as the forward. The softmax's backward is causal_softmax_backward
+(from its output P) without dropout, causal_softmax_dropout_backward (P recomputed from the
+scores, the mask regenerated from (seed, offset), never stored) with it.
 """
 
 from __future__ import annotations
@@ -151,13 +152,20 @@ def _backward_tn(ctx, grad):  # out = tril(p)ᵀ·x
 
 def _setup_softmax(ctx, inputs, output):
     scores, scale, dropout_p, seed, offset = inputs
-    ctx.save_for_backward(scores)  # P is recomputed from the scores, the mask from (seed, offset)
     ctx.args = (scale, dropout_p, seed, offset)
+    # Without dropout the output is P itself: keep it, and let the scores go. With dropout P is
+    # recomputed from the scores and the mask regenerated from (seed, offset).
+    ctx.save_for_backward(output if dropout_p == 0.0 else scores)
 
 
 def _backward_softmax(ctx, grad):
-    (scores,) = ctx.saved_tensors
-    ds = torch.ops.fastgpt.causal_softmax_backward(grad, scores, *ctx.args)
+    (saved,) = ctx.saved_tensors
+    scale, dropout_p, seed, offset = ctx.args
+    f = torch.ops.fastgpt
+    if dropout_p == 0.0:
+        ds = f.causal_softmax_backward(grad, saved, scale)
+    else:
+        ds = f.causal_softmax_dropout_backward(grad, saved, scale, dropout_p, seed, offset)
     return ds, None, None, None, None
 
 
@@ -184,7 +192,12 @@ def _fake_softmax(scores, scale, dropout_p, seed, offset):
     return scores.new_empty(scores.shape)
 
 
-def _fake_softmax_backward(grad, scores, scale, dropout_p, seed, offset):
+def _fake_softmax_backward(grad, probs, scale):
+    _fake_check_same(grad, probs)
+    return probs.new_empty(probs.shape)
+
+
+def _fake_softmax_dropout_backward(grad, scores, scale, dropout_p, seed, offset):
     _fake_check_same(grad, scores)
     return scores.new_empty(scores.shape)
 
@@ -208,6 +221,7 @@ def register_python_parts() -> None:
     lib.register_fake("fastgpt::causal_matmul_tn")(_fake_rows)
     lib.register_fake("fastgpt::causal_softmax")(_fake_softmax)
     lib.register_fake("fastgpt::causal_softmax_backward")(_fake_softmax_backward)
+    lib.register_fake("fastgpt::causal_softmax_dropout_backward")(_fake_softmax_dropout_backward)
     lib.register_fake("fastgpt::dropout_keep_mask")(_fake_mask)
     lib.register_autograd("fastgpt::causal_matmul_nt", _backward_nt, setup_context=_setup_two)
     lib.register_autograd("fastgpt::causal_matmul_nn", _backward_nn, setup_context=_setup_two)
