@@ -65,7 +65,8 @@ def cpu_capability() -> str:
 
 def compile_flags(capability: str) -> list[str]:
     flags = ["-O3", "-fopenmp", *ISA_FLAGS[capability]]
-    if torch_exports_sgemm():
+    # FASTGPT_EXT_BLAS=aten builds the portable at::mm path even where sgemm_ exists (to test it).
+    if torch_exports_sgemm() and os.environ.get("FASTGPT_EXT_BLAS") != "aten":
         flags.append("-DFASTGPT_HAVE_SGEMM")
     return flags
 
