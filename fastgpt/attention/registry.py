@@ -51,8 +51,8 @@ AUTO_ORDER: dict[str, dict[bool, tuple[str, ...]]] = {
     # CPU, torch 2.13: sdpa's flash kernel beats the explicit math without dropout (29 vs 41 ms
     # at B=16,H=6,T=256,D=64 fwd+bwd); with dropout sdpa takes its unfused path and is on a par.
     # ext (benchmarks/ext_cpu.py, fp32 fwd+bwd, 2 threads, medians of interleaved runs) beats
-    # both: 43 vs sdpa 52 vs naive 99 ms at B=16,H=6,T=256,D=64 and 114 / 135 / 483 ms at
-    # B=4,H=6,T=1024 without dropout; 45 / 144 / 155 and 122 / 666 / 807 ms with dropout 0.2.
+    # both: 31 vs sdpa 41 vs naive 67 ms at B=16,H=6,T=256,D=64 and 98 / 119 / 402 ms at
+    # B=4,H=6,T=1024 without dropout; 34 / 107 / 119 and 109 / 549 / 708 ms with dropout 0.2.
     # Also ahead at the cpu preset's B=12,H=4,T=64,D=32 (1.1x / 2.6x sdpa, shared machine).
     # Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64, auto moves on.
     "cpu": {False: ("ext", "sdpa", "naive"), True: ("ext", "sdpa", "naive")},
