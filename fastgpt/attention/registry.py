@@ -42,7 +42,7 @@ class Backend:
 
 
 # Modules that register the built-in backends, imported on first use of the registry.
-_BUILTIN_MODULES = ("fastgpt.attention.naive", "fastgpt.attention.sdpa")
+_BUILTIN_MODULES = ("fastgpt.attention.naive", "fastgpt.attention.sdpa", "fastgpt.attention.triton_backend")
 
 # The order in which `backend="auto"` tries backends, per device type and per kind of call
 # (with or without dropout): fastest first, as measured by the attention benchmark. The first
@@ -52,6 +52,8 @@ AUTO_ORDER: dict[str, dict[bool, tuple[str, ...]]] = {
     # at B=16,H=6,T=256,D=64 fwd+bwd); with dropout sdpa takes its unfused path and is on a par.
     "cpu": {False: ("sdpa", "naive"), True: ("sdpa", "naive")},
     "default": {False: ("sdpa", "naive"), True: ("sdpa", "naive")},
+    # "triton" is in no list: on CPU it runs interpreted (orders of magnitude slower than sdpa);
+    # on CUDA it has not been benchmarked against sdpa yet, so it is chosen only by name.
 }
 
 _BACKENDS: dict[str, Backend] = {}
