@@ -2,7 +2,7 @@
 interpreter runs.
 
 On a GPU the launcher autotunes over `configs(kernel, capability, head_dim_pad)` (the shipped list
-for the architecture, filtered by `keep`); under TRITON_INTERPRET=1 it runs `INTERPRETER_CONFIGS`
+for the architecture and head dim, filtered by `keep`); under TRITON_INTERPRET=1 it runs `INTERPRETER_CONFIGS`
 only, since the interpreter measures nothing. `fastgpt check` (fastgpt/gpu_check.py) compiles every
 shipped config for sm_80 and sm_90 and fails on any register spill or shared-memory overflow, so a
 config belongs here only if it passes there.
@@ -43,40 +43,42 @@ INTERPRETER_CONFIGS: dict[str, KernelConfig] = {
 }
 PREPROCESS_BLOCK_M = 64  # Δ = rowsum(dO∘out): memory-bound, one config everywhere
 
-# Candidates per (kernel, compute capability major·10) for the autotuner; the head dims each one
-# may serve are narrowed by `keep`.
-SHIPPED: dict[str, dict[int, list[KernelConfig]]] = {
+# The autotuner's candidates per kernel, compute capability (major·10) and head-dim class (padded
+# head dim <= 64, or 128). Chosen from a wider sweep by `fastgpt check`: on sm_80 the register file
+# is the limit (mma.sync keeps both fp32 tiles in registers, and dropout's Philox adds ~40
+# registers), so the D=128 backward needs 8 warps or thin blocks; e.g. fwd M128/N64 with 4 warps
+# spills 1 KB at D=64, and dK/dV M64/N64 with 4 warps spills at every head dim.
+SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
-        80: [C(64, 64, 4, 3), C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 32, 4, 4)],
-        90: [C(64, 64, 4, 3), C(128, 64, 8, 3), C(128, 128, 8, 3), C(128, 64, 4, 3)],
+        80: {64: [C(128, 64, 8, 3), C(64, 64, 4, 3)], 128: [C(128, 64, 8, 4), C(64, 32, 4, 3)]},
+        90: {64: [C(128, 64, 8, 3), C(128, 128, 8, 3)], 128: [C(128, 64, 8, 3), C(64, 64, 4, 3)]},
     },
     "bwd_dkdv": {
-        80: [C(32, 64, 4, 2), C(32, 128, 8, 2), C(64, 64, 4, 2)],
-        90: [C(32, 64, 4, 2), C(32, 128, 8, 2), C(64, 128, 8, 2)],
+        80: {64: [C(32, 64, 4, 2), C(32, 128, 8, 2)], 128: [C(32, 64, 8, 2), C(16, 64, 8, 2)]},
+        90: {64: [C(32, 128, 8, 2), C(32, 64, 4, 2)], 128: [C(32, 128, 8, 2), C(32, 64, 8, 2)]},
     },
     "bwd_dq": {
-        80: [C(64, 32, 4, 2), C(128, 32, 8, 2), C(64, 64, 4, 2)],
-        90: [C(64, 32, 4, 2), C(128, 32, 8, 2), C(128, 64, 8, 2)],
+        80: {64: [C(64, 32, 4, 2), C(128, 32, 8, 2)], 128: [C(64, 32, 8, 2), C(64, 16, 4, 2)]},
+        90: {64: [C(128, 32, 8, 2), C(128, 64, 8, 2)], 128: [C(128, 32, 8, 2), C(64, 32, 8, 2)]},
     },
 }
 
-# The largest BLOCK_M·BLOCK_N per head dim above which a kernel holds too many live fp32 tiles.
-_MAX_TILE = {16: 128 * 128, 32: 128 * 128, 64: 128 * 128, 128: 128 * 64}
 
-
-def keep(kernel: str, config: KernelConfig, head_dim_pad: int) -> bool:
-    """Whether `config` is valid for `kernel` at this (power-of-two) head dim.
+def keep(kernel: str, config: KernelConfig) -> bool:
+    """Whether `config` is a valid launch of `kernel`.
 
     The forward and dQ kernels step key blocks inside a query block's diagonal, so BLOCK_M must be
     a multiple of BLOCK_N; dK/dV steps query blocks inside a key block, the other way round.
     """
     if min(config.block_m, config.block_n) < 16:  # tl.dot's smallest tile
         return False
-    if kernel in ("fwd", "bwd_dq") and config.block_m % config.block_n:
-        return False
-    if kernel == "bwd_dkdv" and config.block_n % config.block_m:
-        return False
-    return config.block_m * config.block_n <= _MAX_TILE[head_dim_pad]
+    if kernel in ("fwd", "bwd_dq"):
+        return config.block_m % config.block_n == 0
+    return config.block_n % config.block_m == 0
+
+
+def head_dim_class(head_dim_pad: int) -> int:
+    return 64 if head_dim_pad <= 64 else 128
 
 
 def arch_of(capability: tuple[int, int]) -> int:
@@ -89,4 +91,4 @@ def arch_of(capability: tuple[int, int]) -> int:
 
 def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int) -> list[KernelConfig]:
     """The autotuner's candidates for `kernel` on a GPU of this compute capability."""
-    return [c for c in SHIPPED[kernel][arch_of(capability)] if keep(kernel, c, head_dim_pad)]
+    return [c for c in SHIPPED[kernel][arch_of(capability)][head_dim_class(head_dim_pad)] if keep(kernel, c)]

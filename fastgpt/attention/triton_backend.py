@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -24,10 +23,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
-    # once the kernels are decorated the mode is fixed; before that the environment decides
-    ops = sys.modules.get("fastgpt.attention.triton_ops")
-    if ops is not None:
-        return ops.INTERPRETING
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 

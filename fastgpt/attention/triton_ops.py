@@ -204,7 +204,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tens
     exact reference."""
     B, H, T = shape[0], shape[1], shape[2]
     keep = torch.empty((B, H, T, T), device=seed.device, dtype=torch.int8)
-    block = 32
+    block = 64
     _dropout_mask[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
         seed, keep, *_strides(keep), H, T, dropout_p, BLOCK_M=block, BLOCK_N=block,
     )

@@ -1,0 +1,121 @@
+"""The Triton backend inside fastgpt: errors that name the limit, torch.compile seeing one op, and
+every shipped GPU block shape run through the interpreter (the GPU configs are otherwise only
+compiled, by fastgpt/gpu_check.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastgpt.attention import causal_attention, get_backend, naive_attention
+from fastgpt.parity import _forward_backward, _max_errors, make_qkv, tolerance
+
+triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
+from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU interpreter path")
+
+
+def triton_attn(q, k, v, dropout_p=0.0):
+    return causal_attention(q, k, v, dropout_p=dropout_p, backend="triton")
+
+
+@pytest.mark.parametrize("D", [8, 24, 256])
+def test_unsupported_head_dim_names_the_limit(D):
+    q = torch.randn(1, 1, 4, D, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"head dim D={D} .*16, 32, 48, 64, 80, 96, 128"):
+        triton_attn(q, q, q)
+
+
+def test_float64_is_refused():
+    q = torch.randn(1, 1, 4, 16, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        triton_attn(q, q, q)
+
+
+@interpreter_only
+def test_bfloat16_is_refused_in_the_interpreter():
+    q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="interpreter computes bfloat16 wrongly"):
+        triton_attn(q, q, q)
+
+
+@interpreter_only
+def test_cpu_without_interpreter_says_how_to_enable_it():
+    code = ("import torch, fastgpt\n"
+            "q = torch.randn(1, 1, 4, 16)\n"
+            "try:\n"
+            "    fastgpt.causal_attention(q, q, q, backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_torch_compile_sees_one_op_and_no_graph_break():
+    get_backend("triton")  # the registry's first use imports its modules: a model does this when built
+    q, k, v = make_qkv((2, 2, 64, 32), torch.float32, DEVICE)
+
+    def f(q, k, v):
+        return triton_attn(q, k, v, dropout_p=0.1) * 2
+
+    explained = torch._dynamo.explain(f)(q, k, v)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert explained.graphs[0].code.count("torch.ops.fastgpt.flash_attention_fwd") == 1
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    got = _forward_backward(compiled, q, k, v, torch.ones_like(q))
+    torch.manual_seed(0)
+    want = _forward_backward(f, q, k, v, torch.ones_like(q))
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def _shipped_block_shapes():
+    """Each distinct set of block sizes the GPU lists ship (by position in the list)."""
+    combos = set()
+    for arch in (80, 90):
+        for dclass in (64, 128):
+            lists = [cfg.SHIPPED[kernel][arch][dclass] for kernel in cfg.KERNELS]
+            for i in range(max(map(len, lists))):
+                combos.add(tuple((kernel, c.block_m, c.block_n)
+                                 for kernel, configs in zip(cfg.KERNELS, lists)
+                                 for c in [configs[min(i, len(configs) - 1)]]))
+    return sorted(combos)
+
+
+@interpreter_only
+@pytest.mark.parametrize("blocks", _shipped_block_shapes(), ids=lambda b: "-".join(f"{m}x{n}" for _, m, n in b))
+def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
+    for kernel, block_m, block_n in blocks:
+        monkeypatch.setitem(cfg.INTERPRETER_CONFIGS, kernel, cfg.KernelConfig(block_m, block_n, 4, 1))
+    shape, p, dtype = (1, 2, 150, 64), 0.25, torch.float32
+    q, k, v = make_qkv(shape, dtype, DEVICE, seed=7)
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with triton_ops.record_dropout_seeds() as seeds:
+        got = _forward_backward(lambda a, b, c: triton_attn(a, b, c, p), q, k, v, dout.float())
+    keep = triton_ops.dropout_keep_mask(seeds[0], shape, p)
+
+    def with_mask(a, b, c):
+        return naive_attention(a, b, c, p, keep_mask=keep)
+
+    ref = _forward_backward(with_mask, q.double(), k.double(), v.double(), dout)
+    naive_err = _max_errors(_forward_backward(with_mask, q, k, v, dout.float()), ref)
+    errors = _max_errors(got, ref)
+    assert all(errors[key] <= tolerance(key, naive_err[key], dtype) for key in errors), errors
+
+
+def test_every_shipped_config_is_valid():
+    for kernel in cfg.KERNELS:
+        for arch, by_dim in cfg.SHIPPED[kernel].items():
+            for dclass, configs in by_dim.items():
+                assert configs, (kernel, arch, dclass)
+                for c in configs:
+                    assert cfg.keep(kernel, c), (kernel, arch, dclass, c)
+    for kernel, c in cfg.INTERPRETER_CONFIGS.items():
+        assert cfg.keep(kernel, c), (kernel, c)
