@@ -101,7 +101,7 @@ def _source(job: Job):
         constexprs["BLOCK_M"] = job.config.block_m
     else:
         constexprs.update(job.config.meta, DROPOUT=job.dropout,
-                          DOT_PRECISION="ieee" if job.dtype == "fp32" else "tf32")
+                          DOT_PRECISION=cfg.dot_precision(job.dtype == "fp32"))
     ints = _example_args(job)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

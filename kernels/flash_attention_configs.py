@@ -81,6 +81,12 @@ def head_dim_class(head_dim_pad: int) -> int:
     return 64 if head_dim_pad <= 64 else 128
 
 
+def dot_precision(fp32_inputs: bool) -> str:
+    """tl.dot's input_precision: fp32 inputs get full-precision dots, not TF32, so fp32 results are
+    as tight on a GPU as in the interpreter; fp16/bf16 dots ignore the setting."""
+    return "ieee" if fp32_inputs else "tf32"
+
+
 def arch_of(capability: tuple[int, int]) -> int:
     """The shipped list an architecture uses: sm_8x -> 80, sm_90 and newer -> 90."""
     major = capability[0]

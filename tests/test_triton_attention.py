@@ -9,6 +9,8 @@ from fastgpt.attention import causal_attention, naive_attention
 from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, tolerance
 
 triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
+from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -24,6 +26,18 @@ def test_parity_with_float64_reference(shape, dtype):
     assert result.ok, f"{shape} {dtype}: errors {result.errors} over limits {result.limits}"
 
 
+def assert_matches_reference(kernel_fn, reference_fn, q, k, v, dout):
+    """kernel_fn's out, dq, dk, dv within the parity rule of reference_fn run in float64 (the
+    oracle) and in q's dtype (the error the rule scales). The kernel runs first, so a reference
+    may depend on what the kernel's call did (its dropout seed)."""
+    got = _forward_backward(kernel_fn, q, k, v, dout)
+    ref = _forward_backward(reference_fn, q.double(), k.double(), v.double(), dout.double())
+    naive_err = _max_errors(_forward_backward(reference_fn, q, k, v, dout), ref)
+    errors = _max_errors(got, ref)
+    limits = {key: tolerance(key, err, q.dtype) for key, err in naive_err.items()}
+    assert all(errors[key] <= limits[key] for key in errors), f"errors {errors} over limits {limits}"
+
+
 def test_scale_and_any_strides():
     # head dim not unit-stride, k and v from unrelated layouts, a non-default scale
     B, H, T, D = 2, 3, 37, 32
@@ -31,9 +45,9 @@ def test_scale_and_any_strides():
     q = torch.randn(B, H, D, T, generator=g).to(DEVICE).transpose(-1, -2)
     k = torch.randn(T, B, D, H, generator=g).to(DEVICE).permute(1, 3, 0, 2)
     v = torch.randn(B, H, T, 2 * D, generator=g).to(DEVICE)[..., ::2]
-    out = triton_attn(q, k, v, scale=0.3)
-    ref = naive_attention(q.double(), k.double(), v.double(), scale=0.3)
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    dout = torch.randn(B, T, D, H, generator=g).to(DEVICE).permute(0, 3, 1, 2)
+    assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, scale=0.3),
+                             lambda a, b, c: naive_attention(a, b, c, scale=0.3), q, k, v, dout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -41,21 +55,44 @@ def test_scale_and_any_strides():
 def test_dropout_matches_reference_with_the_kernels_mask(shape, dtype):
     p = 0.3
     q, k, v = make_qkv(shape, dtype, DEVICE, seed=5)
-    dout = torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(DEVICE)
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
     with triton_ops.record_dropout_seeds() as seeds:
-        got = _forward_backward(lambda a, b, c: triton_attn(a, b, c, dropout_p=p), q, k, v, dout.to(dtype))
-    assert len(seeds) == 1
-    keep = triton_ops.dropout_keep_mask(seeds[0], shape, p)
-    assert 0 < keep.float().mean() < 1
 
-    def with_mask(a, b, c):
-        return naive_attention(a, b, c, p, keep_mask=keep)
+        def reference(a, b, c):
+            (seed,) = seeds  # the one kernel call, which ran first
+            keep = triton_ops.dropout_keep_mask(seed, shape, p)
+            assert 0 < keep.float().mean() < 1
+            return naive_attention(a, b, c, p, keep_mask=keep)
 
-    ref = _forward_backward(with_mask, q.double(), k.double(), v.double(), dout)
-    naive_err = _max_errors(_forward_backward(with_mask, q, k, v, dout.to(dtype)), ref)
-    errors = _max_errors(got, ref)
-    limits = {key: tolerance(key, err, dtype) for key, err in naive_err.items()}
-    assert all(errors[key] <= limits[key] for key in errors), f"errors {errors} over limits {limits}"
+        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p), reference, q, k, v, dout)
+
+
+def _shipped_block_shapes():
+    """Each distinct set of (kernel, BLOCK_M, BLOCK_N) the GPU lists ship, by position in the lists."""
+    combos = set()
+    for arch in (80, 90):
+        for dclass in (64, 128):
+            lists = [cfg.SHIPPED[kernel][arch][dclass] for kernel in cfg.KERNELS]
+            for i in range(max(map(len, lists))):
+                combos.add(tuple((kernel, c.block_m, c.block_n)
+                                 for kernel, configs in zip(cfg.KERNELS, lists)
+                                 for c in [configs[min(i, len(configs) - 1)]]))
+    return sorted(combos)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuner runs every shipped config anyway")
+@pytest.mark.parametrize("blocks", _shipped_block_shapes(), ids=lambda b: "-".join(f"{m}x{n}" for _, m, n in b))
+def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
+    # the GPU configs are only compiled here (fastgpt/gpu_check.py); their block logic runs now
+    for kernel, block_m, block_n in blocks:
+        monkeypatch.setitem(cfg.INTERPRETER_CONFIGS, kernel, cfg.KernelConfig(block_m, block_n, 4, 1))
+    shape, p = (1, 2, 150, 64), 0.25  # T=150: several blocks of every size, a ragged end
+    q, k, v = make_qkv(shape, torch.float32, DEVICE, seed=7)
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    with triton_ops.record_dropout_seeds() as seeds:
+        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p),
+                                 lambda a, b, c: naive_attention(a, b, c, p, keep_mask=triton_ops.dropout_keep_mask(
+                                     seeds[0], shape, p)), q, k, v, dout)
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5])

@@ -49,6 +49,9 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
     D = q.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS:
         return f"head dim D={D} is not supported; supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+    B, H = q.shape[0], q.shape[1]
+    if max(B, H) > 65535:  # they index the grid's y and z dimensions
+        return f"B={B} and H={H} must each be at most 65535 (CUDA's grid limit in y and z)"
     if q.dtype == torch.bfloat16 and _interpreting():
         return "Triton's interpreter computes bfloat16 wrongly (it stores it as uint16); use float16/float32, or a GPU"
     return None

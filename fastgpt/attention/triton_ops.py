@@ -32,11 +32,6 @@ INTERPRETING = triton.knobs.runtime.interpret  # fixed when the kernels were dec
 _KERNELS = {"fwd": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision dots (not TF32) so fp32 stays as tight on a GPU as here
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
@@ -91,7 +86,7 @@ def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scal
         q, k, v, out, lse, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, T, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
-        **dims, DROPOUT=dropout, DOT_PRECISION=_dot_precision(q.dtype), **launch,
+        **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **launch,
     )
     return out, lse
 
@@ -99,13 +94,14 @@ def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scal
 def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
     """-> dq, dk, dv, each (B, H, T, D) in the dtype of q."""
     B, H, T, D = q.shape
+    check_offsets(dout)
     dims = _head_dims(D)
     delta = torch.empty_like(lse)
     wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(T, cfg.PREPROCESS_BLOCK_M), H, B)](
         out, dout, delta, *_strides(out), *_strides(dout), H, T, **dims, BLOCK_M=cfg.PREPROCESS_BLOCK_M,
     )
     dq, dk, dv = _empty_bthd(q), _empty_bthd(q), _empty_bthd(q)
-    common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32))
     scalars = (H, T, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p))
 
     kernel, launch = _launcher("bwd_dkdv", q, dims["HEAD_DIM_PAD"])
