@@ -3,11 +3,11 @@ sm_80 and sm_90 without register spills and within the shared memory of one bloc
 
     python -m fastgpt.gpu_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16] [--full]
 
-For each (kernel, arch, dtype, head dim, dropout on/off, shipped config) it compiles the kernel with
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
-`ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured), and reads
-registers and spill bytes from that report and shared memory from the kernel metadata. Exit status 1 if anything
-spills, overflows shared memory or fails to compile.
+For each (kernel, arch, dtype, head dim, dropout on/off, shipped config) it compiles the kernel
+with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
+`ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured) and reads registers
+and spill bytes from that report, shared memory from the kernel metadata. Exit status 1 if
+anything spills, overflows shared memory or fails to compile.
 
 The kernels are specialised as a real launch from the GPT would specialise them: 16-byte aligned
 pointers, strides divisible by 16 except the unit stride of the head dim, T not a multiple of 16.
@@ -21,6 +21,7 @@ in a fresh one. The ptxas numbers are kept in the kernel metadata, so Triton's c
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -30,11 +31,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
+from fastgpt.attention.triton_backend import SUPPORTED_HEAD_DIMS as HEAD_DIMS
 from fastgpt.kernels import flash_attention_configs as cfg
 
 # Shared memory one block may use (opt-in maximum): 163 KB on A100 (sm_80), 227 KB on H100 (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # fastgpt.attention.triton_backend.SUPPORTED_HEAD_DIMS
 DTYPES = ("fp16", "bf16", "fp32")
 # A representative GPT call: q, k, v are views of one (B, T, 3, H, D) buffer, outputs (B, T, H, D).
 EXAMPLE_B, EXAMPLE_H, EXAMPLE_T = 4, 6, 257
@@ -216,6 +217,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--full", action="store_true", help="one row per dtype and dropout setting too")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("triton") is None:
+        print("fastgpt check: triton is not installed (pip install triton; Linux x86-64 wheels)", file=sys.stderr)
+        return 2
 
     if _interpreting() or _kernels_interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

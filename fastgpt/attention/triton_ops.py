@@ -52,13 +52,13 @@ def check_offsets(*tensors: torch.Tensor) -> None:
 
 
 @functools.cache
-def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int):
-    """The autotuned launcher of `kernel` for one GPU architecture and head dim."""
+def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, seq_bucket: int):
+    """The autotuned launcher of `kernel` for one GPU architecture, head dim and sequence-length
+    bucket (the next power of two of T). One autotuner per bucket, not a tuning run per T: sampling
+    grows T one token at a time. The autotuners share the jit function, hence its compiled kernels."""
     candidates = cfg.configs(kernel, capability, head_dim_pad)
-    if not candidates:
-        raise RuntimeError(f"no shipped {kernel} config fits head dim {head_dim_pad} on sm_{capability[0]}{capability[1]}")
     configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
-    return triton.autotune(configs=configs, key=["T", "HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
 
 
 def _launcher(kernel: str, q: torch.Tensor, head_dim_pad: int):
@@ -67,7 +67,8 @@ def _launcher(kernel: str, q: torch.Tensor, head_dim_pad: int):
         c = cfg.INTERPRETER_CONFIGS[kernel]
         return wrap_triton(_KERNELS[kernel]), {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}
     capability = torch.cuda.get_device_capability(q.device)
-    return wrap_triton(_tuned(kernel, capability, head_dim_pad)), {}
+    seq_bucket = triton.next_power_of_2(q.shape[2])
+    return wrap_triton(_tuned(kernel, capability, head_dim_pad, seq_bucket)), {}
 
 
 def _head_dims(D: int) -> dict:
