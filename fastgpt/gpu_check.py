@@ -1,10 +1,11 @@
 """`fastgpt check`: proves, without a GPU, that every shipped Triton attention config compiles for
 sm_80 and sm_90 without register spills and within the shared memory of one block.
 
-    python -m fastgpt.gpu_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16] [--full]
+    python -m fastgpt.gpu_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16 --dtype fp32] [--full]
 
-For each (kernel, arch, dtype, head dim, dropout on/off, shipped config) it compiles the kernel
-with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
+For each (kernel, arch, input dtype, head dim, dropout on/off, shipped config; fp32 inputs have
+configs of their own) it compiles the kernel with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
 `ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured) and reads registers
 and spill bytes from that report, shared memory from the kernel metadata. Exit status 1 if
 anything spills, overflows shared memory or fails to compile.
@@ -179,7 +180,7 @@ def jobs(archs, dtypes, head_dims) -> list[Job]:
                 out.append(Job("bwd_preprocess", arch, dtype, D, False,
                                cfg.KernelConfig(cfg.PREPROCESS_BLOCK_M, 0, 4, 1)))
                 for kernel in cfg.KERNELS:
-                    for config in cfg.configs(kernel, (arch // 10, 0), pad):
+                    for config in cfg.configs(kernel, (arch // 10, 0), pad, fp32=dtype == "fp32"):
                         out += [Job(kernel, arch, dtype, D, dropout, config) for dropout in (False, True)]
     return out
 
@@ -212,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgpt check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
                         help="target compute capability ×10 (repeatable; default: 80 and 90)")
-    parser.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default: fp16 and bf16)")
+    parser.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default: all three)")
     parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="(repeatable; default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--full", action="store_true", help="one row per dtype and dropout setting too")
@@ -228,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             again += [f"{flag}={v}" for v in values or []]
         return subprocess.run([sys.executable, "-m", "fastgpt.gpu_check", *again], env=env).returncode
 
-    todo = jobs(args.arch or sorted(SHARED_LIMIT), args.dtype or ["fp16", "bf16"], args.head_dim or HEAD_DIMS)
+    todo = jobs(args.arch or sorted(SHARED_LIMIT), args.dtype or list(DTYPES), args.head_dim or HEAD_DIMS)
     start = time.perf_counter()
     if args.jobs > 1:
         import multiprocessing

@@ -1,8 +1,8 @@
 """Launch configurations of the attention kernels: what ships per architecture, and the one the
 interpreter runs.
 
-On a GPU the launcher autotunes over `configs(kernel, capability, head_dim_pad)` (the shipped list
-for the architecture and head dim, filtered by `keep`); under TRITON_INTERPRET=1 it runs `INTERPRETER_CONFIGS`
+On a GPU the launcher autotunes over `configs(kernel, capability, head_dim_pad, fp32)` (the shipped
+list for the architecture, head dim and input width, filtered by `keep`); under TRITON_INTERPRET=1 it runs `INTERPRETER_CONFIGS`
 only, since the interpreter measures nothing. `fastgpt check` (fastgpt/gpu_check.py) compiles every
 shipped config for sm_80 and sm_90 and fails on any register spill or shared-memory overflow, so a
 config belongs here only if it passes there.
@@ -63,6 +63,24 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     },
 }
 
+# fp32 inputs run full-precision dots (dot_precision below): FMA loops, not tensor cores, whose
+# operands and products all live in registers. The 16-bit lists spill up to 160 KB there, so fp32
+# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one.
+SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
+    "fwd": {
+        80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 4, 2)]},
+        90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)]},
+    },
+    "bwd_dkdv": {
+        80: {64: [C(16, 32, 4, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
+        90: {64: [C(16, 32, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
+    },
+    "bwd_dq": {
+        80: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2)]},
+        90: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(64, 16, 8, 2)]},
+    },
+}
+
 
 def keep(kernel: str, config: KernelConfig) -> bool:
     """Whether `config` is a valid launch of `kernel`.
@@ -95,6 +113,7 @@ def arch_of(capability: tuple[int, int]) -> int:
     return 80 if major == 8 else 90
 
 
-def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int) -> list[KernelConfig]:
+def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool = False) -> list[KernelConfig]:
     """The autotuner's candidates for `kernel` on a GPU of this compute capability."""
-    return [c for c in SHIPPED[kernel][arch_of(capability)][head_dim_class(head_dim_pad)] if keep(kernel, c)]
+    shipped = SHIPPED_FP32 if fp32 else SHIPPED
+    return [c for c in shipped[kernel][arch_of(capability)][head_dim_class(head_dim_pad)] if keep(kernel, c)]

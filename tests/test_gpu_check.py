@@ -22,15 +22,16 @@ def _compiler_env():
 
 
 def test_jobs_cover_every_kernel_arch_dtype_head_dim_and_dropout():
-    jobs = gpu_check.jobs([80, 90], ["fp16", "bf16"], gpu_check.HEAD_DIMS)
-    seen = {(j.kernel, j.arch, j.dtype, j.head_dim, j.dropout) for j in jobs}
+    jobs = gpu_check.jobs([80, 90], list(gpu_check.DTYPES), gpu_check.HEAD_DIMS)
     for kernel in cfg.KERNELS:
         for arch in (80, 90):
-            for dtype in ("fp16", "bf16"):
+            for dtype in ("fp16", "bf16", "fp32"):
                 for D in (16, 32, 48, 64, 80, 96, 128):
-                    assert {(kernel, arch, dtype, D, False), (kernel, arch, dtype, D, True)} <= seen
-                    n = sum(1 for j in jobs if (j.kernel, j.arch, j.dtype, j.head_dim, j.dropout) == (kernel, arch, dtype, D, True))
-                    assert n == len(cfg.configs(kernel, (arch // 10, 0), 1 << (D - 1).bit_length()))
+                    shipped = cfg.configs(kernel, (arch // 10, 0), 1 << (D - 1).bit_length(), fp32=dtype == "fp32")
+                    for dropout in (False, True):
+                        checked = [j.config for j in jobs if (j.kernel, j.arch, j.dtype, j.head_dim, j.dropout)
+                                   == (kernel, arch, dtype, D, dropout)]
+                        assert checked == shipped, (kernel, arch, dtype, D, dropout)
 
 
 def test_a_spilling_config_fails_the_check():

@@ -70,9 +70,9 @@ def test_dropout_matches_reference_with_the_kernels_mask(shape, dtype):
 def _shipped_block_shapes():
     """Each distinct set of (kernel, BLOCK_M, BLOCK_N) the GPU lists ship, by position in the lists."""
     combos = set()
-    for arch in (80, 90):
-        for dclass in (64, 128):
-            lists = [cfg.SHIPPED[kernel][arch][dclass] for kernel in cfg.KERNELS]
+    for shipped in (cfg.SHIPPED, cfg.SHIPPED_FP32):
+        for arch, dclass in [(a, d) for a in (80, 90) for d in (64, 128)]:
+            lists = [shipped[kernel][arch][dclass] for kernel in cfg.KERNELS]
             for i in range(max(map(len, lists))):
                 combos.add(tuple((kernel, c.block_m, c.block_n)
                                  for kernel, configs in zip(cfg.KERNELS, lists)

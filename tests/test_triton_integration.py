@@ -77,7 +77,7 @@ def test_torch_compile_sees_one_op_and_no_graph_break():
 
 def test_every_shipped_config_is_valid():
     for kernel in cfg.KERNELS:
-        for arch, by_dim in cfg.SHIPPED[kernel].items():
+        for arch, by_dim in [*cfg.SHIPPED[kernel].items(), *cfg.SHIPPED_FP32[kernel].items()]:
             for dclass, configs in by_dim.items():
                 assert configs, (kernel, arch, dclass)
                 for c in configs:

@@ -52,11 +52,11 @@ def check_offsets(*tensors: torch.Tensor) -> None:
 
 
 @functools.cache
-def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, seq_bucket: int):
+def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, seq_bucket: int):
     """The autotuned launcher of `kernel` for one GPU architecture, head dim and sequence-length
     bucket (the next power of two of T). One autotuner per bucket, not a tuning run per T: sampling
     grows T one token at a time. The autotuners share the jit function, hence its compiled kernels."""
-    candidates = cfg.configs(kernel, capability, head_dim_pad)
+    candidates = cfg.configs(kernel, capability, head_dim_pad, fp32)
     configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
     return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
 
@@ -68,7 +68,8 @@ def _launcher(kernel: str, q: torch.Tensor, head_dim_pad: int):
         return wrap_triton(_KERNELS[kernel]), {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}
     capability = torch.cuda.get_device_capability(q.device)
     seq_bucket = triton.next_power_of_2(q.shape[2])
-    return wrap_triton(_tuned(kernel, capability, head_dim_pad, seq_bucket)), {}
+    fp32 = q.dtype == torch.float32
+    return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, seq_bucket)), {}
 
 
 def _head_dims(D: int) -> dict:
