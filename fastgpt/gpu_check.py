@@ -10,8 +10,9 @@ configs of their own) it compiles the kernel with
 and spill bytes from that report, shared memory from the kernel metadata. Exit status 1 if
 anything spills, overflows shared memory or fails to compile.
 
-The kernels are specialised as a real launch from the GPT would specialise them: 16-byte aligned
-pointers, strides divisible by 16 except the unit stride of the head dim, T not a multiple of 16.
+The kernels are specialised as a launch from the GPT specialises them: 16-byte aligned pointers,
+strides divisible by 16 except the unit stride of the head dim. T and H are never specialised
+(do_not_specialize), so the one variant checked is the one that runs for every T.
 
 It must run in a process where Triton is not interpreting (TRITON_INTERPRET=1 turns the kernels
 into Python functions that cannot be compiled); when called from such a process it re-runs itself
@@ -39,7 +40,7 @@ from fastgpt.kernels import flash_attention_configs as cfg
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
 # A representative GPT call: q, k, v are views of one (B, T, 3, H, D) buffer, outputs (B, T, H, D).
-EXAMPLE_B, EXAMPLE_H, EXAMPLE_T = 4, 6, 257
+EXAMPLE_B, EXAMPLE_H, EXAMPLE_T = 4, 6, 256
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,11 @@ def _kernel_fn(kernel: str):
             "bwd_preprocess": _attn_bwd_preprocess}[kernel]
 
 
-def _int_arg(value: int) -> tuple[str, bool]:
-    """What Triton's launcher specialises an int argument to: (type, divisible by 16); 1 -> constexpr."""
-    if value == 1:
+def _int_arg(value: int, specialize: bool) -> tuple[str, bool]:
+    """What Triton's launcher makes of an int argument: (type, divisible by 16); 1 -> constexpr."""
+    if specialize and value == 1:
         return "constexpr", False
-    return ("i32" if -2**31 <= value < 2**31 else "i64"), value % 16 == 0
+    return ("i32" if -2**31 <= value < 2**31 else "i64"), specialize and value % 16 == 0
 
 
 def _example_args(job: Job) -> dict:
@@ -114,7 +115,7 @@ def _source(job: Job):
             signature[name], constexprs[name] = "constexpr", None
             continue
         if name in ints:
-            signature[name], divisible = _int_arg(ints[name])
+            signature[name], divisible = _int_arg(ints[name], not fn.params[i].do_not_specialize)
             if signature[name] == "constexpr":
                 constexprs[name] = ints[name]
         elif name in ("LSE", "Delta"):

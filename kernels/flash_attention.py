@@ -97,7 +97,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
 def _attn_fwd(Q, K, V, Out, LSE, Seed,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,

@@ -27,7 +27,7 @@ import triton.language as tl
 from fastgpt.kernels.flash_attention import _dropout_keep, _load_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
 def _attn_bwd_preprocess(Out, DO, Delta,
                          stride_oz, stride_oh, stride_om, stride_ok,
                          stride_dz, stride_dh, stride_dm, stride_dk,
@@ -89,7 +89,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
@@ -177,7 +177,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
