@@ -33,8 +33,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from fastgpt.attention.triton_backend import SUPPORTED_HEAD_DIMS as HEAD_DIMS
 from fastgpt.kernels import flash_attention_configs as cfg
+from fastgpt.kernels.flash_attention_configs import HEAD_DIMS
 
 # Shared memory one block may use (opt-in maximum): 163 KB on A100 (sm_80), 227 KB on H100 (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # supported; padded to 16, 32, 64, 128 inside the kernels
 
 
 @dataclass(frozen=True)

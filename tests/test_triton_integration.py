@@ -55,6 +55,15 @@ def test_cpu_without_interpreter_says_how_to_enable_it():
     assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
 
 
+def test_registering_the_backend_does_not_import_triton():
+    code = ("import sys, torch, fastgpt\n"
+            "assert 'triton' in fastgpt.backend_names()\n"
+            "fastgpt.causal_attention(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), backend='naive')\n"
+            "print('triton' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_torch_compile_sees_one_op_and_no_graph_break():
     get_backend("triton")  # the registry's first use imports its modules: a model does this when built
     q, k, v = make_qkv((2, 2, 64, 32), torch.float32, DEVICE)

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from fastgpt.attention.registry import Backend, register_backend
+from fastgpt.kernels.flash_attention_configs import HEAD_DIMS  # plain Python: imports no triton
 
-SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # padded to 16, 32, 64, 128 inside the kernels
+SUPPORTED_HEAD_DIMS = HEAD_DIMS
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
