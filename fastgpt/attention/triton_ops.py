@@ -36,9 +36,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
-def _empty_bthd(q: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def _empty_bthd(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) like q, laid out as (B, T, H, D) in memory."""
     B, H, T, D = q.shape
-    return torch.empty((B, T, H, D), device=q.device, dtype=dtype or q.dtype).transpose(1, 2)
+    return torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
 
 
 def check_offsets(*tensors: torch.Tensor) -> None:
