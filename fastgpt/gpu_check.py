@@ -187,22 +187,25 @@ def jobs(archs, dtypes, head_dims) -> list[Job]:
 
 
 def _table(results: list[Result], full: bool) -> str:
-    """One row per (kernel, arch, config, head dim), worst case over dtypes and dropout; or every
-    variant with --full."""
+    """One row per (kernel, arch, inputs, config): the worst registers, spill bytes and shared memory
+    over its head dims, 16-bit dtypes and dropout on/off; every variant on its own row with --full."""
     rows: dict[tuple, list[Result]] = {}
     for r in results:
         j = r.job
-        key = (j.kernel, j.arch, str(j.config), j.head_dim) + ((j.dtype, j.dropout) if full else ())
+        inputs = "fp32" if j.dtype == "fp32" else "16-bit"
+        key = (j.kernel, f"sm_{j.arch}", inputs, str(j.config))
+        if full:
+            key += (j.dtype, str(j.head_dim), "on" if j.dropout else "off")
         rows.setdefault(key, []).append(r)
-    head = ["kernel", "arch", "config", "D"] + (["dtype", "dropout"] if full else []) + ["regs", "spill B", "smem KB", "status"]
-    lines = [head]
+    head = ["kernel", "arch", "inputs", "config"] + (["dtype", "D", "dropout"] if full else ["head dims"])
+    lines = [head + ["regs", "spill B", "smem KB", "status"]]
     for key, group in rows.items():
         bad = [r for r in group if not r.ok]
         status = "ok" if not bad else (bad[0].error or ("SPILL" if bad[0].spill_bytes else "SMEM"))
-        lines.append([key[0], f"sm_{key[1]}", *map(str, key[2:]),
-                      str(max(r.registers for r in group)), str(max(r.spill_bytes for r in group)),
+        dims = [] if full else [",".join(str(d) for d in sorted({r.job.head_dim for r in group}))]
+        lines.append([*key, *dims, str(max(r.registers for r in group)), str(max(r.spill_bytes for r in group)),
                       f"{max(r.shared_bytes for r in group) / 1024:.0f}", status])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 

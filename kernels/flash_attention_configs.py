@@ -30,7 +30,8 @@ class KernelConfig:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
 
     def __str__(self) -> str:
-        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+        blocks = f"M{self.block_m}/N{self.block_n}" if self.block_n else f"M{self.block_m}"
+        return f"{blocks}/w{self.num_warps}/s{self.num_stages}"
 
 
 C = KernelConfig
