@@ -40,7 +40,7 @@ from fastgpt.kernels.flash_attention_configs import HEAD_DIMS
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
 # A representative GPT call: q, k, v are views of one (B, T, 3, H, D) buffer, outputs (B, T, H, D).
-EXAMPLE_B, EXAMPLE_H, EXAMPLE_T = 4, 6, 256
+EXAMPLE_H, EXAMPLE_T = 6, 256
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _int_arg(value: int, specialize: bool) -> tuple[str, bool]:
 
 def _example_args(job: Job) -> dict:
     """Runtime argument values of the representative call, by kernel argument name."""
-    B, H, T, D = EXAMPLE_B, EXAMPLE_H, EXAMPLE_T, job.head_dim
+    H, T, D = EXAMPLE_H, EXAMPLE_T, job.head_dim
     qkv = (T * 3 * H * D, D, 3 * H * D, 1)  # strides of a (B, H, T, D) view of (B, T, 3, H, D)
     bthd = (T * H * D, D, H * D, 1)  # out, dout, dq, dk, dv
     layouts = {"q": qkv, "k": qkv, "v": qkv}
