@@ -1,0 +1,73 @@
+"""`triton`: the fused causal-attention kernel in kernels/flash_attention*.py (forward, backward, dropout).
+
+This module only registers the backend and answers whether it can run; triton itself is imported
+on the first call (fastgpt.attention.triton_ops), so `import fastgpt` does not pay for it.
+
+On a CUDA GPU the kernels are compiled; on CPU tensors they run in Triton's interpreter, which must
+be switched on (TRITON_INTERPRET=1) before triton is first imported. It is not in any `auto` order:
+on CPU the interpreter is far slower than sdpa, and on CUDA no benchmark has been run yet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from fastgpt.attention.registry import Backend, register_backend
+from fastgpt.kernels.flash_attention_configs import HEAD_DIMS  # plain Python: imports no triton
+
+SUPPORTED_HEAD_DIMS = HEAD_DIMS
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; wheels exist for Linux x86-64)"
+    if device.type == "cpu":
+        if not _interpreting():
+            return ("CPU tensors need Triton's interpreter: set the environment variable TRITON_INTERPRET=1 "
+                    "before starting Python (it is read when triton is first imported); expect it to be slow")
+        return None
+    if device.type != "cuda":
+        return f"the Triton kernels run on CUDA GPUs (or on CPU in the interpreter), not on {device.type}"
+    if not _interpreting() and torch.cuda.get_device_capability(device)[0] < 8:
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"compute capability {major}.{minor} is below the 8.0 (Ampere) that the Triton kernels target"
+    return None
+
+
+def unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
+    if q.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        return f"dtype {str(q.dtype).removeprefix('torch.')} is not supported; supported: {names}"
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        return f"head dim D={D} is not supported; supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+    B, H = q.shape[0], q.shape[1]
+    if max(B, H) > 65535:  # they index the grid's y and z dimensions
+        return f"B={B} and H={H} must each be at most 65535 (CUDA's grid limit in y and z)"
+    if q.dtype == torch.bfloat16 and _interpreting():
+        return "Triton's interpreter computes bfloat16 wrongly (it stores it as uint16); use float16/float32, or a GPU"
+    return None
+
+
+def _triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+    from fastgpt.attention.triton_ops import triton_attention
+
+    return triton_attention(q, k, v, dropout_p, scale)
+
+
+register_backend(Backend(
+    name="triton",
+    fn=_triton_attention,
+    description="fused flash-attention kernel in Triton: online softmax, causal block skipping, in-kernel dropout",
+    unavailable_reason=unavailable_reason,
+    unsupported_reason=unsupported_reason,
+))

@@ -1,0 +1,223 @@
+"""Host side of the Triton attention: launchers, one autograd-aware torch.library op, the dropout seed.
+
+    kernels/flash_attention*.py   jit kernels (forward, backward, dropout mask)
+    launch_forward / launch_backward   allocate outputs, pick configs, launch
+    fastgpt::flash_attention_fwd / _bwd  torch.library ops; autograd registered on the forward
+    triton_attention              the registry's backend function
+
+This module imports triton; fastgpt.attention.triton_backend imports it only on first use.
+
+Layouts: q, k, v and dout may have any strides (strides go to the kernels, nothing is copied).
+out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory, the layout the GPT's head merge
+`y.transpose(1, 2).reshape(B, T, C)` reads without a copy. lse is (B, H, T) fp32 contiguous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from fastgpt.kernels import flash_attention_configs as cfg
+from fastgpt.kernels.flash_attention import _attn_fwd, _dropout_mask
+from fastgpt.kernels.flash_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+
+LOG2_E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x·log2(e))
+INTERPRETING = triton.knobs.runtime.interpret  # fixed when the kernels were decorated
+
+_KERNELS = {"fwd": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq}
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())
+
+
+def _empty_bthd(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) like q, laid out as (B, T, H, D) in memory."""
+    B, H, T, D = q.shape
+    return torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
+def check_offsets(*tensors: torch.Tensor) -> None:
+    """In-slice offsets are 32-bit in the kernels; (b, h) slice offsets are 64-bit."""
+    for t in tensors:
+        _, _, T, D = t.shape
+        span = (T - 1) * t.stride(2) + (D - 1) * t.stride(3)
+        if span >= 2**31:
+            raise ValueError(f"one (b, h) slice spans {span} elements with strides {t.stride()}; the Triton "
+                             f"attention kernels address at most 2**31 - 1 within a slice")
+
+
+@functools.cache
+def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, seq_bucket: int):
+    """The autotuned launcher of `kernel` for one GPU architecture, head dim and sequence-length
+    bucket (the next power of two of T). One autotuner per bucket, not a tuning run per T: sampling
+    grows T one token at a time. The autotuners share the jit function, hence its compiled kernels."""
+    candidates = cfg.configs(kernel, capability, head_dim_pad, fp32)
+    configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
+
+
+def _launcher(kernel: str, q: torch.Tensor, head_dim_pad: int):
+    """(launchable kernel, extra launch kwargs): a fixed config in the interpreter, autotuning on a GPU."""
+    if INTERPRETING or q.device.type != "cuda":
+        c = cfg.INTERPRETER_CONFIGS[kernel]
+        return wrap_triton(_KERNELS[kernel]), {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    capability = torch.cuda.get_device_capability(q.device)
+    seq_bucket = triton.next_power_of_2(q.shape[2])
+    fp32 = q.dtype == torch.float32
+    return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, seq_bucket)), {}
+
+
+def _head_dims(D: int) -> dict:
+    return {"HEAD_DIM": D, "HEAD_DIM_PAD": triton.next_power_of_2(D)}
+
+
+def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
+    """q, k, v (B, H, T, D) -> out (B, H, T, D), lse (B, H, T) fp32 (base-2 log-sum-exp)."""
+    B, H, T, D = q.shape
+    out = _empty_bthd(q)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    dims = _head_dims(D)
+    kernel, launch = _launcher("fwd", q, dims["HEAD_DIM_PAD"])
+    dropout = dropout_p > 0.0
+    kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)](
+        q, k, v, out, lse, seed,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, T, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
+        **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **launch,
+    )
+    return out, lse
+
+
+def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
+    """-> dq, dk, dv, each (B, H, T, D) in the dtype of q."""
+    B, H, T, D = q.shape
+    check_offsets(dout)
+    dims = _head_dims(D)
+    delta = torch.empty_like(lse)
+    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(T, cfg.PREPROCESS_BLOCK_M), H, B)](
+        out, dout, delta, *_strides(out), *_strides(dout), H, T, **dims, BLOCK_M=cfg.PREPROCESS_BLOCK_M,
+    )
+    dq, dk, dv = _empty_bthd(q), _empty_bthd(q), _empty_bthd(q)
+    common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32))
+    scalars = (H, T, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p))
+
+    kernel, launch = _launcher("bwd_dkdv", q, dims["HEAD_DIM_PAD"])
+    kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), H, B)](
+        q, k, v, dout, dk, dv, lse, delta, seed,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
+        *scalars, **common, **launch,
+    )
+    kernel, launch = _launcher("bwd_dq", q, dims["HEAD_DIM_PAD"])
+    kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)](
+        q, k, v, dout, dq, lse, delta, seed,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        *scalars, **common, **launch,
+    )
+    return dq, dk, dv
+
+
+# --- the torch.library ops -------------------------------------------------------------------
+# On a GPU the ops are `triton_op`s: torch.compile sees one op and, with inductor, the kernels
+# inside it. Under the interpreter `wrap_triton` hands back the plain interpreted kernel, which
+# tracing cannot capture: a traced triton_op would run its kernels on fake tensors at trace time
+# and leave them out of the graph. There the same functions are registered as opaque `custom_op`s
+# with a shape-only fake, which torch.compile also sees as one op.
+
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
+              dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_forward(q, k, v, seed, dropout_p, scale)
+
+
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_backward(dout, q, k, v, out, lse, seed, dropout_p, scale)
+
+
+if INTERPRETING:
+    flash_attention_fwd = torch.library.custom_op("fastgpt::flash_attention_fwd", _fwd_impl, mutates_args=())
+    flash_attention_bwd = torch.library.custom_op("fastgpt::flash_attention_bwd", _bwd_impl, mutates_args=())
+
+    @flash_attention_fwd.register_fake
+    def _(q, k, v, seed, dropout_p, scale):
+        B, H, T, D = q.shape
+        return _empty_bthd(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+    @flash_attention_bwd.register_fake
+    def _(dout, q, k, v, out, lse, seed, dropout_p, scale):
+        return _empty_bthd(q), _empty_bthd(q), _empty_bthd(q)
+else:
+    flash_attention_fwd = torch.library.triton_op("fastgpt::flash_attention_fwd", _fwd_impl, mutates_args=())
+    flash_attention_bwd = torch.library.triton_op("fastgpt::flash_attention_bwd", _bwd_impl, mutates_args=())
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, dropout_p, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    # O(B·H·T·D) saved: the inputs (views, no copies), out, lse and an 8-byte seed; no T×T tensor
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.dropout_p, ctx.scale = dropout_p, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, seed, ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- dropout: the seed and the test hook -----------------------------------------------------
+_seed_recorders: list[list[torch.Tensor]] = []
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A fresh Philox key from torch's default generator for `device`, kept on the device (no sync):
+    torch.manual_seed(s) makes every dropout mask of a run reproducible."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def record_dropout_seeds():
+    """Collects the seed of every dropout call made inside the block (a list of 1-element tensors),
+    to rebuild its keep-mask with `dropout_keep_mask`. For tests."""
+    seeds: list[torch.Tensor] = []
+    _seed_recorders.append(seeds)
+    try:
+        yield seeds
+    finally:
+        _seed_recorders.remove(seeds)
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """The (B, H, T, T) bool keep-mask of a call with this seed and q.shape (B, H, T, D), from the
+    same Philox counters the kernels use: naive_attention(..., keep_mask=mask) is that call's
+    exact reference."""
+    B, H, T = shape[0], shape[1], shape[2]
+    keep = torch.empty((B, H, T, T), device=seed.device, dtype=torch.int8)
+    block = 64
+    _dropout_mask[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
+        seed, keep, *_strides(keep), H, T, dropout_p, BLOCK_M=block, BLOCK_N=block,
+    )
+    return keep.bool()
+
+
+def triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+    """The `triton` backend: q, k, v (B, H, T, D), already validated -> out (B, H, T, D)."""
+    check_offsets(q, k, v)
+    seed = None
+    if dropout_p > 0.0:
+        seed = draw_seed(q.device)
+        for seeds in _seed_recorders:
+            seeds.append(seed)
+    out, _ = flash_attention_fwd(q, k, v, seed, dropout_p, scale)
+    return out
+

@@ -1,0 +1,263 @@
+"""`fastgpt check`: proves, without a GPU, that every shipped Triton attention config compiles for
+sm_80 and sm_90 without register spills and within the shared memory of one block.
+
+    python -m fastgpt.gpu_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16 --dtype fp32] [--full]
+
+For each (kernel, arch, input dtype, head dim, dropout on/off, shipped config; fp32 inputs have
+configs of their own) it compiles the kernel with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
+`ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured) and reads registers
+and spill bytes from that report, shared memory from the kernel metadata. Exit status 1 if
+anything spills, overflows shared memory or fails to compile.
+
+The kernels are specialised as a launch from the GPT specialises them: 16-byte aligned pointers,
+strides divisible by 16 except the unit stride of the head dim. T and H are never specialised
+(do_not_specialize), so the one variant checked is the one that runs for every T.
+
+It must run in a process where Triton is not interpreting (TRITON_INTERPRET=1 turns the kernels
+into Python functions that cannot be compiled); when called from such a process it re-runs itself
+in a fresh one. The ptxas numbers are kept in the kernel metadata, so Triton's cache
+(~/.triton/cache, TRITON_CACHE_DIR) makes a second run take seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+from fastgpt.kernels import flash_attention_configs as cfg
+from fastgpt.kernels.flash_attention_configs import HEAD_DIMS
+
+# Shared memory one block may use (opt-in maximum): 163 KB on A100 (sm_80), 227 KB on H100 (sm_90).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = ("fp16", "bf16", "fp32")
+# A representative GPT call: q, k, v are views of one (B, T, 3, H, D) buffer, outputs (B, T, H, D).
+EXAMPLE_H, EXAMPLE_T = 6, 256
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # "fwd", "bwd_dkdv", "bwd_dq", "bwd_preprocess"
+    arch: int
+    dtype: str
+    head_dim: int
+    dropout: bool
+    config: cfg.KernelConfig
+
+
+@dataclass
+class Result:
+    job: Job
+    registers: int = -1
+    spill_bytes: int = -1  # stores + loads
+    shared_bytes: int = -1
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.spill_bytes == 0 and self.shared_bytes <= SHARED_LIMIT[self.job.arch]
+
+
+def _kernel_fn(kernel: str):
+    from fastgpt.kernels.flash_attention import _attn_fwd
+    from fastgpt.kernels.flash_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+
+    return {"fwd": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq,
+            "bwd_preprocess": _attn_bwd_preprocess}[kernel]
+
+
+def _int_arg(value: int, specialize: bool) -> tuple[str, bool]:
+    """What Triton's launcher makes of an int argument: (type, divisible by 16); 1 -> constexpr."""
+    if specialize and value == 1:
+        return "constexpr", False
+    return ("i32" if -2**31 <= value < 2**31 else "i64"), specialize and value % 16 == 0
+
+
+def _example_args(job: Job) -> dict:
+    """Runtime argument values of the representative call, by kernel argument name."""
+    H, T, D = EXAMPLE_H, EXAMPLE_T, job.head_dim
+    qkv = (T * 3 * H * D, D, 3 * H * D, 1)  # strides of a (B, H, T, D) view of (B, T, 3, H, D)
+    bthd = (T * H * D, D, H * D, 1)  # out, dout, dq, dk, dv
+    layouts = {"q": qkv, "k": qkv, "v": qkv}
+    args = {"H": H, "T": T}
+    stride_names = [n for n in _kernel_fn(job.kernel).arg_names if n.startswith("stride_")]
+    for i, name in enumerate(stride_names):
+        args[name] = layouts.get(name[len("stride_"):-1], bthd)[i % 4]
+    return args
+
+
+def _source(job: Job):
+    from triton.compiler import ASTSource
+
+    fn = _kernel_fn(job.kernel)
+    element = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[job.dtype]
+    constexprs = {"HEAD_DIM": job.head_dim, "HEAD_DIM_PAD": 1 << (job.head_dim - 1).bit_length()}
+    if job.kernel == "bwd_preprocess":
+        constexprs["BLOCK_M"] = job.config.block_m
+    else:
+        constexprs.update(job.config.meta, DROPOUT=job.dropout,
+                          DOT_PRECISION=cfg.dot_precision(job.dtype == "fp32"))
+    ints = _example_args(job)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name == "Seed" and not job.dropout:
+            signature[name], constexprs[name] = "constexpr", None
+            continue
+        if name in ints:
+            signature[name], divisible = _int_arg(ints[name], not fn.params[i].do_not_specialize)
+            if signature[name] == "constexpr":
+                constexprs[name] = ints[name]
+        elif name in ("LSE", "Delta"):
+            signature[name], divisible = "*fp32", True
+        elif name == "Seed":
+            signature[name], divisible = "*i64", True
+        elif name[0].isupper():
+            signature[name], divisible = element, True
+        else:  # scale, qk_scale, dropout_p, dropout_scale
+            signature[name], divisible = "fp32", False
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, signature, constexprs, attrs)
+
+
+def _record_ptxas(backend=None, stages=None, options=None, language=None, capability=None):
+    """Triton stage hook: the `cubin` stage (Triton running the bundled `ptxas -v` on the PTX) with
+    its report captured into the kernel metadata, which Triton's cache then keeps with the kernel."""
+    if backend is None:  # Triton asks for a key that separates these kernels in its cache
+        return "fastgpt-ptxas-report", "1"
+    make_cubin = stages["cubin"]
+
+    def cubin_with_report(ptx, metadata):
+        import contextlib
+        import io
+
+        from triton import knobs
+
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), knobs.nvidia.scope():
+            knobs.nvidia.dump_ptxas_log = True  # make_cubin prints ptxas's -v report
+            cubin = make_cubin(ptx, metadata)
+        report = log.getvalue()
+        metadata["ptxas_registers"] = int(re.search(r"Used (\d+) registers", report).group(1))
+        metadata["ptxas_spill_bytes"] = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+        return cubin
+
+    stages["cubin"] = cubin_with_report
+
+
+def run_job(job: Job) -> Result:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    knobs.runtime.add_stages_inspection_hook = _record_ptxas
+    try:
+        compiled = triton.compile(_source(job), target=GPUTarget("cuda", job.arch, 32),
+                                  options={"num_warps": job.config.num_warps, "num_stages": job.config.num_stages})
+        meta = compiled.metadata
+        return Result(job, meta.ptxas_registers, meta.ptxas_spill_bytes, meta.shared)
+    except Exception as e:  # a config that does not compile is a failure to report, not a crash
+        return Result(job, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+
+
+def jobs(archs, dtypes, head_dims) -> list[Job]:
+    """Every shipped config of every kernel, for each arch, dtype, head dim and dropout setting."""
+    out = []
+    for arch in archs:
+        for dtype in dtypes:
+            for D in head_dims:
+                pad = 1 << (D - 1).bit_length()
+                out.append(Job("bwd_preprocess", arch, dtype, D, False,
+                               cfg.KernelConfig(cfg.PREPROCESS_BLOCK_M, 0, 4, 1)))
+                for kernel in cfg.KERNELS:
+                    for config in cfg.configs(kernel, (arch // 10, 0), pad, fp32=dtype == "fp32"):
+                        out += [Job(kernel, arch, dtype, D, dropout, config) for dropout in (False, True)]
+    return out
+
+
+def _table(results: list[Result], full: bool) -> str:
+    """One row per (kernel, arch, inputs, config): the worst registers, spill bytes and shared memory
+    over its head dims, 16-bit dtypes and dropout on/off; every variant on its own row with --full."""
+    rows: dict[tuple, list[Result]] = {}
+    for r in results:
+        j = r.job
+        inputs = "fp32" if j.dtype == "fp32" else "16-bit"
+        key = (j.kernel, f"sm_{j.arch}", inputs, str(j.config))
+        if full:
+            key += (j.dtype, str(j.head_dim), "on" if j.dropout else "off")
+        rows.setdefault(key, []).append(r)
+    head = ["kernel", "arch", "inputs", "config"] + (["dtype", "D", "dropout"] if full else ["head dims"])
+    lines = [head + ["regs", "spill B", "smem KB", "status"]]
+    for key, group in rows.items():
+        bad = [r for r in group if not r.ok]
+        status = "ok" if not bad else (bad[0].error or ("SPILL" if bad[0].spill_bytes else "SMEM"))
+        dims = [] if full else [",".join(str(d) for d in sorted({r.job.head_dim for r in group}))]
+        lines.append([*key, *dims, str(max(r.registers for r in group)), str(max(r.spill_bytes for r in group)),
+                      f"{max(r.shared_bytes for r in group) / 1024:.0f}", status])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastgpt check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
+                        help="target compute capability ×10 (repeatable; default: 80 and 90)")
+    parser.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default: all three)")
+    parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="(repeatable; default: all)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--full", action="store_true", help="one row per dtype and dropout setting too")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("triton") is None:
+        print("fastgpt check: triton is not installed (pip install triton; Linux x86-64 wheels)", file=sys.stderr)
+        return 2
+
+    if _interpreting() or _kernels_interpreted():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        again = [f"--jobs={args.jobs}"] + (["--full"] if args.full else [])
+        for flag, values in (("--arch", args.arch), ("--dtype", args.dtype), ("--head-dim", args.head_dim)):
+            again += [f"{flag}={v}" for v in values or []]
+        return subprocess.run([sys.executable, "-m", "fastgpt.gpu_check", *again], env=env).returncode
+
+    todo = jobs(args.arch or sorted(SHARED_LIMIT), args.dtype or list(DTYPES), args.head_dim or HEAD_DIMS)
+    start = time.perf_counter()
+    if args.jobs > 1:
+        import multiprocessing
+
+        # spawn, not fork: the parent has torch's thread pools running
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_job, todo, chunksize=4))
+    else:
+        results = [run_job(j) for j in todo]
+    print(_table(results, args.full))
+    failed = [r for r in results if not r.ok]
+    print(f"\n{len(results)} compilations in {time.perf_counter() - start:.0f} s: "
+          f"{len(results) - len(failed)} ok, {len(failed)} failed "
+          f"(limits: 0 spill bytes; shared memory {', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())})")
+    for r in failed:
+        print(f"FAILED {r.job}: regs={r.registers} spill={r.spill_bytes} smem={r.shared_bytes} {r.error or ''}")
+    return 1 if failed else 0
+
+
+def _kernels_interpreted() -> bool:
+    # the jit decorator chose interpreter or compiler when the kernel module was imported
+    module = sys.modules.get("fastgpt.kernels.flash_attention")
+    return module is not None and type(module._attn_fwd).__name__ == "InterpretedFunction"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

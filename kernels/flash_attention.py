@@ -1,0 +1,173 @@
+"""Fused causal attention, forward: one program per (query block, head, batch), never the T×T matrix.
+
+Per (b, h) slice with T queries of head dim D, the naive math moves O(T²) bytes (see
+fastgpt/attention/naive.py); this kernel reads q once, k and v once per query block below the
+diagonal, and writes out (T·D) and the row log-sum-exp (T floats) for the backward:
+
+    for each query block (BLOCK_M rows):              # read BLOCK_M·D of q
+        for each key block left of the diagonal:      # read 2·BLOCK_N·D of k, v; no mask
+            online softmax update, acc += p · v
+        for each key block on the diagonal:           # the same, with the causal mask
+        out = acc / l_i, lse = m_i + log2(l_i)        # write BLOCK_M·D + BLOCK_M
+
+Scores are kept in base 2: `qk_scale` = scale · log2(e), so exp2 replaces exp and the scale costs
+nothing. Key blocks wholly above the diagonal are never visited.
+
+Dropout acts on the normalised weights, softmax(s)·keep/(1-p): the normaliser l_i sums the weights
+before dropout, and only the accumulation into acc sees the keep mask. The mask is a pure function of
+(seed, b·H+h, query index, key index), so the backward regenerates it and nothing is stored.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_tile(ptrs, offs_row, offs_col, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Loads a 2-D tile, zero-filling rows >= n_rows / columns >= n_cols when asked.
+
+    The checks are compile-time switches: a tile that is known to be in bounds gets an unmasked
+    load, which keeps it vectorised along the contiguous dimension.
+    """
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & (offs_col[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=offs_row[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=offs_col[None, :] < n_cols, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _dropout_keep(seed, off_bh, q_idx, k_idx, dropout_p):
+    """Which attention weights survive dropout: a bool tile shaped like q_idx and k_idx.
+
+    Philox4x32-10 (counter-based, what `tl.rand` runs) on the counter (key index, query index,
+    b·H+h, 0) with the 64-bit seed as key: one independent uniform in [0, 1) per weight, the same
+    in the forward, both backward kernels and the test hook, whatever the block sizes or the
+    orientation of the tile. Counters are 32-bit indices, so no T² product can overflow.
+    """
+    zero = tl.zeros(q_idx.shape, tl.uint32)
+    c0 = k_idx.to(tl.uint32) + zero
+    c1 = q_idx.to(tl.uint32) + zero
+    c2 = zero + off_bh.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
+                    stride_kn, stride_kk, stride_vn, stride_vk,
+                    off_bh, offs_m, offs_d, lo, hi, T, qk_scale, dropout_p,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Streams key blocks [lo, hi) through the online softmax of one query block.
+
+    acc (BLOCK_M, HEAD_DIM_PAD) fp32, l_i and m_i (BLOCK_M,) fp32; q (BLOCK_M, HEAD_DIM_PAD).
+    Off the diagonal every key is visible and in bounds (keys < first query < T): no masks.
+    """
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
+                        offs_d, offs_n, HEAD_DIM, T, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        if ON_DIAGONAL:
+            # keys past T only meet rows past T here (k <= q), which are never stored
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+        else:
+            qk = qk * qk_scale
+        # m_i is finite after the first block: key 0 is visible to every row
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)  # rescales what was summed under the old maximum
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
+                       offs_n, offs_d, T, HEAD_DIM, ON_DIAGONAL, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
+        if DROPOUT:
+            keep = _dropout_keep(Seed_val, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
+                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+def _attn_fwd(Q, K, V, Out, LSE, Seed,
+              stride_qz, stride_qh, stride_qm, stride_qk,
+              stride_kz, stride_kh, stride_kn, stride_kk,
+              stride_vz, stride_vh, stride_vn, stride_vk,
+              stride_oz, stride_oh, stride_om, stride_ok,
+              H, T, qk_scale, dropout_p, dropout_scale,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_M), H, B). Q, K, V, Out: (B, H, T, HEAD_DIM) with any strides;
+    LSE: (B, H, T) fp32 contiguous, base-2 log-sum-exp of the scaled scores; Seed: one int64.
+    Requires BLOCK_M % BLOCK_N == 0 (the diagonal starts on a key-block boundary)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    off_bh = off_z * H + off_h
+    # 64-bit slice offsets: B·H·T·D may exceed 2³¹ elements
+    Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    O_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                   offs_m, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    # keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
+    lo = start_m * BLOCK_M
+    hi = tl.minimum(lo + BLOCK_M, T)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
+                                    stride_kn, stride_kk, stride_vn, stride_vk,
+                                    off_bh, offs_m, offs_d, 0, lo, T, qk_scale, dropout_p,
+                                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
+                                    stride_kn, stride_kk, stride_vn, stride_vk,
+                                    off_bh, offs_m, offs_d, lo, hi, T, qk_scale, dropout_p,
+                                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    if DROPOUT:
+        acc = acc * dropout_scale  # 1/(1-p): kept weights are scaled up
+    tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+    o_ptrs = O_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
+    o_mask = offs_m[:, None] < T
+    if PAD_D:
+        o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T, dropout_p,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask a call with this seed used, for tests. Grid (cdiv(T, BLOCK_M), cdiv(T,
+    BLOCK_N), B·H). Keep: (B, H, T, T) int8, 1 where the weight survives dropout."""
+    off_bh = tl.program_id(2)
+    off_z = off_bh // H
+    off_h = off_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), off_bh, offs_m[:, None] + 0 * offs_n[None, :],
+                         offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
+    ptrs = (Keep + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+            + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn)
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))

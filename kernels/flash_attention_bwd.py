@@ -1,0 +1,232 @@
+"""Fused causal attention, backward: dQ, dK, dV from (q, k, v, out, lse, dout), FlashAttention-2 style.
+
+With S = scale·q·kᵀ (causal), P = softmax(S), Z = keep/(1-p) the dropout factor, A = P∘Z and
+out = A·v, the gradients are
+
+    dV = Aᵀ·dO
+    dP = (dO·vᵀ)∘Z
+    dS = P∘(dP - Δ),   Δ_i = Σ_j dP_ij·P_ij = rowsum(dO∘out)_i   (dropout included)
+    dQ = scale·dS·k,   dK = scale·dSᵀ·q
+
+P is recomputed from the stored base-2 log-sum-exp, so nothing of size T×T exists. Three kernels:
+
+    _attn_bwd_preprocess   Δ = rowsum(dO∘out)          # read 2·T·D, write T
+    _attn_bwd_dkdv         one program per key block: walks the query blocks at and below the
+                           diagonal, accumulates dK, dV in registers, writes them once
+    _attn_bwd_dq           one program per query block: walks the key blocks at and left of the
+                           diagonal, accumulates dQ, writes it once
+
+Every output element is written by exactly one program and summed in a fixed order, so the
+backward is deterministic (bit-equal across runs) without atomics. The price is computing
+q·kᵀ and dO·vᵀ twice (once per kernel): 7 matmuls of T²·D per slice in place of 5.
+"""
+
+import triton
+import triton.language as tl
+
+from fastgpt.kernels.flash_attention import _dropout_keep, _load_tile
+
+
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+def _attn_bwd_preprocess(Out, DO, Delta,
+                         stride_oz, stride_oh, stride_om, stride_ok,
+                         stride_dz, stride_dh, stride_dm, stride_dk,
+                         H, T,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_M), H, B). Delta: (B, H, T) fp32 contiguous."""
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    o = _load_tile(Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+                   + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
+                   offs_m, offs_d, T, HEAD_DIM, True, PAD_D)
+    do = _load_tile(DO + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
+                    + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk,
+                    offs_m, offs_d, T, HEAD_DIM, True, PAD_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
+    tl.store(Delta + (off_z * H + off_h).to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                         stride_qm, stride_qk, stride_dom, stride_dok,
+                         off_bh, offs_n, offs_d, lo, hi, T, qk_scale, dropout_p, dropout_scale,
+                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulates dK, dV (BLOCK_N, HEAD_DIM_PAD) fp32 of one key block over query blocks [lo, hi).
+
+    Works on transposed tiles (keys down, queries across) so that dK and dV come out row-major.
+    Query rows past T load as zero q and dO with lse = Δ = 0: their pᵀ is 1, but every term it
+    enters is multiplied by a zero dO or q, so no row mask is needed off the diagonal.
+    """
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qT = _load_tile(Q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm,
+                        offs_d, offs_m, HEAD_DIM, T, PAD_D, True)  # (HEAD_DIM_PAD, BLOCK_M)
+        lse = tl.load(LSE_base + offs_m, mask=offs_m < T, other=0.0)
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if ON_DIAGONAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
+                        offs_m, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keepT = _dropout_keep(seed, off_bh, offs_m[None, :] + 0 * offs_n[:, None],
+                                  offs_n[:, None] + 0 * offs_m[None, :], dropout_p)
+            dv = tl.dot(tl.where(keepT, pT * dropout_scale, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(Delta_base + offs_m, mask=offs_m < T, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
+                   stride_qz, stride_qh, stride_qm, stride_qk,
+                   stride_kz, stride_kh, stride_kn, stride_kk,
+                   stride_vz, stride_vh, stride_vn, stride_vk,
+                   stride_doz, stride_doh, stride_dom, stride_dok,
+                   stride_dkz, stride_dkh, stride_dkn, stride_dkk,
+                   H, T, scale, qk_scale, dropout_p, dropout_scale,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_N), H, B). DK and DV share one layout (stride_dk*).
+    Requires BLOCK_N % BLOCK_M == 0 (the diagonal band is whole query blocks)."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    off_bh = off_z * H + off_h
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    LSE_base = LSE + off_bh.to(tl.int64) * T
+    Delta_base = Delta + off_bh.to(tl.int64) * T
+    k = _load_tile(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
+                   offs_n, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
+    v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
+                   offs_n, offs_d, T, HEAD_DIM, True, PAD_D)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    # queries [start_n, mid) straddle the diagonal; [mid, T) see every key of the block
+    mid = tl.minimum(start_n + BLOCK_N, T)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                                  stride_qm, stride_qk, stride_dom, stride_dok,
+                                  off_bh, offs_n, offs_d, start_n, mid, T, qk_scale, dropout_p, dropout_scale,
+                                  BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                                  stride_qm, stride_qk, stride_dom, stride_dok,
+                                  off_bh, offs_n, offs_d, start_n + BLOCK_N, T, T, qk_scale, dropout_p,
+                                  dropout_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
+    dk = dk * scale  # S = scale·q·kᵀ
+
+    out_offs = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk
+    out_mask = offs_n[:, None] < T
+    if PAD_D:
+        out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
+    slice_off = off_z.to(tl.int64) * stride_dkz + off_h.to(tl.int64) * stride_dkh
+    tl.store(DK + slice_off + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + slice_off + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
+                       stride_kn, stride_kk, stride_vn, stride_vk,
+                       off_bh, offs_m, offs_d, lo, hi, T, qk_scale, dropout_p, dropout_scale,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                       ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulates dQ (BLOCK_M, HEAD_DIM_PAD) fp32 of one query block over key blocks [lo, hi).
+    Off the diagonal every key is in bounds and visible: no masks."""
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
+                        offs_d, offs_n, HEAD_DIM, T, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
+        vT = _load_tile(V_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn,
+                        offs_d, offs_n, HEAD_DIM, T, PAD_D, ON_DIAGONAL)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if ON_DIAGONAL:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
+                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
+                 stride_qz, stride_qh, stride_qm, stride_qk,
+                 stride_kz, stride_kh, stride_kn, stride_kk,
+                 stride_vz, stride_vh, stride_vn, stride_vk,
+                 stride_doz, stride_doh, stride_dom, stride_dok,
+                 stride_dqz, stride_dqh, stride_dqm, stride_dqk,
+                 H, T, scale, qk_scale, dropout_p, dropout_scale,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_M), H, B). Requires BLOCK_M % BLOCK_N == 0."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    off_bh = off_z * H + off_h
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                   offs_m, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
+    do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
+                    offs_m, offs_d, T, HEAD_DIM, True, PAD_D)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(Delta + off_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    # keys [0, start_m) precede every query of the block; [start_m, hi) straddle the diagonal
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
+                            stride_kn, stride_kk, stride_vn, stride_vk,
+                            off_bh, offs_m, offs_d, 0, start_m, T, qk_scale, dropout_p, dropout_scale,
+                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
+                            stride_kn, stride_kk, stride_vn, stride_vk,
+                            off_bh, offs_m, offs_d, start_m, hi, T, qk_scale, dropout_p, dropout_scale,
+                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
+    dq = dq * scale
+
+    dq_ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
+               + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk)
+    dq_mask = offs_m[:, None] < T
+    if PAD_D:
+        dq_mask = dq_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)

@@ -1,0 +1,121 @@
+"""Launch configurations of the attention kernels: what ships per architecture, and the one the
+interpreter runs.
+
+On a GPU the launcher autotunes over `configs(kernel, capability, head_dim_pad, fp32)` (the shipped
+list for the architecture, head dim and input width, filtered by `keep`); under TRITON_INTERPRET=1 it runs `INTERPRETER_CONFIGS`
+only, since the interpreter measures nothing. `fastgpt check` (fastgpt/gpu_check.py) compiles every
+shipped config for sm_80 and sm_90 and fails on any register spill or shared-memory overflow, so a
+config belongs here only if it passes there.
+
+Block names follow the kernels: BLOCK_M counts queries, BLOCK_N keys, in every kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # supported; padded to 16, 32, 64, 128 inside the kernels
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def meta(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+
+    def __str__(self) -> str:
+        blocks = f"M{self.block_m}/N{self.block_n}" if self.block_n else f"M{self.block_m}"
+        return f"{blocks}/w{self.num_warps}/s{self.num_stages}"
+
+
+C = KernelConfig
+
+# The interpreter runs programs one after another in numpy: few large blocks are fastest, and the
+# unequal block sizes exercise the diagonal logic that equal blocks would hide.
+INTERPRETER_CONFIGS: dict[str, KernelConfig] = {
+    "fwd": C(64, 32, 4, 1),
+    "bwd_dkdv": C(32, 64, 4, 1),
+    "bwd_dq": C(64, 32, 4, 1),
+}
+PREPROCESS_BLOCK_M = 64  # Δ = rowsum(dO∘out): memory-bound, one config everywhere
+
+# The autotuner's candidates per kernel, compute capability (major·10) and head-dim class (padded
+# head dim <= 64, or 128). Chosen from a wider sweep by `fastgpt check`: on sm_80 the register file
+# is the limit (mma.sync keeps both fp32 tiles in registers, and dropout's Philox adds ~40
+# registers), so the D=128 backward needs 8 warps or thin blocks; e.g. fwd M128/N64 with 4 warps
+# spills 1 KB at D=64, and dK/dV M64/N64 with 4 warps spills at every head dim.
+SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
+    "fwd": {
+        80: {64: [C(128, 64, 8, 3), C(64, 64, 4, 3)], 128: [C(128, 64, 8, 4), C(64, 32, 4, 3)]},
+        90: {64: [C(128, 64, 8, 3), C(128, 128, 8, 3)], 128: [C(128, 64, 8, 3), C(64, 64, 4, 3)]},
+    },
+    "bwd_dkdv": {
+        80: {64: [C(32, 64, 4, 2), C(32, 128, 8, 2)], 128: [C(32, 64, 8, 2), C(16, 64, 8, 2)]},
+        90: {64: [C(32, 128, 8, 2), C(32, 64, 4, 2)], 128: [C(32, 128, 8, 2), C(32, 64, 8, 2)]},
+    },
+    "bwd_dq": {
+        80: {64: [C(64, 32, 4, 2), C(128, 32, 8, 2)], 128: [C(64, 32, 8, 2), C(64, 16, 4, 2)]},
+        90: {64: [C(128, 32, 8, 2), C(128, 64, 8, 2)], 128: [C(128, 32, 8, 2), C(64, 32, 8, 2)]},
+    },
+}
+
+# fp32 inputs run full-precision dots (dot_precision below): FMA loops, not tensor cores, whose
+# operands and products all live in registers. The 16-bit lists spill up to 160 KB there, so fp32
+# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one.
+SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
+    "fwd": {
+        80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 4, 2)]},
+        90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)]},
+    },
+    "bwd_dkdv": {
+        80: {64: [C(16, 32, 4, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
+        90: {64: [C(16, 32, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
+    },
+    "bwd_dq": {
+        80: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2)]},
+        90: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(64, 16, 8, 2)]},
+    },
+}
+
+
+def keep(kernel: str, config: KernelConfig) -> bool:
+    """Whether `config` is a valid launch of `kernel`.
+
+    The forward and dQ kernels step key blocks inside a query block's diagonal, so BLOCK_M must be
+    a multiple of BLOCK_N; dK/dV steps query blocks inside a key block, the other way round.
+    """
+    if min(config.block_m, config.block_n) < 16:  # tl.dot's smallest tile
+        return False
+    if kernel in ("fwd", "bwd_dq"):
+        return config.block_m % config.block_n == 0
+    return config.block_n % config.block_m == 0
+
+
+def head_dim_class(head_dim_pad: int) -> int:
+    return 64 if head_dim_pad <= 64 else 128
+
+
+def dot_precision(fp32_inputs: bool) -> str:
+    """tl.dot's input_precision: fp32 inputs get full-precision dots, not TF32, so fp32 results are
+    as tight on a GPU as in the interpreter; fp16/bf16 dots ignore the setting."""
+    return "ieee" if fp32_inputs else "tf32"
+
+
+def arch_of(capability: tuple[int, int]) -> int:
+    """The shipped list an architecture uses: sm_8x -> 80, sm_90 and newer -> 90."""
+    major = capability[0]
+    if major < 8:
+        raise ValueError(f"compute capability {major}.{capability[1]} is below the 8.0 (Ampere) the kernels target")
+    return 80 if major == 8 else 90
+
+
+def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool = False) -> list[KernelConfig]:
+    """The autotuner's candidates for `kernel` on a GPU of this compute capability."""
+    shipped = SHIPPED_FP32 if fp32 else SHIPPED
+    return [c for c in shipped[kernel][arch_of(capability)][head_dim_class(head_dim_pad)] if keep(kernel, c)]

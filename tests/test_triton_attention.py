@@ -1,0 +1,158 @@
+"""The Triton attention backend against the float64 reference, in the interpreter on CPU (or
+compiled, on a GPU): parity over PARITY_SHAPES, dropout with the kernel's own mask, determinism,
+memory, errors. bfloat16 is left to the GPU: the interpreter computes it wrongly."""
+
+import pytest
+import torch
+
+from fastgpt.attention import causal_attention, naive_attention
+from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, tolerance
+
+triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
+from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def triton_attn(q, k, v, dropout_p=0.0, scale=None):
+    return causal_attention(q, k, v, dropout_p=dropout_p, scale=scale, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=str)
+def test_parity_with_float64_reference(shape, dtype):
+    result = check_parity("triton", shape, dtype, DEVICE)
+    assert result.ok, f"{shape} {dtype}: errors {result.errors} over limits {result.limits}"
+
+
+def assert_matches_reference(kernel_fn, reference_fn, q, k, v, dout):
+    """kernel_fn's out, dq, dk, dv within the parity rule of reference_fn run in float64 (the
+    oracle) and in q's dtype (the error the rule scales). The kernel runs first, so a reference
+    may depend on what the kernel's call did (its dropout seed)."""
+    got = _forward_backward(kernel_fn, q, k, v, dout)
+    ref = _forward_backward(reference_fn, q.double(), k.double(), v.double(), dout.double())
+    naive_err = _max_errors(_forward_backward(reference_fn, q, k, v, dout), ref)
+    errors = _max_errors(got, ref)
+    limits = {key: tolerance(key, err, q.dtype) for key, err in naive_err.items()}
+    assert all(errors[key] <= limits[key] for key in errors), f"errors {errors} over limits {limits}"
+
+
+def test_scale_and_any_strides():
+    # head dim not unit-stride, k and v from unrelated layouts, a non-default scale
+    B, H, T, D = 2, 3, 37, 32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, H, D, T, generator=g).to(DEVICE).transpose(-1, -2)
+    k = torch.randn(T, B, D, H, generator=g).to(DEVICE).permute(1, 3, 0, 2)
+    v = torch.randn(B, H, T, 2 * D, generator=g).to(DEVICE)[..., ::2]
+    dout = torch.randn(B, T, D, H, generator=g).to(DEVICE).permute(0, 3, 1, 2)
+    assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, scale=0.3),
+                             lambda a, b, c: naive_attention(a, b, c, scale=0.3), q, k, v, dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 100, 32), (1, 2, 257, 48)], ids=str)
+def test_dropout_matches_reference_with_the_kernels_mask(shape, dtype):
+    p = 0.3
+    q, k, v = make_qkv(shape, dtype, DEVICE, seed=5)
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    with triton_ops.record_dropout_seeds() as seeds:
+
+        def reference(a, b, c):
+            (seed,) = seeds  # the one kernel call, which ran first
+            keep = triton_ops.dropout_keep_mask(seed, shape, p)
+            assert 0 < keep.float().mean() < 1
+            return naive_attention(a, b, c, p, keep_mask=keep)
+
+        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p), reference, q, k, v, dout)
+
+
+def _shipped_block_shapes():
+    """Each distinct set of (kernel, BLOCK_M, BLOCK_N) the GPU lists ship, by position in the lists."""
+    combos = set()
+    for shipped in (cfg.SHIPPED, cfg.SHIPPED_FP32):
+        for arch, dclass in [(a, d) for a in (80, 90) for d in (64, 128)]:
+            lists = [shipped[kernel][arch][dclass] for kernel in cfg.KERNELS]
+            for i in range(max(map(len, lists))):
+                combos.add(tuple((kernel, c.block_m, c.block_n)
+                                 for kernel, configs in zip(cfg.KERNELS, lists)
+                                 for c in [configs[min(i, len(configs) - 1)]]))
+    return sorted(combos)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuner runs every shipped config anyway")
+@pytest.mark.parametrize("blocks", _shipped_block_shapes(), ids=lambda b: "-".join(f"{m}x{n}" for _, m, n in b))
+def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
+    # the GPU configs are only compiled here (fastgpt/gpu_check.py); their block logic runs now
+    for kernel, block_m, block_n in blocks:
+        monkeypatch.setitem(cfg.INTERPRETER_CONFIGS, kernel, cfg.KernelConfig(block_m, block_n, 4, 1))
+    shape, p = (1, 2, 150, 64), 0.25  # T=150: several blocks of every size, a ragged end
+    q, k, v = make_qkv(shape, torch.float32, DEVICE, seed=7)
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    with triton_ops.record_dropout_seeds() as seeds:
+        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p),
+                                 lambda a, b, c: naive_attention(a, b, c, p, keep_mask=triton_ops.dropout_keep_mask(
+                                     seeds[0], shape, p)), q, k, v, dout)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_kept_fraction(p):
+    seed = triton_ops.draw_seed(torch.device(DEVICE))
+    keep = triton_ops.dropout_keep_mask(seed, (2, 4, 384, 16), p)  # 1.2 M weights
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    # independent streams per (b, h) and per row: no two share a mask
+    flat = keep.flatten(0, 1)
+    assert not torch.equal(flat[0], flat[1])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_dropout_reproducible_from_torch_seed():
+    q, k, v = make_qkv((2, 2, 64, 32), torch.float32, DEVICE)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return _forward_backward(lambda a, b, c: triton_attn(a, b, c, dropout_p=0.2), q, k, v, torch.ones_like(q))
+
+    first, again, other = run(0), run(0), run(1)
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert not torch.equal(first["out"], other["out"])
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_repeated_backward_is_bit_equal(dropout_p):
+    q, k, v = (t.detach().requires_grad_(True) for t in make_qkv((2, 2, 100, 64), torch.float16, DEVICE))
+    out = triton_attn(q, k, v, dropout_p)
+    dout = torch.randn_like(out)
+    grads = []
+    for _ in range(3):
+        grads.append(torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+    for later in grads[1:]:
+        for a, b in zip(grads[0], later):
+            assert torch.equal(a, b)
+
+
+def test_saves_no_t_by_t_tensor():
+    B, H, T, D = 1, 2, 257, 16  # T > B·H·D, so a T×T tensor would be the largest saved
+    q, k, v = (t.detach().requires_grad_(True) for t in make_qkv((B, H, T, D), torch.float32, DEVICE))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = triton_attn(q, k, v, dropout_p=0.1)
+    assert saved, "the autograd graph saved nothing: no backward was recorded"
+    assert max(t.numel() for t in saved) <= B * H * T * D
+    assert sum(t.numel() * t.element_size() for t in saved) <= 4 * B * H * T * D * 4 + B * H * T * 4 + 8
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_output_layout_is_bthd():
+    # out is a (B, H, T, D) view of (B, T, H, D) memory: merging heads needs no copy
+    q, k, v = make_qkv((2, 3, 17, 16), torch.float32, DEVICE)
+    out = triton_attn(q, k, v)
+    assert out.shape == q.shape
+    assert out.transpose(1, 2).is_contiguous()
