@@ -124,6 +124,12 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from fastgpt.gpu_check import main as gpu_check_main
+
+    return gpu_check_main(args.check_args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_results
 
@@ -186,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parity.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32", "float64"])
     parity.set_defaults(func=cmd_parity)
+
+    check = sub.add_parser("check", add_help=False,
+                           help="compile every shipped Triton config for sm_80/sm_90 offline: registers, spills, "
+                                "shared memory (no GPU needed; `fastgpt check --help` for its options)")
+    check.add_argument("check_args", nargs=argparse.REMAINDER)
+    check.set_defaults(func=cmd_check)
 
     bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots)")
     bench.add_argument("what", choices=["attention", "train"])
