@@ -106,7 +106,15 @@ def memory_method(device: torch.device) -> str:
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """The extra memory `fn` needs at its peak (see the module docstring for the method)."""
+    """The extra memory `fn` needs at its peak (see the module docstring for the method). Every
+    backend's cached buffers are released first: a pool that kept last call's matrices resident
+    would otherwise hide them from the measure."""
+    from fastgpt.attention import backend_names, get_backend
+
+    for name in backend_names():
+        release = get_backend(name).empty_cache
+        if release is not None:
+            release()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -63,3 +63,18 @@ def test_train_benchmark_smoke(small_corpus):
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 and math.isfinite(r["median_s"])
         assert r["mfu"] is None  # no known peak for a CPU
     assert "| naive |" in train_markdown(result)
+
+
+def test_cpu_peak_memory_sees_matrices_a_buffer_pool_would_hide():
+    # ext keeps freed T×T buffers in a pool; the measure must release it first, or a second call
+    # would look free. One (B, H, T, T) fp32 matrix here is 8 MiB; fwd+bwd needs several.
+    import torch
+
+    from fastgpt.attention import causal_attention
+    from fastgpt.benchmarks.common import peak_memory_bytes
+
+    q = torch.randn(2, 4, 512, 16, requires_grad=True)
+    call = lambda: torch.autograd.grad(causal_attention(q, q, q, backend="ext"), (q,), torch.ones_like(q))
+    call()
+    one_matrix = 2 * 4 * 512 * 512 * 4
+    assert peak_memory_bytes(call, torch.device("cpu")) >= one_matrix

@@ -69,6 +69,15 @@ def _unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
     return None
 
 
+def _empty_cache() -> None:
+    from fastgpt.ext import build
+
+    if build.is_loaded():  # nothing is cached before the first call; never compile just to empty
+        from fastgpt.ext import ops
+
+        ops.empty_cache()
+
+
 register_backend(Backend(
     name="ext",
     fn=_ext_backend,
@@ -76,4 +85,5 @@ register_backend(Backend(
                 "scale+mask+softmax+dropout; the T×T weights are materialised",
     unavailable_reason=_unavailable_reason,
     unsupported_reason=_unsupported_reason,
+    empty_cache=_empty_cache,
 ))

@@ -39,6 +39,9 @@ class Backend:
     unavailable_reason: Callable[[torch.device], Optional[str]] = _always_available
     # Why the backend cannot run this call (dtype, head dim, sequence length), or None.
     unsupported_reason: Callable[[torch.Tensor, float], Optional[str]] = _supports_everything
+    # Returns memory the backend keeps cached between calls (buffer pools) to the system, so that
+    # a memory measurement sees what one call needs; None for backends that cache nothing.
+    empty_cache: Optional[Callable[[], None]] = None
 
 
 # Modules that register the built-in backends, imported on first use of the registry.

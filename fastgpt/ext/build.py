@@ -147,6 +147,11 @@ def _aot_module():
     return module
 
 
+def is_loaded() -> bool:
+    """Whether torch.ops.fastgpt is registered in this process (by load())."""
+    return _loaded is not None
+
+
 def unavailable_reason() -> Optional[str]:
     """Why load() would fail in this process, or None. Does not compile anything."""
     if _loaded is not None:
