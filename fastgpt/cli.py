@@ -1,4 +1,4 @@
-"""The `fastgpt` command: train, sample, parity.
+"""The `fastgpt` command: train, sample, parity, check, bench.
 
 Every ModelConfig/TrainConfig field is a flag of `fastgpt train` (n_layer -> --n-layer); a flag
 given on the command line overrides the preset's value.
@@ -127,7 +127,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from fastgpt.gpu_check import main as gpu_check_main
 
-    return gpu_check_main(args.check_args)
+    return gpu_check_main(args.passthrough)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -196,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", add_help=False,
                            help="compile every shipped Triton config for sm_80/sm_90 offline: registers, spills, "
                                 "shared memory (no GPU needed; `fastgpt check --help` for its options)")
-    check.add_argument("check_args", nargs=argparse.REMAINDER)
-    check.set_defaults(func=cmd_check)
+    check.set_defaults(func=cmd_check)  # its own flags pass through to fastgpt.gpu_check
 
     bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots)")
     bench.add_argument("what", choices=["attention", "train"])
@@ -229,7 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and args.command != "check":
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    args.passthrough = passthrough
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

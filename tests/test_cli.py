@@ -66,3 +66,12 @@ def test_parity_command_passes_for_cpu_backends():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok") == 2 * 8 and "all passed" in proc.stdout
+
+
+def test_check_command_is_wired_to_the_static_gpu_check(capfd):
+    # One narrow slice of the static check (the full one runs in tests/test_gpu_check.py). Under
+    # the interpreter the check re-runs itself in a fresh process: read the file descriptors.
+    assert main(["check", "--arch", "80", "--dtype", "fp16", "--head-dim", "64"]) == 0
+    out = capfd.readouterr().out
+    rows = [line for line in out.splitlines() if line.endswith(" ok")]
+    assert "0 failed" in out and rows and all(" sm_80 " in row and " 16-bit " in row for row in rows)
