@@ -8,7 +8,6 @@ every cell processes the same number of tokens.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -20,6 +19,7 @@ from fastgpt.benchmarks.common import attention_flops, environment, memory_metho
 from fastgpt.parity import check_parity
 
 MODES = ("forward", "backward", "forward+backward")
+NOT_TIMED = "emulated here (e.g. Triton's interpreter on CPU): correct but not a kernel, so not timed"
 
 
 @dataclass
@@ -47,10 +47,6 @@ class AttentionSweep:
     def smoke(cls, device: str) -> "AttentionSweep":
         """A few seconds' worth: for CI, checking the harness end to end, not the speed."""
         return cls(device, [16, 48], 96, 2, 16, ["float32"], reps=2, warmup=1)
-
-
-def _interpreted(name: str, device: torch.device) -> bool:
-    return name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callable[[], Any]:
@@ -95,9 +91,9 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
         calls, statuses = {}, {}
         for name in names:
             backend = get_backend(name)
-            reason = backend.unavailable_reason(device) or backend.unsupported_reason(q, dropout_p)
-            if reason is None and _interpreted(name, device):
-                reason = "interpreted (TRITON_INTERPRET=1): a CPU emulation of the GPU kernel, not timed"
+            reason = backend.refusal(q, dropout_p)
+            if reason is None and backend.emulated(device):
+                reason = NOT_TIMED
             if reason is None:
                 key = (name, T, dtype_name)
                 if key not in validated:

@@ -7,13 +7,13 @@ batches, interleaved A B A B ...
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
 
 from fastgpt.attention import available_backends, get_backend
+from fastgpt.benchmarks.attention import NOT_TIMED
 from fastgpt.benchmarks.common import environment, memory_method, peak_memory_bytes, summarize, time_interleaved
 from fastgpt.config import make_configs
 from fastgpt.data import CharDataset
@@ -59,9 +59,9 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
     probe = torch.empty(1, model_config.n_head, model_config.block_size, model_config.n_embd // model_config.n_head, device=dev)
     for name in names:
         backend = get_backend(name)
-        reason = backend.unavailable_reason(dev) or backend.unsupported_reason(probe, model_config.dropout)
-        if reason is None and name == "triton" and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            reason = "interpreted (TRITON_INTERPRET=1): not timed"
+        reason = backend.refusal(probe, model_config.dropout)
+        if reason is None and backend.emulated(dev):
+            reason = NOT_TIMED
         if reason is not None:
             records.append({"backend": name, "preset": preset, "status": reason})
             continue

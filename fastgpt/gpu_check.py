@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
+from fastgpt.attention.triton_backend import interpreting
 from fastgpt.kernels import flash_attention_configs as cfg
 from fastgpt.kernels.flash_attention_configs import HEAD_DIMS
 
@@ -209,10 +210,6 @@ def _table(results: list[Result], full: bool) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgpt check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
@@ -226,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("fastgpt check: triton is not installed (pip install triton; Linux x86-64 wheels)", file=sys.stderr)
         return 2
 
-    if _interpreting() or _kernels_interpreted():
+    if interpreting() or _kernels_interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         again = [f"--jobs={args.jobs}"] + (["--full"] if args.full else [])
         for flag, values in (("--arch", args.arch), ("--dtype", args.dtype), ("--head-dim", args.head_dim)):

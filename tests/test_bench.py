@@ -78,3 +78,17 @@ def test_cpu_peak_memory_sees_matrices_a_buffer_pool_would_hide():
     call()
     one_matrix = 2 * 4 * 512 * 512 * 4
     assert peak_memory_bytes(call, torch.device("cpu")) >= one_matrix
+
+
+def test_emulated_backend_is_reported_not_timed():
+    # conftest runs Triton in its interpreter on a CPU machine: the kernel is emulated there
+    import torch
+
+    from fastgpt.attention import get_backend
+
+    if not get_backend("triton").emulated(torch.device("cpu")):
+        pytest.skip("Triton is not interpreted in this session")
+    sweep = AttentionSweep.smoke("cpu")
+    sweep.backends, sweep.seq_lens, sweep.modes, sweep.dropouts = ["naive", "triton"], [16], ["forward"], [0.0]
+    triton = next(r for r in run_attention_benchmark(sweep, progress=False)["records"] if r["backend"] == "triton")
+    assert triton["status"].startswith("emulated") and "median_s" not in triton

@@ -84,7 +84,7 @@ def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto
     refusals = []
     for name in auto_order(q.device, dropout_p > 0):
         candidate = get_backend(name)
-        reason = candidate.unavailable_reason(q.device) or candidate.unsupported_reason(q, dropout_p)
+        reason = candidate.refusal(q, dropout_p)
         if reason is None:
             key = (q.device.type, q.dtype, dropout_p > 0, name)
             if key not in _announced:

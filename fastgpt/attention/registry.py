@@ -42,6 +42,13 @@ class Backend:
     # Returns memory the backend keeps cached between calls (buffer pools) to the system, so that
     # a memory measurement sees what one call needs; None for backends that cache nothing.
     empty_cache: Optional[Callable[[], None]] = None
+    # True where the backend runs as an emulation rather than as a kernel (Triton's interpreter on
+    # CPU): correct, but its speed means nothing, so benchmarks do not time it.
+    emulated: Callable[[torch.device], bool] = lambda device: False
+
+    def refusal(self, q: torch.Tensor, dropout_p: float) -> Optional[str]:
+        """Why this backend cannot run this call here (unavailable, or unsupported), or None."""
+        return self.unavailable_reason(q.device) or self.unsupported_reason(q, dropout_p)
 
 
 # Modules that register the built-in backends, imported on first use of the registry.

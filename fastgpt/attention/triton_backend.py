@@ -23,7 +23,8 @@ SUPPORTED_HEAD_DIMS = HEAD_DIMS
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the interpreter (read once, when triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -31,13 +32,13 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton; wheels exist for Linux x86-64)"
     if device.type == "cpu":
-        if not _interpreting():
+        if not interpreting():
             return ("CPU tensors need Triton's interpreter: set the environment variable TRITON_INTERPRET=1 "
                     "before starting Python (it is read when triton is first imported); expect it to be slow")
         return None
     if device.type != "cuda":
         return f"the Triton kernels run on CUDA GPUs (or on CPU in the interpreter), not on {device.type}"
-    if not _interpreting() and torch.cuda.get_device_capability(device)[0] < 8:
+    if not interpreting() and torch.cuda.get_device_capability(device)[0] < 8:
         major, minor = torch.cuda.get_device_capability(device)
         return f"compute capability {major}.{minor} is below the 8.0 (Ampere) that the Triton kernels target"
     return None
@@ -53,7 +54,7 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
     B, H = q.shape[0], q.shape[1]
     if max(B, H) > 65535:  # they index the grid's y and z dimensions
         return f"B={B} and H={H} must each be at most 65535 (CUDA's grid limit in y and z)"
-    if q.dtype == torch.bfloat16 and _interpreting():
+    if q.dtype == torch.bfloat16 and interpreting():
         return "Triton's interpreter computes bfloat16 wrongly (it stores it as uint16); use float16/float32, or a GPU"
     return None
 
@@ -70,4 +71,5 @@ register_backend(Backend(
     description="fused flash-attention kernel in Triton: online softmax, causal block skipping, in-kernel dropout",
     unavailable_reason=unavailable_reason,
     unsupported_reason=unsupported_reason,
+    emulated=lambda device: device.type == "cpu" and interpreting(),
 ))
