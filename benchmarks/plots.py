@@ -13,8 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 
-def _plain_ticks(ax) -> None:
-    """Log axes labelled 0.5, 2, 40 rather than 5×10⁻¹; T labelled 64, 128, ... rather than 2⁶."""
+def _style(ax, title: str, ylabel: str) -> None:
+    """Log-log against T, with plain tick labels: 0.5, 2, 40 rather than 5×10⁻¹; 64, 128 rather than 2⁶."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (B·T constant)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
@@ -42,26 +48,14 @@ def plot_attention(result: dict[str, Any], out_dir: Path, name: str = "attention
                     T = [r["T"] for r in pts]
                     ax.plot(T, [1e3 * r["median_s"] for r in pts], marker="o", ms=3, label=backend)
                     ax.fill_between(T, [1e3 * r["p20_s"] for r in pts], [1e3 * r["p80_s"] for r in pts], alpha=0.2)
-                ax.set_title(f"{mode}, dropout {dropout}", fontsize=10)
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_xlabel("sequence length T (B·T constant)")
-                ax.set_ylabel("time per call (ms)")
-                _plain_ticks(ax)
-                ax.grid(alpha=0.3, which="both")
+                _style(ax, f"{mode}, dropout {dropout}", "time per call (ms)")
             ax = axes[i][-1]
             for backend in backends:
                 pts = sorted((r for r in rows if (r["backend"], r["mode"], r["dropout"]) == (backend, "forward+backward", dropout)
                               and r.get("peak_memory_bytes") is not None), key=lambda r: r["T"])
                 if pts:
                     ax.plot([r["T"] for r in pts], [r["peak_memory_bytes"] / 2**20 for r in pts], marker="o", ms=3, label=backend)
-            ax.set_title(f"peak memory, forward+backward, dropout {dropout}", fontsize=10)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length T (B·T constant)")
-            ax.set_ylabel("MiB above the inputs")
-            _plain_ticks(ax)
-            ax.grid(alpha=0.3, which="both")
+            _style(ax, f"peak memory, forward+backward, dropout {dropout}", "MiB above the inputs")
         axes[0][0].legend()
         env = result["environment"]
         fig.suptitle(f"causal attention, {dtype}, H={rows[0]['H']}, D={rows[0]['D']}: {env['device']}, torch {env['torch']}",

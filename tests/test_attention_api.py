@@ -5,8 +5,16 @@ import torch
 
 import fastgpt
 from fastgpt.attention import CausalSelfAttention, causal_attention, naive_attention
+from fastgpt.attention import registry
 from fastgpt.attention.registry import Backend, auto_order, get_backend, register_backend
 from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv
+
+
+@pytest.fixture(autouse=True)
+def _registry_restored(monkeypatch):
+    """Backends a test registers are gone after it: later tests see the real registry."""
+    registry.backend_names()  # load the built-ins first, so they are part of what is restored
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -24,6 +32,10 @@ def test_parity_check_catches_a_wrong_backend():
 
     register_backend(Backend(name="_leaky_test_backend", fn=leaky, description="test only"))
     assert not check_parity("_leaky_test_backend", (2, 2, 17, 32), torch.float32).ok
+
+
+def test_test_backends_do_not_leak_into_the_registry():
+    assert not any(name.startswith("_") for name in fastgpt.backend_names())
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
