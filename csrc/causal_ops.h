@@ -2,30 +2,39 @@
 // registration.cpp; every device registers its kernels for the same names (CPU now, CUDA in
 // issue 7), so the Python side, autograd and torch.compile see one op whatever the device.
 //
-// Shapes: a, b, x, out of the products: (B, H, T, D); p, scores, grad and the causal outputs:
-// (B, H, T, T), read and written on and below the diagonal only (above it: zero on output,
-// ignored on input).
+// Shapes: T_q <= T_k, query i sees keys j <= o + i, o = T_k - T_q. a, x, out of the products:
+// (B, H, T_q or T_k, D). p, scores, grad and the causal outputs: packed (B, H, N) (causal_layout.h),
+// read at j <= o + i only, written everywhere (zeros above the diagonal and in the padding).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 namespace fastgpt::cpu {
 
-at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b);  // tril(a · bᵀ)
-at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x);  // tril(p) · x
-at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x);  // tril(p)ᵀ · x
+// tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H, T_k, D) -> packed.
+at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b);
+// tril_o(p) · x: p packed, x (B, H, T_k, D) -> (B, H, T_q, D).
+at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x, int64_t T_q);
+// tril_o(p)ᵀ · x: p packed, x (B, H, T_q, D) -> (B, H, T_k, D).
+at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_k);
 
 // P = dropout(softmax(scale · scores, causal)), the dropout mask drawn from (seed, offset).
-at::Tensor causal_softmax(const at::Tensor& scores, double scale, double dropout_p, int64_t seed,
-                          int64_t offset);
+at::Tensor causal_softmax(const at::Tensor& scores, int64_t T_q, int64_t T_k, double scale, double dropout_p,
+                          int64_t seed, int64_t offset);
 // dScores from dP without dropout, from the forward's output P.
-at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, double scale);
+at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, int64_t T_q, int64_t T_k,
+                                   double scale);
 // dScores from dP with dropout: P recomputed from the scores, the mask regenerated from (seed, offset).
-at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& scores, double scale,
-                                           double dropout_p, int64_t seed, int64_t offset);
+at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& scores, int64_t T_q,
+                                           int64_t T_k, double scale, double dropout_p, int64_t seed,
+                                           int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
-// The keep mask causal_softmax draws for `scores`' shape: a testing hook, never used by the math.
-at::Tensor dropout_keep_mask(const at::Tensor& scores, double dropout_p, int64_t seed, int64_t offset);
+// The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.
+// A testing hook, never used by the math.
+at::Tensor dropout_keep_mask(const at::Tensor& scores, int64_t T_q, int64_t T_k, double dropout_p, int64_t seed,
+                             int64_t offset);
+// N of causal_layout.h, so that a test can hold the Python formula (fastgpt/ext/layout.py) to it.
+int64_t causal_packed_size(int64_t T_q, int64_t T_k);
 
 }  // namespace fastgpt::cpu

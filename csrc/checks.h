@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "causal_layout.h"
+
 namespace fastgpt {
 
 inline void check_rank4(const at::Tensor& t, const char* op, const char* name, const char* dims) {
@@ -31,11 +33,21 @@ inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, 
               " but ", ref_name, " has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
 }
 
-// A causal matrix: (B, H, T, T), only the lower triangle (diagonal included) is ever read.
-inline void check_causal_matrix(const at::Tensor& p, const char* op, const char* name) {
-  check_rank4(p, op, name, "(B, H, T, T)");
-  TORCH_CHECK(p.size(2) == p.size(3), op, ": ", name, " must be a causal matrix of shape (B, H, T, T); got ",
-              p.sizes(), " whose last two dims differ");
+// T_q queries against T_k keys: 0 <= T_q <= T_k (the diagonal aligned bottom-right).
+inline void check_lengths(int64_t T_q, int64_t T_k, const char* op) {
+  TORCH_CHECK(T_q >= 0 && T_k >= 0, op, ": T_q and T_k must be >= 0; got T_q = ", T_q, ", T_k = ", T_k);
+  TORCH_CHECK(T_q <= T_k, op, ": T_q = ", T_q, " > T_k = ", T_k,
+              "; the causal ops need at most as many queries as keys (T_q <= T_k)");
+}
+
+// A packed causal matrix (B, H, N) of (T_q, T_k) (causal_layout.h); only j <= o + i is ever read.
+inline void check_packed(const at::Tensor& p, int64_t T_q, int64_t T_k, const char* op, const char* name) {
+  check_lengths(T_q, T_k, op);
+  TORCH_CHECK(p.dim() == 3, op, ": ", name, " must be a packed causal matrix of 3 dims (B, H, N); got ", p.dim(),
+              " dims with shape ", p.sizes());
+  const int64_t n = CausalLayout(T_q, T_k).N;
+  TORCH_CHECK(p.size(2) == n, op, ": ", name, " has ", p.size(2), " elements per (b, h) but (T_q, T_k) = (", T_q,
+              ", ", T_k, ") needs N = ", n, " (csrc/causal_layout.h)");
   check_dtype(p, op, name);
 }
 
@@ -45,14 +57,14 @@ inline void check_blas_size(int64_t n, const char* op, const char* what) {
               "; the kernels support at most 2^31 - 1");
 }
 
-inline void check_softmax_args(const at::Tensor& scores, double scale, double dropout_p, const char* op,
-                               const char* name = "scores") {
-  check_causal_matrix(scores, op, name);
+inline void check_softmax_args(const at::Tensor& scores, int64_t T_q, int64_t T_k, double scale, double dropout_p,
+                               const char* op, const char* name = "scores") {
+  check_packed(scores, T_q, T_k, op, name);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1); got ", dropout_p);
   // The dropout stream counts rows in 32 bits (philox.h).
-  const int64_t rows = scores.size(0) * scores.size(1) * scores.size(2);
-  TORCH_CHECK(dropout_p == 0.0 || rows <= std::numeric_limits<uint32_t>::max(), op, ": B·H·T = ",
+  const int64_t rows = scores.size(0) * scores.size(1) * T_q;
+  TORCH_CHECK(dropout_p == 0.0 || rows <= std::numeric_limits<uint32_t>::max(), op, ": B·H·T_q = ",
               rows, " rows; dropout supports at most 2^32 rows");
 }
 

@@ -2,8 +2,8 @@
 // dropout rule built on it. Plain C++ with no torch headers, so the CPU kernels and, later, the
 // CUDA kernels (issue 7) include the same file and draw the same mask bit for bit.
 //
-// The dropout stream: the keep bit of element (row, col) of a causal matrix of shape (B, H, T, T),
-// row = (b·H + h)·T + i the flat row index, col = j, comes from one Philox call
+// The dropout stream: the keep bit of element (i, j) of a causal matrix of T_q queries and T_k keys
+// (B, H heads), row = (b·H + h)·T_q + i the flat row index, col = j, comes from one Philox call
 //
 //     key     = (seed_lo, seed_hi)
 //     counter = (col / 4, row, offset_lo, offset_hi)
@@ -11,7 +11,8 @@
 //     keep    = word >= drop_threshold(p)          (an integer compare: no float rounding)
 //
 // so a thread that owns four consecutive columns (one 128-bit load of floats) makes one call.
-// The stream depends on the logical index only, never on strides, tiles or thread count.
+// The stream depends on the logical index only, never on strides, tiles, the packed layout or the
+// thread count.
 #pragma once
 
 #include <cstdint>

@@ -15,23 +15,27 @@
 #define FASTGPT_STRINGIFY_(x) #x
 #define FASTGPT_STRINGIFY(x) FASTGPT_STRINGIFY_(x)
 
+// Causal matrices are packed (B, H, N) tensors (causal_layout.h): T_q <= T_k, query i sees keys
+// j <= o + i, o = T_k - T_q; zero at j > o + i and in the padding on output, not read there on input.
 TORCH_LIBRARY(fastgpt, m) {
-  // tril(a · bᵀ): (B, H, T, D) × (B, H, T, D) -> (B, H, T, T), zero above the diagonal.
+  // tril_o(a · bᵀ): (B, H, T_q, D) × (B, H, T_k, D) -> packed.
   m.def("causal_matmul_nt(Tensor a, Tensor b) -> Tensor");
-  // tril(p) · x: (B, H, T, T) × (B, H, T, D) -> (B, H, T, D); p above the diagonal is not read.
-  m.def("causal_matmul_nn(Tensor p, Tensor x) -> Tensor");
-  // tril(p)ᵀ · x: (B, H, T, T) × (B, H, T, D) -> (B, H, T, D); p above the diagonal is not read.
-  m.def("causal_matmul_tn(Tensor p, Tensor x) -> Tensor");
+  // tril_o(p) · x: packed × (B, H, T_k, D) -> (B, H, T_q, D).
+  m.def("causal_matmul_nn(Tensor p, Tensor x, int T_q) -> Tensor");
+  // tril_o(p)ᵀ · x: packed × (B, H, T_q, D) -> (B, H, T_k, D).
+  m.def("causal_matmul_tn(Tensor p, Tensor x, int T_k) -> Tensor");
   // dropout(softmax(scale · scores with the causal mask)), the keep mask drawn from the Philox
-  // stream at (seed, offset): (B, H, T, T) -> (B, H, T, T), zero above the diagonal.
-  m.def("causal_softmax(Tensor scores, float scale, float dropout_p, int seed, int offset) -> Tensor");
+  // stream at (seed, offset): packed -> packed.
+  m.def("causal_softmax(Tensor scores, int T_q, int T_k, float scale, float dropout_p, int seed, int offset) -> Tensor");
   // Its backward without dropout, from the forward's output: scale · P ∘ (grad - rowsum(grad ∘ P)).
-  m.def("causal_softmax_backward(Tensor grad, Tensor probs, float scale) -> Tensor");
+  m.def("causal_softmax_backward(Tensor grad, Tensor probs, int T_q, int T_k, float scale) -> Tensor");
   // With dropout, from the forward's scores: P recomputed, the keep mask regenerated.
-  m.def("causal_softmax_dropout_backward(Tensor grad, Tensor scores, float scale, float dropout_p, int seed, "
-        "int offset) -> Tensor");
-  // Testing hook: the (B, H, T, T) bool keep mask causal_softmax draws for (seed, offset).
-  m.def("dropout_keep_mask(Tensor scores, float dropout_p, int seed, int offset) -> Tensor");
+  m.def("causal_softmax_dropout_backward(Tensor grad, Tensor scores, int T_q, int T_k, float scale, "
+        "float dropout_p, int seed, int offset) -> Tensor");
+  // Testing hook: the dense (B, H, T_q, T_k) bool keep mask causal_softmax draws for (seed, offset).
+  m.def("dropout_keep_mask(Tensor scores, int T_q, int T_k, float dropout_p, int seed, int offset) -> Tensor");
+  // N of the packed layout (causal_layout.h), for the test that holds fastgpt/ext/layout.py to it.
+  m.def("causal_packed_size(int T_q, int T_k) -> int", &fastgpt::cpu::causal_packed_size);
   // Frees the CPU kernels' cache of causal-matrix buffers (no tensors: one kernel for all keys).
   m.def("empty_cache() -> ()", &fastgpt::cpu::empty_cache);
 }

@@ -1,18 +1,20 @@
-// CPU kernels of the three causal matmuls, the products that make or consume a causal matrix:
+// CPU kernels of the three causal matmuls, the products that make or consume a packed causal
+// matrix (causal_layout.h; T_q <= T_k, query i sees keys j <= o + i, o = T_k - T_q):
 //
-//   causal_matmul_nt(a, b) = tril(a · bᵀ)    (B,H,T,D) × (B,H,T,D) -> (B,H,T,T)   S = Q·Kᵀ, dP = dO·Vᵀ
-//   causal_matmul_nn(p, x) = tril(p) · x     (B,H,T,T) × (B,H,T,D) -> (B,H,T,D)   O = P·V,  dQ = dS·K
-//   causal_matmul_tn(p, x) = tril(p)ᵀ · x    (B,H,T,T) × (B,H,T,D) -> (B,H,T,D)   dV = Pᵀ·dO, dK = dSᵀ·Q
+//   causal_matmul_nt(a, b)      = tril_o(a · bᵀ)   (B,H,T_q,D) × (B,H,T_k,D) -> packed    S = Q·Kᵀ, dP = dO·Vᵀ
+//   causal_matmul_nn(p, x, T_q) = tril_o(p) · x    packed × (B,H,T_k,D) -> (B,H,T_q,D)    O = P·V,  dQ = dS·K
+//   causal_matmul_tn(p, x, T_k) = tril_o(p)ᵀ · x   packed × (B,H,T_q,D) -> (B,H,T_k,D)    dV = Pᵀ·dO, dK = dSᵀ·Q
 //
-// Work is cut into blocks of kBlock rows (or key columns) per (batch, head); each block is a few
-// GEMM calls over the tiles on or below the diagonal only (the diagonal tile in kStrip-row strips),
-// so the ~half of the T×T work above it is never done. Only the diagonal tile is masked element by
-// element: it is copied with zeros above the diagonal (consumers) or zeroed after the GEMM
-// (producer). Above-diagonal entries of a causal input are never read.
+// Row block r of the packed matrix (its m = rows(r) queries, from r0 = 64·r) is one dense matrix
+// with leading dimension stride(r): keys [0, c0), c0 = o + r0, are seen by all its rows (a full
+// GEMM panel), keys [c0, c0 + m) form the diagonal tile, computed in kStrip-row strips. So the
+// ~half of the T_q × T_k work above the diagonal is never done, and only the diagonal tile is
+// masked element by element. Entries above the diagonal of a packed input are never read.
 //
 // float32 runs the GEMM in place on the (strided) inputs; bfloat16 converts the panel a block
 // needs to float32 first and rounds the result once.
 
+#include "../causal_layout.h"
 #include "../causal_ops.h"
 #include "../checks.h"
 #include "common.h"
@@ -23,11 +25,10 @@
 namespace fastgpt::cpu {
 namespace {
 
-// 64 rows × D=64 floats = 16 KiB per operand tile, and a block's (64 × T) panel of a T = 1024
-// causal matrix (256 KiB) stays in L2. 32 and 128 measured the same within noise at T = 256 and 1024.
-constexpr int64_t kBlock = 64;
-
-int64_t num_blocks(int64_t T) { return (T + kBlock - 1) / kBlock; }
+// The layout's 64-row blocks: 64 rows × D=64 floats = 16 KiB per operand tile, and a block's
+// (64 × T) panel at T = 1024 (256 KiB) stays in L2. 32 and 128 measured the same within noise on
+// the dense layout; the packed layout fixes 64 (csrc/README.md).
+constexpr int64_t kBlock = kCausalBlock;
 
 // The diagonal tile is computed in strips of kStrip rows, each only as wide as its last row needs:
 // 75% of the tile's products instead of all of them. At T = 256 the diagonal tiles are a fifth of
@@ -37,11 +38,10 @@ constexpr int64_t kStrip = 32;
 // Work (multiply-adds) below which a thread is not worth waking: ~20 µs at 50 GFLOP/s.
 constexpr double kMinCostPerThread = 5e5;
 
-// Cost of block i of a row-block loop (rows × columns touched), prefix-summed per head so that
-// parallel_for_balanced can find equal shares of a triangle.
+// Cost of item (bh, block) of a block loop, prefix-summed per head so that parallel_for_balanced
+// can find equal shares of a triangle.
 template <typename BlockCost>
-auto head_prefix_cost(int64_t heads, int64_t T, const BlockCost& block_cost) {
-  const int64_t nb = num_blocks(T);
+auto head_prefix_cost(int64_t nb, const BlockCost& block_cost) {
   std::vector<double> prefix(nb + 1, 0.0);
   for (int64_t i = 0; i < nb; ++i) prefix[i + 1] = prefix[i] + block_cost(i);
   const double per_head = prefix[nb];
@@ -75,155 +75,162 @@ const float* float_rows(const c10::BFloat16* m, int64_t ld, int64_t r0, int64_t 
   return buf.data();
 }
 
-// ---- tril(a · bᵀ) ------------------------------------------------------------------------------
+// ---- tril_o(a · bᵀ) ----------------------------------------------------------------------------
 
 template <typename scalar_t>
-void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
-  const int64_t BH = a.size(0) * a.size(1), T = a.size(2), D = a.size(3);
-  const auto A = rows4<scalar_t>(a), Bm = rows4<scalar_t>(b), C = rows4<scalar_t>(out);
-  const int64_t nb = num_blocks(T);
-  // Block i computes rows [r0, r1) against keys [0, r1): (r1 - r0) · r1 dot products of length D.
-  auto cum = head_prefix_cost(a.size(1), T, [&](int64_t i) {
-    const int64_t r0 = i * kBlock, r1 = std::min(T, r0 + kBlock);
-    return static_cast<double>((r1 - r0) * r1 * D + r1 * 16);
+void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, at::Tensor& out) {
+  const int64_t BH = a.size(0) * a.size(1), D = a.size(3);
+  const auto A = rows4<scalar_t>(a), Bm = rows4<scalar_t>(b);
+  const auto C = packed3<scalar_t>(out);
+  // Block r computes its m rows against keys [0, width(r)) and writes stride(r) columns.
+  auto cum = head_prefix_cost(L.R, [&](int64_t r) {
+    return static_cast<double>(L.rows(r) * (L.width(r) * D + L.stride(r)));
   });
-  parallel_for_balanced(BH * nb, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(BH * L.R, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> a_buf, b_buf, c_buf;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nb, r0 = (item % nb) * kBlock, r1 = std::min(T, r0 + kBlock), m = r1 - r0;
+      const int64_t bh = item / L.R, r = item % L.R, r0 = r * kBlock, m = L.rows(r);
+      const int64_t c0 = L.o + r0, w = c0 + m, ldc = L.stride(r);  // diagonal tile at keys [c0, w)
       int64_t lda, ldb;
-      const float* a_rows = float_rows(A.at(bh), A.ld, r0, r1, D, a_buf, lda);
-      const float* b_rows = float_rows(Bm.at(bh), Bm.ld, 0, r1, D, b_buf, ldb);
-      scalar_t* c = C.at(bh) + r0 * C.ld;
+      const float* a_rows = float_rows(A.at(bh), A.ld, r0, r0 + m, D, a_buf, lda);
+      const float* b_rows = float_rows(Bm.at(bh), Bm.ld, 0, w, D, b_buf, ldb);
+      scalar_t* c = C.at(bh) + L.start(r);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        // Keys before the block: the full (m × r0) panel.
-        gemm(false, true, m, r0, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c, C.ld);
-        // The diagonal tile, strip by strip: rows [s0, s1) of the block against keys [r0, r0 + s1).
+        // Keys every row of the block sees: the full (m × c0) panel.
+        gemm(false, true, m, c0, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c, ldc);
+        // The diagonal tile, strip by strip: rows [s0, s1) of the block against keys [c0, c0 + s1).
         for (int64_t s0 = 0; s0 < m; s0 += kStrip) {
           const int64_t s1 = std::min(m, s0 + kStrip);
-          gemm(false, true, s1 - s0, s1, D, 1.0f, a_rows + s0 * lda, lda, b_rows + r0 * ldb, ldb, 0.0f,
-               c + s0 * C.ld + r0, C.ld);
+          gemm(false, true, s1 - s0, s1, D, 1.0f, a_rows + s0 * lda, lda, b_rows + c0 * ldb, ldb, 0.0f,
+               c + s0 * ldc + c0, ldc);
         }
         // The strips overshoot the diagonal by less than a strip; above it the matrix is zero.
-        for (int64_t r = 0; r < m; ++r) zero_fill(c + r * C.ld + r0 + r + 1, T - (r0 + r + 1), /*streaming=*/true);
+        for (int64_t i = 0; i < m; ++i) zero_fill(c + i * ldc + c0 + i + 1, ldc - (c0 + i + 1));
       } else {
-        c_buf.resize(std::max<size_t>(c_buf.size(), static_cast<size_t>(m * r1)));
-        gemm(false, true, m, r1, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c_buf.data(), r1);
-        for (int64_t r = 0; r < m; ++r) {
-          from_float(c_buf.data() + r * r1, c + r * C.ld, r0 + r + 1);
-          zero_fill(c + r * C.ld + r0 + r + 1, T - (r0 + r + 1));
+        c_buf.resize(std::max<size_t>(c_buf.size(), static_cast<size_t>(m * w)));
+        gemm(false, true, m, w, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c_buf.data(), w);
+        for (int64_t i = 0; i < m; ++i) {
+          from_float(c_buf.data() + i * w, c + i * ldc, c0 + i + 1);
+          zero_fill(c + i * ldc + c0 + i + 1, ldc - (c0 + i + 1));
         }
       }
     }
   });
 }
 
-// ---- tril(p) · x ---------------------------------------------------------------------------------
+// ---- tril_o(p) · x -------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, at::Tensor& out) {
-  const int64_t BH = p.size(0) * p.size(1), T = p.size(2), D = x.size(3);
-  const auto P = rows4<scalar_t>(p), X = rows4<scalar_t>(x), C = rows4<scalar_t>(out);
-  const int64_t nb = num_blocks(T);
-  auto cum = head_prefix_cost(p.size(1), T, [&](int64_t i) {
-    const int64_t r0 = i * kBlock, r1 = std::min(T, r0 + kBlock);
-    return static_cast<double>((r1 - r0) * r1 * D + r1 * 16);
+void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, at::Tensor& out) {
+  const int64_t BH = x.size(0) * x.size(1), D = x.size(3);
+  const auto P = packed3<scalar_t>(p);
+  const auto X = rows4<scalar_t>(x), C = rows4<scalar_t>(out);
+  auto cum = head_prefix_cost(L.R, [&](int64_t r) {
+    return static_cast<double>(L.rows(r) * L.width(r) * D + L.width(r) * 16);
   });
-  parallel_for_balanced(BH * nb, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(BH * L.R, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> p_buf, x_buf, c_buf, tile(kBlock * kBlock);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nb, r0 = (item % nb) * kBlock, r1 = std::min(T, r0 + kBlock), m = r1 - r0;
-      const scalar_t* p_bh = P.at(bh);
+      const int64_t bh = item / L.R, r = item % L.R, r0 = r * kBlock, m = L.rows(r);
+      const int64_t c0 = L.o + r0, w = c0 + m, ldp = L.stride(r);
+      const scalar_t* p_blk = P.at(bh) + L.start(r);
       scalar_t* c = C.at(bh) + r0 * C.ld;
       if constexpr (std::is_same_v<scalar_t, float>) {
         const float* x_bh = X.at(bh);
-        // Keys before the block: a full (m × r0) panel of P.
-        if (r0 > 0) gemm(false, false, m, D, r0, 1.0f, p_bh + r0 * P.ld, P.ld, x_bh, X.ld, 0.0f, c, C.ld);
+        // Keys every row of the block sees: a full (m × c0) panel of P.
+        if (c0 > 0) gemm(false, false, m, D, c0, 1.0f, p_blk, ldp, x_bh, X.ld, 0.0f, c, C.ld);
         // The diagonal tile, lower triangle only.
-        copy_lower_tile(p_bh + r0 * P.ld + r0, P.ld, m, tile.data());
-        for (int64_t s0 = 0; s0 < m; s0 += kStrip) {  // strip rows [s0, s1) need keys [r0, r0 + s1)
+        copy_lower_tile(p_blk + c0, ldp, m, tile.data());
+        for (int64_t s0 = 0; s0 < m; s0 += kStrip) {  // strip rows [s0, s1) need keys [c0, c0 + s1)
           const int64_t s1 = std::min(m, s0 + kStrip);
-          gemm(false, false, s1 - s0, D, s1, 1.0f, tile.data() + s0 * m, m, x_bh + r0 * X.ld, X.ld,
-               r0 > 0 ? 1.0f : 0.0f, c + s0 * C.ld, C.ld);
+          gemm(false, false, s1 - s0, D, s1, 1.0f, tile.data() + s0 * m, m, x_bh + c0 * X.ld, X.ld,
+               c0 > 0 ? 1.0f : 0.0f, c + s0 * C.ld, C.ld);
         }
       } else {
-        // One GEMM over the (m × r1) panel converted to float32, zeros above the diagonal.
-        p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>(m * r1)));
-        for (int64_t r = 0; r < m; ++r) {
-          to_float(p_bh + (r0 + r) * P.ld, p_buf.data() + r * r1, r0 + r + 1);
-          std::fill(p_buf.data() + r * r1 + r0 + r + 1, p_buf.data() + (r + 1) * r1, 0.0f);
+        // One GEMM over the (m × w) block converted to float32, zeros above the diagonal.
+        p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>(m * w)));
+        for (int64_t i = 0; i < m; ++i) {
+          to_float(p_blk + i * ldp, p_buf.data() + i * w, c0 + i + 1);
+          std::fill(p_buf.data() + i * w + c0 + i + 1, p_buf.data() + (i + 1) * w, 0.0f);
         }
         int64_t ldx;
-        const float* x_rows = float_rows(X.at(bh), X.ld, 0, r1, D, x_buf, ldx);
+        const float* x_rows = float_rows(X.at(bh), X.ld, 0, w, D, x_buf, ldx);
         c_buf.resize(std::max<size_t>(c_buf.size(), static_cast<size_t>(m * D)));
-        gemm(false, false, m, D, r1, 1.0f, p_buf.data(), r1, x_rows, ldx, 0.0f, c_buf.data(), D);
-        for (int64_t r = 0; r < m; ++r) from_float(c_buf.data() + r * D, c + r * C.ld, D);
+        gemm(false, false, m, D, w, 1.0f, p_buf.data(), w, x_rows, ldx, 0.0f, c_buf.data(), D);
+        for (int64_t i = 0; i < m; ++i) from_float(c_buf.data() + i * D, c + i * C.ld, D);
       }
     }
   });
 }
 
-// ---- tril(p)ᵀ · x --------------------------------------------------------------------------------
+// ---- tril_o(p)ᵀ · x ------------------------------------------------------------------------------
+
+// Query rows that see key j: i >= first_query(j) (the last query sees every key).
+inline int64_t first_query(const CausalLayout& L, int64_t j) { return std::max<int64_t>(0, j - L.o); }
 
 template <typename scalar_t>
-void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, at::Tensor& out) {
-  const int64_t BH = p.size(0) * p.size(1), T = p.size(2), D = x.size(3);
-  const auto P = rows4<scalar_t>(p), X = rows4<scalar_t>(x), C = rows4<scalar_t>(out);
-  const int64_t nb = num_blocks(T);
-  // Block j owns output rows (keys) [c0, c1) and sums over the queries [c0, T) that see them.
-  auto cum = head_prefix_cost(p.size(1), T, [&](int64_t j) {
-    const int64_t c0 = j * kBlock, c1 = std::min(T, c0 + kBlock);
-    return static_cast<double>((c1 - c0) * (T - c0) * D + (T - c0) * 16);
+void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, at::Tensor& out) {
+  const int64_t BH = x.size(0) * x.size(1), D = x.size(3), T_q = L.T_q, T_k = L.T_k;
+  const auto P = packed3<scalar_t>(p);
+  const auto X = rows4<scalar_t>(x), C = rows4<scalar_t>(out);
+  const int64_t nb = (T_k + kBlock - 1) / kBlock;
+  // Key block kb owns output rows [k0, k1) and sums over the queries [first_query(k0), T_q) that see them.
+  auto cum = head_prefix_cost(nb, [&](int64_t kb) {
+    const int64_t k0 = kb * kBlock, m = std::min(T_k, k0 + kBlock) - k0;
+    return static_cast<double>((T_q - first_query(L, k0)) * m * (D + 1));
   });
   parallel_for_balanced(BH * nb, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> p_buf, x_buf, c_buf, tile(kBlock * kBlock), ct(kBlock * D);
+    std::vector<float> p_buf, x_buf, ct(kBlock * D), c_buf(kBlock * D);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nb, c0 = (item % nb) * kBlock, c1 = std::min(T, c0 + kBlock), m = c1 - c0;
-      const int64_t below = T - c1;  // query rows under the diagonal tile
+      const int64_t bh = item / nb, k0 = (item % nb) * kBlock, k1 = std::min(T_k, k0 + kBlock), m = k1 - k0;
+      const int64_t qa = first_query(L, k0), qf = first_query(L, k1 - 1);  // qa <= qf < T_q
       const scalar_t* p_bh = P.at(bh);
-      scalar_t* c = C.at(bh) + c0 * C.ld;
+      // P's column strip [k0, k1) over the queries [qa, T_q), float32, zeros above the diagonal:
+      // ((T_q - qa) × m), contiguous, while the packed rows have one stride per row block. The
+      // copy is 1/D of the GEMM's work and leaves the strip in L2 for it.
+      p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>((T_q - qa) * m)));
+      for (int64_t i = qa; i < T_q; ++i) {
+        const int64_t valid = std::min(m, L.o + i + 1 - k0);
+        float* dst = p_buf.data() + (i - qa) * m;
+        to_float(p_bh + L.row_offset(i) + k0, dst, valid);
+        std::fill(dst + valid, dst + m, 0.0f);
+      }
+      int64_t ldx;
+      const float* x_rows = float_rows(X.at(bh), X.ld, qa, T_q, D, x_buf, ldx);  // row qa first
+      // Computed transposed, Cᵀ (D × m) = X[qa:T_q]ᵀ · strip, so that the strip is B of the GEMM,
+      // read row by row: MKL is ~25% faster this way than with its transpose as A. The queries
+      // [qf, T_q) see the whole block: one GEMM.
+      gemm(true, false, D, m, T_q - qf, 1.0f, x_rows + (qf - qa) * ldx, ldx, p_buf.data() + (qf - qa) * m, m,
+           0.0f, ct.data(), m);
+      // The queries [qa, qf) cross the diagonal: strip columns [s0, s1) are zero above query
+      // first_query(k0 + s0).
+      for (int64_t s0 = 0; s0 < m; s0 += kStrip) {
+        const int64_t s1 = std::min(m, s0 + kStrip), first = std::max(qa, first_query(L, k0 + s0));
+        if (first >= qf) continue;
+        gemm(true, false, D, s1 - s0, qf - first, 1.0f, x_rows + (first - qa) * ldx, ldx,
+             p_buf.data() + (first - qa) * m + s0, m, 1.0f, ct.data() + s0, m);
+      }
+      scalar_t* c = C.at(bh) + k0 * C.ld;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        // Computed transposed, Cᵀ (D × m) = X[c0:T]ᵀ · tril(P)[c0:T, c0:c1], so that P's column strip
-        // is B of the GEMM, read row by row: MKL is ~25% faster this way than with Pᵀ as A.
-        const float* x_bh = X.at(bh);
-        copy_lower_tile(p_bh + c0 * P.ld + c0, P.ld, m, tile.data());
-        for (int64_t s0 = 0; s0 < m; s0 += kStrip) {  // tile columns [s0, s1) are zero above row s0
-          const int64_t s1 = std::min(m, s0 + kStrip);
-          gemm(true, false, D, s1 - s0, m - s0, 1.0f, x_bh + (c0 + s0) * X.ld, X.ld, tile.data() + s0 * m + s0, m,
-               0.0f, ct.data() + s0, m);
-        }
-        if (below > 0) {
-          gemm(true, false, D, m, below, 1.0f, x_bh + c1 * X.ld, X.ld, p_bh + c1 * P.ld + c0, P.ld, 1.0f, ct.data(), m);
-        }
         at::vec::transpose_mxn<float>(ct.data(), m, c, C.ld, static_cast<int>(D), static_cast<int>(m));
       } else {
-        // Rows [c0, T) of P's column block, float32, zeros above the diagonal: ((T - c0) × m).
-        const int64_t rows = T - c0;
-        p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>(rows * m)));
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t valid = std::min(m, r + 1);
-          to_float(p_bh + (c0 + r) * P.ld + c0, p_buf.data() + r * m, valid);
-          std::fill(p_buf.data() + r * m + valid, p_buf.data() + (r + 1) * m, 0.0f);
-        }
-        int64_t ldx;
-        const float* x_rows = float_rows(X.at(bh), X.ld, c0, T, D, x_buf, ldx);
-        c_buf.resize(std::max<size_t>(c_buf.size(), static_cast<size_t>(m * D)));
-        gemm(true, false, m, D, rows, 1.0f, p_buf.data(), m, x_rows, ldx, 0.0f, c_buf.data(), D);
-        for (int64_t r = 0; r < m; ++r) from_float(c_buf.data() + r * D, c + r * C.ld, D);
+        at::vec::transpose_mxn<float>(ct.data(), m, c_buf.data(), D, static_cast<int>(D), static_cast<int>(m));
+        for (int64_t j = 0; j < m; ++j) from_float(c_buf.data() + j * D, c + j * C.ld, D);
       }
     }
   });
 }
 
-// Shared argument checks of the (causal matrix, rows) products.
-void check_matrix_rows(const at::Tensor& p, const at::Tensor& x, const char* op) {
-  check_causal_matrix(p, op, "p");
-  check_rank4(x, op, "x", "(B, H, T, D)");
+// Shared argument checks of the (packed matrix, rows) products: x (B, H, T_x, D), p packed for
+// (T_q, T_k), one of which is T_x.
+void check_matrix_rows(const at::Tensor& p, const at::Tensor& x, int64_t T_q, int64_t T_k, const char* op,
+                       const char* x_dims) {
+  check_rank4(x, op, "x", x_dims);
+  check_packed(p, T_q, T_k, op, "p");
   check_same_dtype_device(x, p, op, "x", "p");
-  TORCH_CHECK(x.size(0) == p.size(0) && x.size(1) == p.size(1) && x.size(2) == p.size(2), op,
-              ": x has shape ", x.sizes(), " but p has shape ", p.sizes(),
-              "; x must be (B, H, T, D) with p's B, H and T");
-  check_blas_size(p.size(2), op, "T");
+  TORCH_CHECK(x.size(0) == p.size(0) && x.size(1) == p.size(1), op, ": x has shape ", x.sizes(), " but p has shape ",
+              p.sizes(), "; x must be ", x_dims, " with p's B and H");
+  check_blas_size(CausalLayout::roundup(T_k), op, "T_k rounded up to 64");
   check_blas_size(x.size(3), op, "D");
 }
 
@@ -231,43 +238,53 @@ void check_matrix_rows(const at::Tensor& p, const at::Tensor& x, const char* op)
 
 at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   constexpr const char* op = "fastgpt::causal_matmul_nt";
-  check_rank4(a, op, "a", "(B, H, T, D)");
-  check_rank4(b, op, "b", "(B, H, T, D)");
+  check_rank4(a, op, "a", "(B, H, T_q, D)");
+  check_rank4(b, op, "b", "(B, H, T_k, D)");
   check_dtype(a, op, "a");
   check_same_dtype_device(b, a, op, "b", "a");
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": b has shape ", b.sizes(), " but a has shape ", a.sizes(),
-              "; a and b must share (B, H, T, D)");
-  check_blas_size(a.size(2), op, "T");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1) && a.size(3) == b.size(3), op, ": b has shape ",
+              b.sizes(), " but a has shape ", a.sizes(), "; a (B, H, T_q, D) and b (B, H, T_k, D) must share B, H and D");
+  const CausalLayout L(a.size(2), b.size(2));
+  check_lengths(L.T_q, L.T_k, op);
+  check_blas_size(CausalLayout::roundup(L.T_k), op, "T_k rounded up to 64");
   check_blas_size(a.size(3), op, "D");
   const auto ra = rows_readable(a), rb = rows_readable(b);
-  at::Tensor out = empty_causal({a.size(0), a.size(1), a.size(2), a.size(2)}, a.options());
+  at::Tensor out = empty_causal(a.size(0), a.size(1), L.N, a.options());
   if (out.numel() == 0) return out;
   if (a.size(3) == 0) return out.zero_();
-  if (a.scalar_type() == at::kFloat) matmul_nt_kernel<float>(ra, rb, out);
-  else matmul_nt_kernel<c10::BFloat16>(ra, rb, out);
+  if (a.scalar_type() == at::kFloat) matmul_nt_kernel<float>(ra, rb, L, out);
+  else matmul_nt_kernel<c10::BFloat16>(ra, rb, L, out);
   return out;
 }
 
-at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x) {
+at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x, int64_t T_q) {
   constexpr const char* op = "fastgpt::causal_matmul_nn";
-  check_matrix_rows(p, x, op);
-  const auto rp = rows_readable(p), rx = rows_readable(x);
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  check_matrix_rows(p, x, T_q, x.dim() == 4 ? x.size(2) : 0, op, "(B, H, T_k, D)");
+  const CausalLayout L(T_q, x.size(2));
+  const auto rp = packed_readable(p), rx = rows_readable(x);
+  at::Tensor out = at::empty({x.size(0), x.size(1), T_q, x.size(3)}, x.options());
   if (out.numel() == 0) return out;
-  if (p.scalar_type() == at::kFloat) matmul_nn_kernel<float>(rp, rx, out);
-  else matmul_nn_kernel<c10::BFloat16>(rp, rx, out);
+  if (p.scalar_type() == at::kFloat) matmul_nn_kernel<float>(rp, rx, L, out);
+  else matmul_nn_kernel<c10::BFloat16>(rp, rx, L, out);
   return out;
 }
 
-at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x) {
+at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_k) {
   constexpr const char* op = "fastgpt::causal_matmul_tn";
-  check_matrix_rows(p, x, op);
-  const auto rp = rows_readable(p), rx = rows_readable(x);
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  check_matrix_rows(p, x, x.dim() == 4 ? x.size(2) : 0, T_k, op, "(B, H, T_q, D)");
+  const CausalLayout L(x.size(2), T_k);
+  const auto rp = packed_readable(p), rx = rows_readable(x);
+  at::Tensor out = at::empty({x.size(0), x.size(1), T_k, x.size(3)}, x.options());
   if (out.numel() == 0) return out;
-  if (p.scalar_type() == at::kFloat) matmul_tn_kernel<float>(rp, rx, out);
-  else matmul_tn_kernel<c10::BFloat16>(rp, rx, out);
+  if (L.T_q == 0) return out.zero_();  // no query sees any key
+  if (p.scalar_type() == at::kFloat) matmul_tn_kernel<float>(rp, rx, L, out);
+  else matmul_tn_kernel<c10::BFloat16>(rp, rx, L, out);
   return out;
+}
+
+int64_t causal_packed_size(int64_t T_q, int64_t T_k) {
+  check_lengths(T_q, T_k, "fastgpt::causal_packed_size");
+  return CausalLayout(T_q, T_k).N;
 }
 
 }  // namespace fastgpt::cpu

@@ -1,8 +1,9 @@
 // CPU kernels of the fused scale + causal mask + softmax (+ dropout), its backward, and the
-// dropout-mask testing hook. One pass per row of the (B, H, T, T) scores; row i of a head reads and
-// writes columns 0..i only (the causal mask is an index bound, never a -inf fill).
+// dropout-mask testing hook. One pass per row of the packed scores (causal_layout.h); row i of a
+// head reads columns 0..o+i only (the causal mask is an index bound, never a -inf fill) and writes
+// its whole packed row, zeros after them.
 //
-// Per row of length L = i + 1 (the row stays in L1: 4 KiB at T = 1024):
+// Per row of length L = o + i + 1 (the row stays in L1: 4 KiB at T = 1024):
 //   forward   m = max(scale·s); e = exp(scale·s - m); P = e / Σe; out = P ∘ keep / (1 - p)
 //   backward  dP = grad ∘ keep / (1 - p); dS = scale · P ∘ (dP - Σ dP∘P)
 // Without dropout the backward reads P, the forward's output. With dropout it reads the scores,
@@ -11,10 +12,12 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <limits>
 
+#include "../causal_layout.h"
 #include "../causal_ops.h"
 #include "../checks.h"
 #include "../philox.h"
@@ -95,37 +98,47 @@ void softmax_grad_row(const float* g, const float* p, float* ds, int64_t L, floa
 // Row elements below which a thread is not worth waking: ~20 µs at ~1 ns per element.
 constexpr double kMinCostPerThread = 2e4;
 
-// Rows of a (B, H, T, T) causal matrix: row r = bh·T + i costs about i + 1 (+ a fixed overhead).
+// Rows of a packed causal matrix: flat row r = bh·T_q + i costs about o + i + 1 (+ a fixed overhead).
 struct RowCost {
-  int64_t T;
+  int64_t T_q, o;
   static constexpr double kOverhead = 32.0;
   double operator()(int64_t n) const {  // cost of rows [0, n)
-    auto partial = [](double k) { return k * (k + 1.0) / 2.0 + kOverhead * k; };
-    return static_cast<double>(n / T) * partial(static_cast<double>(T)) + partial(static_cast<double>(n % T));
+    auto partial = [&](double k) { return k * (k + 1.0) / 2.0 + (static_cast<double>(o) + kOverhead) * k; };
+    return static_cast<double>(n / T_q) * partial(static_cast<double>(T_q)) + partial(static_cast<double>(n % T_q));
   }
 };
 
+// Where flat row r = bh·T_q + i of a packed matrix lives, its visible length and its stride.
+struct PackedRow {
+  int64_t bh, offset, length, stride;
+};
+inline PackedRow packed_row(const CausalLayout& L, int64_t r) {
+  const int64_t bh = r / L.T_q, i = r % L.T_q;
+  return {bh, L.row_offset(i), L.o + i + 1, L.stride(i / kCausalBlock)};
+}
+
 template <typename scalar_t>
-void softmax_kernel(const at::Tensor& scores, at::Tensor& out, float scale, const DropoutStream& ds) {
-  const int64_t T = scores.size(2), rows = scores.size(0) * scores.size(1) * T;
-  const auto S = rows4<scalar_t>(scores), O = rows4<scalar_t>(out);
-  parallel_for_balanced(rows, RowCost{T}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> mult(ds.enabled ? T : 0), s_buf, o_buf;
-    if constexpr (!std::is_same_v<scalar_t, float>) s_buf.resize(T), o_buf.resize(T);
+void softmax_kernel(const at::Tensor& scores, const CausalLayout& L, at::Tensor& out, float scale,
+                    const DropoutStream& ds) {
+  const int64_t rows = scores.size(0) * scores.size(1) * L.T_q;
+  const auto S = packed3<scalar_t>(scores), O = packed3<scalar_t>(out);
+  parallel_for_balanced(rows, RowCost{L.T_q, L.o}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
+    std::vector<float> mult(ds.enabled ? L.T_k : 0), s_buf, o_buf;
+    if constexpr (!std::is_same_v<scalar_t, float>) s_buf.resize(L.T_k), o_buf.resize(L.T_k);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t bh = r / T, i = r % T, L = i + 1;
-      const scalar_t* s = S.at(bh) + i * S.ld;
-      scalar_t* o = O.at(bh) + i * O.ld;
-      if (ds.enabled) dropout_multipliers(ds, static_cast<uint32_t>(r), L, mult.data());
+      const PackedRow row = packed_row(L, r);
+      const scalar_t* s = S.at(row.bh) + row.offset;
+      scalar_t* o = O.at(row.bh) + row.offset;
+      if (ds.enabled) dropout_multipliers(ds, static_cast<uint32_t>(r), row.length, mult.data());
       const float* m = ds.enabled ? mult.data() : nullptr;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        softmax_row(s, o, L, scale, m);
+        softmax_row(s, o, row.length, scale, m);
       } else {
-        to_float(s, s_buf.data(), L);
-        softmax_row(s_buf.data(), o_buf.data(), L, scale, m);
-        from_float(o_buf.data(), o, L);
+        to_float(s, s_buf.data(), row.length);
+        softmax_row(s_buf.data(), o_buf.data(), row.length, scale, m);
+        from_float(o_buf.data(), o, row.length);
       }
-      zero_fill(o + L, T - L);
+      zero_fill(o + row.length, row.stride - row.length);
     }
   });
 }
@@ -133,19 +146,20 @@ void softmax_kernel(const at::Tensor& scores, at::Tensor& out, float scale, cons
 // kRecompute: `saved` holds the forward's scores and P is recomputed (bit-identical to the
 // forward's), the mask regenerated; otherwise `saved` is the forward's output P (no dropout).
 template <typename scalar_t, bool kRecompute>
-void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& saved, at::Tensor& out, float scale,
-                             const DropoutStream& ds) {
-  const int64_t T = saved.size(2), rows = saved.size(0) * saved.size(1) * T;
-  const auto G = rows4<scalar_t>(grad), S = rows4<scalar_t>(saved), O = rows4<scalar_t>(out);
-  parallel_for_balanced(rows, RowCost{T}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> mult(ds.enabled ? T : 0), p_buf(T), g_buf, s_buf, o_buf;
-    if constexpr (!std::is_same_v<scalar_t, float>) g_buf.resize(T), s_buf.resize(T), o_buf.resize(T);
+void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& saved, const CausalLayout& L,
+                             at::Tensor& out, float scale, const DropoutStream& ds) {
+  const int64_t rows = saved.size(0) * saved.size(1) * L.T_q, T_k = L.T_k;
+  const auto G = packed3<scalar_t>(grad), S = packed3<scalar_t>(saved), O = packed3<scalar_t>(out);
+  parallel_for_balanced(rows, RowCost{L.T_q, L.o}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
+    std::vector<float> mult(ds.enabled ? T_k : 0), p_buf(T_k), g_buf, s_buf, o_buf;
+    if constexpr (!std::is_same_v<scalar_t, float>) g_buf.resize(T_k), s_buf.resize(T_k), o_buf.resize(T_k);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t bh = r / T, i = r % T, L = i + 1;
-      const scalar_t* g = G.at(bh) + i * G.ld;
-      const scalar_t* s = S.at(bh) + i * S.ld;
-      scalar_t* o = O.at(bh) + i * O.ld;
-      if (ds.enabled) dropout_multipliers(ds, static_cast<uint32_t>(r), L, mult.data());
+      const PackedRow row = packed_row(L, r);
+      const int64_t n = row.length;
+      const scalar_t* g = G.at(row.bh) + row.offset;
+      const scalar_t* s = S.at(row.bh) + row.offset;
+      scalar_t* o = O.at(row.bh) + row.offset;
+      if (ds.enabled) dropout_multipliers(ds, static_cast<uint32_t>(r), n, mult.data());
       const float* m = ds.enabled ? mult.data() : nullptr;
       const float* g_f;
       const float* s_f;
@@ -153,18 +167,18 @@ void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& saved, at
       if constexpr (std::is_same_v<scalar_t, float>) {
         g_f = g, s_f = s, o_f = o;
       } else {
-        to_float(g, g_buf.data(), L);
-        to_float(s, s_buf.data(), L);
+        to_float(g, g_buf.data(), n);
+        to_float(s, s_buf.data(), n);
         g_f = g_buf.data(), s_f = s_buf.data(), o_f = o_buf.data();
       }
       const float* p = s_f;
       if constexpr (kRecompute) {
-        softmax_row(s_f, p_buf.data(), L, scale, nullptr);
+        softmax_row(s_f, p_buf.data(), n, scale, nullptr);
         p = p_buf.data();
       }
-      softmax_grad_row(g_f, p, o_f, L, scale, m);
-      if constexpr (!std::is_same_v<scalar_t, float>) from_float(o_buf.data(), o, L);
-      zero_fill(o + L, T - L);
+      softmax_grad_row(g_f, p, o_f, n, scale, m);
+      if constexpr (!std::is_same_v<scalar_t, float>) from_float(o_buf.data(), o, n);
+      zero_fill(o + n, row.stride - n);
     }
   });
 }
@@ -175,70 +189,80 @@ DropoutStream stream_for(double dropout_p, int64_t seed, int64_t offset) {
 
 }  // namespace
 
-at::Tensor causal_softmax(const at::Tensor& scores, double scale, double dropout_p, int64_t seed,
-                          int64_t offset) {
+at::Tensor causal_softmax(const at::Tensor& scores, int64_t T_q, int64_t T_k, double scale, double dropout_p,
+                          int64_t seed, int64_t offset) {
   constexpr const char* op = "fastgpt::causal_softmax";
-  check_softmax_args(scores, scale, dropout_p, op);
-  const auto s = rows_readable(scores);
-  at::Tensor out = empty_causal(scores.sizes(), scores.options());
+  check_softmax_args(scores, T_q, T_k, scale, dropout_p, op);
+  const CausalLayout L(T_q, T_k);
+  const auto s = packed_readable(scores);
+  at::Tensor out = empty_causal(scores.size(0), scores.size(1), L.N, scores.options());
   if (out.numel() == 0) return out;
   const auto ds = stream_for(dropout_p, seed, offset);
-  if (scores.scalar_type() == at::kFloat) softmax_kernel<float>(s, out, static_cast<float>(scale), ds);
-  else softmax_kernel<c10::BFloat16>(s, out, static_cast<float>(scale), ds);
+  if (scores.scalar_type() == at::kFloat) softmax_kernel<float>(s, L, out, static_cast<float>(scale), ds);
+  else softmax_kernel<c10::BFloat16>(s, L, out, static_cast<float>(scale), ds);
   return out;
 }
 
 namespace {
 void check_grad(const at::Tensor& grad, const at::Tensor& saved, const char* op, const char* saved_name) {
-  check_rank4(grad, op, "grad", "(B, H, T, T)");
+  TORCH_CHECK(grad.dim() == 3, op, ": grad must be a packed causal matrix of 3 dims (B, H, N); got ", grad.dim(),
+              " dims with shape ", grad.sizes());
   check_same_dtype_device(grad, saved, op, "grad", saved_name);
   TORCH_CHECK(grad.sizes() == saved.sizes(), op, ": grad has shape ", grad.sizes(), " but ", saved_name,
               " has shape ", saved.sizes(), "; they must match");
 }
 }  // namespace
 
-at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, double scale) {
+at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, int64_t T_q, int64_t T_k,
+                                   double scale) {
   constexpr const char* op = "fastgpt::causal_softmax_backward";
-  check_softmax_args(probs, scale, 0.0, op, "probs");
+  check_softmax_args(probs, T_q, T_k, scale, 0.0, op, "probs");
   check_grad(grad, probs, op, "probs");
-  const auto g = rows_readable(grad), p = rows_readable(probs);
-  at::Tensor out = empty_causal(probs.sizes(), probs.options());
+  const CausalLayout L(T_q, T_k);
+  const auto g = packed_readable(grad), p = packed_readable(probs);
+  at::Tensor out = empty_causal(probs.size(0), probs.size(1), L.N, probs.options());
   if (out.numel() == 0) return out;
   const auto ds = stream_for(0.0, 0, 0);
-  if (probs.scalar_type() == at::kFloat) softmax_backward_kernel<float, false>(g, p, out, static_cast<float>(scale), ds);
-  else softmax_backward_kernel<c10::BFloat16, false>(g, p, out, static_cast<float>(scale), ds);
+  const float sc = static_cast<float>(scale);
+  if (probs.scalar_type() == at::kFloat) softmax_backward_kernel<float, false>(g, p, L, out, sc, ds);
+  else softmax_backward_kernel<c10::BFloat16, false>(g, p, L, out, sc, ds);
   return out;
 }
 
-at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& scores, double scale,
-                                           double dropout_p, int64_t seed, int64_t offset) {
+at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& scores, int64_t T_q,
+                                           int64_t T_k, double scale, double dropout_p, int64_t seed,
+                                           int64_t offset) {
   constexpr const char* op = "fastgpt::causal_softmax_dropout_backward";
-  check_softmax_args(scores, scale, dropout_p, op);
+  check_softmax_args(scores, T_q, T_k, scale, dropout_p, op);
   check_grad(grad, scores, op, "scores");
-  const auto g = rows_readable(grad), s = rows_readable(scores);
-  at::Tensor out = empty_causal(scores.sizes(), scores.options());
+  const CausalLayout L(T_q, T_k);
+  const auto g = packed_readable(grad), s = packed_readable(scores);
+  at::Tensor out = empty_causal(scores.size(0), scores.size(1), L.N, scores.options());
   if (out.numel() == 0) return out;
   const auto ds = stream_for(dropout_p, seed, offset);
-  if (scores.scalar_type() == at::kFloat) softmax_backward_kernel<float, true>(g, s, out, static_cast<float>(scale), ds);
-  else softmax_backward_kernel<c10::BFloat16, true>(g, s, out, static_cast<float>(scale), ds);
+  const float sc = static_cast<float>(scale);
+  if (scores.scalar_type() == at::kFloat) softmax_backward_kernel<float, true>(g, s, L, out, sc, ds);
+  else softmax_backward_kernel<c10::BFloat16, true>(g, s, L, out, sc, ds);
   return out;
 }
 
 void empty_cache() { BufferPool::instance().empty_cache(); }
 
-at::Tensor dropout_keep_mask(const at::Tensor& scores, double dropout_p, int64_t seed, int64_t offset) {
+at::Tensor dropout_keep_mask(const at::Tensor& scores, int64_t T_q, int64_t T_k, double dropout_p, int64_t seed,
+                             int64_t offset) {
   constexpr const char* op = "fastgpt::dropout_keep_mask";
-  check_softmax_args(scores, 1.0, dropout_p, op);
-  const int64_t T = scores.size(2), rows = scores.size(0) * scores.size(1) * T;
-  at::Tensor keep = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
+  check_softmax_args(scores, T_q, T_k, 1.0, dropout_p, op);
+  const int64_t rows = scores.size(0) * scores.size(1) * T_q, o = T_k - T_q;
+  at::Tensor keep = at::zeros({scores.size(0), scores.size(1), T_q, T_k}, scores.options().dtype(at::kBool));
   bool* k = keep.data_ptr<bool>();
   const auto ds = stream_for(dropout_p, seed, offset);
   // The scalar philox4x32_10, one block per 4 columns: the reference the vectorised kernels match.
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t j = 0; j < T; j += 4) {
+      const int64_t visible = o + r % T_q + 1;  // columns [0, visible) of the row; False after them
+      for (int64_t j = 0; j < visible; j += 4) {
         const Philox4 w = ds.words(static_cast<uint32_t>(j / 4), static_cast<uint32_t>(r));
-        for (int64_t c = j; c < std::min(T, j + 4); ++c) k[r * T + c] = w.x[c - j] >= ds.threshold;
+        for (int64_t c = j; c < std::min(visible, j + 4); ++c) k[r * T_k + c] = w.x[c - j] >= ds.threshold;
       }
     }
   });

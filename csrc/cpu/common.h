@@ -1,5 +1,5 @@
 // What the CPU kernels share: the GEMM they call on tiles, a work-balanced parallel loop, the
-// allocation of causal matrices, strided (B, H, rows, cols) views, bfloat16 rows.
+// allocation of packed causal matrices, strided (B, H, rows, cols) and (B, H, N) views, bfloat16 rows.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -14,10 +14,6 @@
 #include <vector>
 
 #include "buffer_pool.h"
-
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
 
 #if defined(FASTGPT_HAVE_SGEMM)
 // The Fortran BLAS entry point that PyTorch itself links (MKL or OpenBLAS): column-major, LP64.
@@ -59,12 +55,6 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 #endif
 }
 
-inline void store_fence() {
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm_sfence();  // streaming stores are weakly ordered: publish them before the chunk ends
-#endif
-}
-
 // at::parallel_for over items [0, n) with one contiguous range per thread holding about the same
 // total cost; `cum(i)` is the cost of items [0, i), non-decreasing. Causal work is triangular, so
 // equal item counts would leave one thread with three quarters of it. Each thread gets at least
@@ -78,7 +68,6 @@ void parallel_for_balanced(int64_t n, const CumCost& cum, double min_cost, const
   const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, std::max<int64_t>(by_cost, 1)});
   if (threads <= 1 || at::in_parallel_region()) {
     body(int64_t{0}, n);
-    store_fence();
     return;
   }
   auto split = [&](int64_t t) -> int64_t {  // first item whose prefix cost reaches t/threads of the total
@@ -95,38 +84,23 @@ void parallel_for_balanced(int64_t n, const CumCost& cum, double min_cost, const
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t begin = split(t), end = split(t + 1);
       if (begin < end) body(begin, end);
-      store_fence();
     }
   });
 }
 
-// A causal matrix (B, H, T, T) to be filled by a kernel that writes every element (zeros above
-// the diagonal); large ones are recycled by the buffer pool.
-inline at::Tensor empty_causal(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return BufferPool::instance().empty(sizes, options);
+// A packed causal matrix (B, H, N) to be filled by a kernel that writes every element (zeros above
+// the diagonal and in the padding); large ones are recycled by the buffer pool.
+inline at::Tensor empty_causal(int64_t B, int64_t H, int64_t N, const at::TensorOptions& options) {
+  return BufferPool::instance().empty({B, H, N}, options);
 }
 
-// The part of a causal matrix's row right of the diagonal: half of every causal matrix, never read
-// by the ops. `streaming` writes it with non-temporal stores, which skip the read-for-ownership of
-// each line: 6-8% faster for causal_matmul_nt, but 20-40% slower in the softmax kernels, whose
-// regular stores of the row's values interleave with them (measured at T = 256 and 1024).
+// The part of a packed row right of its last visible key: above the diagonal and the padding, at
+// most 127 elements, never read by the ops. Plain stores: the old dense layout wrote half of every
+// matrix here and streaming stores paid off in causal_matmul_nt; these runs are too short for them.
 template <typename scalar_t>
-inline void zero_fill(scalar_t* p, int64_t n, bool streaming = false) {
-  (void)streaming;
+inline void zero_fill(scalar_t* p, int64_t n) {
   if (n > 0) std::memset(static_cast<void*>(p), 0, sizeof(scalar_t) * n);
 }
-#if defined(CPU_CAPABILITY_AVX512)
-inline void zero_fill(float* p, int64_t n, bool streaming = false) {
-  if (!streaming) {
-    if (n > 0) std::memset(p, 0, sizeof(float) * n);
-    return;
-  }
-  for (; n > 0 && (reinterpret_cast<uintptr_t>(p) & 63) != 0; --n) *p++ = 0.0f;  // to a cache line
-  const __m512 zero = _mm512_setzero_ps();
-  for (; n >= 16; n -= 16, p += 16) _mm512_stream_ps(p, zero);
-  for (; n > 0; --n) *p++ = 0.0f;
-}
-#endif
 
 // A (B, H, rows, cols) tensor whose last dim is contiguous, read through its strides: the strided
 // q/k/v views of a fused qkv projection need no copy. Anything else is made contiguous first.
@@ -143,6 +117,25 @@ inline at::Tensor rows_readable(const at::Tensor& t) {
   const bool last_ok = cols <= 1 || t.stride(3) == 1;
   const bool rows_ok = rows <= 1 || (t.stride(2) >= cols && t.stride(2) <= INT32_MAX);
   return (last_ok && rows_ok) ? t : t.contiguous();
+}
+
+// A packed causal matrix (B, H, N) whose last dim is contiguous, read through its (b, h) strides
+// (a broadcast batch needs no copy). Rows are found with CausalLayout::row_offset.
+template <typename scalar_t>
+struct Packed3 {
+  scalar_t* data;
+  int64_t heads, stride_b, stride_h;
+
+  scalar_t* at(int64_t bh) const { return data + (bh / heads) * stride_b + (bh % heads) * stride_h; }
+};
+
+inline at::Tensor packed_readable(const at::Tensor& t) {
+  return (t.size(2) <= 1 || t.stride(2) == 1) ? t : t.contiguous();
+}
+
+template <typename scalar_t>
+Packed3<scalar_t> packed3(const at::Tensor& t) {
+  return {static_cast<scalar_t*>(t.data_ptr()), t.size(1), t.stride(0), t.stride(1)};
 }
 
 template <typename scalar_t>

@@ -1,12 +1,14 @@
 """`ext`: attention from the compiled ops of csrc/, un-fused but with the causal work skipped.
 
-    S   = tril(q · kᵀ)                          causal_matmul_nt    (B, H, T, T), lower tiles only
+    S   = tril_o(q · kᵀ)                        causal_matmul_nt    packed (B, H, N), lower tiles only
     P   = dropout(softmax(scale · S, causal))   causal_softmax      one pass per row, mask from Philox
-    out = P · v                                 causal_matmul_nn    (B, H, T, D), zero tiles skipped
+    out = P · v                                 causal_matmul_nn    (B, H, T_q, D), zero tiles skipped
 
-The backward is the same ops (see fastgpt/ext/ops.py): dP = tril(dO·vᵀ), dv = Pᵀ·dO, the fused
-softmax backward, dq = dS·k, dk = dSᵀ·q. The T×T matrices are materialised, once each, at about
-half the work of the naive math; the dropout mask is regenerated, never stored.
+q has T_q <= T_k rows, k and v T_k (a KV-cache decode step: T_q = 1); query i sees keys
+j <= T_k - T_q + i. The backward is the same ops (see fastgpt/ext/ops.py): dP = tril_o(dO·vᵀ),
+dv = Pᵀ·dO, the fused softmax backward, dq = dS·k, dk = dSᵀ·q. The T_q × T_k matrices are
+materialised, once each, in the packed layout (fastgpt/ext/layout.py: the causal part only, ~52% of
+T² at T = 2048), at about half the work of the naive math; the dropout mask is regenerated, never stored.
 
 CPU kernels only for now: the CUDA kernels of the same ops are issue 7's.
 """
@@ -30,10 +32,11 @@ def ext_attention(
     seed: Optional[int] = None,
     offset: int = 0,
 ) -> torch.Tensor:
-    """Causal attention through the ext ops.  q, k, v: (B, H, T, D) -> (B, H, T, D).
+    """Causal attention through the ext ops.  q (B, H, T_q, D), k, v (B, H, T_k, D) -> (B, H, T_q, D),
+    T_q <= T_k, the diagonal aligned bottom-right (the last query sees every key).
 
-    With dropout, `seed` and `offset` pick the mask (fastgpt.ext.dropout_keep_mask gives it for the
-    (B, H, T, T) scores); seed=None draws a seed from torch's default CPU generator, so
+    With dropout, `seed` and `offset` pick the mask (fastgpt.ext.dropout_keep_mask gives it, dense
+    (B, H, T_q, T_k)); seed=None draws a seed from torch's default CPU generator, so
     torch.manual_seed makes runs repeatable.
     """
     from fastgpt.ext import ops
@@ -43,9 +46,10 @@ def ext_attention(
     if seed is None:
         # Only a dropout call consumes randomness, as nn.Dropout does.
         seed = int(torch.empty((), dtype=torch.int64).random_()) if dropout_p > 0.0 else 0
-    s = ops.causal_matmul_nt(q, k)  # (B, H, T, T)
-    p = ops.causal_softmax(s, scale, dropout_p, seed, offset)  # (B, H, T, T)
-    return ops.causal_matmul_nn(p, v)  # (B, H, T, D)
+    T_q, T_k = q.shape[2], k.shape[2]
+    s = ops.causal_matmul_nt(q, k)  # packed (B, H, N)
+    p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed, offset)  # packed (B, H, N)
+    return ops.causal_matmul_nn(p, v, T_q)  # (B, H, T_q, D)
 
 
 def _ext_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp")
-HEADERS = ("causal_ops.h", "checks.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/dropout_cpu.h")
+HEADERS = ("causal_layout.h", "causal_ops.h", "checks.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/dropout_cpu.h")
 # Measured on the 2-core dev machine while it was shared: 28-44 s for the three translation units.
 COMPILE_SECONDS_ESTIMATE = 45
 
