@@ -1,5 +1,9 @@
 """Float64 references of the ext ops and the per-op form of fastgpt.parity's tolerance rule.
 
+The references compute densely, (T_q, T_k) with the diagonal aligned bottom-right (query i sees
+keys j <= T_k - T_q + i), and pack / unpack with fastgpt.ext.layout at the boundary, so that they
+take and give what the ops do.
+
 Each op is checked like a backend: its error against the float64 reference may be at most
 OUTPUT_FACTOR (output) / GRAD_FACTOR (input gradients) × the error of the reference math run in
 the same dtype, plus the dtype's floor from fastgpt.parity.TOLERANCES. No second tolerance table.
@@ -9,31 +13,56 @@ from __future__ import annotations
 
 import torch
 
+from fastgpt.ext import layout
 from fastgpt.parity import GRAD_FACTOR, OUTPUT_FACTOR, TOLERANCES
 
 
-def future_mask(T: int, device="cpu") -> torch.Tensor:
-    """(T, T) bool, True strictly above the diagonal: the keys a query may not see."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+def future_mask(T_q: int, T_k: int = None, device="cpu") -> torch.Tensor:
+    """(T_q, T_k) bool, True at j > T_k - T_q + i: the keys a query may not see."""
+    T_k = T_q if T_k is None else T_k
+    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).triu(T_k - T_q + 1)
 
 
 def ref_matmul_nt(a, b):
-    return torch.tril(a @ b.transpose(-2, -1))
+    T_q, T_k = a.shape[2], b.shape[2]
+    return layout.pack(a @ b.transpose(-2, -1), T_q, T_k)
 
 
-def ref_matmul_nn(p, x):
-    return torch.tril(p) @ x
+def ref_matmul_nn(p, x, T_q):
+    return layout.unpack(p, T_q, x.shape[2]) @ x
 
 
-def ref_matmul_tn(p, x):
-    return torch.tril(p).transpose(-2, -1) @ x
+def ref_matmul_tn(p, x, T_k):
+    return layout.unpack(p, x.shape[2], T_k).transpose(-2, -1) @ x
 
 
-def ref_softmax(scores, scale, keep=None, dropout_p=0.0):
-    T = scores.shape[-1]
-    p = torch.softmax((scores * scale).masked_fill(future_mask(T, scores.device), float("-inf")), dim=-1)
+def ref_softmax(scores, T_q, T_k, scale, keep=None, dropout_p=0.0):
+    """Packed in, packed out; `keep` a dense (B, H, T_q, T_k) bool mask."""
+    return layout.pack(ref_probs(layout.unpack(scores, T_q, T_k), scale, keep, dropout_p), T_q, T_k)
+
+
+def ref_probs(scores, scale, keep=None, dropout_p=0.0):
+    """Dense (..., T_q, T_k) scores -> the dense attention weights, dropout from `keep`."""
+    T_q, T_k = scores.shape[-2:]
+    p = torch.softmax((scores * scale).masked_fill(future_mask(T_q, T_k, scores.device), float("-inf")), dim=-1)
     if keep is not None:
         p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    return p
+
+
+def ref_attention(q, k, v, dropout_p=0.0, scale=None, keep=None):
+    """Causal attention, q (B, H, T_q, D), k, v (B, H, T_k, D), T_q <= T_k, in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ref_probs(q @ k.transpose(-2, -1), scale, keep, dropout_p) @ v
+
+
+def random_packed(B, H, T_q, T_k, seed=0, fill=None):
+    """A float64 packed causal matrix, randn / sqrt(T_k) where j <= o + i; elsewhere (above the
+    diagonal and in the padding) `fill` if given, else more randn: values the ops must not read."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(B, H, layout.packed_size(T_q, T_k), generator=g, dtype=torch.float64) * max(T_k, 1) ** -0.5
+    if fill is not None:
+        p = p.masked_fill(~layout.valid_mask(T_q, T_k), fill)
     return p
 
 

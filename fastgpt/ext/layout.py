@@ -20,8 +20,8 @@ def _roundup(n):
 
 
 def check_lengths(T_q: int, T_k: int) -> None:
-    for name, value in (("T_q", T_q), ("T_k", T_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    for name, value in (("T_q", T_q), ("T_k", T_k)):  # SymInts too: the fake kernels size with these
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
             raise ValueError(f"{name} must be an int >= 0; got {value!r}")
     if T_q > T_k:
         raise ValueError(f"T_q = {T_q} > T_k = {T_k}: the causal ops need at most as many queries as keys (T_q <= T_k)")
