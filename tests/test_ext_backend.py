@@ -1,4 +1,5 @@
-"""The `ext` attention backend: parity through the public API, what it refuses and why."""
+"""The `ext` attention backend: parity through the public API and, with fewer queries than keys,
+through ext_attention against the float64 reference; what it refuses and why."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 import fastgpt.ext as ext
 from fastgpt.attention import causal_attention, get_backend
-from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv
+from fastgpt.attention.ext_backend import ext_attention
+from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv, tolerance
+from ext_reference import ref_attention
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,6 +23,52 @@ def _extension():
 def test_parity(shape, dtype):
     result = check_parity("ext", shape, dtype)
     assert result.ok, f"{result.worst}: {result.errors} vs limits {result.limits}"
+
+
+def forward_backward(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+# (T_q, T_k): a decode step (T_q = 1) up to ~200 keys, and blocks of queries around 64.
+FEWER_QUERIES = [(1, 1), (1, 2), (1, 63), (1, 64), (1, 65), (1, 130), (1, 200), (63, 64), (64, 130), (65, 130),
+                 (130, 200), (2, 257)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("T_q, T_k", FEWER_QUERIES, ids=[f"Tq{q}Tk{k}" for q, k in FEWER_QUERIES])
+def test_parity_fewer_queries_than_keys(T_q, T_k, dtype):
+    """ext_attention with q (B, H, T_q, D), k, v (B, H, T_k, D), the diagonal aligned bottom-right,
+    against the float64 reference; fastgpt.parity's rule (the same-dtype reference's error)."""
+    B, H, D = 2, 2, 32
+    g = torch.Generator().manual_seed(T_q * 1000 + T_k)
+    q = torch.randn(B, T_q, H, D, generator=g, dtype=torch.float64).transpose(1, 2)  # non-contiguous
+    k, v = (torch.randn(B, H, T_k, D, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(B, H, T_q, D, generator=g, dtype=torch.float64)
+    ref = forward_backward(ref_attention, q, k, v, dout)
+    x = [t.to(dtype) for t in (q, k, v, dout)]
+    same = forward_backward(ref_attention, *x)
+    got = forward_backward(ext_attention, *x)
+    for key in ref:
+        err = (got[key].double() - ref[key]).abs().max().item()
+        limit = tolerance(key, (same[key].double() - ref[key]).abs().max().item(), dtype)
+        assert err <= limit, f"{key}: {err:.3g} > {limit:.3g}"
+
+
+def test_a_decode_step_is_the_last_row_of_full_attention():
+    """The KV-cache identity: the last query alone against all keys is row T - 1 of causal attention."""
+    q, k, v = make_qkv((2, 3, 130, 32), torch.float32, "cpu")
+    full = ext_attention(q, k, v)
+    for t in (1, 64, 129):  # the last t queries
+        torch.testing.assert_close(ext_attention(q[:, :, -t:], k, v), full[:, :, -t:], rtol=1e-6, atol=1e-6)
+
+
+def test_more_queries_than_keys_are_refused():
+    q, k, v = make_qkv((1, 2, 8, 16), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"T_q = 8 > T_k = 5"):
+        ext_attention(q, k[:, :, :5], v[:, :, :5])
 
 
 def test_custom_scale_and_contiguous_inputs():

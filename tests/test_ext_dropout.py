@@ -12,9 +12,9 @@ import torch
 
 import fastgpt.ext as ext
 from fastgpt.attention.ext_backend import ext_attention
-from fastgpt.attention.naive import naive_attention
-from fastgpt.parity import GRAD_FACTOR, OUTPUT_FACTOR, PARITY_SHAPES, TOLERANCES, make_qkv
-from ext_reference import future_mask, ref_softmax
+from fastgpt.ext import layout
+from fastgpt.parity import PARITY_SHAPES, make_qkv, tolerance
+from ext_reference import future_mask, random_packed, ref_attention, ref_softmax
 
 M32 = 0xFFFFFFFF
 
@@ -35,19 +35,21 @@ def philox4x32_10(counter, key):
     return c
 
 
-def python_keep_mask(B, H, T, p, seed, offset):
-    """The documented stream: counter (col // 4, row, offset_lo, offset_hi), key (seed_lo, seed_hi),
-    word col % 4, keep when word >= floor(p · 2^32)."""
+def python_keep_mask(B, H, T_q, T_k, p, seed, offset):
+    """The documented stream: element (i, j) of head bh is row (bh·T_q + i), column j; counter
+    (col // 4, row, offset_lo, offset_hi), key (seed_lo, seed_hi), word col % 4, keep when
+    word >= floor(p · 2^32); False at j > T_k - T_q + i."""
     seed, offset = seed % 2**64, offset % 2**64
     key = (seed & M32, seed >> 32)
     threshold = int(p * 2**32)
-    keep = torch.empty(B * H * T, T, dtype=torch.bool)
-    for row in range(B * H * T):
-        for g in range((T + 3) // 4):
+    keep = torch.zeros(B * H * T_q, T_k, dtype=torch.bool)
+    for row in range(B * H * T_q):
+        visible = T_k - T_q + row % T_q + 1
+        for g in range((visible + 3) // 4):
             words = philox4x32_10((g, row, offset & M32, offset >> 32), key)
-            for c in range(4 * g, min(T, 4 * g + 4)):
+            for c in range(4 * g, min(visible, 4 * g + 4)):
                 keep[row, c] = words[c % 4] >= threshold
-    return keep.view(B, H, T, T)
+    return keep.view(B, H, T_q, T_k)
 
 
 def test_python_philox_matches_random123_known_answers():
@@ -58,35 +60,35 @@ def test_python_philox_matches_random123_known_answers():
 
 
 @pytest.mark.parametrize("seed, offset", [(0, 0), (2**40 + 17, 3), (-5, 2**33 + 1)])
-def test_keep_mask_is_the_documented_philox_stream(seed, offset):
-    B, H, T, p = 2, 3, 11, 0.3
-    scores = torch.zeros(B, H, T, T)
-    assert torch.equal(ext.dropout_keep_mask(scores, p, seed, offset), python_keep_mask(B, H, T, p, seed, offset))
+@pytest.mark.parametrize("T_q, T_k", [(11, 11), (5, 23), (1, 9)])
+def test_keep_mask_is_the_documented_philox_stream(seed, offset, T_q, T_k):
+    B, H, p = 2, 3, 0.3
+    scores = torch.zeros(B, H, layout.packed_size(T_q, T_k))
+    got = ext.dropout_keep_mask(scores, T_q, T_k, p, seed, offset)
+    assert torch.equal(got, python_keep_mask(B, H, T_q, T_k, p, seed, offset))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softmax_applies_exactly_its_mask(dtype):
-    # T = 150: rows span several 16-lane Philox batches and a ragged tail in the vectorised kernel.
-    B, H, T, p, seed, offset = 2, 2, 150, 0.4, 99, 5
-    scores = torch.randn(B, H, T, T, dtype=torch.float64)
-    keep = ext.dropout_keep_mask(scores.float(), p, seed, offset)
-    out = ext.causal_softmax(scores.to(dtype), 0.3, p, seed, offset)
-    expected = ref_softmax(scores.to(dtype).double(), 0.3, keep, p)
-    lower = ~future_mask(T)
+@pytest.mark.parametrize("T_q, T_k", [(150, 150), (70, 200), (1, 150)])
+def test_softmax_applies_exactly_its_mask(dtype, T_q, T_k):
+    # 150+ keys: rows span several 16-lane Philox batches and a ragged tail in the vectorised kernel.
+    B, H, p, seed, offset = 2, 2, 0.4, 99, 5
+    scores = random_packed(B, H, T_q, T_k) * T_k**0.5
+    keep = ext.dropout_keep_mask(scores.float(), T_q, T_k, p, seed, offset)
+    out = layout.unpack(ext.causal_softmax(scores.to(dtype), T_q, T_k, 0.3, p, seed, offset), T_q, T_k)
+    expected = layout.unpack(ref_softmax(scores.to(dtype).double(), T_q, T_k, 0.3, keep, p), T_q, T_k)
+    lower = ~future_mask(T_q, T_k)
     assert torch.equal(out[..., lower] == 0, ~keep[..., lower])  # zero exactly where dropped
+    assert not keep[..., ~lower].any()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=[f"B{b}H{h}T{t}D{d}" for b, h, t, d in PARITY_SHAPES])
-def test_backend_dropout_parity_with_its_own_mask(shape, dtype):
-    """ext attention with dropout against float64 naive attention fed ext's mask; the rule of
-    fastgpt.parity (factor × the same-dtype naive error with that mask, plus the dtype floor)."""
-    p, seed, offset = 0.2, 1234, 0
-    B, H, T, D = shape
-    q, k, v = make_qkv(shape, dtype, "cpu")
-    keep = ext.dropout_keep_mask(torch.empty(B, H, T, T), p, seed, offset)
-    dout = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+def dropout_parity(q, k, v, p, seed, offset, dout):
+    """ext attention with dropout against the float64 reference fed ext's mask; the rule of
+    fastgpt.parity (factor × the same-dtype reference error with that mask, plus the dtype floor)."""
+    B, H, T_q, D = q.shape
+    T_k = k.shape[2]
+    keep = ext.dropout_keep_mask(torch.empty(B, H, layout.packed_size(T_q, T_k)), T_q, T_k, p, seed, offset)
 
     def run(fn, q, k, v, dout):
         q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -94,25 +96,41 @@ def test_backend_dropout_parity_with_its_own_mask(shape, dtype):
         out.backward(dout)
         return [out.detach(), q.grad, k.grad, v.grad]
 
-    naive = lambda q, k, v: naive_attention(q, k, v, p, D**-0.5, keep_mask=keep)  # noqa: E731
-    ref = run(naive, q.double(), k.double(), v.double(), dout)
-    same = run(naive, q, k, v, dout.to(dtype))
-    got = run(lambda q, k, v: ext_attention(q, k, v, p, D**-0.5, seed=seed, offset=offset), q, k, v, dout.to(dtype))
-    floor = TOLERANCES[dtype]
+    reference = lambda q, k, v: ref_attention(q, k, v, p, D**-0.5, keep=keep)  # noqa: E731
+    ref = run(reference, q.double(), k.double(), v.double(), dout)
+    same = run(reference, q, k, v, dout.to(q.dtype))
+    got = run(lambda q, k, v: ext_attention(q, k, v, p, D**-0.5, seed=seed, offset=offset), q, k, v, dout.to(q.dtype))
     for i, name in enumerate(["out", "dq", "dk", "dv"]):
-        factor, base = (OUTPUT_FACTOR, floor.out) if i == 0 else (GRAD_FACTOR, floor.grad)
-        limit = factor * (same[i].double() - ref[i]).abs().max().item() + base
+        limit = tolerance(name, (same[i].double() - ref[i]).abs().max().item(), q.dtype)
         err = (got[i].double() - ref[i]).abs().max().item()
         assert err <= limit, f"{name}: {err:.3g} > {limit:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=[f"B{b}H{h}T{t}D{d}" for b, h, t, d in PARITY_SHAPES])
+def test_backend_dropout_parity_with_its_own_mask(shape, dtype):
+    q, k, v = make_qkv(shape, dtype, "cpu")
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dropout_parity(q, k, v, 0.2, 1234, 0, dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T_q, T_k", [(1, 200), (63, 64), (65, 130), (17, 130)])
+def test_backend_dropout_parity_fewer_queries(T_q, T_k, dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, T_q, 32, generator=g, dtype=torch.float64).to(dtype)
+    k, v = (torch.randn(2, 2, T_k, 32, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    dout = torch.randn(2, 2, T_q, 32, generator=g, dtype=torch.float64)
+    dropout_parity(q, k, v, 0.2, 77, 3, dout)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
 def test_kept_fraction(p):
     B, H, T = 4, 6, 256  # 790k lower-triangle draws: the standard error is ~6e-4
-    scores = torch.randn(B, H, T, T)
-    lower = ~future_mask(T)
-    kept_mask = ext.dropout_keep_mask(scores, p, 7, 0)[..., lower].float().mean().item()
-    kept_out = (ext.causal_softmax(scores, 0.1, p, 7, 0)[..., lower] != 0).float().mean().item()
+    scores = random_packed(B, H, T, T).float()
+    lower, valid = ~future_mask(T), layout.valid_mask(T, T)
+    kept_mask = ext.dropout_keep_mask(scores, T, T, p, 7, 0)[..., lower].float().mean().item()
+    kept_out = (ext.causal_softmax(scores, T, T, 0.1, p, 7, 0)[..., valid] != 0).float().mean().item()
     assert abs(kept_mask - (1 - p)) <= 0.01
     assert abs(kept_out - (1 - p)) <= 0.01
 
