@@ -185,11 +185,12 @@ void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
       const int64_t bh = item / nb, k0 = (item % nb) * kBlock, k1 = std::min(T_k, k0 + kBlock), m = k1 - k0;
       const int64_t qa = first_query(L, k0), qf = first_query(L, k1 - 1);  // qa <= qf < T_q
       const scalar_t* p_bh = P.at(bh);
-      // P's column strip [k0, k1) over the queries [qa, T_q), float32, zeros above the diagonal:
-      // ((T_q - qa) × m), contiguous, while the packed rows have one stride per row block. The
-      // copy is 1/D of the GEMM's work and leaves the strip in L2 for it.
-      p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>((T_q - qa) * m)));
-      for (int64_t i = qa; i < T_q; ++i) {
+      // float32 copies of P's column strip [k0, k1): the rows [qa, qf) that cross the diagonal
+      // (zeros above it), and for bfloat16 all of [qa, T_q). ((rows - qa) × m), contiguous.
+      constexpr bool kIsFloat = std::is_same_v<scalar_t, float>;
+      const int64_t copied = kIsFloat ? qf : T_q;
+      p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>((copied - qa) * m)));
+      for (int64_t i = qa; i < copied; ++i) {
         const int64_t valid = std::min(m, L.o + i + 1 - k0);
         float* dst = p_buf.data() + (i - qa) * m;
         to_float(p_bh + L.row_offset(i) + k0, dst, valid);
@@ -199,9 +200,19 @@ void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
       const float* x_rows = float_rows(X.at(bh), X.ld, qa, T_q, D, x_buf, ldx);  // row qa first
       // Computed transposed, Cᵀ (D × m) = X[qa:T_q]ᵀ · strip, so that the strip is B of the GEMM,
       // read row by row: MKL is ~25% faster this way than with its transpose as A. The queries
-      // [qf, T_q) see the whole block: one GEMM.
-      gemm(true, false, D, m, T_q - qf, 1.0f, x_rows + (qf - qa) * ldx, ldx, p_buf.data() + (qf - qa) * m, m,
-           0.0f, ct.data(), m);
+      // [qf, T_q) see the whole block: float32 reads them in place, one GEMM per row block (each
+      // has its own stride), bfloat16 from the copy in one GEMM.
+      if constexpr (kIsFloat) {
+        for (int64_t i0 = qf; i0 < T_q;) {
+          const int64_t r = i0 / kBlock, i1 = std::min(T_q, (r + 1) * kBlock);
+          gemm(true, false, D, m, i1 - i0, 1.0f, x_rows + (i0 - qa) * ldx, ldx, p_bh + L.row_offset(i0) + k0,
+               L.stride(r), i0 == qf ? 0.0f : 1.0f, ct.data(), m);
+          i0 = i1;
+        }
+      } else {
+        gemm(true, false, D, m, T_q - qf, 1.0f, x_rows + (qf - qa) * ldx, ldx, p_buf.data() + (qf - qa) * m, m,
+             0.0f, ct.data(), m);
+      }
       // The queries [qa, qf) cross the diagonal: strip columns [s0, s1) are zero above query
       // first_query(k0 + s0).
       for (int64_t s0 = 0; s0 < m; s0 += kStrip) {
