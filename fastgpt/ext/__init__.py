@@ -1,4 +1,5 @@
-"""fastgpt's compiled ops (csrc/): causal matmuls and the fused causal softmax with dropout.
+"""fastgpt's compiled ops (csrc/): causal matmuls and the fused causal softmax with dropout, on
+packed causal matrices (fastgpt.ext.layout: the layout's size, pack and unpack; T_q <= T_k).
 
 Importing this package compiles nothing; the first call of an op builds or loads the extension
 (see build.py). The `ext` attention backend (fastgpt.attention.ext_backend) is built from these.
