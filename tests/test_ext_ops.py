@@ -23,7 +23,7 @@ from ext_reference import (
 DTYPES = [torch.float32, torch.bfloat16]
 ids = [f"B{b}H{h}T{t}D{d}" for b, h, t, d in PARITY_SHAPES]
 # (T_q, T_k) with fewer queries than keys, around the 64-row blocks; T_q = 1 is a decode step.
-LENGTHS = [(1, 1), (1, 63), (1, 200), (63, 64), (64, 64), (65, 130), (17, 130), (130, 130), (100, 257)]
+LENGTHS = [(1, 1), (1, 200), (63, 64), (65, 130), (17, 130), (100, 257)]
 lengths_ids = [f"Tq{q}Tk{k}" for q, k in LENGTHS]
 ops = torch.ops.fastgpt
 
@@ -74,7 +74,7 @@ def test_pack_and_unpack():
 # ---- opcheck ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T_q, T_k", [(1, 1), (17, 17), (5, 70)])
+@pytest.mark.parametrize("T_q, T_k", [(1, 9), (17, 70)])
 def test_opcheck(dtype, T_q, T_k):
     B, H, D = 2, 3, 8
     q, k, v = (t.requires_grad_(True) for t in qk(B, H, T_q, T_k, D, dtype))
