@@ -15,10 +15,12 @@
 
 #include <cstdint>
 
+#ifndef FASTGPT_HOST_DEVICE  // also defined, identically, by philox.h
 #if defined(__CUDACC__)
-#define FASTGPT_LAYOUT_FN __host__ __device__ __forceinline__
+#define FASTGPT_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define FASTGPT_LAYOUT_FN inline
+#define FASTGPT_HOST_DEVICE inline
+#endif
 #endif
 
 namespace fastgpt {
@@ -31,28 +33,28 @@ struct CausalLayout {
   int64_t R;  // row blocks
   int64_t N;  // elements per (b, h)
 
-  FASTGPT_LAYOUT_FN static int64_t roundup(int64_t n) { return (n + kCausalBlock - 1) / kCausalBlock * kCausalBlock; }
+  FASTGPT_HOST_DEVICE static int64_t roundup(int64_t n) { return (n + kCausalBlock - 1) / kCausalBlock * kCausalBlock; }
 
   // Assumes 0 <= T_q <= T_k (checks.h refuses anything else before a layout is built).
-  FASTGPT_LAYOUT_FN CausalLayout(int64_t tq, int64_t tk) : T_q(tq), T_k(tk), o(tk - tq), R((tq + kCausalBlock - 1) / kCausalBlock), N(0) {
+  FASTGPT_HOST_DEVICE CausalLayout(int64_t tq, int64_t tk) : T_q(tq), T_k(tk), o(tk - tq), R((tq + kCausalBlock - 1) / kCausalBlock), N(0) {
     N = R == 0 ? 0 : start(R - 1) + rows(R - 1) * stride(R - 1);
   }
 
   // Rows of block r: 64, the last one possibly fewer.
-  FASTGPT_LAYOUT_FN int64_t rows(int64_t r) const {
+  FASTGPT_HOST_DEVICE int64_t rows(int64_t r) const {
     const int64_t left = T_q - r * kCausalBlock;
     return left < kCausalBlock ? left : kCausalBlock;
   }
   // Keys the last row of block r sees (w_r); those of row i: o + i + 1.
-  FASTGPT_LAYOUT_FN int64_t width(int64_t r) const { return o + r * kCausalBlock + rows(r); }
+  FASTGPT_HOST_DEVICE int64_t width(int64_t r) const { return o + r * kCausalBlock + rows(r); }
   // Leading dimension of block r (W_r).
-  FASTGPT_LAYOUT_FN int64_t stride(int64_t r) const { return roundup(width(r)); }
+  FASTGPT_HOST_DEVICE int64_t stride(int64_t r) const { return roundup(width(r)); }
   // Offset of block r's first element: Σ_{r' < r} 64 · (64·(r' + 1) + roundup(o)), all full blocks.
-  FASTGPT_LAYOUT_FN int64_t start(int64_t r) const {
+  FASTGPT_HOST_DEVICE int64_t start(int64_t r) const {
     return kCausalBlock * (kCausalBlock * r * (r + 1) / 2 + roundup(o) * r);
   }
   // Offset of row i's first element; its stride is stride(i / 64).
-  FASTGPT_LAYOUT_FN int64_t row_offset(int64_t i) const {
+  FASTGPT_HOST_DEVICE int64_t row_offset(int64_t i) const {
     const int64_t r = i / kCausalBlock;
     return start(r) + (i - r * kCausalBlock) * stride(r);
   }

@@ -17,10 +17,12 @@
 
 #include <cstdint>
 
+#ifndef FASTGPT_HOST_DEVICE  // also defined, identically, by causal_layout.h
 #if defined(__CUDACC__)
 #define FASTGPT_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define FASTGPT_HOST_DEVICE inline
+#endif
 #endif
 
 namespace fastgpt {
