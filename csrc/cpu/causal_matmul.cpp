@@ -222,7 +222,7 @@ void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
              p_buf.data() + (first - qa) * m + s0, m, 1.0f, ct.data() + s0, m);
       }
       scalar_t* c = C.at(bh) + k0 * C.ld;
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (kIsFloat) {
         at::vec::transpose_mxn<float>(ct.data(), m, c, C.ld, static_cast<int>(D), static_cast<int>(m));
       } else {
         at::vec::transpose_mxn<float>(ct.data(), m, c_buf.data(), D, static_cast<int>(D), static_cast<int>(m));
