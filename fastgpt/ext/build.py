@@ -81,9 +81,14 @@ def torch_exports_sgemm() -> bool:
         return False
 
 
+def cache_root() -> Path:
+    """Where fastgpt keeps its builds and check results: $FASTGPT_CACHE_DIR or ~/.cache/fastgpt."""
+    return Path(os.environ.get("FASTGPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastgpt"))
+
+
 def cache_dir(capability: str, flags: list[str]) -> Path:
-    root = os.environ.get("FASTGPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastgpt")
+    root = cache_root()
     # One directory per environment that produces a different binary: two venvs never share one.
     key = "|".join([torch.__version__, sys.version, sys.platform, capability, *flags, str(CSRC)])
     tag = hashlib.sha256(key.encode()).hexdigest()[:12]
