@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "causal_layout.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -17,10 +19,14 @@ inline void check_rank4(const at::Tensor& t, const char* op, const char* name, c
               " dims with shape ", t.sizes());
 }
 
-// The kernels compute in float32; bfloat16 is read and written as is, accumulated in float32.
+// The kernels compute in float32; bfloat16 (and, on CUDA, float16) is read and written as is,
+// accumulated in float32.
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
-              " has dtype ", t.scalar_type(), "; supported dtypes are Float (float32) and BFloat16");
+  const bool half_ok = t.is_cuda();  // the CUDA kernels take float16 too (issue 7)
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                  (half_ok && t.scalar_type() == at::kHalf),
+              op, ": ", name, " has dtype ", t.scalar_type(), "; supported dtypes on ", t.device().type(),
+              " are Float (float32)", half_ok ? ", Half (float16)" : "", " and BFloat16");
 }
 
 inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
@@ -54,6 +60,36 @@ inline void check_softmax_args(const at::Tensor& scores, double scale, double dr
   const int64_t rows = scores.size(0) * scores.size(1) * scores.size(2);
   TORCH_CHECK(dropout_p == 0.0 || rows <= std::numeric_limits<uint32_t>::max(), op, ": B·H·T = ",
               rows, " rows; dropout supports at most 2^32 rows");
+}
+
+// ---- the packed causal layout's schemas (csrc/README.md) ---------------------------------------
+// RECONCILE (integrator): written on branch cuda2 for the CUDA binding; branch packed writes the
+// same checks for the CPU kernels. Keep one set, with these messages' content.
+
+// T_q queries, T_k keys: 0 ≤ T_q ≤ T_k.
+inline void check_lengths(int64_t T_q, int64_t T_k, const char* op) {
+  TORCH_CHECK(T_q >= 0 && T_q <= T_k, op, ": T_q = ", T_q, " and T_k = ", T_k,
+              "; the causal ops need 0 <= T_q <= T_k (queries aligned to the last keys)");
+}
+
+// A packed causal matrix: (B, H, N) contiguous, N = CausalLayout{T_q, T_k}.numel().
+inline void check_packed(const at::Tensor& p, int64_t T_q, int64_t T_k, const char* op, const char* name) {
+  check_lengths(T_q, T_k, op);
+  const int64_t N = CausalLayout{T_q, T_k}.numel();
+  TORCH_CHECK(p.dim() == 3 && p.size(2) == N, op, ": ", name, " must be a packed causal matrix (B, H, N) with N = ",
+              N, " for T_q = ", T_q, ", T_k = ", T_k, "; got shape ", p.sizes());
+  TORCH_CHECK(p.is_contiguous(), op, ": ", name, " must be contiguous (a packed causal matrix); got strides ",
+              p.strides());
+  check_dtype(p, op, name);
+}
+
+// An operand of the products: (B, H, T, D) with the given B, H (of the packed matrix) and T.
+inline void check_rows(const at::Tensor& x, int64_t B, int64_t H, int64_t T, const char* op, const char* name,
+                       const char* t_name) {
+  check_rank4(x, op, name, "(B, H, T, D)");
+  TORCH_CHECK(x.size(0) == B && x.size(1) == H && x.size(2) == T, op, ": ", name, " has shape ", x.sizes(),
+              "; it must be (B, H, ", t_name, ", D) = (", B, ", ", H, ", ", T, ", D)");
+  check_dtype(x, op, name);
 }
 
 }  // namespace fastgpt

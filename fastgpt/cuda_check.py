@@ -33,7 +33,7 @@ from fastgpt.ext.build import CSRC, cache_root
 from fastgpt.gpu_check import SHARED_LIMIT
 
 CHECK_SOURCE = CSRC / "cuda" / "compile_check.cu"
-NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "-Xptxas", "-v"]
+NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", "-Xptxas", "-v"]
 DTYPE_NAMES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}
 # The matmuls' bool template argument: tensor cores or not.
 VARIANT_NAMES = {"true": "wmma", "false": "simt"}
