@@ -6,11 +6,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "causal_layout.h"
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "causal_layout.h"
 
 namespace fastgpt {
 
@@ -37,18 +37,61 @@ inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, 
               " but ", ref_name, " has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
 }
 
-// A causal matrix: (B, H, T, T), only the lower triangle (diagonal included) is ever read.
-inline void check_causal_matrix(const at::Tensor& p, const char* op, const char* name) {
-  check_rank4(p, op, name, "(B, H, T, T)");
-  TORCH_CHECK(p.size(2) == p.size(3), op, ": ", name, " must be a causal matrix of shape (B, H, T, T); got ",
-              p.sizes(), " whose last two dims differ");
+// T_q queries against T_k keys: 0 <= T_q <= T_k (the diagonal aligned bottom-right).
+inline void check_lengths(int64_t T_q, int64_t T_k, const char* op) {
+  TORCH_CHECK(T_q >= 0 && T_k >= 0, op, ": T_q and T_k must be >= 0; got T_q = ", T_q, ", T_k = ", T_k);
+  TORCH_CHECK(T_q <= T_k, op, ": T_q = ", T_q, " > T_k = ", T_k,
+              "; the causal ops need at most as many queries as keys (T_q <= T_k)");
+}
+
+// A packed causal matrix (B, H, N) of (T_q, T_k) (causal_layout.h); only j <= o + i is ever read.
+inline void check_packed(const at::Tensor& p, int64_t T_q, int64_t T_k, const char* op, const char* name) {
+  check_lengths(T_q, T_k, op);
+  TORCH_CHECK(p.dim() == 3, op, ": ", name, " must be a packed causal matrix of 3 dims (B, H, N); got ", p.dim(),
+              " dims with shape ", p.sizes());
+  const int64_t n = CausalLayout(T_q, T_k).N;
+  TORCH_CHECK(p.size(2) == n, op, ": ", name, " has ", p.size(2), " elements per (b, h) but (T_q, T_k) = (", T_q,
+              ", ", T_k, ") needs N = ", n, " (csrc/causal_layout.h)");
   check_dtype(p, op, name);
+}
+
+// An operand of the products: (B, H, T, D) with the packed matrix's B and H and the given T.
+// (Written on branch cuda2 for the CUDA binding; the CPU kernels may use it too.)
+inline void check_rows(const at::Tensor& x, int64_t B, int64_t H, int64_t T, const char* op, const char* name,
+                       const char* t_name) {
+  check_rank4(x, op, name, "(B, H, T, D)");
+  TORCH_CHECK(x.size(0) == B && x.size(1) == H && x.size(2) == T, op, ": ", name, " has shape ", x.sizes(),
+              "; it must be (B, H, ", t_name, ", D) = (", B, ", ", H, ", ", T, ", D)");
+  check_dtype(x, op, name);
 }
 
 // The CPU GEMM takes 32-bit sizes (LP64 BLAS).
 inline void check_blas_size(int64_t n, const char* op, const char* what) {
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), op, ": ", what, " is ", n,
               "; the kernels support at most 2^31 - 1");
+}
+
+inline void check_softmax_args(const at::Tensor& scores, int64_t T_q, int64_t T_k, double scale, double dropout_p,
+                               const char* op, const char* name = "scores") {
+  check_packed(scores, T_q, T_k, op, name);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1); got ", dropout_p);
+  // The dropout stream counts rows in 32 bits (philox.h).
+  const int64_t rows = scores.size(0) * scores.size(1) * T_q;
+  TORCH_CHECK(dropout_p == 0.0 || rows <= std::numeric_limits<uint32_t>::max(), op, ": B·H·T_q = ",
+              rows, " rows; dropout supports at most 2^32 rows");
+}
+
+// ---- RECONCILE (integrator): the dense (B, H, T, T) schemas' checks, still used by this branch's
+// CPU kernels. Branch packed moved the CPU kernels to the packed layout: when merging it, delete
+// this block; the rest of this file is packed's checks.h plus check_dtype's float16-on-CUDA and
+// check_rows (branch cuda2).
+// A causal matrix: (B, H, T, T), only the lower triangle (diagonal included) is ever read.
+inline void check_causal_matrix(const at::Tensor& p, const char* op, const char* name) {
+  check_rank4(p, op, name, "(B, H, T, T)");
+  TORCH_CHECK(p.size(2) == p.size(3), op, ": ", name, " must be a causal matrix of shape (B, H, T, T); got ",
+              p.sizes(), " whose last two dims differ");
+  check_dtype(p, op, name);
 }
 
 inline void check_softmax_args(const at::Tensor& scores, double scale, double dropout_p, const char* op,
@@ -62,34 +105,5 @@ inline void check_softmax_args(const at::Tensor& scores, double scale, double dr
               rows, " rows; dropout supports at most 2^32 rows");
 }
 
-// ---- the packed causal layout's schemas (csrc/README.md) ---------------------------------------
-// RECONCILE (integrator): written on branch cuda2 for the CUDA binding; branch packed writes the
-// same checks for the CPU kernels. Keep one set, with these messages' content.
-
-// T_q queries, T_k keys: 0 ≤ T_q ≤ T_k.
-inline void check_lengths(int64_t T_q, int64_t T_k, const char* op) {
-  TORCH_CHECK(T_q >= 0 && T_q <= T_k, op, ": T_q = ", T_q, " and T_k = ", T_k,
-              "; the causal ops need 0 <= T_q <= T_k (queries aligned to the last keys)");
-}
-
-// A packed causal matrix: (B, H, N) contiguous, N = CausalLayout{T_q, T_k}.numel().
-inline void check_packed(const at::Tensor& p, int64_t T_q, int64_t T_k, const char* op, const char* name) {
-  check_lengths(T_q, T_k, op);
-  const int64_t N = CausalLayout{T_q, T_k}.numel();
-  TORCH_CHECK(p.dim() == 3 && p.size(2) == N, op, ": ", name, " must be a packed causal matrix (B, H, N) with N = ",
-              N, " for T_q = ", T_q, ", T_k = ", T_k, "; got shape ", p.sizes());
-  TORCH_CHECK(p.is_contiguous(), op, ": ", name, " must be contiguous (a packed causal matrix); got strides ",
-              p.strides());
-  check_dtype(p, op, name);
-}
-
-// An operand of the products: (B, H, T, D) with the given B, H (of the packed matrix) and T.
-inline void check_rows(const at::Tensor& x, int64_t B, int64_t H, int64_t T, const char* op, const char* name,
-                       const char* t_name) {
-  check_rank4(x, op, name, "(B, H, T, D)");
-  TORCH_CHECK(x.size(0) == B && x.size(1) == H && x.size(2) == T, op, ": ", name, " has shape ", x.sizes(),
-              "; it must be (B, H, ", t_name, ", D) = (", B, ", ", H, ", ", T, ", D)");
-  check_dtype(x, op, name);
-}
 
 }  // namespace fastgpt
