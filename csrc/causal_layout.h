@@ -1,11 +1,16 @@
-// The packed causal layout (csrc/README.md, "Causal matrix, packed"): T_q ≤ T_k queries and keys,
-// the diagonal aligned bottom-right (o = T_k - T_q, query i sees keys j ≤ o + i), stored as a
-// staircase of 64-row blocks, each a dense row-major matrix as wide as its last row needs, rounded
-// up to a multiple of 64. Plain C++ (`__host__ __device__` under nvcc), no torch.
+// The packed causal layout (csrc/README.md, "Contracts"): where element (i, j) of a causal matrix
+// with T_q queries and T_k >= T_q keys lives. Plain C++ with no torch headers, `__host__ __device__`
+// under nvcc, so the CPU kernels and the CUDA kernels (issue 7) index the same way; the same
+// formula in Python is fastgpt/ext/layout.py, and a test holds the two together.
 //
-// RECONCILE (integrator): branch `packed` owns this file; this is the minimal version the CUDA
-// kernels (branch `cuda2`) were written against, the README formula verbatim. Keep `packed`'s file
-// and map these names onto it if they differ.
+// Query i sees keys j <= o + i, o = T_k - T_q (the diagonal aligned bottom-right). Rows come in
+// blocks of kCausalBlock; block r is a dense row-major (rows(r) × stride(r)) matrix, its stride the
+// keys its last row sees rounded up to a multiple of kCausalBlock, and the blocks follow each other:
+//
+//   r = i / 64, row i at start(r) + (i - 64·r) · stride(r), element (i, j) at row_offset(i) + j.
+//
+// Every block but the last has 64 rows, and its last row sees o + 64·(r + 1) <= T_k keys, so
+// stride(r) = 64·(r + 1) + roundup(o, 64) there and start(r) has a closed form.
 #pragma once
 
 #include <cstdint>
@@ -18,39 +23,38 @@
 
 namespace fastgpt {
 
-constexpr int64_t kCausalBlock = 64;  // rows per block, and the width granule
+constexpr int64_t kCausalBlock = 64;
 
 struct CausalLayout {
-  int64_t T_q, T_k;  // T_q ≤ T_k
+  int64_t T_q, T_k;
+  int64_t o;  // T_k - T_q: keys every query sees beyond its own index
+  int64_t R;  // row blocks
+  int64_t N;  // elements per (b, h)
 
-  FASTGPT_LAYOUT_FN int64_t offset() const { return T_k - T_q; }  // o
-  FASTGPT_LAYOUT_FN int64_t blocks() const { return (T_q + kCausalBlock - 1) / kCausalBlock; }  // R
-  // rows_r = min(64, T_q - 64·r)
-  FASTGPT_LAYOUT_FN int64_t block_rows(int64_t r) const {
-    const int64_t left = T_q - kCausalBlock * r;
+  FASTGPT_LAYOUT_FN static int64_t roundup(int64_t n) { return (n + kCausalBlock - 1) / kCausalBlock * kCausalBlock; }
+
+  // Assumes 0 <= T_q <= T_k (checks.h refuses anything else before a layout is built).
+  FASTGPT_LAYOUT_FN CausalLayout(int64_t tq, int64_t tk) : T_q(tq), T_k(tk), o(tk - tq), R((tq + kCausalBlock - 1) / kCausalBlock), N(0) {
+    N = R == 0 ? 0 : start(R - 1) + rows(R - 1) * stride(R - 1);
+  }
+
+  // Rows of block r: 64, the last one possibly fewer.
+  FASTGPT_LAYOUT_FN int64_t rows(int64_t r) const {
+    const int64_t left = T_q - r * kCausalBlock;
     return left < kCausalBlock ? left : kCausalBlock;
   }
-  // w_r = min(T_k, o + 64·r + rows_r): keys visible to the block's last row
-  FASTGPT_LAYOUT_FN int64_t block_visible(int64_t r) const {
-    const int64_t w = offset() + kCausalBlock * r + block_rows(r);
-    return w < T_k ? w : T_k;
+  // Keys the last row of block r sees (w_r); those of row i: o + i + 1.
+  FASTGPT_LAYOUT_FN int64_t width(int64_t r) const { return o + r * kCausalBlock + rows(r); }
+  // Leading dimension of block r (W_r).
+  FASTGPT_LAYOUT_FN int64_t stride(int64_t r) const { return roundup(width(r)); }
+  // Offset of block r's first element: Σ_{r' < r} 64 · (64·(r' + 1) + roundup(o)), all full blocks.
+  FASTGPT_LAYOUT_FN int64_t start(int64_t r) const {
+    return kCausalBlock * (kCausalBlock * r * (r + 1) / 2 + roundup(o) * r);
   }
-  // W_r = roundup(w_r, 64): the block's row stride
-  FASTGPT_LAYOUT_FN int64_t block_width(int64_t r) const {
-    return (block_visible(r) + kCausalBlock - 1) / kCausalBlock * kCausalBlock;
-  }
-  // start_r = Σ_{r' < r} rows_r' · W_r' (every block before r is full: 64 rows)
-  FASTGPT_LAYOUT_FN int64_t block_start(int64_t r) const {
-    int64_t start = 0;
-    for (int64_t s = 0; s < r; ++s) start += block_rows(s) * block_width(s);
-    return start;
-  }
-  // N = Σ_r rows_r · W_r: elements per (b, h)
-  FASTGPT_LAYOUT_FN int64_t numel() const { return block_start(blocks()); }
-  // Where element (i, j), j ≤ o + i, lives within one (b, h).
-  FASTGPT_LAYOUT_FN int64_t index(int64_t i, int64_t j) const {
+  // Offset of row i's first element; its stride is stride(i / 64).
+  FASTGPT_LAYOUT_FN int64_t row_offset(int64_t i) const {
     const int64_t r = i / kCausalBlock;
-    return block_start(r) + (i - kCausalBlock * r) * block_width(r) + j;
+    return start(r) + (i - r * kCausalBlock) * stride(r);
   }
 };
 

@@ -68,7 +68,7 @@ class KernelReport:
 
     @property
     def variant(self) -> str:
-        rest = [VARIANT_NAMES.get(a, a) for a in self.template_args if a not in DTYPE_NAMES]
+        rest = [VARIANT_NAMES.get(a, a.rsplit("::", 1)[-1]) for a in self.template_args if a not in DTYPE_NAMES]
         return ",".join(rest) or "-"
 
     @property

@@ -166,16 +166,16 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   using Tiles = SharedTiles<T, false, false>;
   FASTGPT_SHARED(Tiles, smem, 1);
   Tiles& s = smem[0];
-  const CausalLayout layout{T_q, T_k};
+  const CausalLayout layout(T_q, T_k);
   const int64_t bh = bh0 + blockIdx.y, bi = bh / heads, hi = bh % heads;
   int64_t tile = blockIdx.x, r = 0, start = 0;  // blockIdx.x -> (row block r, column tile)
-  while (tile >= layout.block_width(r) / kTileN) {
-    tile -= layout.block_width(r) / kTileN;
-    start += layout.block_rows(r) * layout.block_width(r);
+  while (tile >= layout.stride(r) / kTileN) {
+    tile -= layout.stride(r) / kTileN;
+    start += layout.rows(r) * layout.stride(r);
     ++r;
   }
-  const int64_t rows = layout.block_rows(r), W = layout.block_width(r);
-  const int64_t i0 = r * kTileM, j0 = tile * kTileN, o = layout.offset();
+  const int64_t rows = layout.rows(r), W = layout.stride(r);
+  const int64_t i0 = r * kTileM, j0 = tile * kTileN, o = layout.o;
   const T* a_rows = a + bi * sa.b + hi * sa.h + i0 * sa.t;  // A rows i0.., B rows j0..
   const T* b_rows = b + bi * sb.b + hi * sb.h + j0 * sb.t;
   const T zero = from_float<T>(0.0f);
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   }
   acc.store(s);
   __syncthreads();
-  T* out_rows = out + bh * layout.numel() + start + j0;  // row m of the block at out_rows[m · W]
+  T* out_rows = out + bh * layout.N + start + j0;  // row m of the block at out_rows[m · W]
   for (int e = threadIdx.x; e < rows * kTileN; e += kThreads) {
     const int m = e / kTileN, n = e % kTileN;
     out_rows[m * W + n] = j0 + n <= o + i0 + m ? from_float<T>(s.c[m * Tiles::ldc + n]) : zero;
@@ -212,13 +212,13 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   using Tiles = SharedTiles<T, false, true>;
   FASTGPT_SHARED(Tiles, smem, 1);
   Tiles& s = smem[0];
-  const CausalLayout layout{T_q, T_k};
+  const CausalLayout layout(T_q, T_k);
   const int64_t bh = bh0 + blockIdx.y, bi = bh / heads, hi = bh % heads;
   const int64_t d_tiles = (D + kTileN - 1) / kTileN;
   const int64_t r = blockIdx.x / d_tiles, n0 = blockIdx.x % d_tiles * kTileN;
-  const int64_t rows = layout.block_rows(r), W = layout.block_width(r), visible = layout.block_visible(r);
-  const int64_t i0 = r * kTileM, o = layout.offset();
-  const T* p_rows = p + bh * layout.numel() + layout.block_start(r);  // row m at p_rows[m · W]
+  const int64_t rows = layout.rows(r), W = layout.stride(r), visible = layout.width(r);
+  const int64_t i0 = r * kTileM, o = layout.o;
+  const T* p_rows = p + bh * layout.N + layout.start(r);  // row m at p_rows[m · W]
   const T* x_rows = x + bi * sx.b + hi * sx.h + n0;
   const T zero = from_float<T>(0.0f);
 
@@ -255,21 +255,21 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   using Tiles = SharedTiles<T, true, true>;
   FASTGPT_SHARED(Tiles, smem, 1);
   Tiles& s = smem[0];
-  const CausalLayout layout{T_q, T_k};
+  const CausalLayout layout(T_q, T_k);
   const int64_t bh = bh0 + blockIdx.y, bi = bh / heads, hi = bh % heads;
   const int64_t d_tiles = (D + kTileN - 1) / kTileN;
   const int64_t j0 = blockIdx.x / d_tiles * kTileM, n0 = blockIdx.x % d_tiles * kTileN;
-  const int64_t o = layout.offset();
+  const int64_t o = layout.o;
   const int64_t first_row = j0 - o > 0 ? j0 - o : 0;  // the first query that sees key j0
-  const T* p_bh = p + bh * layout.numel();
+  const T* p_bh = p + bh * layout.N;
   const T* x_rows = x + bi * sx.b + hi * sx.h + n0;
   const T zero = from_float<T>(0.0f);
 
   Accumulator<T, kTensorCores, true, true> acc;
   acc.zero();
-  int64_t r = first_row / kTileM, start = layout.block_start(r);
-  for (; r < layout.blocks(); start += layout.block_rows(r) * layout.block_width(r), ++r) {
-    const int64_t rows = layout.block_rows(r), W = layout.block_width(r), i0 = r * kTileM;
+  int64_t r = first_row / kTileM, start = layout.start(r);
+  for (; r < layout.R; start += layout.rows(r) * layout.stride(r), ++r) {
+    const int64_t rows = layout.rows(r), W = layout.stride(r), i0 = r * kTileM;
     for (int64_t k0 = 0; k0 < rows; k0 += kTileK) {
       const int64_t last = (k0 + kTileK < rows ? k0 + kTileK : rows) - 1;
       if (o + i0 + last < j0) continue;  // no row of this chunk sees the tile (uniform over the block)
@@ -317,9 +317,9 @@ void launch_causal_matmul_nt(const T* a, RowStrides sa, const T* b, RowStrides s
                              int64_t heads, int64_t T_q, int64_t T_k, int64_t D, cudaStream_t stream,
                              bool force_simt = false) {
   using namespace causal_matmul_detail;
-  const CausalLayout layout{T_q, T_k};
+  const CausalLayout layout(T_q, T_k);
   int64_t tiles = 0;
-  for (int64_t r = 0; r < layout.blocks(); ++r) tiles += layout.block_width(r) / kTileN;
+  for (int64_t r = 0; r < layout.R; ++r) tiles += layout.stride(r) / kTileN;
   launch_heads<T>(batch * heads, tiles, force_simt, [&](dim3 grid, int64_t bh0, auto has_wmma, bool simt) {
     if constexpr (decltype(has_wmma)::value) {
       if (!simt) {
@@ -337,7 +337,7 @@ template <typename T>
 void launch_causal_matmul_nn(const T* p, const T* x, RowStrides sx, T* out, int64_t batch, int64_t heads,
                              int64_t T_q, int64_t T_k, int64_t D, cudaStream_t stream, bool force_simt = false) {
   using namespace causal_matmul_detail;
-  const int64_t grid_x = CausalLayout{T_q, T_k}.blocks() * ((D + kTileN - 1) / kTileN);
+  const int64_t grid_x = CausalLayout(T_q, T_k).R * ((D + kTileN - 1) / kTileN);
   launch_heads<T>(batch * heads, grid_x, force_simt, [&](dim3 grid, int64_t bh0, auto has_wmma, bool simt) {
     if constexpr (decltype(has_wmma)::value) {
       if (!simt) {

@@ -40,7 +40,7 @@ HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "philox.h", "cpu/buffe
 # there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
 # part of the build (it is the offline compile check's, fastgpt/cuda_check.py).
 CUDA_SOURCES = ("cuda/binding.cu",)
-CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/causal_matmul.cuh")
+CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/causal_matmul.cuh", "cuda/causal_softmax.cuh")
 # sm_80 and sm_90 machine code (bf16 wmma needs sm_80), PTX of the newest for later GPUs; the
 # same archs fastgpt/cuda_check.py compile-checks.
 CUDA_ARCHS = (80, 90)

@@ -53,7 +53,7 @@ extern "C" int fastgpt_emu_causal_matmul(int op, int dtype, int force_simt, cons
 }
 
 // N, the packed elements per (b, h), from csrc/causal_layout.h (the test checks its Python copy).
-extern "C" int64_t fastgpt_emu_causal_numel(int64_t T_q, int64_t T_k) { return fastgpt::CausalLayout{T_q, T_k}.numel(); }
+extern "C" int64_t fastgpt_emu_causal_numel(int64_t T_q, int64_t T_k) { return fastgpt::CausalLayout(T_q, T_k).N; }
 
 #ifdef FASTGPT_MATMUL_SELFTEST
 #include <cmath>
@@ -79,8 +79,8 @@ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 // padding included.
 template <typename T>
 double max_error(int64_t B, int64_t H, int64_t T_q, int64_t T_k, int64_t D, bool simt) {
-  const fastgpt::CausalLayout L{T_q, T_k};
-  const int64_t N = L.numel(), o = T_k - T_q, BH = B * H;
+  const fastgpt::CausalLayout L(T_q, T_k);
+  const int64_t N = L.N, o = T_k - T_q, BH = B * H;
   std::mt19937 gen(7);
   std::normal_distribution<float> normal;
   std::vector<T> a(BH * T_q * D), b(BH * T_k * D), p(BH * N, from_f<T>(NAN)), s(BH * N, from_f<T>(7.0f));
@@ -89,7 +89,7 @@ double max_error(int64_t B, int64_t H, int64_t T_q, int64_t T_k, int64_t D, bool
   for (auto& e : b) e = from_f<T>(normal(gen));
   for (int64_t bh = 0; bh < BH; ++bh)
     for (int64_t i = 0; i < T_q; ++i)
-      for (int64_t j = 0; j <= o + i; ++j) p[bh * N + L.index(i, j)] = from_f<T>(normal(gen));
+      for (int64_t j = 0; j <= o + i; ++j) p[bh * N + L.row_offset(i) + j] = from_f<T>(normal(gen));
   const int64_t sq[3] = {H * T_q * D, T_q * D, D}, sk[3] = {H * T_k * D, T_k * D, D};
   run<T>(kNT, simt, a.data(), sq, b.data(), sk, s.data(), B, H, T_q, T_k, D);
   run<T>(kNN, simt, p.data(), nullptr, b.data(), sk, out_nn.data(), B, H, T_q, T_k, D);
@@ -100,26 +100,26 @@ double max_error(int64_t B, int64_t H, int64_t T_q, int64_t T_k, int64_t D, bool
     if (!(e <= worst)) worst = std::isnan(e) ? INFINITY : e;  // a NaN counts as infinitely wrong
   };
   for (int64_t bh = 0; bh < BH; ++bh) {
-    for (int64_t r = 0; r < L.blocks(); ++r)
-      for (int64_t m = 0; m < L.block_rows(r); ++m)
-        for (int64_t j = 0; j < L.block_width(r); ++j) {
+    for (int64_t r = 0; r < L.R; ++r)
+      for (int64_t m = 0; m < L.rows(r); ++m)
+        for (int64_t j = 0; j < L.stride(r); ++j) {
           const int64_t i = 64 * r + m;
           double ref = 0;
           for (int64_t d = 0; j <= o + i && d < D; ++d)
             ref += double(to_f(a[(bh * T_q + i) * D + d])) * to_f(b[(bh * T_k + j) * D + d]);
-          note(to_f(s[bh * N + L.block_start(r) + m * L.block_width(r) + j]), ref);
+          note(to_f(s[bh * N + L.start(r) + m * L.stride(r) + j]), ref);
         }
     for (int64_t i = 0; i < T_q; ++i)
       for (int64_t d = 0; d < D; ++d) {
         double ref = 0;
-        for (int64_t j = 0; j <= o + i; ++j) ref += double(to_f(p[bh * N + L.index(i, j)])) * to_f(b[(bh * T_k + j) * D + d]);
+        for (int64_t j = 0; j <= o + i; ++j) ref += double(to_f(p[bh * N + L.row_offset(i) + j])) * to_f(b[(bh * T_k + j) * D + d]);
         note(to_f(out_nn[(bh * T_q + i) * D + d]), ref);
       }
     for (int64_t j = 0; j < T_k; ++j)
       for (int64_t d = 0; d < D; ++d) {
         double ref = 0;
         for (int64_t i = j - o > 0 ? j - o : 0; i < T_q; ++i)
-          ref += double(to_f(p[bh * N + L.index(i, j)])) * to_f(a[(bh * T_q + i) * D + d]);
+          ref += double(to_f(p[bh * N + L.row_offset(i) + j])) * to_f(a[(bh * T_q + i) * D + d]);
         note(to_f(out_tn[(bh * T_k + j) * D + d]), ref);
       }
   }
