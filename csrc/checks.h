@@ -25,8 +25,8 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {
   const bool half_ok = t.is_cuda();  // the CUDA kernels take float16 too (issue 7)
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
                   (half_ok && t.scalar_type() == at::kHalf),
-              op, ": ", name, " has dtype ", t.scalar_type(), "; supported dtypes on ", t.device().type(),
-              " are Float (float32)", half_ok ? ", Half (float16)" : "", " and BFloat16");
+              op, ": ", name, " has dtype ", t.scalar_type(), "; supported dtypes are Float (float32)",
+              half_ok ? ", Half (float16, CUDA only)" : "", " and BFloat16");
 }
 
 inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, const char* op,

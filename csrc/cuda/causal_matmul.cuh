@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
     });
     __syncthreads();
     acc.step(s);
-    __syncthreads();
+    __syncthreads();  // [sync: tiles consumed] before the next step refills them
   }
   acc.store(s);
   __syncthreads();

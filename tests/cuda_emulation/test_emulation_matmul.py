@@ -8,12 +8,13 @@ kernels where the extension has the packed schemas; and the whole set under Thre
 from __future__ import annotations
 
 import ctypes
+import shutil
 import subprocess
 
 import pytest
 import torch
 
-from emu_build import HERE, TSAN_FLAGS, build
+from emu_build import CSRC, HERE, TSAN_FLAGS, build
 from fastgpt.parity import tolerance
 
 SOURCE = HERE / "matmul_entry.cpp"
@@ -182,3 +183,19 @@ def test_emulated_matmuls_are_clean_under_thread_sanitizer():
     assert "WARNING: ThreadSanitizer" not in result.stderr, result.stderr[-4000:]
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert result.stdout.count("ok ") == 10, result.stdout
+
+
+def test_thread_sanitizer_catches_a_deleted_matmul_barrier(tmp_path):
+    """The proof that the run above would see a race: without the barrier between two K steps,
+    threads refill the shared tiles while others still read them (D = 40: two steps)."""
+    marker = "__syncthreads();  // [sync: tiles consumed]"
+    broken = tmp_path / "csrc"
+    shutil.copytree(CSRC, broken)
+    header = broken / "cuda" / "causal_matmul.cuh"
+    text = header.read_text()
+    assert text.count(marker) == 1, "the marked barrier of causal_matmul_nt_kernel is gone"
+    header.write_text(text.replace(marker, "// barrier deleted by test_emulation_matmul.py"))
+    exe = build("matmul-tsan-no-barrier", [SOURCE], [*TSAN_FLAGS, "-DFASTGPT_MATMUL_SELFTEST"], csrc=broken)
+    result = subprocess.run([exe, "fp32"], capture_output=True, text=True, timeout=600,
+                            env={"TSAN_OPTIONS": "halt_on_error=0 exitcode=66"})
+    assert "WARNING: ThreadSanitizer: data race" in result.stderr, result.stdout + result.stderr[-2000:]
