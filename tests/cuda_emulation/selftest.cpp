@@ -102,6 +102,19 @@ __global__ void shuffle_exited_lane_kernel(int* out) {
   if (threadIdx.x == 3) return;
   out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, static_cast<int>(threadIdx.x), 1);
 }
+__global__ void mixed_warp_ops_kernel(int* out) {
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, static_cast<int>(threadIdx.x), 1);
+  else out[threadIdx.x] = static_cast<int>(__ballot_sync(0xFFFFFFFFu, 1));
+}
+__global__ void spin_forever_kernel(int* out) {
+  if (threadIdx.x == 0) {
+    volatile int forever = 1;
+    while (forever) {
+    }
+  }
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
 __global__ void bad_mask_kernel(int* out) {
   out[threadIdx.x] = __shfl_xor_sync(0x0000FFFFu, static_cast<int>(threadIdx.x), 1);  // lanes 16+ not in it
 }
@@ -193,6 +206,8 @@ int main(int argc, char** argv) {
     if (which == "exit_before_barrier") launch(exit_before_barrier_kernel, dim3(2), dim3(64), 0, nullptr, out.data());
     else if (which == "divergent_barrier") launch(divergent_barrier_kernel, dim3(1), dim3(64), 0, nullptr, out.data());
     else if (which == "shuffle_exited_lane") launch(shuffle_exited_lane_kernel, dim3(1), dim3(32), 0, nullptr, out.data());
+    else if (which == "mixed_warp_ops") launch(mixed_warp_ops_kernel, dim3(1), dim3(32), 0, nullptr, out.data());
+    else if (which == "spin_forever") launch(spin_forever_kernel, dim3(1), dim3(32), 0, nullptr, out.data());
     else if (which == "bad_mask") launch(bad_mask_kernel, dim3(1), dim3(32), 0, nullptr, out.data());
     else {
       std::fprintf(stderr, "unknown case %s\n", which.c_str());

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from emu_build import HERE, build
-from fastgpt.parity import tolerance
+from fastgpt.parity import TOLERANCES, tolerance
 from test_ext_dropout import philox4x32_10
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -190,25 +190,65 @@ def test_keep_mask_is_the_python_philox(lib, BH, T_q, T_k, seed, offset):
     assert torch.equal(got, python_keep_mask(BH, T_q, T_k, p, seed % 2**64, offset % 2**64))
 
 
-def test_keep_mask_is_the_cpu_kernels_mask(lib):
-    """The CPU ext's dropout_keep_mask, where its extension builds here: the same bits."""
+@pytest.fixture(scope="module")
+def cpu_ops():
+    """(torch.ops.fastgpt, whether its schemas are the packed ones) where the CPU extension builds
+    here (in CI its own tests have built it already); the dense (B, H, T, T) schemas before the
+    packed layout still serve T_q = T_k."""
     import fastgpt.ext as ext
 
     try:
         ext.load()
     except ext.ExtensionUnavailable as e:
         pytest.skip(f"the CPU extension is unavailable: {e}")
-    op = torch.ops.fastgpt.dropout_keep_mask
-    packed_schema = any(a.name == "T_q" for a in op.default._schema.arguments)
+    ops = torch.ops.fastgpt
+    return ops, any(a.name == "T_q" for a in ops.dropout_keep_mask.default._schema.arguments)
+
+
+def test_keep_mask_is_the_cpu_kernels_mask(lib, cpu_ops):
+    ops, packed_schema = cpu_ops
     p, seed, offset = 0.35, 99, 5
     shapes = [(2, 3, 70, 130), (1, 2, 130, 130)] if packed_schema else [(1, 2, 130, 130), (2, 3, 17, 17)]
     for B, H, T_q, T_k in shapes:
         got = emulated_keep_mask(lib, B * H, T_q, T_k, p, seed, offset).view(B, H, T_q, T_k)
         if packed_schema:
-            cpu = op(torch.empty(B, H, layout(T_q, T_k)[1]), T_q, T_k, p, seed, offset)
-        else:  # the dense (B, H, T, T) schema before the packed layout: same stream, T_q = T_k
-            cpu = op(torch.empty(B, H, T_q, T_k), p, seed, offset) & visible(T_q, T_k)
+            cpu = ops.dropout_keep_mask(torch.empty(B, H, layout(T_q, T_k)[1]), T_q, T_k, p, seed, offset)
+        else:  # dense: bits above the diagonal too; the same stream below it
+            cpu = ops.dropout_keep_mask(torch.empty(B, H, T_q, T_k), p, seed, offset) & visible(T_q, T_k)
         assert torch.equal(got, cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # the CPU kernels' dtypes
+def test_values_agree_with_the_cpu_kernels(lib, cpu_ops, dtype):
+    """Forward with dropout and both backwards: CPU and emulated CUDA within the dtype's floor
+    (both compute in fp32; their exp and summation order differ)."""
+    ops, packed_schema = cpu_ops
+    B, H, T_q, T_k, p = 1, 2, (50 if packed_schema else 70), 70, 0.25
+    scores, grad = inputs(B * H, T_q, T_k, dtype)
+    s, g = pack(scores), pack(grad)
+    N = layout(T_q, T_k)[1]
+    emulated = [torch.empty(B * H, N, dtype=dtype) for _ in range(3)]
+    call(lib.emu_causal_softmax, DTYPES[dtype], s, emulated[0], B * H, T_q, T_k, SCALE, p, SEED, OFFSET, 1)
+    call(lib.emu_causal_softmax_backward, DTYPES[dtype], g, emulated[0], emulated[1], B * H, T_q, T_k, SCALE, 1)
+    call(lib.emu_causal_softmax_dropout_backward, DTYPES[dtype], g, s, emulated[2], B * H, T_q, T_k, SCALE, p, SEED,
+         OFFSET, 1)
+    if packed_schema:
+        s4, g4, e0 = (t.view(B, H, N) for t in (s, g, emulated[0]))
+        cpu = [ops.causal_softmax(s4, T_q, T_k, SCALE, p, SEED, OFFSET),
+               ops.causal_softmax_backward(g4, e0, T_q, T_k, SCALE),
+               ops.causal_softmax_dropout_backward(g4, s4, T_q, T_k, SCALE, p, SEED, OFFSET)]
+        cpu = [unpack(c.view(B * H, N), T_q, T_k) for c in cpu]
+    else:
+        s4, g4 = (t.view(B, H, T_q, T_k) for t in (scores, grad))
+        e0 = unpack(emulated[0], T_q, T_k).view(B, H, T_q, T_k)
+        cpu = [ops.causal_softmax(s4, SCALE, p, SEED, OFFSET), ops.causal_softmax_backward(g4, e0, SCALE),
+               ops.causal_softmax_dropout_backward(g4, s4, SCALE, p, SEED, OFFSET)]
+        cpu = [c.view(B * H, T_q, T_k) for c in cpu]
+    floor = TOLERANCES[dtype]
+    for name, got, want, atol in zip(["forward", "backward", "dropout backward"], emulated, cpu,
+                                     [floor.out, floor.grad, floor.grad]):
+        torch.testing.assert_close(unpack(got, T_q, T_k).double(), want.double(), rtol=0, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_launchers_refuse_bad_sizes(lib):

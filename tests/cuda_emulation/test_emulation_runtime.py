@@ -36,9 +36,18 @@ def test_emulation_runtime_is_clean_under_thread_sanitizer():
     ("divergent_barrier", "divergent __syncthreads"),
     ("shuffle_exited_lane", "have not exited"),
     ("bad_mask", "passes mask 0xffff,"),
+    ("mixed_warp_ops", "meet at different warp ops"),
 ])
 def test_watchdog_reports_instead_of_hanging(selftest, case, message):
     result = subprocess.run([selftest, case], capture_output=True, text=True, timeout=60,
                             env={"FASTGPT_EMU_WATCHDOG_S": "20"})
     assert result.returncode == 3, result.stderr
     assert message in result.stderr and "block (0,0,0)" in result.stderr
+
+
+def test_watchdog_ends_a_spinning_thread_with_exit_code_124(selftest):
+    """A thread that never arrives (spinning) is no deadlock the census can see: the timeout ends it."""
+    result = subprocess.run([selftest, "spin_forever"], capture_output=True, text=True, timeout=60,
+                            env={"FASTGPT_EMU_WATCHDOG_S": "2"})
+    assert result.returncode == 124, result.stderr
+    assert "no progress for 2 s" in result.stderr and "1 thread(s) running: (0,0,0)" in result.stderr

@@ -93,6 +93,7 @@ struct WarpGroup {
   using Slot = std::array<unsigned char, 16>;
   uint32_t arrived = 0;
   uint64_t generation = 0;
+  const char* op = "";  // the op of the round under way: every lane of the mask must call the same
   std::array<Slot, 32> posted{}, published{};
 };
 
@@ -292,6 +293,14 @@ std::array<T, 32> warp_exchange(uint32_t mask, const T& value, const char* op, c
     fail(b, buf);
   }
   WarpGroup& g = w.groups[mask];
+  if (g.arrived == 0) {
+    g.op = op;
+  } else if (std::strcmp(g.op, op) != 0) {
+    std::snprintf(buf, sizeof buf, "lanes of mask %#x meet at different warp ops: %s and %s (at %s)", mask, g.op, op,
+                  site_str(site.file_name(), site.line()).c_str());
+    lk.unlock();
+    fail(b, buf);
+  }
   std::memcpy(g.posted[c.lane].data(), &value, sizeof(T));
   std::array<T, 32> out{};
   auto read = [&] {
