@@ -162,13 +162,15 @@ def _sources_hash(nvcc: str, archs: list[int]) -> str:
 
 
 def compile_reports(archs: list[int]) -> tuple[list[KernelReport], float, bool]:
-    """(one report per kernel and arch, nvcc seconds, whether it came from the cache)."""
+    """(one report per kernel and arch in `archs`, nvcc seconds, whether it came from the cache).
+    nvcc always compiles every arch of SHARED_LIMIT, so every caller shares one cache entry."""
+    every_arch = sorted(SHARED_LIMIT)
     nvcc = find_nvcc()
-    cache = cache_root() / f"cuda-check-{_sources_hash(nvcc, archs)}.json"
+    cache = cache_root() / f"cuda-check-{_sources_hash(nvcc, every_arch)}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        return [KernelReport(**k) for k in saved["kernels"]], saved["seconds"], True
-    gencodes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        return [KernelReport(**k) for k in saved["kernels"] if k["arch"] in archs], saved["seconds"], True
+    gencodes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in every_arch]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "compile_check"
@@ -186,8 +188,10 @@ def compile_reports(archs: list[int]) -> tuple[list[KernelReport], float, bool]:
             raise RuntimeError(f"compile_check.cu prints no dynamic shared memory for {k.family}; add it to main()")
         k.dynamic_shared = dynamic[k.family]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"seconds": seconds, "kernels": [asdict(k) for k in kernels]}))
-    return kernels, seconds, False
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"seconds": seconds, "kernels": [asdict(k) for k in kernels]}))
+    os.replace(tmp, cache)  # atomic: a concurrent run reads the whole file or none
+    return [k for k in kernels if k.arch in archs], seconds, False
 
 
 def table(kernels: list[KernelReport]) -> str:
@@ -218,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     print(table(kernels))
     failed = [k for k in kernels if not k.ok]
-    print(f"\n{len(kernels)} CUDA kernels compiled by one nvcc call in {seconds:.1f} s{' (cached)' if cached else ''}: "
+    print(f"\n{len(kernels)} CUDA kernels (sm_{', sm_'.join(map(str, sorted({k.arch for k in kernels})))}) from one nvcc call in {seconds:.1f} s{' (cached)' if cached else ''}: "
           f"{len(kernels) - len(failed)} ok, {len(failed)} failed (limits: 0 spill bytes; shared memory "
           f"{', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())})")
     for k in failed:
