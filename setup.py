@@ -10,7 +10,8 @@ torch is deliberately not in build-system.requires (pip would fetch a multi-GB C
 isolated build environment), so an isolated build, or one without torch, builds no extension and
 the JIT path takes over. The CPU kernels are compiled for this machine's instruction set (as torch
 reports it), or for FASTGPT_CPU_CAPABILITY=AVX2|AVX512|DEFAULT when building for other machines.
-CUDA sources (csrc/cuda/*.cu, issue 7) make it a CUDAExtension when a CUDA toolkit is present.
+With a CUDA build of torch and a CUDA toolkit (CUDA_HOME) it is a CUDAExtension that also holds
+the CUDA kernels (build.CUDA_SOURCES; FASTGPT_EXT_CUDA=0 leaves them out).
 """
 
 import importlib.util
@@ -28,7 +29,7 @@ def _extension_build():
         return [], {}
     try:
         import torch  # noqa: F401
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}
     # The flags and sources of the JIT build, from the one place that lists them (no fastgpt import:
@@ -41,11 +42,10 @@ def _extension_build():
     if capability not in build.ISA_FLAGS:
         raise SystemExit(f"FASTGPT_CPU_CAPABILITY={capability!r}; choose one of {', '.join(build.ISA_FLAGS)}")
     sources = [f"csrc/{s}" for s in build.SOURCES]
-    cuda_sources = sorted(str(p.relative_to(REPO)) for p in (REPO / "csrc" / "cuda").glob("*.cu"))
     kwargs = dict(extra_compile_args={"cxx": build.compile_flags(capability)}, extra_link_args=["-fopenmp"])
-    if cuda_sources and CUDA_HOME is not None:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
-        ext = CUDAExtension("fastgpt._C", sources + cuda_sources, **kwargs)
+    if build.builds_cuda():
+        kwargs["extra_compile_args"]["nvcc"] = build.cuda_flags()
+        ext = CUDAExtension("fastgpt._C", sources + [f"csrc/{s}" for s in build.CUDA_SOURCES], **kwargs)
     else:
         ext = CppExtension("fastgpt._C", sources, **kwargs)
     return [ext], {"build_ext": BuildExtension}

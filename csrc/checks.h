@@ -19,10 +19,14 @@ inline void check_rank4(const at::Tensor& t, const char* op, const char* name, c
               " dims with shape ", t.sizes());
 }
 
-// The kernels compute in float32; bfloat16 is read and written as is, accumulated in float32.
+// The kernels compute in float32; bfloat16 (and, on CUDA, float16) is read and written as is,
+// accumulated in float32.
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
-              " has dtype ", t.scalar_type(), "; supported dtypes are Float (float32) and BFloat16");
+  const bool half_ok = t.is_cuda();  // the CUDA kernels take float16 too (issue 7)
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                  (half_ok && t.scalar_type() == at::kHalf),
+              op, ": ", name, " has dtype ", t.scalar_type(), "; supported dtypes are Float (float32)",
+              half_ok ? ", Half (float16, CUDA only)" : "", " and BFloat16");
 }
 
 inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
@@ -51,6 +55,16 @@ inline void check_packed(const at::Tensor& p, int64_t T_q, int64_t T_k, const ch
   check_dtype(p, op, name);
 }
 
+// An operand of the products: (B, H, T, D) with the packed matrix's B and H and the given T.
+// (Written on branch cuda2 for the CUDA binding; the CPU kernels may use it too.)
+inline void check_rows(const at::Tensor& x, int64_t B, int64_t H, int64_t T, const char* op, const char* name,
+                       const char* t_name) {
+  check_rank4(x, op, name, "(B, H, T, D)");
+  TORCH_CHECK(x.size(0) == B && x.size(1) == H && x.size(2) == T, op, ": ", name, " has shape ", x.sizes(),
+              "; it must be (B, H, ", t_name, ", D) = (", B, ", ", H, ", ", T, ", D)");
+  check_dtype(x, op, name);
+}
+
 // The CPU GEMM takes 32-bit sizes (LP64 BLAS).
 inline void check_blas_size(int64_t n, const char* op, const char* what) {
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), op, ": ", what, " is ", n,
@@ -67,5 +81,6 @@ inline void check_softmax_args(const at::Tensor& scores, int64_t T_q, int64_t T_
   TORCH_CHECK(dropout_p == 0.0 || rows <= std::numeric_limits<uint32_t>::max(), op, ": B·H·T_q = ",
               rows, " rows; dropout supports at most 2^32 rows");
 }
+
 
 }  // namespace fastgpt

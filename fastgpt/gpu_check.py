@@ -1,5 +1,6 @@
 """`fastgpt check`: proves, without a GPU, that every shipped Triton attention config compiles for
-sm_80 and sm_90 without register spills and within the shared memory of one block.
+sm_80 and sm_90 without register spills and within the shared memory of one block; then prints
+the same table for the CUDA kernels of csrc/cuda/ (fastgpt/cuda_check.py, nvcc).
 
     python -m fastgpt.gpu_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16 --dtype fp32] [--full]
 
@@ -247,7 +248,11 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"(limits: 0 spill bytes; shared memory {', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())})")
     for r in failed:
         print(f"FAILED {r.job}: regs={r.registers} spill={r.spill_bytes} smem={r.shared_bytes} {r.error or ''}")
-    return 1 if failed else 0
+    print()  # the CUDA kernels of csrc/cuda/, checked the same way with nvcc (fastgpt/cuda_check.py)
+    from fastgpt import cuda_check
+
+    cuda_failed = cuda_check.main([f"--arch={a}" for a in args.arch or []])
+    return 1 if failed or cuda_failed else 0
 
 
 def _kernels_interpreted() -> bool:

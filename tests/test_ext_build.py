@@ -101,3 +101,57 @@ def test_setup_py_refuses_an_unknown_instruction_set(monkeypatch):
     monkeypatch.setenv("FASTGPT_CPU_CAPABILITY", "AVX1024")
     with pytest.raises(SystemExit, match="FASTGPT_CPU_CAPABILITY='AVX1024'"):
         _setup_module()._extension_build()
+
+
+def _as_cuda_torch(monkeypatch):
+    """This process as if torch were a CUDA build with a CUDA toolkit (nothing is compiled)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.delenv("FASTGPT_EXT_CUDA", raising=False)
+
+
+def test_cpu_only_torch_builds_and_accepts_no_cuda():
+    if torch.version.cuda is not None:
+        pytest.skip("this torch is a CUDA build")
+    assert not build.builds_cuda()
+    assert "CPU-only build" in build.cuda_unavailable_reason()
+
+
+def test_jit_build_adds_the_cuda_binding_when_torch_has_cuda(not_loaded, monkeypatch, tmp_path):
+    _as_cuda_torch(monkeypatch)
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path))
+    calls = []
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
+    build._jit_build()
+    (kw,) = calls
+    assert kw["sources"][-1].endswith("csrc/cuda/binding.cu") and len(kw["sources"]) == len(build.SOURCES) + 1
+    assert kw["extra_cuda_cflags"] == build.cuda_flags()
+    assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"} <= set(build.cuda_flags())
+    # a CPU-only build of the same environment lives in another directory
+    monkeypatch.setenv("FASTGPT_EXT_CUDA", "0")
+    build._jit_build()
+    assert "binding.cu" not in " ".join(calls[1]["sources"]) and calls[1]["build_directory"] != kw["build_directory"]
+
+
+def test_setup_py_builds_the_cuda_binding_when_torch_has_cuda(monkeypatch):
+    _as_cuda_torch(monkeypatch)
+    monkeypatch.delenv("FASTGPT_NO_AOT", raising=False)
+    monkeypatch.delenv("FASTGPT_CPU_CAPABILITY", raising=False)
+    (extension,), _ = _setup_module()._extension_build()
+    assert sorted(extension.sources) == sorted(f"csrc/{s}" for s in (*build.SOURCES, *build.CUDA_SOURCES))
+    assert all((build.REPO / s).is_file() for s in extension.sources)
+    assert extension.extra_compile_args["nvcc"] == build.cuda_flags()
+
+
+def test_cuda_is_refused_until_every_attention_op_has_a_cuda_kernel(monkeypatch):
+    _as_cuda_torch(monkeypatch)
+    monkeypatch.setattr(build, "_loaded", "jit")  # the ops registered ...
+    monkeypatch.setattr(build, "ops_without_cuda_kernels", lambda: ["causal_softmax"])  # ... one without CUDA
+    reason = build.cuda_unavailable_reason()
+    assert reason is not None and "no CUDA kernels for causal_softmax" in reason
+    monkeypatch.setattr(build, "ops_without_cuda_kernels", lambda: [])
+    assert build.cuda_unavailable_reason() is None

@@ -10,7 +10,8 @@ dv = Pᵀ·dO, the fused softmax backward, dq = dS·k, dk = dSᵀ·q. The T_q ×
 materialised, once each, in the packed layout (fastgpt/ext/layout.py: the causal part only, ~52% of
 T² at T = 2048), at about half the work of the naive math; the dropout mask is regenerated, never stored.
 
-CPU kernels only for now: the CUDA kernels of the same ops are issue 7's.
+CPU kernels, and CUDA kernels of the same ops (csrc/cuda/, issue 7) where torch is a CUDA build
+and nvcc compiled them.
 """
 
 from __future__ import annotations
@@ -57,19 +58,19 @@ def _ext_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
 
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:
-    if device.type == "cuda":
-        return ("the ext backend's CUDA kernels are issue 7's and are not built yet; on CUDA use "
-                "backend='sdpa' (or 'auto')")
-    if device.type != "cpu":
-        return f"the ext backend has CPU kernels only; got device type {device.type!r}"
-    from fastgpt.ext.build import unavailable_reason
+    from fastgpt.ext.build import cuda_unavailable_reason, unavailable_reason
 
+    if device.type == "cuda":
+        reason = cuda_unavailable_reason()
+        return None if reason is None else f"{reason}; on CUDA use backend='sdpa' (or 'auto') meanwhile"
+    if device.type != "cpu":
+        return f"the ext backend has CPU and CUDA kernels only; got device type {device.type!r}"
     return unavailable_reason()
 
 
 def _unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
-    if q.dtype not in (torch.float32, torch.bfloat16):
-        return f"the ext kernels take float32 and bfloat16 (fp32 accumulation); got {q.dtype}"
+    if q.dtype not in (torch.float32, torch.bfloat16) and not (q.is_cuda and q.dtype == torch.float16):
+        return f"the ext kernels take float32 and bfloat16, and float16 on CUDA (fp32 accumulation); got {q.dtype}"
     return None
 
 

@@ -34,7 +34,16 @@ CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp")
-HEADERS = ("causal_layout.h", "causal_ops.h", "checks.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/dropout_cpu.h")
+HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h",
+           "cpu/dropout_cpu.h")
+# The CUDA kernels (issue 7), built into the same library when torch is a CUDA build and nvcc is
+# there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
+# part of the build (it is the offline compile check's, fastgpt/cuda_check.py).
+CUDA_SOURCES = ("cuda/binding.cu",)
+CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/causal_matmul.cuh", "cuda/causal_softmax.cuh")
+# sm_80 and sm_90 machine code (bf16 wmma needs sm_80), PTX of the newest for later GPUs; the
+# same archs fastgpt/cuda_check.py compile-checks.
+CUDA_ARCHS = (80, 90)
 # Measured on the 2-core dev machine while it was shared: 28-44 s for the three translation units.
 COMPILE_SECONDS_ESTIMATE = 45
 
@@ -71,6 +80,55 @@ def compile_flags(capability: str) -> list[str]:
     return flags
 
 
+def cuda_flags() -> list[str]:
+    """nvcc flags of the CUDA build (explicit archs: torch then adds none of its own)."""
+    newest = max(CUDA_ARCHS)
+    return ["-O3", *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS),
+            f"-gencode=arch=compute_{newest},code=compute_{newest}"]
+
+
+def cuda_home() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME
+
+
+def builds_cuda() -> bool:
+    """Whether the build here includes the CUDA kernels: a CUDA build of torch and nvcc (CUDA_HOME)."""
+    return torch.version.cuda is not None and cuda_home() is not None and os.environ.get("FASTGPT_EXT_CUDA") != "0"
+
+
+# The ops the ext attention backend calls, forward and backward.
+ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "causal_softmax",
+                 "causal_softmax_backward", "causal_softmax_dropout_backward")
+
+
+def ops_without_cuda_kernels() -> list[str]:
+    """The attention ops that have no CUDA kernel in this process (call after the ops are registered)."""
+    return [op for op in ATTENTION_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgpt::{op}", "CUDA")]
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    """Why the ext ops cannot run on CUDA tensors here, or None. Does not compile anything."""
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build: the ext backend's CUDA kernels need a "
+                "CUDA build of torch (and nvcc to compile csrc/cuda/)")
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    if _loaded is not None or _aot_module() is not None:  # the ops are registered: ask the dispatcher
+        missing = ops_without_cuda_kernels()
+        if missing:
+            return (f"fastgpt's compiled ops have no CUDA kernels for {', '.join(missing)} (built without nvcc, or "
+                    "with FASTGPT_EXT_CUDA=0, or those kernels are not written yet); rebuild with the CUDA "
+                    "toolkit present (CUDA_HOME)")
+        return None
+    if not builds_cuda():
+        return ("nvcc not found (torch.utils.cpp_extension.CUDA_HOME is None) or FASTGPT_EXT_CUDA=0: the ext "
+                "backend compiles its CUDA kernels (csrc/cuda/) on first use; install the CUDA toolkit or set CUDA_HOME")
+    return None
+
+
 def torch_exports_sgemm() -> bool:
     """Whether libtorch_cpu exports the Fortran `sgemm_` of the BLAS torch links (MKL on x86 Linux);
     without it the kernels call at::mm on their tiles, correct but slower."""
@@ -81,9 +139,14 @@ def torch_exports_sgemm() -> bool:
         return False
 
 
+def cache_root() -> Path:
+    """Where fastgpt keeps its builds and check results: $FASTGPT_CACHE_DIR or ~/.cache/fastgpt."""
+    return Path(os.environ.get("FASTGPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastgpt"))
+
+
 def cache_dir(capability: str, flags: list[str]) -> Path:
-    root = os.environ.get("FASTGPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastgpt")
+    root = cache_root()
     # One directory per environment that produces a different binary: two venvs never share one.
     key = "|".join([torch.__version__, sys.version, sys.platform, capability, *flags, str(CSRC)])
     tag = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -172,11 +235,13 @@ def _jit_build() -> None:
         raise ExtensionUnavailable(reason)
     capability = cpu_capability()
     flags = compile_flags(capability)
-    build_dir = cache_dir(capability, flags)
+    cuda = builds_cuda()
+    build_dir = cache_dir(capability, flags + (["cuda", *cuda_flags()] if cuda else []))
     build_dir.mkdir(parents=True, exist_ok=True)
-    sources = [str(CSRC / s) for s in SOURCES]
+    inputs = (*SOURCES, *HEADERS, *((*CUDA_SOURCES, *CUDA_HEADERS) if cuda else ()))
+    sources = [str(CSRC / s) for s in (*SOURCES, *(CUDA_SOURCES if cuda else ()))]
     library = build_dir / f"{JIT_NAME}.so"
-    newest_source = max((CSRC / s).stat().st_mtime for s in (*SOURCES, *HEADERS))
+    newest_source = max((CSRC / s).stat().st_mtime for s in inputs)
     compiling = not library.is_file() or library.stat().st_mtime < newest_source
     if compiling:
         print(f"fastgpt: compiling the C++ extension (first use, ~{COMPILE_SECONDS_ESTIMATE} s) into {build_dir} ...",
@@ -186,6 +251,7 @@ def _jit_build() -> None:
 
     with _ninja_on_path():
         cpp_extension.load(name=JIT_NAME, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           extra_cuda_cflags=cuda_flags() if cuda else None,
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
     if compiling:
         print(f"fastgpt: compiled the C++ extension in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

@@ -1,0 +1,201 @@
+"""The CUDA causal matmuls (csrc/cuda/causal_matmul.cuh) executed in the SIMT emulation: every
+kernel (nt, nn, tn), dtype (float32, float16, bfloat16) and path (wmma, SIMT) on the packed layout
+with T_q ≤ T_k up to 130 and head dims 16-80, against float64 with the parity rule (fastgpt.parity:
+2 × the error of the same product in the same dtype, plus the dtype's floor); against the C++ CPU
+kernels where the extension has the packed schemas; and the whole set under ThreadSanitizer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from emu_build import CSRC, HERE, TSAN_FLAGS, build
+from fastgpt.parity import tolerance
+
+SOURCE = HERE / "matmul_entry.cpp"
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+OPS = {"nt": 0, "nn": 1, "tn": 2}
+BLOCK = 64  # the packed layout's row block (csrc/causal_layout.h)
+# (dtype, force SIMT): fp32 runs SIMT only; the 16-bit dtypes run both paths.
+PATHS = [(torch.float32, True), (torch.float16, False), (torch.float16, True), (torch.bfloat16, False),
+         (torch.bfloat16, True)]
+# (B, H, T_q, T_k, D): one row block and several, short last blocks, T_q < T_k (o not a multiple of
+# 64), D under one K step, several, and not a multiple of 16 or 64.
+SHAPES = [(1, 2, 1, 1, 16), (2, 1, 17, 70, 32), (1, 2, 64, 64, 64), (1, 1, 100, 130, 80), (1, 1, 130, 130, 24)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    so = ctypes.CDLL(str(build("matmul_entry", [SOURCE], ["-O1", "-g"], shared=True)))
+    so.fastgpt_emu_causal_matmul.restype = ctypes.c_int
+    so.fastgpt_emu_causal_matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [
+        ctypes.c_char_p, ctypes.c_int64]
+    so.fastgpt_emu_causal_numel.restype = ctypes.c_int64
+    so.fastgpt_emu_causal_numel.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    return so
+
+
+# ---- the packed layout, from csrc/README.md (RECONCILE: fastgpt/ext/layout.py on branch packed) ----
+
+def blocks(T_q: int, T_k: int) -> list[tuple[int, int, int]]:
+    """(start_r, rows_r, W_r) per row block."""
+    out, start, o = [], 0, T_k - T_q
+    for r in range((T_q + BLOCK - 1) // BLOCK):
+        rows = min(BLOCK, T_q - BLOCK * r)
+        width = -(-min(T_k, o + BLOCK * r + rows) // BLOCK) * BLOCK
+        out.append((start, rows, width))
+        start += rows * width
+    return out
+
+
+def pack(dense: torch.Tensor, T_k: int, fill: float = 0.0) -> torch.Tensor:
+    """(B, H, T_q, T_k) -> packed (B, H, N): the lower part as is, `fill` above the diagonal and in
+    the padding (NaN: the kernels must never read it)."""
+    T_q = dense.shape[2]
+    o = T_k - T_q
+    parts = []
+    for start, rows, width in blocks(T_q, T_k):
+        i0 = len(parts) * BLOCK
+        block = torch.full((*dense.shape[:2], rows, width), fill, dtype=dense.dtype)
+        w = min(width, T_k)
+        block[..., :w] = dense[:, :, i0:i0 + rows, :w]
+        i = torch.arange(i0, i0 + rows)[:, None]
+        j = torch.arange(width)[None, :]
+        block.masked_fill_(j > o + i, fill)
+        parts.append(block.flatten(2))
+    return torch.cat(parts, dim=2).contiguous()
+
+
+def unpack(packed: torch.Tensor, T_q: int, T_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """packed (B, H, N) -> (dense (B, H, T_q, T_k), everything outside j ≤ o + i as one flat tensor)."""
+    o = T_k - T_q
+    dense = torch.zeros(*packed.shape[:2], T_q, T_k, dtype=packed.dtype)
+    outside = []
+    for r, (start, rows, width) in enumerate(blocks(T_q, T_k)):
+        block = packed[..., start:start + rows * width].reshape(*packed.shape[:2], rows, width)
+        i = torch.arange(r * BLOCK, r * BLOCK + rows)[:, None]
+        visible = torch.arange(width)[None, :] <= o + i
+        w = min(width, T_k)
+        dense[:, :, r * BLOCK:r * BLOCK + rows, :w] = block[..., :w] * visible[:, :w]
+        outside.append(block[..., ~visible])
+    return dense, torch.cat(outside, dim=-1)
+
+
+def causal_mask(T_q: int, T_k: int) -> torch.Tensor:
+    return torch.ones(T_q, T_k, dtype=torch.bool).tril(T_k - T_q)
+
+
+def rows_view(shape, dtype, seed):
+    """A (B, H, T, D) operand as a strided view of a (B, T, H, D + 3) buffer (the layouts a qkv
+    projection gives: rows of D are contiguous, nothing else is)."""
+    B, H, T, D = shape
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, H, D + 3, generator=g, dtype=torch.float64).to(dtype)[..., :D].transpose(1, 2)
+
+
+def emulate(lib, op: str, x0: torch.Tensor, x1: torch.Tensor, out: torch.Tensor, T_q, T_k, simt: bool) -> torch.Tensor:
+    B, H, _, D = x1.shape
+    strides = [(ctypes.c_int64 * 3)(*(t.stride()[:3] if t.dim() == 4 else (0, 0, 0))) for t in (x0, x1)]
+    err = ctypes.create_string_buffer(4096)
+    rc = lib.fastgpt_emu_causal_matmul(OPS[op], DTYPES[x1.dtype], int(simt), x0.data_ptr(), strides[0], x1.data_ptr(),
+                                       strides[1], out.data_ptr(), B, H, T_q, T_k, D, err, len(err))
+    assert rc == 0, err.value.decode()
+    return out
+
+
+def check(got: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, dtype):
+    """The parity rule: error ≤ 2 × the error of the same product in `dtype` + the dtype's floor."""
+    error = (got.double() - ref).abs().max().item()
+    limit = tolerance("out", (same_dtype.double() - ref).abs().max().item(), dtype)
+    assert error <= limit, f"max error {error:.3g} > {limit:.3g}"
+
+
+def test_layout_numel_matches_the_readme_formula(lib):
+    for T_q, T_k in [(1, 1), (17, 70), (64, 64), (65, 200), (100, 130), (2048, 2048)]:
+        start, rows, width = blocks(T_q, T_k)[-1]
+        assert lib.fastgpt_emu_causal_numel(T_q, T_k) == start + rows * width
+    N = lib.fastgpt_emu_causal_numel(2048, 2048)
+    assert abs(N / 2048**2 - 0.516) < 0.001  # "N is 51.6% of T²" (csrc/README.md)
+
+
+@pytest.mark.parametrize("dtype, simt", PATHS, ids=[f"{str(d)[6:]}-{'simt' if s else 'wmma'}" for d, s in PATHS])
+@pytest.mark.parametrize("B, H, T_q, T_k, D", SHAPES)
+def test_emulated_matmuls_match_float64(lib, dtype, simt, B, H, T_q, T_k, D):
+    a = rows_view((B, H, T_q, D), dtype, 0)
+    b = rows_view((B, H, T_k, D), dtype, 1)
+    mask = causal_mask(T_q, T_k)
+    N = lib.fastgpt_emu_causal_numel(T_q, T_k)
+
+    # nt: S = tril_o(a · bᵀ), every one of the N elements written (zeros outside, padding included)
+    s = emulate(lib, "nt", a, b, torch.full((B, H, N), float("nan"), dtype=dtype), T_q, T_k, simt)
+    s_dense, s_outside = unpack(s, T_q, T_k)
+    assert (s_outside == 0).all(), "nt: nonzero (or unwritten) element above the diagonal or in the padding"
+    check(s_dense, (a.double() @ b.double().mT) * mask, (a @ b.mT) * mask, dtype)
+
+    # nn and tn read P only on and below the diagonal: NaN everywhere else
+    p_dense = torch.randn(B, H, T_q, T_k, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype) * mask
+    p = pack(p_dense, T_k, fill=float("nan"))
+    out = emulate(lib, "nn", p, b, torch.empty(B, H, T_q, D, dtype=dtype), T_q, T_k, simt)
+    check(out, p_dense.double() @ b.double(), p_dense @ b, dtype)
+    out = emulate(lib, "tn", p, a, torch.empty(B, H, T_k, D, dtype=dtype), T_q, T_k, simt)
+    check(out, p_dense.double().mT @ a.double(), p_dense.mT @ a, dtype)
+
+
+def test_emulated_matmuls_match_the_cpu_kernels(lib):
+    from fastgpt.ext import build as ext_build
+
+    reason = ext_build.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the C++ extension cannot be built here: {reason}")
+    ext_build.load()
+    schema = str(torch.ops.fastgpt.causal_matmul_nn.default._schema)
+    if "T_q" not in schema:
+        pytest.skip(f"the CPU kernels do not have the packed schemas yet (branch packed): {schema}")
+    B, H, T_q, T_k, D = 1, 2, 70, 100, 32
+    mask = causal_mask(T_q, T_k)
+    for dtype in (torch.float32, torch.bfloat16):  # the CPU kernels' dtypes
+        # both against float64, the emulated kernel within the parity rule of the CPU kernel's error
+        a, b = rows_view((B, H, T_q, D), dtype, 0), rows_view((B, H, T_k, D), dtype, 1)
+        N = lib.fastgpt_emu_causal_numel(T_q, T_k)
+        s = emulate(lib, "nt", a, b, torch.empty(B, H, N, dtype=dtype), T_q, T_k, False)
+        s_cpu = torch.ops.fastgpt.causal_matmul_nt(a, b)
+        assert s_cpu.shape == s.shape and (unpack(s_cpu, T_q, T_k)[1] == 0).all()
+        check(unpack(s, T_q, T_k)[0], (a.double() @ b.double().mT) * mask, unpack(s_cpu, T_q, T_k)[0], dtype)
+        p_dense = unpack(s, T_q, T_k)[0].double()
+        nn_cpu = torch.ops.fastgpt.causal_matmul_nn(s, b, T_q)
+        check(emulate(lib, "nn", s, b, torch.empty(B, H, T_q, D, dtype=dtype), T_q, T_k, False),
+              p_dense @ b.double(), nn_cpu, dtype)
+        tn_cpu = torch.ops.fastgpt.causal_matmul_tn(s, a, T_k)
+        check(emulate(lib, "tn", s, a, torch.empty(B, H, T_k, D, dtype=dtype), T_q, T_k, False),
+              p_dense.mT @ a.double(), tn_cpu, dtype)
+
+
+def test_emulated_matmuls_are_clean_under_thread_sanitizer():
+    """Every kernel, dtype and path (matmul_entry.cpp's own main, with a float64 check) under TSan;
+    one shape has D = 40 > the 32-wide K step, so a missing barrier between steps would show."""
+    exe = build("matmul-tsan", [SOURCE], [*TSAN_FLAGS, "-DFASTGPT_MATMUL_SELFTEST"])
+    result = subprocess.run([exe], capture_output=True, text=True, timeout=600)
+    assert "WARNING: ThreadSanitizer" not in result.stderr, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert result.stdout.count("ok ") == 10, result.stdout
+
+
+def test_thread_sanitizer_catches_a_deleted_matmul_barrier(tmp_path):
+    """The proof that the run above would see a race: without the barrier between two K steps,
+    threads refill the shared tiles while others still read them (D = 40: two steps)."""
+    marker = "__syncthreads();  // [sync: tiles consumed]"
+    broken = tmp_path / "csrc"
+    shutil.copytree(CSRC, broken)
+    header = broken / "cuda" / "causal_matmul.cuh"
+    text = header.read_text()
+    assert text.count(marker) == 1, "the marked barrier of causal_matmul_nt_kernel is gone"
+    header.write_text(text.replace(marker, "// barrier deleted by test_emulation_matmul.py"))
+    exe = build("matmul-tsan-no-barrier", [SOURCE], [*TSAN_FLAGS, "-DFASTGPT_MATMUL_SELFTEST"], csrc=broken)
+    result = subprocess.run([exe, "fp32"], capture_output=True, text=True, timeout=600,
+                            env={"TSAN_OPTIONS": "halt_on_error=0 exitcode=66"})
+    assert "WARNING: ThreadSanitizer: data race" in result.stderr, result.stdout + result.stderr[-2000:]

@@ -1,0 +1,49 @@
+"""The ext ops' CUDA kernels on a real GPU (never required for CI: skipped without a CUDA device or
+without the CUDA kernels in the build). The same parity promise as on CPU (fastgpt.parity, every
+PARITY_SHAPES entry, float32, bfloat16 and float16), and the dropout mask bit for bit equal to the
+CPU kernels'. For memory errors and races on the device, run this file under compute-sanitizer:
+
+    compute-sanitizer --tool memcheck  python -m pytest -q tests/test_cuda_ops.py
+    compute-sanitizer --tool racecheck python -m pytest -q tests/test_cuda_ops.py -k parity
+"""
+
+import pytest
+import torch
+
+from fastgpt.parity import PARITY_SHAPES, check_parity
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the emulation tests in "
+                                "tests/cuda_emulation/ run the same kernels without one)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels():
+    from fastgpt.ext import build
+
+    reason = build.cuda_unavailable_reason()
+    if reason is None:
+        build.load()
+        reason = build.cuda_unavailable_reason()  # now asks the dispatcher
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", PARITY_SHAPES)
+def test_ext_parity_on_cuda(shape, dtype):
+    result = check_parity("ext", shape, dtype, device="cuda")
+    assert result.ok, f"{result.worst}: errors {result.errors} limits {result.limits}"
+
+
+def test_dropout_mask_on_cuda_is_the_cpu_mask():
+    schema = str(torch.ops.fastgpt.dropout_keep_mask.default._schema)
+    if "T_q" not in schema:
+        pytest.skip(f"the ops do not have the packed schemas yet: {schema}")
+    from fastgpt.ext.layout import packed_size
+
+    B, H, T_q, T_k = 2, 3, 70, 130
+    scores = torch.zeros(B, H, packed_size(T_q, T_k))
+    args = (T_q, T_k, 0.3, 1234, 5)
+    cpu = torch.ops.fastgpt.dropout_keep_mask(scores, *args)
+    gpu = torch.ops.fastgpt.dropout_keep_mask(scores.cuda(), *args)
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
