@@ -88,6 +88,7 @@ def compile_model(model: torch.nn.Module, backend: str) -> torch.nn.Module:
     """torch.compile(model). With the ext backend its compiled ops are loaded first: loading them
     (a build, a lock) is Python that dynamo does not trace; the ops themselves are single graph nodes."""
     if backend == "ext":
+        from fastgpt.ext import seeded  # noqa: F401  (imported here, not mid-trace)
         from fastgpt.ext.build import load
 
         load()

@@ -40,11 +40,14 @@ def ext_attention(
 
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if seed is None:
-        # Only a dropout call consumes randomness, as nn.Dropout does.
-        seed = int(torch.empty((), dtype=torch.int64).random_()) if dropout_p > 0.0 else 0
     s = ops.causal_matmul_nt(q, k)  # (B, H, T, T)
-    p = ops.causal_softmax(s, scale, dropout_p, seed, offset)  # (B, H, T, T)
+    if seed is None and dropout_p > 0.0:  # only a dropout call consumes randomness, as nn.Dropout does
+        # The seed stays a tensor up to an opaque op: torch.compile sees no data-dependent int
+        from fastgpt.ext import seeded
+
+        p = seeded.causal_softmax_seeded(s, scale, dropout_p, seeded.draw_seed(), offset)  # (B, H, T, T)
+    else:
+        p = ops.causal_softmax(s, scale, dropout_p, seed or 0, offset)  # (B, H, T, T)
     return ops.causal_matmul_nn(p, v)  # (B, H, T, D)
 
 
