@@ -52,9 +52,9 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
         times = time_interleaved(calls, dev, reps, warmup) if calls else {}
         bar.update(1)
 
-    tokens_per_step = train_config.batch_size * model_config.block_size
+    tokens_per_step = trainer.tokens_per_step
     flops = training_flops_per_step(num_parameters(trainer.model), model_config.n_layer, model_config.n_embd,
-                                    train_config.batch_size, model_config.block_size)
+                                    train_config.batch_size * trainer.micro_steps, model_config.block_size)
     peak = device_peak_flops(dev, peak_flops)
     for name, seconds in times.items():
         per_step = [s / steps for s in seconds]
