@@ -53,10 +53,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def batch_seed(seed: int, it: int, micro: int, micro_steps: int) -> int:
-    """The seed of micro-batch `micro` of step `it`: the (it·micro_steps + micro)-th batch of the
-    run, whichever process draws it."""
-    return seed * 2**40 + it * micro_steps + micro
+def batch_seed(seed: int, it: int, micro: int, micro_batches: int) -> int:
+    """The seed of micro-batch `micro` (of `micro_batches` per step, over all processes) of step
+    `it`: the (it·micro_batches + micro)-th batch of the run, whichever process draws it."""
+    return seed * 2**40 + it * micro_batches + micro
 
 
 def learning_rate_at(it: int, cfg: TrainConfig) -> float:
