@@ -48,3 +48,17 @@ def test_compiled_training_step_runs_on_cpu(backend, small_corpus, tmp_path):
     losses = [trainer.step().item() for _ in range(3)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
     assert not any(k.startswith("_orig_mod") for k in trainer.checkpoint_state()["model"])  # plain checkpoints
+
+
+def test_seeded_softmax_is_causal_softmax_with_that_seed():
+    from fastgpt.ext import ops, seeded
+
+    scores = torch.randn(2, 3, 37, 37, dtype=torch.float64).float().requires_grad_()
+    grad = torch.randn(2, 3, 37, 37)
+    seed = seeded.draw_seed()
+    out = seeded.causal_softmax_seeded(scores, 0.25, 0.3, seed, 7)
+    (d_scores,) = torch.autograd.grad(out, scores, grad)
+    expected = ops.causal_softmax(scores, 0.25, 0.3, int(seed), 7)
+    (expected_d_scores,) = torch.autograd.grad(expected, scores, grad)
+    assert torch.equal(out, expected) and torch.equal(d_scores, expected_d_scores)
+    assert (out == 0).sum() > 2 * 3 * (37 * 36 // 2)  # zeros beyond the causal upper triangles: dropout ran
