@@ -259,18 +259,21 @@ class Trainer:
             )
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scaler.load_state_dict(state["scaler"])
+        if "scaler" in state:
+            trainer.scaler.load_state_dict(state["scaler"])
         trainer.iter = state["iter"]
         trainer.elapsed_s = state["elapsed_s"]
-        if len(state["rng"]) == trainer.world_size:  # the same processes: each continues its own dropout stream
-            rng = state["rng"][trainer.rank]
+        # checkpoints from before DDP hold one process's state under rng_cpu / rng_cuda
+        ranks = state.get("rng") or [{"cpu": state["rng_cpu"], **({"cuda": state["rng_cuda"]} if "rng_cuda" in state else {})}]
+        if len(ranks) == trainer.world_size:  # the same processes: each continues its own dropout stream
+            rng = ranks[trainer.rank]
             torch.set_rng_state(rng["cpu"])
             if trainer.device.type == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"], trainer.device)
         else:  # another world size: fresh streams, still a function of (seed, rank, iteration)
             torch.manual_seed(train_config.seed + trainer.rank + 1000 * trainer.iter)
             if trainer.is_main:
-                print(f"fastgpt: the checkpoint was written by {len(state['rng'])} process(es), this run has "
+                print(f"fastgpt: the checkpoint was written by {len(ranks)} process(es), this run has "
                       f"{trainer.world_size}: dropout masks continue from new random streams")
         return trainer
 

@@ -155,3 +155,16 @@ def test_peak_flops_table_is_the_one_the_benchmark_reads():
     assert bench.device_peak_flops is fastgpt.flops.device_peak_flops
     assert fastgpt.flops.device_peak_flops(torch.device("cpu")) is None
     assert fastgpt.flops.device_peak_flops(torch.device("cpu"), 2e12) == 2e12
+
+
+def test_resume_in_another_world_size_keeps_the_batches_and_says_dropout_streams_are_new(small_corpus, tmp_path, capsys):
+    trainer = make_trainer(small_corpus, tmp_path, gradient_accumulation_steps=2)
+    trainer.step()
+    trainer.save()
+    expected = trainer.step().item()
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    state["rng"] = state["rng"] * 2  # as if written by 2 processes
+    save_checkpoint(state, tmp_path / "ckpt.pt")
+    resumed = Trainer.resume(tmp_path)
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    assert resumed.step().item() == pytest.approx(expected, rel=1e-6)  # dropout 0: the same batches, the same step
