@@ -17,34 +17,9 @@ from fastgpt.benchmarks.attention import NOT_TIMED
 from fastgpt.benchmarks.common import environment, memory_method, peak_memory_bytes, summarize, time_interleaved
 from fastgpt.config import make_configs
 from fastgpt.data import CharDataset
+from fastgpt.flops import device_peak_flops, training_flops_per_step
 from fastgpt.model import num_parameters
 from fastgpt.train import Trainer
-
-# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, matched against
-# torch.cuda.get_device_name(); MFU is an estimate against them. None known for CPUs.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "A10": 125e12,
-}
-
-
-def device_peak_flops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
-    if override is not None:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
-
-
-def training_flops_per_step(n_params: int, n_layer: int, n_embd: int, batch_size: int, block_size: int) -> float:
-    """6 FLOPs per parameter per token (forward 2, backward 4), plus the attention matmuls
-    (12·L·C·T per token counted over the full T×T, as in the PaLM appendix and nanoGPT)."""
-    tokens = batch_size * block_size
-    return 6 * n_params * tokens + 12 * n_layer * n_embd * block_size * tokens
 
 
 def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3, warmup: int = 1,
@@ -77,9 +52,9 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
         times = time_interleaved(calls, dev, reps, warmup) if calls else {}
         bar.update(1)
 
-    tokens_per_step = train_config.batch_size * model_config.block_size
+    tokens_per_step = trainer.tokens_per_step
     flops = training_flops_per_step(num_parameters(trainer.model), model_config.n_layer, model_config.n_embd,
-                                    train_config.batch_size, model_config.block_size)
+                                    train_config.batch_size * trainer.micro_steps, model_config.block_size)
     peak = device_peak_flops(dev, peak_flops)
     for name, seconds in times.items():
         per_step = [s / steps for s in seconds]

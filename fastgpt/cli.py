@@ -43,21 +43,27 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastgpt import distributed
     from fastgpt.config import make_configs
     from fastgpt.train import Trainer, resolve_device
 
     overrides = _overrides(args)
-    if overrides.pop("resume", False):
-        trainer = Trainer.resume(overrides.pop("out_dir", "out"), overrides)
-        print(f"fastgpt: resuming at iteration {trainer.iter} of {trainer.train_config.max_iters}")
-    else:
-        preset = args.preset
-        if preset is None:
-            # The lecture's preset needs a GPU; on a CPU the nanoGPT CPU run is the sensible default.
-            preset = "shakespeare-char" if resolve_device(overrides.get("device", "auto")).type == "cuda" else "cpu"
-            print(f"fastgpt: preset {preset!r} (the default on this device; choose with --preset)")
-        trainer = Trainer(*make_configs(preset, overrides))
-    trainer.run()
+    try:  # under torchrun the Trainer joins the process group; leave it on every way out
+        if overrides.pop("resume", False):
+            trainer = Trainer.resume(overrides.pop("out_dir", "out"), overrides)
+            if trainer.is_main:
+                print(f"fastgpt: resuming at iteration {trainer.iter} of {trainer.train_config.max_iters}")
+        else:
+            preset = args.preset
+            if preset is None:
+                # The lecture's preset needs a GPU; on a CPU the nanoGPT CPU run is the sensible default.
+                preset = "shakespeare-char" if resolve_device(overrides.get("device", "auto")).type == "cuda" else "cpu"
+                if distributed.is_main():
+                    print(f"fastgpt: preset {preset!r} (the default on this device; choose with --preset)")
+            trainer = Trainer(*make_configs(preset, overrides))
+        trainer.run()
+    finally:
+        distributed.teardown()
     return 0
 
 

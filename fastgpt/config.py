@@ -11,7 +11,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from fastgpt.model import ModelConfig
+
+
+# --dtype names -> the autocast dtype (fp32: autocast off)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -20,7 +26,14 @@ class TrainConfig:
     out_dir: str = "out"  # checkpoint, metrics.jsonl and loss-curve PNG go here
     device: str = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
     seed: int = 1337
-    batch_size: int = 64  # sequences per step; a step sees batch_size * block_size tokens
+    batch_size: int = 64  # sequences per micro-batch, in each process
+    # Micro-batches per optimisation step, over all processes (the global batch): a step sees
+    # batch_size * block_size * gradient_accumulation_steps tokens whatever the world size; each
+    # of the world_size processes runs gradient_accumulation_steps / world_size of them.
+    gradient_accumulation_steps: int = 1
+    dtype: str = "fp32"  # autocast dtype of the forward and backward: "bf16", "fp16" (with a gradient scaler), "fp32"
+    compile: bool = False  # torch.compile the model
+    peak_tflops: Optional[float] = None  # the device's peak, for the MFU estimate; None: fastgpt.flops's table (GPUs)
     max_iters: int = 5000
     eval_interval: int = 500  # evaluate (and checkpoint) every this many steps, and at the end
     eval_iters: int = 200  # batches per split in each evaluation
@@ -38,7 +51,7 @@ class TrainConfig:
     progress: bool = True  # progress bar
 
     def validate(self) -> None:
-        positive = ("batch_size", "eval_interval", "eval_iters", "lr_decay_iters")
+        positive = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "lr_decay_iters")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -52,6 +65,19 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0 (or unset); got {self.peak_tflops}")
+
+    def check_world_size(self, world_size: int) -> int:
+        """The micro-batches each of `world_size` processes runs per step."""
+        if self.gradient_accumulation_steps % world_size != 0:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} (micro-batches per step, over all "
+                f"processes) must be divisible by the world size {world_size}: use a multiple of {world_size}"
+            )
+        return self.gradient_accumulation_steps // world_size
 
 
 PRESETS: dict[str, dict[str, Any]] = {

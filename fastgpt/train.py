@@ -4,13 +4,20 @@
     trainer.run()                                      # the whole loop, with a progress bar
     trainer.step(); trainer.evaluate(); trainer.save() # or drive it yourself
 
+One step is gradient_accumulation_steps micro-batches (the global batch). Under torchrun each of
+the world_size processes runs its share of them in a DistributedDataParallel model, which averages
+the gradients: rank r takes micro-batches r, r + world_size, ... So a run over N processes and one
+process accumulating over the same global batch see the same windows and take the same steps.
+
 Exact resume: a checkpoint taken at iteration i holds everything step i reads (weights,
-optimizer moments, the batch sampler's RNG, torch's RNG for dropout), so a resumed run computes
-the same loss at step i as the run that was interrupted.
+optimizer moments, every process's torch RNG for dropout, the gradient scaler); the batches are a
+function of (seed, iteration, micro-batch), so a resumed run computes the same loss at step i as
+the run that was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,12 +26,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from fastgpt import distributed
 from fastgpt.attention import select_backend
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, split_fields
+from fastgpt.config import ARCHITECTURE_FIELDS, DTYPES, TrainConfig, split_fields
 from fastgpt.data import CharDataset, CharTokenizer
+from fastgpt.flops import device_peak_flops, training_flops_per_step
 from fastgpt.model import GPT, ModelConfig, build_model, num_parameters
 
 METRICS_NAME = "metrics.jsonl"
@@ -32,12 +42,21 @@ LOSS_CURVE_NAME = "loss_curve.png"
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `name` names; under torchrun "auto" and "cuda" mean this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} was asked for but this torch build sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
     return device
+
+
+def batch_seed(seed: int, it: int, micro: int, micro_batches: int) -> int:
+    """The seed of micro-batch `micro` (of `micro_batches` per step, over all processes) of step
+    `it`: the (it·micro_batches + micro)-th batch of the run, whichever process draws it."""
+    return seed * 2**40 + it * micro_batches + micro
 
 
 def learning_rate_at(it: int, cfg: TrainConfig) -> float:
@@ -65,70 +84,128 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+def compile_model(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """torch.compile(model). With the ext backend its compiled ops are loaded first: loading them
+    (a build, a lock) is Python that dynamo does not trace; the ops themselves are single graph nodes."""
+    if backend == "ext":
+        from fastgpt.ext import seeded  # noqa: F401  (imported here, not mid-trace)
+        from fastgpt.ext.build import load
+
+        load()
+    return torch.compile(model)
+
+
 class Trainer:
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Optional[CharDataset] = None):
         train_config.validate()
         self.train_config = cfg = train_config
         self.device = resolve_device(cfg.device)
+        distributed.setup(self.device)  # under torchrun: join the process group (a no-op otherwise)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.micro_steps = cfg.check_world_size(self.world_size)  # this process's share of the global batch
         self.dataset = dataset if dataset is not None else CharDataset.load(cfg.data)
         model_config.vocab_size = self.dataset.tokenizer.vocab_size
         model_config.validate()
         self.dataset.check_block_size(model_config.block_size)
         self.model_config = model_config
 
-        torch.manual_seed(cfg.seed)  # the weight init and dropout draw from torch's global RNG
-        self.model = build_model(model_config).to(self.device)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        self.model = build_model(model_config).to(self.device)  # the model itself: weights, checkpoints, sampling
+        torch.manual_seed(cfg.seed + self.rank)  # each process its own dropout masks
         self.optimizer = make_optimizer(self.model, cfg, self.device)
-        self.batch_generator = torch.Generator().manual_seed(cfg.seed)
+        self.autocast_dtype = DTYPES[cfg.dtype]
+        # fp16's narrow exponent range needs the loss scaled up before backward (bf16 and fp32 do not)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        backend = self.attention_backend()  # a backend that cannot take the autocast dtype fails here
+        # What the steps call: the model, compiled and/or wrapped to average gradients over the processes.
+        self.eval_model = compile_model(self.model, backend) if cfg.compile else self.model
+        self.train_model = self.eval_model
+        if distributed.enabled():
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.eval_model, device_ids=device_ids)
         self.iter = 0  # the next optimisation step to take
         self.elapsed_s = 0.0  # wall time of the run so far, evaluations included, across resumes
         self.out_dir = Path(cfg.out_dir)
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype != torch.float32)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of the global batch: every process's micro-batches together."""
+        return self.train_config.batch_size * self.model_config.block_size * self.train_config.gradient_accumulation_steps
+
     # -- one step, one evaluation ------------------------------------------------------------
 
     def step(self) -> torch.Tensor:
-        """One optimisation step at iteration self.iter; returns its (detached) training loss."""
+        """One optimisation step at iteration self.iter over the global batch; returns this
+        process's (detached) training loss, the mean over its micro-batches."""
         cfg = self.train_config
         lr = learning_rate_at(self.iter, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.dataset.get_batch("train", cfg.batch_size, self.model_config.block_size,
-                                      self.batch_generator, self.device)
-        self.model.train()
-        _, loss = self.model(x, y)
+        self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for j in range(self.micro_steps):
+            micro = self.rank + j * self.world_size  # which micro-batch of the global batch
+            generator = torch.Generator().manual_seed(batch_seed(cfg.seed, self.iter, micro, cfg.gradient_accumulation_steps))
+            x, y = self.dataset.get_batch("train", cfg.batch_size, self.model_config.block_size, generator, self.device)
+            # Gradients are averaged over the processes once, after the last micro-batch: the
+            # earlier ones only accumulate locally.
+            last = j == self.micro_steps - 1
+            sync = self.train_model.no_sync() if isinstance(self.train_model, DistributedDataParallel) and not last \
+                else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    _, loss = self.train_model(x, y)
+                # / micro_steps here and DDP's mean over the processes: the mean over the global batch
+                self.scaler.scale(loss / self.micro_steps).backward()
+            total += loss.detach().float()
         if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.iter += 1
-        return loss.detach()
+        return total / self.micro_steps
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over eval_iters batches of each split, in eval mode (no dropout). The batches
         come from a generator reseeded each time, so every evaluation scores the same windows and
-        the training RNG streams are left untouched."""
+        the training RNG streams are left untouched. Rank 0 alone evaluates, with no collective."""
         cfg = self.train_config
-        self.model.eval()
+        self.eval_model.eval()
         losses = {}
         for split in ("train", "val"):
             generator = torch.Generator().manual_seed(cfg.seed + 1)
             total = torch.zeros((), device=self.device)
             for _ in range(cfg.eval_iters):
                 x, y = self.dataset.get_batch(split, cfg.batch_size, self.model_config.block_size, generator, self.device)
-                total += self.model(x, y)[1]
+                with self.autocast():
+                    total += self.eval_model(x, y)[1].float()
             losses[split] = (total / cfg.eval_iters).item()
-        self.model.train()
+        self.eval_model.train()
         return losses
 
     def attention_backend(self) -> str:
-        """The attention backend that training calls run ('auto' resolved), or 'none' (bigram)."""
+        """The attention backend that training calls run ('auto' resolved), or 'none' (bigram).
+        The probe has the dtype autocast gives the attention's inputs."""
         if not isinstance(self.model, GPT):
             return "none"
         mc = self.model_config
-        probe = torch.empty(1, mc.n_head, mc.block_size, mc.n_embd // mc.n_head, device=self.device)
-        return select_backend(probe, mc.dropout, mc.attention).name
+        dtype = self.autocast_dtype
+        probe = torch.empty(1, mc.n_head, mc.block_size, mc.n_embd // mc.n_head, device=self.device, dtype=dtype)
+        try:
+            return select_backend(probe, mc.dropout, mc.attention).name
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(f"--dtype {self.train_config.dtype} runs the attention in {str(dtype).removeprefix('torch.')}: "
+                          f"{e}") from None
 
     def set_attention_backend(self, name: str) -> None:
         self.model.set_attention_backend(name)
@@ -137,24 +214,29 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict[str, Any]:
-        state = {
+        """The run's state; every process calls it (each contributes its RNG state)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "model_config": dataclasses.asdict(self.model_config),
             "train_config": dataclasses.asdict(self.train_config),
             "vocab": self.dataset.tokenizer.chars,
             "iter": self.iter,
             "elapsed_s": self.elapsed_s,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_batches": self.batch_generator.get_state(),
+            "rng": distributed.gather(rng),  # one entry per process, in rank order
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
 
     def save(self) -> Path:
+        """Writes the checkpoint from rank 0; every process calls it, and waits until it is written."""
         path = self.out_dir / CHECKPOINT_NAME
-        save_checkpoint(self.checkpoint_state(), path)
+        state = self.checkpoint_state()
+        if self.is_main:
+            save_checkpoint(state, path)
+        distributed.barrier()
         return path
 
     @classmethod
@@ -177,12 +259,22 @@ class Trainer:
             )
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            trainer.scaler.load_state_dict(state["scaler"])
         trainer.iter = state["iter"]
         trainer.elapsed_s = state["elapsed_s"]
-        torch.set_rng_state(state["rng_cpu"])
-        trainer.batch_generator.set_state(state["rng_batches"])
-        if trainer.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], trainer.device)
+        # checkpoints from before DDP hold one process's state under rng_cpu / rng_cuda
+        ranks = state.get("rng") or [{"cpu": state["rng_cpu"], **({"cuda": state["rng_cuda"]} if "rng_cuda" in state else {})}]
+        if len(ranks) == trainer.world_size:  # the same processes: each continues its own dropout stream
+            rng = ranks[trainer.rank]
+            torch.set_rng_state(rng["cpu"])
+            if trainer.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], trainer.device)
+        else:  # another world size: fresh streams, still a function of (seed, rank, iteration)
+            torch.manual_seed(train_config.seed + trainer.rank + 1000 * trainer.iter)
+            if trainer.is_main:
+                print(f"fastgpt: the checkpoint was written by {len(ranks)} process(es), this run has "
+                      f"{trainer.world_size}: dropout masks continue from new random streams")
         return trainer
 
     # -- the loop ------------------------------------------------------------------------------
@@ -198,16 +290,28 @@ class Trainer:
 
     def run(self) -> list[dict[str, Any]]:
         """Trains up to max_iters, evaluating and checkpointing every eval_interval steps and at the
-        end; writes metrics.jsonl and the loss-curve PNG; prints a sample. Returns the metrics."""
+        end; writes metrics.jsonl and the loss-curve PNG; prints a sample. Returns the metrics.
+        Under torchrun every process trains; rank 0 alone evaluates, writes and prints."""
         cfg = self.train_config
-        metrics_path = self._prepare_metrics_file()
+        main = self.is_main
+        metrics_path = self._prepare_metrics_file() if main else self.out_dir / METRICS_NAME
         backend = self.attention_backend()
-        tokens_per_step = cfg.batch_size * self.model_config.block_size
-        print(f"fastgpt: {self.model_config.model} with {num_parameters(self.model) / 1e6:.2f} M parameters on "
-              f"{self.device}, attention backend {self.model_config.attention!r} -> {backend}")
+        tokens_per_step = self.tokens_per_step
+        mc = self.model_config
+        # MFU, an estimate: one process's share of the step's FLOPs against one device's peak
+        flops_per_device = training_flops_per_step(num_parameters(self.model), mc.n_layer, mc.n_embd,
+                                                   cfg.batch_size * self.micro_steps, mc.block_size)
+        peak = device_peak_flops(self.device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
+        if main:
+            print(f"fastgpt: {mc.model} with {num_parameters(self.model) / 1e6:.2f} M parameters on {self.device}"
+                  f"{f' × {self.world_size} processes' if self.world_size > 1 else ''}, attention backend "
+                  f"{mc.attention!r} -> {backend}, dtype {cfg.dtype}{', compiled' if cfg.compile else ''}; "
+                  f"{tokens_per_step:,} tokens per step ({cfg.gradient_accumulation_steps} micro-batches of "
+                  f"{cfg.batch_size} × {mc.block_size})")
 
         records = []
-        bar = tqdm(total=cfg.max_iters, initial=self.iter, disable=not cfg.progress, unit="it", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_iters, initial=self.iter, disable=not (cfg.progress and main), unit="it",
+                   dynamic_ncols=True)
         run_start = time.perf_counter() - self.elapsed_s
         window_start, window_steps, window_train_s = self.iter, 0, 0.0
         resumed_at = self.iter if self.iter > 0 else None
@@ -215,22 +319,29 @@ class Trainer:
         while True:
             last = self.iter >= cfg.max_iters
             if (self.iter % cfg.eval_interval == 0 or last) and self.iter != resumed_at:
-                losses = self.evaluate()
-                self.elapsed_s = time.perf_counter() - run_start
-                record = {
-                    "iter": self.iter,
-                    "train_loss": losses["train"],
-                    "val_loss": losses["val"],
-                    "tokens_per_s": window_steps * tokens_per_step / window_train_s if window_train_s else None,
-                    "elapsed_s": self.elapsed_s,
-                    "backend": backend,
-                    "lr": learning_rate_at(max(self.iter - 1, 0), cfg),
-                }
-                records.append(record)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                # the last step's loss over the global batch: a collective, so every process takes part
+                step_loss = distributed.mean(loss).item() if loss is not None else None
+                if main:
+                    losses = self.evaluate()
+                    self.elapsed_s = time.perf_counter() - run_start
+                    seconds_per_step = window_train_s / window_steps if window_steps else None
+                    record = {
+                        "iter": self.iter,
+                        "train_loss": losses["train"],
+                        "val_loss": losses["val"],
+                        "step_loss": step_loss,
+                        "tokens_per_s": tokens_per_step / seconds_per_step if seconds_per_step else None,
+                        "mfu_estimate": flops_per_device / seconds_per_step / peak if seconds_per_step and peak else None,
+                        "elapsed_s": self.elapsed_s,
+                        "backend": backend,
+                        "lr": learning_rate_at(max(self.iter - 1, 0), cfg),
+                    }
+                    records.append(record)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 self.save()
-                bar.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if main:
+                    bar.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 window_steps, window_train_s = 0, 0.0
             if last:
                 break
@@ -240,12 +351,18 @@ class Trainer:
             if self.iter % 10 == 0 or self.iter == cfg.max_iters:
                 loss_value = loss.item()  # a device sync: only every few steps
                 window_train_s += time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{window_steps * tokens_per_step / window_train_s:,.0f}", refresh=False)
+                seconds_per_step = window_train_s / window_steps
+                postfix = {"loss": f"{loss_value:.4f}", "tok_s": f"{tokens_per_step / seconds_per_step:,.0f}"}
+                if peak:
+                    postfix["mfu_est"] = f"{flops_per_device / seconds_per_step / peak:.1%}"
+                bar.set_postfix(postfix, refresh=False)
                 bar.update(self.iter - bar.n)
             else:
                 window_train_s += time.perf_counter() - t0
         bar.close()
         self.elapsed_s = time.perf_counter() - run_start
+        if not main:
+            return records
 
         from fastgpt.plots import plot_loss_curve  # matplotlib loads only when a run finishes
 

@@ -36,6 +36,17 @@ def test_train_resume_and_sample(small_corpus, tmp_path, capsys):
     assert "tokens/s" in captured.err
 
 
+def test_train_with_mixed_precision_accumulation_and_a_peak_for_mfu(small_corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_corpus), "--out-dir", str(out), "--max-iters", "2", "--sample-tokens", "0",
+                 "--dtype", "bf16", "--gradient-accumulation-steps", "2", "--peak-tflops", "1", "--attention", "sdpa",
+                 *SMALL_RUN]) == 0
+    printed = capsys.readouterr().out
+    assert "dtype bf16" in printed and "128 tokens per step (2 micro-batches of 4 × 16)" in printed
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["iter"] == 2 and 0 < last["mfu_estimate"] < 1
+
+
 def test_sample_with_unknown_prompt_characters_says_what_to_use(small_corpus, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--data", str(small_corpus), "--out-dir", out, "--max-iters", "1", "--sample-tokens", "0",
@@ -51,6 +62,7 @@ def test_sample_with_unknown_prompt_characters_says_what_to_use(small_corpus, tm
     (["train", "--n-head", "5", "--n-embd", "16"], "n_embd=16 must be divisible by n_head=5"),
     (["train", "--attention", "flash9", "--max-iters", "1"], "backend='flash9' is not a known attention backend"),
     (["sample", "--out-dir", "/no/such/run"], "no checkpoint at '/no/such/run/ckpt.pt'"),
+    (["train", "--dtype", "fp8", "--max-iters", "1"], "dtype must be one of bf16, fp16, fp32; got 'fp8'"),
 ])
 def test_bad_input_is_one_clear_error(argv, message, small_corpus, tmp_path, capsys):
     argv = [*argv, "--out-dir", str(tmp_path)] if argv[0] == "train" else argv

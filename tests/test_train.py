@@ -9,6 +9,8 @@ from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import TrainConfig, make_configs
 from fastgpt.data import CharDataset
 from fastgpt.attention.registry import auto_order
+from fastgpt.flops import training_flops_per_step
+from fastgpt.model import num_parameters
 from fastgpt.train import Trainer, learning_rate_at
 
 TINY = dict(decay_lr=False, block_size=16, n_layer=2, n_head=2, n_embd=32, batch_size=4, eval_iters=2, progress=False, sample_tokens=0)
@@ -124,3 +126,45 @@ def test_block_size_longer_than_the_corpus_split_is_refused(small_corpus, tmp_pa
     ds = CharDataset.load(small_corpus)
     with pytest.raises(ValueError, match="val split has .* fewer than block_size"):
         make_trainer(small_corpus, tmp_path, block_size=len(ds.val) + 5)
+
+
+def test_mfu_estimate_is_logged_only_where_the_peak_is_known(small_corpus, tmp_path):
+    records = make_trainer(small_corpus, tmp_path / "a", max_iters=4, eval_interval=2).run()
+    assert all(r["mfu_estimate"] is None for r in records)  # a CPU: not in the peak table
+    trainer = make_trainer(small_corpus, tmp_path / "b", max_iters=4, eval_interval=2, peak_tflops=0.5)
+    last = trainer.run()[-1]
+    mc, cfg = trainer.model_config, trainer.train_config
+    flops = training_flops_per_step(num_parameters(trainer.model), mc.n_layer, mc.n_embd, cfg.batch_size, mc.block_size)
+    seconds_per_step = trainer.tokens_per_step / last["tokens_per_s"]
+    assert last["mfu_estimate"] == pytest.approx(flops / seconds_per_step / 0.5e12)
+    assert 0 < last["mfu_estimate"] < 1
+
+
+def test_gradient_accumulation_multiplies_the_tokens_per_step(small_corpus, tmp_path):
+    trainer = make_trainer(small_corpus, tmp_path, gradient_accumulation_steps=3)
+    assert trainer.micro_steps == 3 and trainer.tokens_per_step == 3 * 4 * 16
+    assert math.isfinite(trainer.step().item())
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=3 .* must be divisible by the world size 2"):
+        trainer.train_config.check_world_size(2)
+
+
+def test_peak_flops_table_is_the_one_the_benchmark_reads():
+    import fastgpt.benchmarks.train as bench
+    import fastgpt.flops
+
+    assert bench.device_peak_flops is fastgpt.flops.device_peak_flops
+    assert fastgpt.flops.device_peak_flops(torch.device("cpu")) is None
+    assert fastgpt.flops.device_peak_flops(torch.device("cpu"), 2e12) == 2e12
+
+
+def test_resume_in_another_world_size_keeps_the_batches_and_says_dropout_streams_are_new(small_corpus, tmp_path, capsys):
+    trainer = make_trainer(small_corpus, tmp_path, gradient_accumulation_steps=2)
+    trainer.step()
+    trainer.save()
+    expected = trainer.step().item()
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    state["rng"] = state["rng"] * 2  # as if written by 2 processes
+    save_checkpoint(state, tmp_path / "ckpt.pt")
+    resumed = Trainer.resume(tmp_path)
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    assert resumed.step().item() == pytest.approx(expected, rel=1e-6)  # dropout 0: the same batches, the same step

@@ -44,12 +44,15 @@ def ext_attention(
 
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if seed is None:
-        # Only a dropout call consumes randomness, as nn.Dropout does.
-        seed = int(torch.empty((), dtype=torch.int64).random_()) if dropout_p > 0.0 else 0
     T_q, T_k = q.shape[2], k.shape[2]
     s = ops.causal_matmul_nt(q, k)  # packed (B, H, N)
-    p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed, offset)  # packed (B, H, N)
+    if seed is None and dropout_p > 0.0:  # only a dropout call consumes randomness, as nn.Dropout does
+        # The seed stays a tensor up to an opaque op: torch.compile sees no data-dependent int
+        from fastgpt.ext import seeded
+
+        p = seeded.causal_softmax_seeded(s, T_q, T_k, scale, dropout_p, seeded.draw_seed(), offset)  # packed
+    else:
+        p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed or 0, offset)  # packed (B, H, N)
     return ops.causal_matmul_nn(p, v, T_q)  # (B, H, T_q, D)
 
 
