@@ -69,13 +69,13 @@ def unpack(packed: torch.Tensor, T_q: int, T_k: int) -> torch.Tensor:
     return dense.view(*packed.shape[:-1], T_q, T_k)
 
 
-def pack(dense: torch.Tensor, T_q: int, T_k: int) -> torch.Tensor:
-    """Dense (..., T_q, T_k) -> (..., N), its entries at j <= o + i; zeros elsewhere (padding too);
-    differentiable."""
+def pack(dense: torch.Tensor, T_q: int, T_k: int, fill: float = 0.0) -> torch.Tensor:
+    """Dense (..., T_q, T_k) -> (..., N), its entries at j <= o + i; `fill` elsewhere (padding too:
+    tests pass NaN there, which no kernel may read); differentiable."""
     if tuple(dense.shape[-2:]) != (T_q, T_k):
         raise ValueError(f"dense has shape {tuple(dense.shape)}; its last two dims must be (T_q, T_k) = {(T_q, T_k)}")
     flat, where = _index(T_q, T_k, dense.device)
-    packed = dense.new_zeros(*dense.shape[:-2], packed_size(T_q, T_k))
+    packed = dense.new_full((*dense.shape[:-2], packed_size(T_q, T_k)), fill)
     packed[..., where] = dense.reshape(*dense.shape[:-2], T_q * T_k)[..., flat]
     return packed
 

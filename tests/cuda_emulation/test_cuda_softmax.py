@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from emu_build import HERE, build
+from fastgpt.ext import layout
 from fastgpt.parity import TOLERANCES, tolerance
 from test_ext_dropout import philox4x32_10
 
@@ -52,16 +53,10 @@ def call(fn, *args):
     assert fn(*ptrs, err, len(err)) == 0, err.value.decode()
 
 
-# ---- the packed layout, written here from csrc/README.md's formula (independent of the C++) ----
-def layout(T_q: int, T_k: int) -> tuple[list[int], int]:
-    """(offset of each row, N): blocks of 64 rows, each as wide as its last row sees rounded up to 64."""
-    o, start, offsets = T_k - T_q, 0, []
-    for r in range((T_q + 63) // 64):
-        rows = min(64, T_q - 64 * r)
-        W = (min(T_k, o + 64 * r + rows) + 63) // 64 * 64
-        offsets += [start + (i - 64 * r) * W for i in range(64 * r, 64 * r + rows)]
-        start += rows * W
-    return offsets, start
+# ---- the packed layout: fastgpt/ext/layout.py (checked against the C++ and the README formula in
+# tests/test_ext_ops.py) ----
+def packed_size(T_q: int, T_k: int) -> int:
+    return layout.packed_size(T_q, T_k)
 
 
 def visible(T_q: int, T_k: int) -> torch.Tensor:
@@ -71,22 +66,11 @@ def visible(T_q: int, T_k: int) -> torch.Tensor:
 
 def pack(dense: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """(BH, T_q, T_k) -> (BH, N); `fill` above the diagonal and in the padding."""
-    BH, T_q, T_k = dense.shape
-    offsets, N = layout(T_q, T_k)
-    out = torch.full((BH, N), fill, dtype=dense.dtype)
-    for i, off in enumerate(offsets):
-        n = T_k - T_q + i + 1
-        out[:, off:off + n] = dense[:, i, :n]
-    return out
+    return layout.pack(dense, dense.shape[1], dense.shape[2], fill)
 
 
 def unpack(packed: torch.Tensor, T_q: int, T_k: int) -> torch.Tensor:
-    offsets, _ = layout(T_q, T_k)
-    dense = torch.zeros(packed.shape[0], T_q, T_k, dtype=packed.dtype)
-    for i, off in enumerate(offsets):
-        n = T_k - T_q + i + 1
-        dense[:, i, :n] = packed[:, off:off + n]
-    return dense
+    return layout.unpack(packed, T_q, T_k)
 
 
 def python_keep_mask(BH, T_q, T_k, p, seed, offset) -> torch.Tensor:
@@ -154,7 +138,7 @@ def test_backward_from_probs(lib, path, shape, dtype):
     scores, grad = inputs(BH, T_q, T_k, dtype)
     keep = torch.ones(BH, T_q, T_k, dtype=torch.bool)
     probs = ref_probs(scores.double(), keep, 0.0).to(dtype)  # P as the forward stores it
-    out = torch.full((BH, layout(T_q, T_k)[1]), float("nan"), dtype=dtype)
+    out = torch.full((BH, packed_size(T_q, T_k)), float("nan"), dtype=dtype)
     call(lib.emu_causal_softmax_backward, DTYPES[dtype], pack(grad, float("nan")), pack(probs, float("nan")), out,
          BH, T_q, T_k, SCALE, PATHS[path])
     ref = ref_grad_scores(scores.double(), grad.double(), keep, 0.0)
@@ -167,7 +151,7 @@ def test_dropout_backward_regenerates_the_mask(lib, path, shape, dtype):
     BH, T_q, T_k, p = shape
     p = p or 0.5  # this kernel exists for dropout: always some
     scores, grad = inputs(BH, T_q, T_k, dtype)
-    out = torch.full((BH, layout(T_q, T_k)[1]), float("nan"), dtype=dtype)
+    out = torch.full((BH, packed_size(T_q, T_k)), float("nan"), dtype=dtype)
     call(lib.emu_causal_softmax_dropout_backward, DTYPES[dtype], pack(grad, float("nan")), pack(scores, float("nan")),
          out, BH, T_q, T_k, SCALE, p, SEED, OFFSET, PATHS[path])
     keep = python_keep_mask(BH, T_q, T_k, p, SEED, OFFSET)
@@ -212,7 +196,7 @@ def test_keep_mask_is_the_cpu_kernels_mask(lib, cpu_ops):
     for B, H, T_q, T_k in shapes:
         got = emulated_keep_mask(lib, B * H, T_q, T_k, p, seed, offset).view(B, H, T_q, T_k)
         if packed_schema:
-            cpu = ops.dropout_keep_mask(torch.empty(B, H, layout(T_q, T_k)[1]), T_q, T_k, p, seed, offset)
+            cpu = ops.dropout_keep_mask(torch.empty(B, H, packed_size(T_q, T_k)), T_q, T_k, p, seed, offset)
         else:  # dense: bits above the diagonal too; the same stream below it
             cpu = ops.dropout_keep_mask(torch.empty(B, H, T_q, T_k), p, seed, offset) & visible(T_q, T_k)
         assert torch.equal(got, cpu)
@@ -226,7 +210,7 @@ def test_values_agree_with_the_cpu_kernels(lib, cpu_ops, dtype):
     B, H, T_q, T_k, p = 1, 2, (50 if packed_schema else 70), 70, 0.25
     scores, grad = inputs(B * H, T_q, T_k, dtype)
     s, g = pack(scores), pack(grad)
-    N = layout(T_q, T_k)[1]
+    N = packed_size(T_q, T_k)
     emulated = [torch.empty(B * H, N, dtype=dtype) for _ in range(3)]
     call(lib.emu_causal_softmax, DTYPES[dtype], s, emulated[0], B * H, T_q, T_k, SCALE, p, SEED, OFFSET, 1)
     call(lib.emu_causal_softmax_backward, DTYPES[dtype], g, emulated[0], emulated[1], B * H, T_q, T_k, SCALE, 1)
@@ -266,7 +250,7 @@ def test_unaligned_pointers_take_the_scalar_path_with_the_same_bits(lib, dtype):
     math per element is the same, so the results equal the aligned run's bit for bit."""
     BH, T_q, T_k, p = 2, 17, 40, 0.3
     scores, grad = inputs(BH, T_q, T_k, dtype)
-    N = layout(T_q, T_k)[1]
+    N = packed_size(T_q, T_k)
 
     def run(shift):
         buffers = [torch.zeros(BH * N + 1, dtype=dtype) for _ in range(4)]

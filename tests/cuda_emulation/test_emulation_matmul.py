@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from emu_build import CSRC, HERE, TSAN_FLAGS, build
+from fastgpt.ext import layout
 from fastgpt.parity import tolerance
 
 SOURCE = HERE / "matmul_entry.cpp"
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 OPS = {"nt": 0, "nn": 1, "tn": 2}
-BLOCK = 64  # the packed layout's row block (csrc/causal_layout.h)
 # (dtype, force SIMT): fp32 runs SIMT only; the 16-bit dtypes run both paths.
 PATHS = [(torch.float32, True), (torch.float16, False), (torch.float16, True), (torch.bfloat16, False),
          (torch.bfloat16, True)]
@@ -40,50 +40,17 @@ def lib():
     return so
 
 
-# ---- the packed layout, from csrc/README.md (RECONCILE: fastgpt/ext/layout.py on branch packed) ----
-
-def blocks(T_q: int, T_k: int) -> list[tuple[int, int, int]]:
-    """(start_r, rows_r, W_r) per row block."""
-    out, start, o = [], 0, T_k - T_q
-    for r in range((T_q + BLOCK - 1) // BLOCK):
-        rows = min(BLOCK, T_q - BLOCK * r)
-        width = -(-min(T_k, o + BLOCK * r + rows) // BLOCK) * BLOCK
-        out.append((start, rows, width))
-        start += rows * width
-    return out
-
+# ---- the packed layout: fastgpt/ext/layout.py (checked against the C++ and the README formula in
+# tests/test_ext_ops.py) ----
 
 def pack(dense: torch.Tensor, T_k: int, fill: float = 0.0) -> torch.Tensor:
-    """(B, H, T_q, T_k) -> packed (B, H, N): the lower part as is, `fill` above the diagonal and in
-    the padding (NaN: the kernels must never read it)."""
-    T_q = dense.shape[2]
-    o = T_k - T_q
-    parts = []
-    for start, rows, width in blocks(T_q, T_k):
-        i0 = len(parts) * BLOCK
-        block = torch.full((*dense.shape[:2], rows, width), fill, dtype=dense.dtype)
-        w = min(width, T_k)
-        block[..., :w] = dense[:, :, i0:i0 + rows, :w]
-        i = torch.arange(i0, i0 + rows)[:, None]
-        j = torch.arange(width)[None, :]
-        block.masked_fill_(j > o + i, fill)
-        parts.append(block.flatten(2))
-    return torch.cat(parts, dim=2).contiguous()
+    """(B, H, T_q, T_k) -> packed (B, H, N), `fill` above the diagonal and in the padding."""
+    return layout.pack(dense, dense.shape[2], T_k, fill)
 
 
 def unpack(packed: torch.Tensor, T_q: int, T_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """packed (B, H, N) -> (dense (B, H, T_q, T_k), everything outside j ≤ o + i as one flat tensor)."""
-    o = T_k - T_q
-    dense = torch.zeros(*packed.shape[:2], T_q, T_k, dtype=packed.dtype)
-    outside = []
-    for r, (start, rows, width) in enumerate(blocks(T_q, T_k)):
-        block = packed[..., start:start + rows * width].reshape(*packed.shape[:2], rows, width)
-        i = torch.arange(r * BLOCK, r * BLOCK + rows)[:, None]
-        visible = torch.arange(width)[None, :] <= o + i
-        w = min(width, T_k)
-        dense[:, :, r * BLOCK:r * BLOCK + rows, :w] = block[..., :w] * visible[:, :w]
-        outside.append(block[..., ~visible])
-    return dense, torch.cat(outside, dim=-1)
+    return layout.unpack(packed, T_q, T_k), packed[..., ~layout.valid_mask(T_q, T_k)]
 
 
 def causal_mask(T_q: int, T_k: int) -> torch.Tensor:
@@ -117,8 +84,7 @@ def check(got: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, dtype)
 
 def test_layout_numel_matches_the_readme_formula(lib):
     for T_q, T_k in [(1, 1), (17, 70), (64, 64), (65, 200), (100, 130), (2048, 2048)]:
-        start, rows, width = blocks(T_q, T_k)[-1]
-        assert lib.fastgpt_emu_causal_numel(T_q, T_k) == start + rows * width
+        assert lib.fastgpt_emu_causal_numel(T_q, T_k) == layout.packed_size(T_q, T_k)
     N = lib.fastgpt_emu_causal_numel(2048, 2048)
     assert abs(N / 2048**2 - 0.516) < 0.001  # "N is 51.6% of T²" (csrc/README.md)
 
