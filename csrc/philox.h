@@ -17,13 +17,7 @@
 
 #include <cstdint>
 
-#ifndef FASTGPT_HOST_DEVICE  // also defined, identically, by causal_layout.h
-#if defined(__CUDACC__)
-#define FASTGPT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FASTGPT_HOST_DEVICE inline
-#endif
-#endif
+#include "host_device.h"
 
 namespace fastgpt {
 

@@ -20,6 +20,7 @@
 
 #include "../causal_layout.h"
 #include "compat.h"
+#include "elements.h"
 #include "launch.h"
 
 namespace fastgpt::cuda {
@@ -44,17 +45,6 @@ constexpr bool kIs16Bit = !std::is_same<T, float>::value;
 template <typename T>
 constexpr int kPad = kIs16Bit<T> ? 8 : 1;
 
-__device__ inline float to_float(float x) { return x; }
-__device__ inline float to_float(__half x) { return __half2float(x); }
-__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ inline T from_float(float x);
-template <>
-__device__ inline float from_float<float>(float x) { return x; }
-template <>
-__device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // One block's shared memory. Each operand tile is stored as global memory holds it, so the copies
 // coalesce: A as rows of m (a[m][k], wmma row_major) or, kAKRows, rows of k (a[k][m], col_major);

@@ -28,6 +28,7 @@
 #include "../causal_layout.h"
 #include "../philox.h"
 #include "compat.h"
+#include "elements.h"
 #include "launch.h"
 
 namespace fastgpt::cuda {
@@ -39,18 +40,7 @@ constexpr int kRowsPerWarpBlock = 4;
 
 enum class SoftmaxPath { kAuto, kWarpPerRow, kBlockPerRow };
 
-// ---- elements: T in memory, float in registers ----
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// ---- elements: T in memory (elements.h), float in registers ----
 
 // Elements per 16-byte chunk: 4 floats, 8 halves.
 template <typename T>
@@ -159,6 +149,20 @@ __device__ __forceinline__ PackedRow packed_row(const CausalLayout& L, int64_t r
 }
 
 // ---- kernels ----
+// The max of scale·s over a row's visible keys, reduced over the threads that own the row.
+template <typename T, typename Owner>
+__device__ __forceinline__ float row_max(const Owner& team, const T* s, const PackedRow& row, bool aligned,
+                                         float scale) {
+  constexpr int kN = kChunk<T>;
+  float m = -INFINITY;
+  for (int64_t j = team.rank * kN; j < row.n; j += static_cast<int64_t>(team.size) * kN) {
+    float x[kN];
+    load_chunk(s, j, row.n, aligned, x);
+    for (int k = 0; k < kN; ++k) m = j + k < row.n ? fmaxf(m, x[k] * scale) : m;
+  }
+  return team.reduce(m, MaxOp{});
+}
+
 template <typename T, typename Owner>
 __global__ void causal_softmax_kernel(const T* __restrict__ scores, T* __restrict__ probs, CausalLayout L,
                                       int64_t rows, float scale, DropoutStream ds, bool aligned) {
@@ -171,13 +175,7 @@ __global__ void causal_softmax_kernel(const T* __restrict__ scores, T* __restric
   T* p = probs + row.base;
   const int64_t step = static_cast<int64_t>(team.size) * kN;
 
-  float m = -INFINITY;  // pass 1: max of scale·s
-  for (int64_t j = team.rank * kN; j < row.n; j += step) {
-    float x[kN];
-    load_chunk(s, j, row.n, aligned, x);
-    for (int k = 0; k < kN; ++k) m = j + k < row.n ? fmaxf(m, x[k] * scale) : m;
-  }
-  m = team.reduce(m, MaxOp{});
+  const float m = row_max(team, s, row, aligned, scale);  // pass 1: max of scale·s
 
   float sum = 0.0f;  // pass 2: Σ exp(scale·s - m)
   for (int64_t j = team.rank * kN; j < row.n; j += step) {
@@ -246,13 +244,7 @@ __global__ void causal_softmax_dropout_backward_kernel(const T* __restrict__ gra
   const uint32_t philox_row = static_cast<uint32_t>(team.row);
   const int64_t step = static_cast<int64_t>(team.size) * kN;
 
-  float m = -INFINITY;  // pass 1: max of scale·s
-  for (int64_t j = team.rank * kN; j < row.n; j += step) {
-    float x[kN];
-    load_chunk(s, j, row.n, aligned, x);
-    for (int k = 0; k < kN; ++k) m = j + k < row.n ? fmaxf(m, x[k] * scale) : m;
-  }
-  m = team.reduce(m, MaxOp{});
+  const float m = row_max(team, s, row, aligned, scale);  // pass 1: max of scale·s
 
   // pass 2: Σe and Σ dP∘e with e = exp(scale·s - m); Σ dP∘P = Σ dP∘e / Σe
   float sum = 0.0f, dot = 0.0f;

@@ -34,13 +34,13 @@ CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp")
-HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h",
+HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h",
            "cpu/dropout_cpu.h")
 # The CUDA kernels (issue 7), built into the same library when torch is a CUDA build and nvcc is
 # there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
 # part of the build (it is the offline compile check's, fastgpt/cuda_check.py).
 CUDA_SOURCES = ("cuda/binding.cu",)
-CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/causal_matmul.cuh", "cuda/causal_softmax.cuh")
+CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/elements.h", "cuda/causal_matmul.cuh", "cuda/causal_softmax.cuh")
 # sm_80 and sm_90 machine code (bf16 wmma needs sm_80), PTX of the newest for later GPUs; the
 # same archs fastgpt/cuda_check.py compile-checks.
 CUDA_ARCHS = (80, 90)
