@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastgpt.ext.build import CSRC, cache_root
-from fastgpt.gpu_check import SHARED_LIMIT
+from fastgpt.gpu_check import SHARED_LIMIT, limits_note
 
 CHECK_SOURCE = CSRC / "cuda" / "compile_check.cu"
 NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", "-Xptxas", "-v"]
@@ -223,8 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table(kernels))
     failed = [k for k in kernels if not k.ok]
     print(f"\n{len(kernels)} CUDA kernels (sm_{', sm_'.join(map(str, sorted({k.arch for k in kernels})))}) from one nvcc call in {seconds:.1f} s{' (cached)' if cached else ''}: "
-          f"{len(kernels) - len(failed)} ok, {len(failed)} failed (limits: 0 spill bytes; shared memory "
-          f"{', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())})")
+          f"{len(kernels) - len(failed)} ok, {len(failed)} failed ({limits_note()})")
     for k in failed:
         print(f"FAILED {k.name} sm_{k.arch}: regs={k.registers} spill={k.spill_bytes} smem={k.shared_bytes}")
     return 1 if failed else 0

@@ -40,6 +40,11 @@ from fastgpt.kernels.flash_attention_configs import HEAD_DIMS
 
 # Shared memory one block may use (opt-in maximum): 163 KB on A100 (sm_80), 227 KB on H100 (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def limits_note() -> str:
+    """What both compile checks (Triton's here, the CUDA kernels' in cuda_check.py) hold kernels to."""
+    return f"limits: 0 spill bytes; shared memory {', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())}"
 DTYPES = ("fp16", "bf16", "fp32")
 # A representative GPT call: q, k, v are views of one (B, T, 3, H, D) buffer, outputs (B, T, H, D).
 EXAMPLE_H, EXAMPLE_T = 6, 256
@@ -244,8 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(_table(results, args.full))
     failed = [r for r in results if not r.ok]
     print(f"\n{len(results)} compilations in {time.perf_counter() - start:.0f} s: "
-          f"{len(results) - len(failed)} ok, {len(failed)} failed "
-          f"(limits: 0 spill bytes; shared memory {', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())})")
+          f"{len(results) - len(failed)} ok, {len(failed)} failed ({limits_note()})")
     for r in failed:
         print(f"FAILED {r.job}: regs={r.registers} spill={r.spill_bytes} smem={r.shared_bytes} {r.error or ''}")
     print()  # the CUDA kernels of csrc/cuda/, checked the same way with nvcc (fastgpt/cuda_check.py)
