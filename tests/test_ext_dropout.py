@@ -13,7 +13,7 @@ import torch
 import fastgpt.ext as ext
 from fastgpt.attention.ext_backend import ext_attention
 from fastgpt.attention.naive import naive_attention
-from fastgpt.parity import GRAD_FACTOR, OUTPUT_FACTOR, PARITY_SHAPES, TOLERANCES, make_qkv
+from fastgpt.parity import GRAD_FACTOR, OUTPUT_FACTOR, SQUARE_SHAPES, TOLERANCES, make_qkv
 from ext_reference import future_mask, ref_softmax
 
 M32 = 0xFFFFFFFF
@@ -78,7 +78,7 @@ def test_softmax_applies_exactly_its_mask(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=[f"B{b}H{h}T{t}D{d}" for b, h, t, d in PARITY_SHAPES])
+@pytest.mark.parametrize("shape", SQUARE_SHAPES, ids=[f"B{b}H{h}T{t}D{d}" for b, h, t, d in SQUARE_SHAPES])
 def test_backend_dropout_parity_with_its_own_mask(shape, dtype):
     """ext attention with dropout against float64 naive attention fed ext's mask; the rule of
     fastgpt.parity (factor × the same-dtype naive error with that mask, plus the dtype floor)."""

@@ -1,4 +1,4 @@
-"""The ext ops one by one: opcheck, parity with float64 over PARITY_SHAPES, odd layouts, bad input."""
+"""The ext ops one by one: opcheck, parity with float64 over SQUARE_SHAPES, odd layouts, bad input."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastgpt.ext as ext
-from fastgpt.parity import PARITY_SHAPES, make_qkv
+from fastgpt.parity import SQUARE_SHAPES, make_qkv
 from ext_reference import (
     assert_within,
     op_parity,
@@ -17,7 +17,7 @@ from ext_reference import (
 )
 
 DTYPES = [torch.float32, torch.bfloat16]
-ids = [f"B{b}H{h}T{t}D{d}" for b, h, t, d in PARITY_SHAPES]
+ids = [f"B{b}H{h}T{t}D{d}" for b, h, t, d in SQUARE_SHAPES]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,14 +58,14 @@ def test_opcheck(dtype, T):
 # ---- parity of each op, output and input gradients ----------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=ids)
+@pytest.mark.parametrize("shape", SQUARE_SHAPES, ids=ids)
 def test_matmul_nt_parity(shape, dtype):
     q, k, _ = make_qkv(shape, torch.float64, "cpu")  # strided views of one (B, T, 3, H, D) buffer
     assert_within(*op_parity(ext.causal_matmul_nt, ref_matmul_nt, [q, k], dtype), f"nt {shape} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=ids)
+@pytest.mark.parametrize("shape", SQUARE_SHAPES, ids=ids)
 @pytest.mark.parametrize("name", ["nn", "tn"])
 def test_matmul_consumer_parity(name, shape, dtype):
     B, H, T, D = shape
@@ -75,7 +75,7 @@ def test_matmul_consumer_parity(name, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=ids)
+@pytest.mark.parametrize("shape", SQUARE_SHAPES, ids=ids)
 def test_softmax_parity(shape, dtype):
     B, H, T, D = shape
     scale = D**-0.5

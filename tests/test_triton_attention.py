@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastgpt.attention import causal_attention, naive_attention
-from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, tolerance
+from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, shape_id, tolerance
 
 triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
@@ -20,7 +20,7 @@ def triton_attn(q, k, v, dropout_p=0.0, scale=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=shape_id)
 def test_parity_with_float64_reference(shape, dtype):
     result = check_parity("triton", shape, dtype, DEVICE)
     assert result.ok, f"{shape} {dtype}: errors {result.errors} over limits {result.limits}"
