@@ -69,7 +69,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from fastgpt.data import CharTokenizer
     from fastgpt.model import build_model
-    from fastgpt.train import resolve_device, sample_text
+    from fastgpt.train import resolve_device
 
     device = resolve_device(args.device)
     state = load_checkpoint(Path(args.out_dir) / CHECKPOINT_NAME, map_location=device)
@@ -79,12 +79,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = build_model(config).to(device)
     model.load_state_dict(state["model"])
     tokenizer = CharTokenizer(state["vocab"])
+    if not args.prompt:
+        raise ValueError("--prompt must hold at least one character to start from")
+    idx = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
+    generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
+    # The text streams to stdout as it is sampled; the speed goes to stderr, so stdout is the text.
+    print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    text = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device)
+    for next_id in model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, generator,
+                                         kv_cache=args.kv_cache, cache_policy=args.cache_policy):
+        print(tokenizer.decode(next_id[0].tolist()), end="", flush=True)
     elapsed = time.perf_counter() - start
-    print(text)
-    print(f"fastgpt: {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:,.0f} tokens/s)",
-          file=sys.stderr)
+    print()
+    cache = f"KV cache, {args.cache_policy} policy" if args.kv_cache else "no KV cache"
+    print(f"fastgpt: {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:,.1f} tokens/s, "
+          f"{cache})", file=sys.stderr)
     return 0
 
 
@@ -99,7 +108,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     dtype_names = args.dtypes or (["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"])
     failures = 0
     print(f"parity against the float64 reference on {device}: max |error| / tolerance, per output")
-    print(f"{'backend':<8} {'dtype':<9} {'shape (B,H,T,D)':<18} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
+    print(f"{'backend':<8} {'dtype':<9} {'shape (B,H,Tq,Tk,D)':<22} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
     for name in names:
         backend = get_backend(name)
         reason = backend.unavailable_reason(device)
@@ -113,13 +122,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
                 probe = make_qkv(shape, dtype, device)[0]
                 reason = backend.unsupported_reason(probe, 0.0)
                 if reason is not None:
-                    print(f"{name:<8} {dtype_name:<9} {str(shape):<18} not supported: {reason}")
+                    print(f"{name:<8} {dtype_name:<9} {str(shape):<22} not supported: {reason}")
                     continue
                 result = check_parity(name, shape, dtype, device)
                 cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
                 status = "ok" if result.ok else f"FAIL ({result.worst})"
                 failures += not result.ok
-                print(f"{name:<8} {dtype_name:<9} {str(shape):<18} {cells}  {status}")
+                print(f"{name:<8} {dtype_name:<9} {str(shape):<22} {cells}  {status}")
     print(f"fastgpt parity: {'all passed' if failures == 0 else f'{failures} failure(s)'}")
     return 1 if failures else 0
 
@@ -185,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=None)
     sample.add_argument("--device", default="auto")
     sample.add_argument("--attention", default=None, help="attention backend (default: the checkpoint's)")
+    sample.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep each layer's keys and values between tokens (default: on; --no-kv-cache "
+                             "re-runs the whole context for every token)")
+    sample.add_argument("--cache-policy", choices=["exact", "window"], default="exact",
+                        help="past block_size: 'exact' re-prefills the cropped window every token (the same "
+                             "text as --no-kv-cache); 'window' rebuilds from the last block_size/2 tokens "
+                             "only when the cache is full (faster, approximate; see fastgpt/kv_cache.py)")
     sample.set_defaults(func=cmd_sample)
 
     parity = sub.add_parser("parity", help="check attention backends against the float64 reference")
