@@ -156,14 +156,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(attention_markdown(result))
         files = write_results(result, out_dir, "attention")
         pngs = plot_attention(result, out_dir)
+    elif args.what == "generate":
+        from fastgpt.benchmarks.generate import generate_markdown, run_generate_benchmark
+
+        result = run_generate_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3,
+                                        args.device or "cpu", args.smoke, progress=not args.no_progress)
+        print(generate_markdown(result))
+        files = write_results(result, out_dir, "generate")
+        pngs = []
     else:
         from fastgpt.benchmarks.train import run_train_benchmark
 
-        result = run_train_benchmark(args.preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
+        preset = args.preset or "cpu"
+        result = run_train_benchmark(preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
                                      backends=args.backends, data=args.data, peak_flops=args.peak_flops,
                                      progress=not args.no_progress)
         print(train_markdown(result))
-        files = write_results(result, out_dir, f"train_{args.preset}")
+        files = write_results(result, out_dir, f"train_{preset}")
         pngs = []
     print("fastgpt bench: wrote " + ", ".join(str(p) for p in [*files.values(), *pngs]))
     return 0
@@ -214,20 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 "shared memory (no GPU needed; `fastgpt check --help` for its options)")
     check.set_defaults(func=cmd_check)  # its own flags pass through to fastgpt.gpu_check
 
-    bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots)")
-    bench.add_argument("what", choices=["attention", "train"])
+    bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots); "
+                                         "generate: sampling with and without the KV cache")
+    bench.add_argument("what", choices=["attention", "train", "generate"])
     bench.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     bench.add_argument("--out-dir", default="bench_results", help="where the JSON, CSV and PNGs go")
     bench.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
     bench.add_argument("--reps", type=int, default=None, help="timed repetitions per cell")
     bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--smoke", action="store_true", help="attention: a tiny sweep, to check the harness")
+    bench.add_argument("--smoke", action="store_true", help="attention, generate: a tiny run, to check the harness")
     bench.add_argument("--seq-lens", type=int, nargs="+", default=None, help="attention: the T sweep")
     bench.add_argument("--tokens", type=int, default=None, help="attention: B·T, held constant")
     bench.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
     bench.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
     bench.add_argument("--dropouts", type=float, nargs="+", default=None)
-    bench.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="train: the preset to time")
+    bench.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="train: the preset to time (default cpu); generate: its model (default shakespeare-char, "
+                            "random weights)")
     bench.add_argument("--steps", type=int, default=5, help="train: steps per timed repetition")
     bench.add_argument("--data", default=None, help="train: corpus path")
     bench.add_argument("--peak-flops", type=float, default=None, help="train: the device's peak FLOP/s for MFU")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from fastgpt.attention.registry import Backend, register_backend
 
@@ -23,6 +22,9 @@ def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
     T_q, T_k = q.shape[-2], k.shape[-2]
     if T_q == T_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    # imported here: torch.nn.attention.bias imports triton, which `import fastgpt` must not
+    from torch.nn.attention.bias import causal_lower_right
+
     mask = causal_lower_right(T_q, T_k)  # query i sees keys <= T_k - T_q + i
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
