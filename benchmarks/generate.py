@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -55,6 +56,7 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
                            device: str = "cpu", smoke: bool = False, cases: Optional[list[str]] = None,
                            progress: bool = True) -> dict[str, Any]:
     dev = torch.device(device)
+    load_before = _load_average()
     config = preset_model_config(preset)
     if smoke:
         config = ModelConfig(**{**config.__dict__, **SMOKE})
@@ -94,14 +96,24 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
                                 "status": "ok", **stats, "tokens_per_s": new_tokens / stats["median_s"],
                                 "seconds": seconds})
     return {"environment": environment(dev), "preset": preset, "smoke": smoke, "reps": reps,
-            "block_size": config.block_size, "records": records}
+            "block_size": config.block_size, "load_average": {"before": load_before, "after": _load_average()},
+            "records": records}
+
+
+def _load_average() -> str:
+    """The 1/5/15-minute load: the dev machines are shared, and a busy one slows every variant."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def generate_markdown(result: dict[str, Any]) -> str:
     """One row per (backend, case, variant): median s [p20-p80], tokens/s, × the first variant."""
     env = result["environment"]
     lines = [f"Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, "
-             f"python {env['python']}, commit {env['commit']}, {env['timestamp']}", "",
+             f"python {env['python']}, commit {env['commit']}, {env['timestamp']}; load average "
+             f"{result['load_average']['before']} before, {result['load_average']['after']} after", "",
              "| backend | case | variant | new tokens | median s [p20–p80] | tokens/s | × first variant |",
              "|---|---|---|---|---|---|---|"]
     first: dict[tuple, float] = {}

@@ -31,8 +31,7 @@ launch would cost more than it saves. It stays the next step for long contexts.
 
 Dropout acts on the normalised weights, softmax(s)·keep/(1-p): the normaliser l_i sums the weights
 before dropout, and only the accumulation into acc sees the keep mask. The mask is a pure function of
-(seed, b·H+h, query position o + i, key index), so the backward regenerates it and nothing is
-stored, and T_q < T_k queries drop what the same queries of the square call would.
+(seed, b·H+h, query index i, key index), so the backward regenerates it and nothing is stored.
 """
 
 import triton
@@ -77,13 +76,13 @@ def _dropout_keep(seed, off_bh, q_idx, k_idx, dropout_p):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
                     stride_kn, stride_kk, stride_vn, stride_vk,
-                    off_bh, offs_q, offs_d, lo, hi, T_K, qk_scale, dropout_p,
+                    off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Streams key blocks [lo, hi) through the online softmax of one query block.
 
     acc (BLOCK_M, HEAD_DIM_PAD) fp32, l_i and m_i (BLOCK_M,) fp32; q (BLOCK_M, HEAD_DIM_PAD);
-    offs_q (BLOCK_M,) the queries' positions among the keys (o + i).
+    offs_m (BLOCK_M,) the query indices; query i sits at key position offset + i.
     Off the diagonal every key is visible and in bounds (keys < first query position < T_k): no masks.
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -95,7 +94,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
         if ON_DIAGONAL:
             # keys past T_k only meet rows past T_q here (key <= o + i), which are never stored
-            qk = tl.where(offs_q[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+            # (the keys are shifted, not the queries: one less vector live across the loop)
+            qk = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], qk * qk_scale, float("-inf"))
         else:
             qk = qk * qk_scale
         # m_i is finite after the first block: key lo <= o + i is visible to every row
@@ -107,8 +107,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
         v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
                        offs_n, offs_d, T_K, HEAD_DIM, ON_DIAGONAL, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
         if DROPOUT:
-            keep = _dropout_keep(Seed_val, off_bh, offs_q[:, None] + 0 * offs_n[None, :],
-                                 offs_n[None, :] + 0 * offs_q[:, None], dropout_p)
+            keep = _dropout_keep(Seed_val, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
+                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -140,7 +140,7 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
     O_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_q = offs_m + (T_K - T_Q)  # positions among the keys: the diagonal bottom-right
+    offset = T_K - T_Q  # query i sits at key position offset + i: the diagonal bottom-right
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                    offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
@@ -152,16 +152,16 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     # keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
-    first = T_K - T_Q + start_m * BLOCK_M  # the block's first query position
+    first = offset + start_m * BLOCK_M  # the block's first query position
     lo = (first // BLOCK_N) * BLOCK_N
     hi = tl.minimum(first + BLOCK_M, T_K)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                     stride_kn, stride_kk, stride_vn, stride_vk,
-                                    off_bh, offs_q, offs_d, 0, lo, T_K, qk_scale, dropout_p,
+                                    off_bh, offs_m, offset, offs_d, 0, lo, T_K, qk_scale, dropout_p,
                                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                     stride_kn, stride_kk, stride_vn, stride_vk,
-                                    off_bh, offs_q, offs_d, lo, hi, T_K, qk_scale, dropout_p,
+                                    off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p,
                                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
@@ -185,8 +185,7 @@ def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T_Q
     off_h = off_bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_q = offs_m + (T_K - T_Q)  # the kernels draw by query position, as for the square call
-    keep = _dropout_keep(tl.load(Seed), off_bh, offs_q[:, None] + 0 * offs_n[None, :],
+    keep = _dropout_keep(tl.load(Seed), off_bh, offs_m[:, None] + 0 * offs_n[None, :],
                          offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
     ptrs = (Keep + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
             + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn)

@@ -70,19 +70,18 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_q = offs_m + offset  # positions among the keys
         qT = _load_tile(Q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm,
                         offs_d, offs_m, HEAD_DIM, T_Q, PAD_D, True)  # (HEAD_DIM_PAD, BLOCK_M)
         lse = tl.load(LSE_base + offs_m, mask=offs_m < T_Q, other=0.0)
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if ON_DIAGONAL:
-            pT = tl.where(offs_q[None, :] >= offs_n[:, None], pT, 0.0)
+            pT = tl.where(offs_m[None, :] >= (offs_n - offset)[:, None], pT, 0.0)  # o + i >= j
         do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
                         offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keepT = _dropout_keep(seed, off_bh, offs_q[None, :] + 0 * offs_n[:, None],
+            keepT = _dropout_keep(seed, off_bh, offs_m[None, :] + 0 * offs_n[:, None],
                                   offs_n[:, None] + 0 * offs_m[None, :], dropout_p)
             dv = tl.dot(tl.where(keepT, pT * dropout_scale, 0.0).to(do.dtype), do, dv,
                         input_precision=DOT_PRECISION)
@@ -158,11 +157,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
                        stride_kn, stride_kk, stride_vn, stride_vk,
-                       off_bh, offs_q, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
+                       off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                        ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulates dQ (BLOCK_M, HEAD_DIM_PAD) fp32 of one query block over key blocks [lo, hi);
-    offs_q are the queries' positions among the keys (o + i).
+    query i sits at key position offset + i.
     Off the diagonal every key is in bounds and visible: no masks."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     for start_n in range(lo, hi, BLOCK_N):
@@ -175,11 +174,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if ON_DIAGONAL:
-            p = tl.where(offs_q[:, None] >= offs_n[None, :], p, 0.0)
+            p = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _dropout_keep(seed, off_bh, offs_q[:, None] + 0 * offs_n[None, :],
-                                 offs_n[None, :] + 0 * offs_q[:, None], dropout_p)
+            keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
+                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
@@ -204,7 +203,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
     off_bh = off_z * H + off_h
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_q = offs_m + (T_K - T_Q)  # positions among the keys
+    offset = T_K - T_Q  # query i sits at key position offset + i
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
@@ -222,16 +221,16 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     # keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
-    first = T_K - T_Q + start_m  # the block's first query position
+    first = offset + start_m  # the block's first query position
     lo = (first // BLOCK_N) * BLOCK_N
     hi = tl.minimum(first + BLOCK_M, T_K)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
                             stride_kn, stride_kk, stride_vn, stride_vk,
-                            off_bh, offs_q, offs_d, 0, lo, T_K, qk_scale, dropout_p, dropout_scale,
+                            off_bh, offs_m, offset, offs_d, 0, lo, T_K, qk_scale, dropout_p, dropout_scale,
                             BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
                             stride_kn, stride_kk, stride_vn, stride_vk,
-                            off_bh, offs_q, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
+                            off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
                             BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
     dq = dq * scale
 

@@ -108,13 +108,6 @@ def test_few_queries_launch_the_decode_configs(monkeypatch):
     assert launched == ["fwd_decode", "fwd_decode", "fwd"]
 
 
-def test_dropout_mask_of_fewer_queries_is_the_last_rows_of_the_square_one():
-    # the kernels draw by query position: the last T_q queries drop what they drop in the square call
-    seed = triton_ops.draw_seed(torch.device(DEVICE))
-    square = triton_ops.dropout_keep_mask(seed, (2, 3, 100, 16), 0.3)
-    assert torch.equal(triton_ops.dropout_keep_mask(seed, (2, 3, 7, 16), 0.3, T_k=100), square[:, :, -7:])
-
-
 @pytest.mark.parametrize("p", [0.2, 0.5])
 def test_kept_fraction(p):
     seed = triton_ops.draw_seed(torch.device(DEVICE))
