@@ -77,19 +77,20 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 # fp32 inputs run full-precision dots (dot_precision below): FMA loops, not tensor cores, whose
 # operands and products all live in registers. The 16-bit lists spill up to 160 KB there, so fp32
 # gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (The T_q < T_k
-# offset of issue 9 cost a few registers: fwd M16/N16/w4 at D=80/96 on sm_80 and dQ M64/N16/w8 at
-# D=128 on sm_90 began to spill 24-48 bytes and were replaced by 8-warp configs that do not.)
+# offset of issue 9 cost a few registers: fwd M16/N16/w4 at D=80/96 and dK/dV M16/N32/w4 with
+# dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to spill 8-48 bytes and were replaced by
+# 8-warp configs that do not.)
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
         80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)]},
         90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)]},
     },
     "fwd_decode": {
-        80: {64: [C(16, 32, 4, 2), C(16, 64, 4, 2)], 128: [C(16, 32, 4, 2), C(16, 16, 8, 2)]},
-        90: {64: [C(16, 32, 4, 2), C(16, 64, 4, 2)], 128: [C(16, 16, 4, 2), C(16, 32, 8, 2)]},
+        80: {64: [C(16, 32, 4, 2), C(16, 64, 4, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 8, 2)]},
+        90: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 16, 4, 2), C(16, 32, 8, 2)]},
     },
     "bwd_dkdv": {
-        80: {64: [C(16, 32, 4, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
+        80: {64: [C(16, 32, 8, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
         90: {64: [C(16, 32, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
     },
     "bwd_dq": {
