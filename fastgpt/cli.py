@@ -75,7 +75,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from fastgpt.data import CharTokenizer
     from fastgpt.model import build_model
-    from fastgpt.train import resolve_device, sample_text
+    from fastgpt.train import resolve_device
 
     device = resolve_device(args.device)
     state = load_checkpoint(Path(args.out_dir) / CHECKPOINT_NAME, map_location=device)
@@ -85,12 +85,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = build_model(config).to(device)
     model.load_state_dict(state["model"])
     tokenizer = CharTokenizer(state["vocab"])
+    if not args.prompt:
+        raise ValueError("--prompt must hold at least one character to start from")
+    idx = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
+    generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
+    # The text streams to stdout as it is sampled; the speed goes to stderr, so stdout is the text.
+    print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    text = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device)
+    for next_id in model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, generator,
+                                         kv_cache=args.kv_cache, cache_policy=args.cache_policy):
+        print(tokenizer.decode(next_id[0].tolist()), end="", flush=True)
     elapsed = time.perf_counter() - start
-    print(text)
-    print(f"fastgpt: {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:,.0f} tokens/s)",
-          file=sys.stderr)
+    print()
+    cache = f"KV cache, {args.cache_policy} policy" if args.kv_cache else "no KV cache"
+    print(f"fastgpt: {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:,.1f} tokens/s, "
+          f"{cache})", file=sys.stderr)
     return 0
 
 
@@ -105,7 +114,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     dtype_names = args.dtypes or (["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"])
     failures = 0
     print(f"parity against the float64 reference on {device}: max |error| / tolerance, per output")
-    print(f"{'backend':<8} {'dtype':<9} {'shape (B,H,T,D)':<18} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
+    print(f"{'backend':<8} {'dtype':<9} {'shape (B,H,Tq,Tk,D)':<22} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
     for name in names:
         backend = get_backend(name)
         reason = backend.unavailable_reason(device)
@@ -119,13 +128,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
                 probe = make_qkv(shape, dtype, device)[0]
                 reason = backend.unsupported_reason(probe, 0.0)
                 if reason is not None:
-                    print(f"{name:<8} {dtype_name:<9} {str(shape):<18} not supported: {reason}")
+                    print(f"{name:<8} {dtype_name:<9} {str(shape):<22} not supported: {reason}")
                     continue
                 result = check_parity(name, shape, dtype, device)
                 cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
                 status = "ok" if result.ok else f"FAIL ({result.worst})"
                 failures += not result.ok
-                print(f"{name:<8} {dtype_name:<9} {str(shape):<18} {cells}  {status}")
+                print(f"{name:<8} {dtype_name:<9} {str(shape):<22} {cells}  {status}")
     print(f"fastgpt parity: {'all passed' if failures == 0 else f'{failures} failure(s)'}")
     return 1 if failures else 0
 
@@ -153,14 +162,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(attention_markdown(result))
         files = write_results(result, out_dir, "attention")
         pngs = plot_attention(result, out_dir)
+    elif args.what == "generate":
+        from fastgpt.benchmarks.generate import generate_markdown, run_generate_benchmark
+
+        result = run_generate_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3,
+                                        args.device or "cpu", args.smoke, progress=not args.no_progress)
+        print(generate_markdown(result))
+        files = write_results(result, out_dir, "generate")
+        pngs = []
     else:
         from fastgpt.benchmarks.train import run_train_benchmark
 
-        result = run_train_benchmark(args.preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
+        preset = args.preset or "cpu"
+        result = run_train_benchmark(preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
                                      backends=args.backends, data=args.data, peak_flops=args.peak_flops,
                                      progress=not args.no_progress)
         print(train_markdown(result))
-        files = write_results(result, out_dir, f"train_{args.preset}")
+        files = write_results(result, out_dir, f"train_{preset}")
         pngs = []
     print("fastgpt bench: wrote " + ", ".join(str(p) for p in [*files.values(), *pngs]))
     return 0
@@ -191,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=None)
     sample.add_argument("--device", default="auto")
     sample.add_argument("--attention", default=None, help="attention backend (default: the checkpoint's)")
+    sample.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep each layer's keys and values between tokens (default: on; --no-kv-cache "
+                             "re-runs the whole context for every token)")
+    sample.add_argument("--cache-policy", choices=["exact", "window"], default="exact",
+                        help="past block_size: 'exact' re-prefills the cropped window every token (the same "
+                             "text as --no-kv-cache); 'window' rebuilds from the last block_size/2 tokens "
+                             "only when the cache is full (faster, approximate; see fastgpt/kv_cache.py)")
     sample.set_defaults(func=cmd_sample)
 
     parity = sub.add_parser("parity", help="check attention backends against the float64 reference")
@@ -204,20 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 "shared memory (no GPU needed; `fastgpt check --help` for its options)")
     check.set_defaults(func=cmd_check)  # its own flags pass through to fastgpt.gpu_check
 
-    bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots)")
-    bench.add_argument("what", choices=["attention", "train"])
+    bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots); "
+                                         "generate: sampling with and without the KV cache")
+    bench.add_argument("what", choices=["attention", "train", "generate"])
     bench.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     bench.add_argument("--out-dir", default="bench_results", help="where the JSON, CSV and PNGs go")
     bench.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
     bench.add_argument("--reps", type=int, default=None, help="timed repetitions per cell")
     bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--smoke", action="store_true", help="attention: a tiny sweep, to check the harness")
+    bench.add_argument("--smoke", action="store_true", help="attention, generate: a tiny run, to check the harness")
     bench.add_argument("--seq-lens", type=int, nargs="+", default=None, help="attention: the T sweep")
     bench.add_argument("--tokens", type=int, default=None, help="attention: B·T, held constant")
     bench.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
     bench.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
     bench.add_argument("--dropouts", type=float, nargs="+", default=None)
-    bench.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="train: the preset to time")
+    bench.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="train: the preset to time (default cpu); generate: its model (default shakespeare-char, "
+                            "random weights)")
     bench.add_argument("--steps", type=int, default=5, help="train: steps per timed repetition")
     bench.add_argument("--data", default=None, help="train: corpus path")
     bench.add_argument("--peak-flops", type=float, default=None, help="train: the device's peak FLOP/s for MFU")

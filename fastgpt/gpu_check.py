@@ -12,8 +12,9 @@ and spill bytes from that report, shared memory from the kernel metadata. Exit s
 anything spills, overflows shared memory or fails to compile.
 
 The kernels are specialised as a launch from the GPT specialises them: 16-byte aligned pointers,
-strides divisible by 16 except the unit stride of the head dim. T and H are never specialised
-(do_not_specialize), so the one variant checked is the one that runs for every T.
+strides divisible by 16 except the unit stride of the head dim. T (T_q, T_k) and H are never
+specialised (do_not_specialize), so the one variant checked is the one that runs for every T.
+"fwd_decode" is the forward kernel with the decode configs (few queries over a KV cache).
 
 It must run in a process where Triton is not interpreting (TRITON_INTERPRET=1 turns the kernels
 into Python functions that cannot be compiled); when called from such a process it re-runs itself
@@ -52,7 +53,7 @@ EXAMPLE_H, EXAMPLE_T = 6, 256
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd", "bwd_dkdv", "bwd_dq", "bwd_preprocess"
+    kernel: str  # "fwd", "fwd_decode", "bwd_dkdv", "bwd_dq", "bwd_preprocess"
     arch: int
     dtype: str
     head_dim: int
@@ -77,7 +78,7 @@ def _kernel_fn(kernel: str):
     from fastgpt.kernels.flash_attention import _attn_fwd
     from fastgpt.kernels.flash_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 
-    return {"fwd": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq,
+    return {"fwd": _attn_fwd, "fwd_decode": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq,
             "bwd_preprocess": _attn_bwd_preprocess}[kernel]
 
 
@@ -94,7 +95,7 @@ def _example_args(job: Job) -> dict:
     qkv = (T * 3 * H * D, D, 3 * H * D, 1)  # strides of a (B, H, T, D) view of (B, T, 3, H, D)
     bthd = (T * H * D, D, H * D, 1)  # out, dout, dq, dk, dv
     layouts = {"q": qkv, "k": qkv, "v": qkv}
-    args = {"H": H, "T": T}
+    args = {"H": H, "T": T, "T_Q": T, "T_K": T}  # lengths are never specialised: any values do
     stride_names = [n for n in _kernel_fn(job.kernel).arg_names if n.startswith("stride_")]
     for i, name in enumerate(stride_names):
         args[name] = layouts.get(name[len("stride_"):-1], bthd)[i % 4]

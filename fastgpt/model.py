@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from fastgpt.attention import CausalSelfAttention
+from fastgpt.kv_cache import CACHE_POLICIES, KVCache, LayerKV, plan_step
 
 
 @dataclass
@@ -55,14 +56,28 @@ class LanguageModel(nn.Module):
         B, T, V = logits.shape
         return F.cross_entropy(logits.view(B * T, V), targets.reshape(B * T))
 
-    @torch.no_grad()
+    def make_kv_cache(self) -> Optional[KVCache]:
+        """An empty KV cache for this model, or None for a model with nothing to cache (bigram)."""
+        return None
+
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 kv_cache: bool = True, cache_policy: str = "exact") -> torch.Tensor:
         """Extends idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
 
         The context fed to the model is cropped to its last `context_size` tokens. Runs in eval
-        mode (no dropout) and restores the previous mode afterwards.
+        mode (no dropout) and restores the previous mode afterwards. kv_cache=True keeps every
+        layer's keys and values between steps (fastgpt/kv_cache.py): with cache_policy="exact" the
+        tokens are those of kv_cache=False; "window" is faster past context_size, approximately.
         """
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, generator, kv_cache, cache_policy))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                        kv_cache: bool = True, cache_policy: str = "exact"):
+        """`generate`, one token at a time: yields each sampled (B, 1) tensor of ids as it is drawn."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a (B, T) tensor of token ids (int64); got shape {tuple(idx.shape)}, {idx.dtype}")
         if idx.shape[1] < 1:
@@ -73,12 +88,21 @@ class LanguageModel(nn.Module):
             raise ValueError(f"temperature must be > 0; got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
+        if cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy must be one of {', '.join(map(repr, CACHE_POLICIES))}; got {cache_policy!r}")
+        cache = self.make_kv_cache() if kv_cache else None
         was_training = self.training
         self.eval()
         try:
             for _ in range(max_new_tokens):
-                context = idx if self.context_size is None else idx[:, -self.context_size:]
-                logits, _ = self(context)
+                if cache is None:
+                    context = idx if self.context_size is None else idx[:, -self.context_size:]
+                    logits, _ = self(context)
+                else:
+                    step = plan_step(idx.shape[1], cache, cache_policy)
+                    if step.prefill:
+                        cache.reset()
+                    logits, _ = self(idx[:, -step.window:] if step.prefill else idx[:, -1:], kv_cache=cache)
                 logits = logits[:, -1, :] / temperature  # (B, V): only the last position predicts
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -86,9 +110,9 @@ class LanguageModel(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
                 idx = torch.cat((idx, next_id), dim=1)
+                yield next_id
         finally:
             self.train(was_training)
-        return idx
 
 
 class BigramLanguageModel(LanguageModel):
@@ -130,8 +154,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), kv_cache)
         x = x + self.mlp(self.ln2(x))
         return x
 
@@ -164,14 +188,23 @@ class GPT(LanguageModel):
             block.attn.set_backend(name)
         self.config.attention = name
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def make_kv_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None):
+        """idx (B, T) -> logits (B, T, V), loss. With `kv_cache` (generation), idx holds the T tokens
+        that follow the cache's `length` positions; their keys and values join the cache."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"idx has T={T} tokens but block_size is {self.config.block_size}; crop the context")
-        pos = torch.arange(T, device=idx.device)
+        start = 0 if kv_cache is None else kv_cache.length  # absolute position of idx[:, 0]
+        if start + T > self.config.block_size:
+            if kv_cache is None:
+                raise ValueError(f"idx has T={T} tokens but block_size is {self.config.block_size}; crop the context")
+            raise ValueError(f"idx has T={T} tokens after {start} cached positions but block_size is "
+                             f"{self.config.block_size}; reset the cache and crop the context")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if kv_cache is None else kv_cache.layers[i])
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         return logits, self._loss(logits, targets)
 

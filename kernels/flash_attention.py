@@ -1,21 +1,37 @@
 """Fused causal attention, forward: one program per (query block, head, batch), never the T×T matrix.
 
+T_q queries over T_k >= T_q keys, the causal diagonal aligned bottom-right (the API's contract):
+query i sits at position o + i among the keys, o = T_k - T_q, and sees keys 0..o+i. Training has
+T_q = T_k (o = 0); generation with a KV cache has T_q = 1 (decode) or a few new tokens.
+
 Per (b, h) slice with T queries of head dim D, the naive math moves O(T²) bytes (see
 fastgpt/attention/naive.py); this kernel reads q once, k and v once per query block below the
 diagonal, and writes out (T·D) and the row log-sum-exp (T floats) for the backward:
 
-    for each query block (BLOCK_M rows):              # read BLOCK_M·D of q
-        for each key block left of the diagonal:      # read 2·BLOCK_N·D of k, v; no mask
+    for each query block (BLOCK_M rows, positions p0 = o + start_m .. p0 + BLOCK_M - 1):
+        for each key block in [0, lo), lo = p0 rounded down to BLOCK_N:   # no mask
             online softmax update, acc += p · v
-        for each key block on the diagonal:           # the same, with the causal mask
+        for each key block in [lo, min(p0 + BLOCK_M, T_k)):               # the causal mask
         out = acc / l_i, lse = m_i + log2(l_i)        # write BLOCK_M·D + BLOCK_M
 
 Scores are kept in base 2: `qk_scale` = scale · log2(e), so exp2 replaces exp and the scale costs
-nothing. Key blocks wholly above the diagonal are never visited.
+nothing. Key blocks wholly above the diagonal are never visited. Because the diagonal band starts
+at the key block boundary at or before the block's first query, any BLOCK_M and BLOCK_N work, for
+any offset o.
+
+Decoding (T_q <= DECODE_MAX_QUERIES, flash_attention_configs.py) launches this same kernel with
+configs of its own, "fwd_decode": BLOCK_M = 16, the smallest tile tl.dot takes, and wide key blocks
+(BLOCK_N 32-128). At T_q = 1 a 64-row query block would be 63/64 padding; a 16-row one still
+computes 15 padded rows, but decoding is memory-bound (every key and value is read once per query
+token) and the padded rows add arithmetic, not memory traffic. Split-K over the keys (one program
+per key range, then a reduction: "flash-decoding") was not chosen: it pays off when T_k is
+thousands and B·H is far below the number of SMs; here T_k <= block_size = 256 is 2-4 key blocks
+per program, each program's work is below a kernel launch's latency, and a second (reduction)
+launch would cost more than it saves. It stays the next step for long contexts.
 
 Dropout acts on the normalised weights, softmax(s)·keep/(1-p): the normaliser l_i sums the weights
 before dropout, and only the accumulation into acc sees the keep mask. The mask is a pure function of
-(seed, b·H+h, query index, key index), so the backward regenerates it and nothing is stored.
+(seed, b·H+h, query index i, key index), so the backward regenerates it and nothing is stored.
 """
 
 import triton
@@ -60,34 +76,36 @@ def _dropout_keep(seed, off_bh, q_idx, k_idx, dropout_p):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
                     stride_kn, stride_kk, stride_vn, stride_vk,
-                    off_bh, offs_m, offs_d, lo, hi, T, qk_scale, dropout_p,
+                    off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Streams key blocks [lo, hi) through the online softmax of one query block.
 
-    acc (BLOCK_M, HEAD_DIM_PAD) fp32, l_i and m_i (BLOCK_M,) fp32; q (BLOCK_M, HEAD_DIM_PAD).
-    Off the diagonal every key is visible and in bounds (keys < first query < T): no masks.
+    acc (BLOCK_M, HEAD_DIM_PAD) fp32, l_i and m_i (BLOCK_M,) fp32; q (BLOCK_M, HEAD_DIM_PAD);
+    offs_m (BLOCK_M,) the query indices; query i sits at key position offset + i.
+    Off the diagonal every key is visible and in bounds (keys < first query position < T_k): no masks.
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
-                        offs_d, offs_n, HEAD_DIM, T, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
+                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
         if ON_DIAGONAL:
-            # keys past T only meet rows past T here (k <= q), which are never stored
-            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+            # keys past T_k only meet rows past T_q here (key <= o + i), which are never stored
+            # (the keys are shifted, not the queries: one less vector live across the loop)
+            qk = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], qk * qk_scale, float("-inf"))
         else:
             qk = qk * qk_scale
-        # m_i is finite after the first block: key 0 is visible to every row
+        # m_i is finite after the first block: key lo <= o + i is visible to every row
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)  # rescales what was summed under the old maximum
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
-                       offs_n, offs_d, T, HEAD_DIM, ON_DIAGONAL, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
+                       offs_n, offs_d, T_K, HEAD_DIM, ON_DIAGONAL, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
         if DROPOUT:
             keep = _dropout_keep(Seed_val, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
                                  offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
@@ -97,20 +115,19 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one compiled variant for every length
 def _attn_fwd(Q, K, V, Out, LSE, Seed,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
-              H, T, qk_scale, dropout_p, dropout_scale,
+              H, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), H, B). Q, K, V, Out: (B, H, T, HEAD_DIM) with any strides;
-    LSE: (B, H, T) fp32 contiguous, base-2 log-sum-exp of the scaled scores; Seed: one int64.
-    Requires BLOCK_M % BLOCK_N == 0 (the diagonal starts on a key-block boundary)."""
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    """Grid (cdiv(T_Q, BLOCK_M), H, B). Q, Out: (B, H, T_Q, HEAD_DIM), K, V: (B, H, T_K, HEAD_DIM),
+    T_K >= T_Q, any strides; LSE: (B, H, T_Q) fp32 contiguous, base-2 log-sum-exp of the scaled
+    scores; Seed: one int64."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -123,9 +140,10 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
     O_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offset = T_K - T_Q  # query i sits at key position offset + i: the diagonal bottom-right
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
-                   offs_m, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
+                   offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -134,33 +152,34 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     # keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
-    lo = start_m * BLOCK_M
-    hi = tl.minimum(lo + BLOCK_M, T)
+    first = offset + start_m * BLOCK_M  # the block's first query position
+    lo = (first // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(first + BLOCK_M, T_K)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                     stride_kn, stride_kk, stride_vn, stride_vk,
-                                    off_bh, offs_m, offs_d, 0, lo, T, qk_scale, dropout_p,
+                                    off_bh, offs_m, offset, offs_d, 0, lo, T_K, qk_scale, dropout_p,
                                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                     stride_kn, stride_kk, stride_vn, stride_vk,
-                                    off_bh, offs_m, offs_d, lo, hi, T, qk_scale, dropout_p,
+                                    off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p,
                                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     if DROPOUT:
         acc = acc * dropout_scale  # 1/(1-p): kept weights are scaled up
-    tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+    tl.store(LSE + off_bh.to(tl.int64) * T_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T_Q)
     o_ptrs = O_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
-    o_mask = offs_m[:, None] < T
+    o_mask = offs_m[:, None] < T_Q
     if PAD_D:
         o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
-def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T, dropout_p,
+def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T_Q, T_K, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep-mask a call with this seed used, for tests. Grid (cdiv(T, BLOCK_M), cdiv(T,
-    BLOCK_N), B·H). Keep: (B, H, T, T) int8, 1 where the weight survives dropout."""
+    """The keep-mask a call with this seed used, for tests. Grid (cdiv(T_Q, BLOCK_M), cdiv(T_K,
+    BLOCK_N), B·H). Keep: (B, H, T_Q, T_K) int8, 1 where the weight survives dropout."""
     off_bh = tl.program_id(2)
     off_z = off_bh // H
     off_h = off_bh % H
@@ -170,4 +189,4 @@ def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T, 
                          offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
     ptrs = (Keep + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
             + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn)
-    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))

@@ -16,6 +16,11 @@ P is recomputed from the stored base-2 log-sum-exp, so nothing of size T×T exis
     _attn_bwd_dq           one program per query block: walks the key blocks at and left of the
                            diagonal, accumulates dQ, writes it once
 
+With T_q < T_k queries (the forward's bottom-right diagonal: query i at position o + i, o = T_k -
+T_q) the same walks shift by o: key j is seen by the queries i >= j - o, so a key block's diagonal
+band starts at query block floor(max(j0 - o, 0) / BLOCK_M) and the queries from j0 + BLOCK_N - o
+(rounded up to a query block) on see the whole key block. Any BLOCK_M, BLOCK_N work.
+
 Every output element is written by exactly one program and summed in a fixed order, so the
 backward is deterministic (bit-equal across runs) without atomics. The price is computing
 q·kᵀ and dO·vᵀ twice (once per kernel): 7 matmuls of T²·D per slice in place of 5.
@@ -27,7 +32,7 @@ import triton.language as tl
 from fastgpt.kernels.flash_attention import _dropout_keep, _load_tile
 
 
-@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T (here T = T_q)
 def _attn_bwd_preprocess(Out, DO, Delta,
                          stride_oz, stride_oh, stride_om, stride_ok,
                          stride_dz, stride_dh, stride_dm, stride_dk,
@@ -52,13 +57,13 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
                          stride_qm, stride_qk, stride_dom, stride_dok,
-                         off_bh, offs_n, offs_d, lo, hi, T, qk_scale, dropout_p, dropout_scale,
+                         off_bh, offs_n, offs_d, lo, hi, T_Q, offset, qk_scale, dropout_p, dropout_scale,
                          BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulates dK, dV (BLOCK_N, HEAD_DIM_PAD) fp32 of one key block over query blocks [lo, hi).
 
     Works on transposed tiles (keys down, queries across) so that dK and dV come out row-major.
-    Query rows past T load as zero q and dO with lse = Δ = 0: their pᵀ is 1, but every term it
+    Query rows past T_q load as zero q and dO with lse = Δ = 0: their pᵀ is 1, but every term it
     enters is multiplied by a zero dO or q, so no row mask is needed off the diagonal.
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -66,14 +71,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load_tile(Q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm,
-                        offs_d, offs_m, HEAD_DIM, T, PAD_D, True)  # (HEAD_DIM_PAD, BLOCK_M)
-        lse = tl.load(LSE_base + offs_m, mask=offs_m < T, other=0.0)
+                        offs_d, offs_m, HEAD_DIM, T_Q, PAD_D, True)  # (HEAD_DIM_PAD, BLOCK_M)
+        lse = tl.load(LSE_base + offs_m, mask=offs_m < T_Q, other=0.0)
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if ON_DIAGONAL:
-            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+            pT = tl.where(offs_m[None, :] >= (offs_n - offset)[:, None], pT, 0.0)  # o + i >= j
         do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
-                        offs_m, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
+                        offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             keepT = _dropout_keep(seed, off_bh, offs_m[None, :] + 0 * offs_n[:, None],
@@ -83,26 +88,24 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
             dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(Delta_base + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(Delta_base + offs_m, mask=offs_m < T_Q, other=0.0)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one compiled variant for every length
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
                    stride_vz, stride_vh, stride_vn, stride_vk,
                    stride_doz, stride_doh, stride_dom, stride_dok,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
-                   H, T, scale, qk_scale, dropout_p, dropout_scale,
+                   H, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_N), H, B). DK and DV share one layout (stride_dk*).
-    Requires BLOCK_N % BLOCK_M == 0 (the diagonal band is whole query blocks)."""
-    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    """Grid (cdiv(T_K, BLOCK_N), H, B). DK and DV (B, H, T_K, HEAD_DIM) share one layout (stride_dk*)."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
@@ -114,32 +117,36 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
     V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
     Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-    LSE_base = LSE + off_bh.to(tl.int64) * T
-    Delta_base = Delta + off_bh.to(tl.int64) * T
+    LSE_base = LSE + off_bh.to(tl.int64) * T_Q
+    Delta_base = Delta + off_bh.to(tl.int64) * T_Q
     k = _load_tile(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
-                   offs_n, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
+                   offs_n, offs_d, T_K, HEAD_DIM, True, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
     v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
-                   offs_n, offs_d, T, HEAD_DIM, True, PAD_D)
+                   offs_n, offs_d, T_K, HEAD_DIM, True, PAD_D)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    # queries [start_n, mid) straddle the diagonal; [mid, T) see every key of the block
-    mid = tl.minimum(start_n + BLOCK_N, T)
+    # query i sees key j iff o + i >= j: queries [lo, mid) straddle the diagonal (from the block of
+    # the first query that sees key start_n); queries [mid, T_q) see every key of the block
+    offset = T_K - T_Q
+    lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
+    mid = tl.minimum(tl.maximum(start_n + BLOCK_N - offset, 0), T_Q)
+    mid = ((mid + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
                                   stride_qm, stride_qk, stride_dom, stride_dok,
-                                  off_bh, offs_n, offs_d, start_n, mid, T, qk_scale, dropout_p, dropout_scale,
+                                  off_bh, offs_n, offs_d, lo, mid, T_Q, offset, qk_scale, dropout_p, dropout_scale,
                                   BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
                                   stride_qm, stride_qk, stride_dom, stride_dok,
-                                  off_bh, offs_n, offs_d, start_n + BLOCK_N, T, T, qk_scale, dropout_p,
+                                  off_bh, offs_n, offs_d, mid, T_Q, T_Q, offset, qk_scale, dropout_p,
                                   dropout_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
     dk = dk * scale  # S = scale·q·kᵀ
 
     out_offs = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk
-    out_mask = offs_n[:, None] < T
+    out_mask = offs_n[:, None] < T_K
     if PAD_D:
         out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
     slice_off = off_z.to(tl.int64) * stride_dkz + off_h.to(tl.int64) * stride_dkh
@@ -150,23 +157,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
                        stride_kn, stride_kk, stride_vn, stride_vk,
-                       off_bh, offs_m, offs_d, lo, hi, T, qk_scale, dropout_p, dropout_scale,
+                       off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                        ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulates dQ (BLOCK_M, HEAD_DIM_PAD) fp32 of one query block over key blocks [lo, hi).
+    """Accumulates dQ (BLOCK_M, HEAD_DIM_PAD) fp32 of one query block over key blocks [lo, hi);
+    query i sits at key position offset + i.
     Off the diagonal every key is in bounds and visible: no masks."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
-                        offs_d, offs_n, HEAD_DIM, T, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
+                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
         vT = _load_tile(V_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn,
-                        offs_d, offs_n, HEAD_DIM, T, PAD_D, ON_DIAGONAL)
+                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if ON_DIAGONAL:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            p = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
@@ -177,56 +185,58 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one compiled variant for every length
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
                  stride_vz, stride_vh, stride_vn, stride_vk,
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
-                 H, T, scale, qk_scale, dropout_p, dropout_scale,
+                 H, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), H, B). Requires BLOCK_M % BLOCK_N == 0."""
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    """Grid (cdiv(T_Q, BLOCK_M), H, B)."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
     off_bh = off_z * H + off_h
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    offset = T_K - T_Q  # query i sits at key position offset + i
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
     V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
     DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
     q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
-                   offs_m, offs_d, T, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
+                   offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
     do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
-                    offs_m, offs_d, T, HEAD_DIM, True, PAD_D)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(Delta + off_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+                    offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
+    delta = tl.load(Delta + off_bh.to(tl.int64) * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    # keys [0, start_m) precede every query of the block; [start_m, hi) straddle the diagonal
-    hi = tl.minimum(start_m + BLOCK_M, T)
+    # keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
+    first = offset + start_m  # the block's first query position
+    lo = (first // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(first + BLOCK_M, T_K)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
                             stride_kn, stride_kk, stride_vn, stride_vk,
-                            off_bh, offs_m, offs_d, 0, start_m, T, qk_scale, dropout_p, dropout_scale,
+                            off_bh, offs_m, offset, offs_d, 0, lo, T_K, qk_scale, dropout_p, dropout_scale,
                             BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
                             stride_kn, stride_kk, stride_vn, stride_vk,
-                            off_bh, offs_m, offs_d, start_m, hi, T, qk_scale, dropout_p, dropout_scale,
+                            off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
                             BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
     dq = dq * scale
 
     dq_ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
                + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk)
-    dq_mask = offs_m[:, None] < T
+    dq_mask = offs_m[:, None] < T_Q
     if PAD_D:
         dq_mask = dq_mask & (offs_d[None, :] < HEAD_DIM)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)

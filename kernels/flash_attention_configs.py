@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+# "fwd_decode" is the forward kernel launched for few queries (T_q <= DECODE_MAX_QUERIES: a KV
+# cache's decode step) with configs of its own; see the header of flash_attention.py.
+KERNELS = ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq")
+DECODE_MAX_QUERIES = 16
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # supported; padded to 16, 32, 64, 128 inside the kernels
 
 
@@ -40,6 +43,7 @@ C = KernelConfig
 # unequal block sizes exercise the diagonal logic that equal blocks would hide.
 INTERPRETER_CONFIGS: dict[str, KernelConfig] = {
     "fwd": C(64, 32, 4, 1),
+    "fwd_decode": C(16, 64, 4, 1),
     "bwd_dkdv": C(32, 64, 4, 1),
     "bwd_dq": C(64, 32, 4, 1),
 }
@@ -55,6 +59,11 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
         80: {64: [C(128, 64, 8, 3), C(64, 64, 4, 3)], 128: [C(128, 64, 8, 4), C(64, 32, 4, 3)]},
         90: {64: [C(128, 64, 8, 3), C(128, 128, 8, 3)], 128: [C(128, 64, 8, 3), C(64, 64, 4, 3)]},
     },
+    # one 16-row query block (the smallest tl.dot tile), wide key blocks: decoding is memory-bound
+    "fwd_decode": {
+        80: {64: [C(16, 64, 4, 2), C(16, 128, 4, 2)], 128: [C(16, 64, 4, 2), C(16, 32, 4, 2)]},
+        90: {64: [C(16, 64, 4, 2), C(16, 128, 8, 2)], 128: [C(16, 64, 4, 2), C(16, 32, 4, 2)]},
+    },
     "bwd_dkdv": {
         80: {64: [C(32, 64, 4, 2), C(32, 128, 8, 2)], 128: [C(32, 64, 8, 2), C(16, 64, 8, 2)]},
         90: {64: [C(32, 128, 8, 2), C(32, 64, 4, 2)], 128: [C(32, 128, 8, 2), C(32, 64, 8, 2)]},
@@ -67,34 +76,37 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 
 # fp32 inputs run full-precision dots (dot_precision below): FMA loops, not tensor cores, whose
 # operands and products all live in registers. The 16-bit lists spill up to 160 KB there, so fp32
-# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one.
+# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (The T_q < T_k
+# offset of issue 9 cost a few registers: fwd M16/N16/w4 at D=80/96 and dK/dV M16/N32/w4 with
+# dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to spill 8-48 bytes and were replaced by
+# 8-warp configs that do not.)
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
-        80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 4, 2)]},
+        80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)]},
         90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)]},
     },
+    "fwd_decode": {
+        80: {64: [C(16, 32, 4, 2), C(16, 64, 4, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 8, 2)]},
+        90: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 16, 4, 2), C(16, 32, 8, 2)]},
+    },
     "bwd_dkdv": {
-        80: {64: [C(16, 32, 4, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
+        80: {64: [C(16, 32, 8, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
         90: {64: [C(16, 32, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
     },
     "bwd_dq": {
         80: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2)]},
-        90: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(64, 16, 8, 2)]},
+        90: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(32, 16, 8, 2)]},
     },
 }
 
 
 def keep(kernel: str, config: KernelConfig) -> bool:
-    """Whether `config` is a valid launch of `kernel`.
+    """Whether `config` is a valid launch of `kernel`: blocks of at least tl.dot's smallest tile.
 
-    The forward and dQ kernels step key blocks inside a query block's diagonal, so BLOCK_M must be
-    a multiple of BLOCK_N; dK/dV steps query blocks inside a key block, the other way round.
+    Any ratio of BLOCK_M to BLOCK_N works: each kernel starts its diagonal band at the block
+    boundary at or before the diagonal (for every offset T_k - T_q), not on the diagonal itself.
     """
-    if min(config.block_m, config.block_n) < 16:  # tl.dot's smallest tile
-        return False
-    if kernel in ("fwd", "bwd_dq"):
-        return config.block_m % config.block_n == 0
-    return config.block_n % config.block_m == 0
+    return min(config.block_m, config.block_n) >= 16
 
 
 def head_dim_class(head_dim_pad: int) -> int:

@@ -7,7 +7,7 @@ import fastgpt
 from fastgpt.attention import CausalSelfAttention, causal_attention, naive_attention
 from fastgpt.attention import registry
 from fastgpt.attention.registry import Backend, auto_order, get_backend, register_backend
-from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv
+from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv, shape_id
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def _registry_restored(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])
 def test_parity_with_float64_reference(backend, shape, dtype):
     result = check_parity(backend, shape, dtype)
@@ -89,6 +89,10 @@ GOOD = torch.zeros(2, 2, 4, 8)
 @pytest.mark.parametrize("args, kwargs, error, match", [
     ((GOOD[0], GOOD[0], GOOD[0]), {}, ValueError, r"q must have 4 dims \(B, H, T, D\); got 3"),
     ((GOOD, GOOD[:, :, :3], GOOD), {}, ValueError, r"k has shape \(2, 2, 3, 8\) but q has shape \(2, 2, 4, 8\)"),
+    ((GOOD, GOOD[:, :1], GOOD[:, :1]), {}, ValueError, r"k has shape \(2, 1, 4, 8\) but q has shape \(2, 2, 4, 8\): .*share B, H and D"),
+    ((GOOD, GOOD[..., :4], GOOD[..., :4]), {}, ValueError, r"k has shape \(2, 2, 4, 4\) but q .*share B, H and D"),
+    ((GOOD, GOOD[:, :, :3], GOOD[:, :, :3]), {}, ValueError, r"k has shape \(2, 2, 3, 8\) .*with T_k >= T_q"),
+    ((GOOD[:, :, :1], GOOD, GOOD[:, :, :3]), {}, ValueError, r"v has shape \(2, 2, 3, 8\) but k has shape \(2, 2, 4, 8\): k and v must share"),
     ((GOOD, GOOD, GOOD.double()), {}, ValueError, "v has dtype torch.float64 but q has dtype torch.float32"),
     ((GOOD.long(), GOOD.long(), GOOD.long()), {}, ValueError, "q has dtype torch.int64; causal_attention supports"),
     ((GOOD, GOOD, GOOD), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\); got 1.0"),
@@ -101,6 +105,20 @@ GOOD = torch.zeros(2, 2, 4, 8)
 def test_bad_input_names_argument_value_and_limit(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         causal_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("T_q, T_k", [(1, 1), (1, 9), (3, 9), (8, 9)])
+def test_fewer_queries_see_the_last_rows_of_the_square_mask(T_q, T_k):
+    # bottom-right alignment: T_q queries over T_k keys are the last T_q rows of the T_k × T_k call
+    q, k, v = make_qkv((1, 2, T_k, 16), torch.float64, "cpu")
+    full = causal_attention(q, k, v, backend="naive")
+    explicit = torch.softmax((q[:, :, -T_q:] @ k.transpose(-2, -1)) / 4.0
+                             + torch.full((T_q, T_k), -torch.inf, dtype=torch.float64).triu(1 + T_k - T_q), -1) @ v
+    for backend in ("naive", "sdpa"):
+        out = causal_attention(q[:, :, -T_q:], k, v, backend=backend)
+        assert out.shape == (1, 2, T_q, 16)
+        torch.testing.assert_close(out, full[:, :, -T_q:])
+        torch.testing.assert_close(out, explicit)
 
 
 def test_mixed_devices_are_refused():

@@ -92,3 +92,15 @@ def test_emulated_backend_is_reported_not_timed():
     sweep.backends, sweep.seq_lens, sweep.modes, sweep.dropouts = ["naive", "triton"], [16], ["forward"], [0.0]
     triton = next(r for r in run_attention_benchmark(sweep, progress=False)["records"] if r["backend"] == "triton")
     assert triton["status"].startswith("emulated") and "median_s" not in triton
+
+
+def test_generate_benchmark_cli_smoke(tmp_path, capsys):
+    # a tiny model: the harness's structure, never its speed
+    assert main(["bench", "generate", "--smoke", "--backends", "sdpa", "--reps", "1", "--out-dir", str(tmp_path),
+                 "--no-progress"]) == 0
+    assert "| sdpa | short | cache | 10 |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "generate.json").read_text())
+    variants = [(r["case"], r["variant"]) for r in result["records"]]
+    assert variants == [("short", "no cache"), ("short", "cache"), ("long", "cache exact"), ("long", "cache window")]
+    for r in result["records"]:
+        assert r["status"] == "ok" and math.isfinite(r["tokens_per_s"]) and len(r["seconds"]) == 1

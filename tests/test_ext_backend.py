@@ -9,7 +9,7 @@ import torch
 import fastgpt.ext as ext
 from fastgpt.attention import causal_attention, get_backend
 from fastgpt.attention.ext_backend import ext_attention
-from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv, tolerance
+from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv, shape_id, tolerance
 from ext_reference import ref_attention
 
 
@@ -19,7 +19,7 @@ def _extension():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=[f"B{b}H{h}T{t}D{d}" for b, h, t, d in PARITY_SHAPES])
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=shape_id)
 def test_parity(shape, dtype):
     result = check_parity("ext", shape, dtype)
     assert result.ok, f"{result.worst}: {result.errors} vs limits {result.limits}"

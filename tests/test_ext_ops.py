@@ -1,4 +1,4 @@
-"""The ext ops one by one: the packed layout, opcheck, parity with float64 over PARITY_SHAPES and
+"""The ext ops one by one: the packed layout, opcheck, parity with float64 over SQUARE_SHAPES and
 T_q < T_k lengths, what they read and write, odd strides, bad input."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import fastgpt.ext as ext
 from fastgpt.ext import layout
-from fastgpt.parity import PARITY_SHAPES, make_qkv
+from fastgpt.parity import SQUARE_SHAPES, make_qkv
 from ext_reference import (
     assert_within,
     future_mask,
@@ -21,7 +21,7 @@ from ext_reference import (
 )
 
 DTYPES = [torch.float32, torch.bfloat16]
-ids = [f"B{b}H{h}T{t}D{d}" for b, h, t, d in PARITY_SHAPES]
+ids = [f"B{b}H{h}T{t}D{d}" for b, h, t, d in SQUARE_SHAPES]
 # (T_q, T_k) with fewer queries than keys, around the 64-row blocks; T_q = 1 is a decode step.
 LENGTHS = [(1, 1), (1, 200), (63, 64), (65, 130), (17, 130), (100, 257)]
 lengths_ids = [f"Tq{q}Tk{k}" for q, k in LENGTHS]
@@ -117,7 +117,7 @@ def softmax_parity(B, H, T_q, T_k, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=ids)
+@pytest.mark.parametrize("shape", SQUARE_SHAPES, ids=ids)
 @pytest.mark.parametrize("name", ["nt", "nn", "tn", "softmax"])
 def test_parity(name, shape, dtype):
     B, H, T, D = shape

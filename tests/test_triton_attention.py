@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastgpt.attention import causal_attention, naive_attention
-from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, tolerance
+from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, shape_id, tolerance
 
 triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
@@ -20,7 +20,7 @@ def triton_attn(q, k, v, dropout_p=0.0, scale=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=shape_id)
 def test_parity_with_float64_reference(shape, dtype):
     result = check_parity("triton", shape, dtype, DEVICE)
     assert result.ok, f"{shape} {dtype}: errors {result.errors} over limits {result.limits}"
@@ -51,16 +51,16 @@ def test_scale_and_any_strides():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 3, 100, 32), (1, 2, 257, 48)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 100, 100, 32), (1, 2, 257, 257, 48), (2, 3, 37, 100, 32)], ids=shape_id)
 def test_dropout_matches_reference_with_the_kernels_mask(shape, dtype):
     p = 0.3
     q, k, v = make_qkv(shape, dtype, DEVICE, seed=5)
-    dout = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
     with triton_ops.record_dropout_seeds() as seeds:
 
         def reference(a, b, c):
             (seed,) = seeds  # the one kernel call, which ran first
-            keep = triton_ops.dropout_keep_mask(seed, shape, p)
+            keep = triton_ops.dropout_keep_mask(seed, a.shape, p, b.shape[2])
             assert 0 < keep.float().mean() < 1
             return naive_attention(a, b, c, p, keep_mask=keep)
 
@@ -86,13 +86,26 @@ def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
     # the GPU configs are only compiled here (fastgpt/gpu_check.py); their block logic runs now
     for kernel, block_m, block_n in blocks:
         monkeypatch.setitem(cfg.INTERPRETER_CONFIGS, kernel, cfg.KernelConfig(block_m, block_n, 4, 1))
-    shape, p = (1, 2, 150, 64), 0.25  # T=150: several blocks of every size, a ragged end
-    q, k, v = make_qkv(shape, torch.float32, DEVICE, seed=7)
-    dout = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    with triton_ops.record_dropout_seeds() as seeds:
-        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p),
-                                 lambda a, b, c: naive_attention(a, b, c, p, keep_mask=triton_ops.dropout_keep_mask(
-                                     seeds[0], shape, p)), q, k, v, dout)
+    p = 0.25
+    # T=150: several blocks of every size, a ragged end; then 37 and 5 (decode configs) queries
+    # over the same keys, at offsets 113 and 145 that no block size divides
+    for shape in [(1, 2, 150, 150, 64), (1, 2, 37, 150, 64), (1, 2, 5, 150, 64)]:
+        q, k, v = make_qkv(shape, torch.float32, DEVICE, seed=7)
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+        with triton_ops.record_dropout_seeds() as seeds:
+            assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p),
+                                     lambda a, b, c: naive_attention(a, b, c, p, keep_mask=triton_ops.dropout_keep_mask(
+                                         seeds[0], a.shape, p, b.shape[2])), q, k, v, dout)
+
+
+def test_few_queries_launch_the_decode_configs(monkeypatch):
+    launched = []
+    launcher = triton_ops._launcher
+    monkeypatch.setattr(triton_ops, "_launcher", lambda kernel, *a: launched.append(kernel) or launcher(kernel, *a))
+    for T_q in (1, cfg.DECODE_MAX_QUERIES, cfg.DECODE_MAX_QUERIES + 1):
+        q, k, v = make_qkv((1, 2, T_q, 40, 16), torch.float32, DEVICE)
+        triton_attn(q, k, v)
+    assert launched == ["fwd_decode", "fwd_decode", "fwd"]
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5])

@@ -2,16 +2,28 @@
 
     out = causal_attention(q, k, v, dropout_p=0.0, scale=None, backend="auto")
 
-    q, k, v: (B, H, T, D), any strides (views of a fused qkv projection are fine)
-    out:     (B, H, T, D)
+    q:    (B, H, T_q, D), any strides (views of a fused qkv projection are fine)
+    k, v: (B, H, T_k, D), T_k >= T_q
+    out:  (B, H, T_q, D)
 
-Query i attends to keys 0..i (the causal mask, diagonal included):
+With T_q == T_k (training), query i attends to keys 0..i (the causal mask, diagonal included):
 
     keys ->   0 1 2 3
     query 0   x . . .
     query 1   x x . .
     query 2   x x x .
     query 3   x x x x
+
+With T_q < T_k (generation with a KV cache: the queries are the last T_q of T_k tokens) the
+diagonal is aligned bottom-right: query i sees keys 0..(T_k - T_q + i). T_q = 2, T_k = 5:
+
+    keys ->   0 1 2 3 4
+    query 0   x x x x .       (token 3 of 5)
+    query 1   x x x x x       (token 4 of 5: the newest sees everything)
+
+This is the square mask's last T_q rows, so the same call gives the same answer whether the
+earlier queries were computed now or in a previous call. (`F.scaled_dot_product_attention`'s
+is_causal=True aligns top-left when T_q != T_k, which would hide the cache from the new token.)
 
 Bad input is refused here, once, with an error naming the argument, the value and the limit, so
 that backends can assume well-formed tensors.
@@ -45,9 +57,12 @@ def validate_inputs(q, k, v, dropout_p: float, scale: Optional[float]) -> None:
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, T, D); got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dims (B, H, T, D); got {t.dim()} dims with shape {_shape(t)}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or k.shape[2] < q.shape[2]:
+        raise ValueError(f"k has shape {_shape(k)} but q has shape {_shape(q)}: q (B, H, T_q, D) and "
+                         f"k, v (B, H, T_k, D) must share B, H and D, with T_k >= T_q")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {_shape(v)} but k has shape {_shape(k)}: k and v must share (B, H, T_k, D)")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} has shape {_shape(t)} but q has shape {_shape(q)}: q, k and v must share (B, H, T, D)")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}: q, k and v must share one dtype")
         if t.device != q.device:
@@ -108,15 +123,16 @@ def causal_attention(
     """Causal scaled-dot-product attention, softmax(scale·q·kᵀ + causal mask) · v.
 
     Args:
-        q, k, v: (B, H, T, D) tensors of one dtype (float16, bfloat16, float32, float64) on one
-            device; any strides.
+        q: (B, H, T_q, D); k, v: (B, H, T_k, D) with T_k >= T_q (the causal diagonal aligned
+            bottom-right, see above); one dtype (float16, bfloat16, float32, float64), one
+            device, any strides.
         dropout_p: probability of zeroing an attention weight after the softmax, in [0, 1). Pass
             0.0 in evaluation; kept weights are scaled by 1/(1 - dropout_p).
         scale: multiplies q·kᵀ before the softmax; None means D**-0.5.
         backend: a registered backend name ("naive", "sdpa", ...) or "auto".
 
     Returns:
-        (B, H, T, D) tensor, same dtype and device as q.
+        (B, H, T_q, D) tensor, same dtype and device as q.
     """
     validate_inputs(q, k, v, dropout_p, scale)
     chosen = select_backend(q, dropout_p, backend)

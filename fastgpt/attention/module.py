@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 import torch.nn as nn
 
 from fastgpt.attention.api import causal_attention
 from fastgpt.attention.registry import get_backend
+
+if TYPE_CHECKING:
+    from fastgpt.kv_cache import LayerKV
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,13 +39,18 @@ class CausalSelfAttention(nn.Module):
             get_backend(name)  # an unknown name fails now, not at the next forward
         self.backend = name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional["LayerKV"] = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With `kv_cache` (generation), x holds the T newest tokens: their
+        k and v are appended to the cache and their queries attend over every cached position."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 × (B, T, C)
         # (B, T, C) -> (B, nh, T, hs): strided views, no copy; backends accept any strides
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, T_k, hs), T_k = cached + T >= T
+        # q (B, nh, T, hs) over T_k keys, the diagonal bottom-right: each new token sees the cache
         y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))

@@ -1,6 +1,7 @@
 """`naive`: the lecture's explicit attention math, and the reference every backend is checked against.
 
-Memory traffic per (B, H) slice, T×T weights materialised three times in the forward:
+Memory traffic per (B, H) slice with T_q = T_k = T, T×T weights materialised three times in the
+forward (T_q×T_k with fewer queries than keys):
     att = q @ kᵀ · scale        # read 2·T·D, write T·T
     mask the future with -inf  # read T·T, write T·T
     softmax                    # read T·T, write T·T
@@ -26,24 +27,29 @@ def naive_attention(
     scale: Optional[float] = None,
     keep_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """softmax(scale·q·kᵀ, causal) with dropout on the weights, · v.  q, k, v: (B, H, T, D).
+    """softmax(scale·q·kᵀ, causal) with dropout on the weights, · v.
 
-    `keep_mask` (B, H, T, T) of bools replaces the random dropout draw: weights where it is False
+    q (B, H, T_q, D), k and v (B, H, T_k, D), T_q <= T_k -> (B, H, T_q, D). The causal diagonal is
+    aligned bottom-right: query i sees keys j <= (T_k - T_q) + i (the last T_q rows of the square
+    T_k × T_k mask).
+
+    `keep_mask` (B, H, T_q, T_k) of bools replaces the random dropout draw: weights where it is False
     are zeroed and the rest scaled by 1/(1 - dropout_p). Parity tests pass the mask a fused kernel
     used, to build the exact reference for that kernel's dropout.
     """
-    T, D = q.shape[-2], q.shape[-1]
+    T_q, T_k, D = q.shape[-2], k.shape[-2], q.shape[-1]
     if scale is None:
         scale = D**-0.5
-    att = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, H, T_q, T_k)
+    # the future of query i: keys j > (T_k - T_q) + i, i.e. above diagonal number 1 + T_k - T_q
+    future = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).triu(1 + T_k - T_q)
     att = att.masked_fill(future, float("-inf"))
     att = F.softmax(att, dim=-1)
     if keep_mask is not None:
         att = att * keep_mask.to(att.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p, training=True)
-    return att @ v  # (B, H, T, D)
+    return att @ v  # (B, H, T_q, D)
 
 
 def _naive_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:

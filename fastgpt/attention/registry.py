@@ -1,7 +1,8 @@
 """The backend registry: the one place that knows which attention implementations exist.
 
-A backend is a function `fn(q, k, v, dropout_p, scale) -> out` over tensors of shape (B, H, T, D)
-that the API has already validated, plus two questions it answers about itself: can it run on this
+A backend is a function `fn(q, k, v, dropout_p, scale) -> out`, q and out (B, H, T_q, D), k and v
+(B, H, T_k, D) with T_k >= T_q and the causal diagonal aligned bottom-right (see api.py), over
+tensors that the API has already validated, plus two questions it answers about itself: can it run on this
 device in this process, and can it run this particular call. Both answers are a reason string (or
 None), so that an error can say exactly why a backend was refused.
 
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-# (q, k, v, dropout_p, scale) -> out, all of shape (B, H, T, D)
+# (q, k, v, dropout_p, scale) -> out; q, out (B, H, T_q, D), k, v (B, H, T_k, D), T_k >= T_q
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 
 
@@ -37,7 +38,8 @@ class Backend:
     description: str
     # Why the backend cannot run on `device` in this process (missing package, no GPU), or None.
     unavailable_reason: Callable[[torch.device], Optional[str]] = _always_available
-    # Why the backend cannot run this call (dtype, head dim, sequence length), or None.
+    # Why the backend cannot run this call (dtype, head dim, sequence length), or None. It sees q
+    # only: every backend runs every T_k >= T_q (nothing so far refuses on k's length).
     unsupported_reason: Callable[[torch.Tensor, float], Optional[str]] = _supports_everything
     # Returns memory the backend keeps cached between calls (buffer pools) to the system, so that
     # a memory measurement sees what one call needs; None for backends that cache nothing.

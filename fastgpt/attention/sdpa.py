@@ -2,6 +2,12 @@
 
 PyTorch picks its own kernel inside: FlashAttention-2 or memory-efficient attention on CUDA, a
 flash-style kernel on CPU without dropout, and the unfused math path on CPU with dropout.
+
+With fewer queries than keys (T_q < T_k, a KV cache) `is_causal=True` would be wrong: PyTorch
+aligns that mask top-left, so the newest query would see only key 0. The lower-right causal bias
+(`torch.nn.attention.bias.causal_lower_right`) is the bottom-right mask of the API; it supports
+backward and dropout on CPU and CUDA (its math fallback materialises the mask, its flash and
+memory-efficient paths take it as an offset).
 """
 
 from __future__ import annotations
@@ -13,11 +19,22 @@ from fastgpt.attention.registry import Backend, register_backend
 
 
 def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    T_q, T_k = q.shape[-2], k.shape[-2]
+    if T_q == T_k:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    if T_q == 1:
+        # decoding: the one query is the newest token and sees every key, so there is nothing to
+        # mask; without a bias PyTorch's CPU kernel is ~9x faster here (0.02 vs 0.17 ms, T_k=101)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    # imported here: torch.nn.attention.bias imports triton, which `import fastgpt` must not
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(T_q, T_k)  # query i sees keys <= T_k - T_q + i
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 register_backend(Backend(
     name="sdpa",
     fn=_sdpa_backend,
-    description="torch.nn.functional.scaled_dot_product_attention(is_causal=True)",
+    description="torch.nn.functional.scaled_dot_product_attention (is_causal, or the lower-right causal bias when T_q < T_k)",
 ))

@@ -7,9 +7,12 @@
 
 This module imports triton; fastgpt.attention.triton_backend imports it only on first use.
 
-Layouts: q, k, v and dout may have any strides (strides go to the kernels, nothing is copied).
-out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory, the layout the GPT's head merge
-`y.transpose(1, 2).reshape(B, T, C)` reads without a copy. lse is (B, H, T) fp32 contiguous.
+Shapes: q, out, dout, dq (B, H, T_q, D); k, v, dk, dv (B, H, T_k, D), T_k >= T_q, the causal
+diagonal bottom-right. Layouts: q, k, v and dout may have any strides (strides go to the kernels,
+nothing is copied). out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory, the layout the
+GPT's head merge `y.transpose(1, 2).reshape(B, T, C)` reads without a copy. lse is (B, H, T_q)
+fp32 contiguous. A forward with T_q <= DECODE_MAX_QUERIES (decoding) launches the "fwd_decode"
+configs.
 """
 
 from __future__ import annotations
@@ -29,17 +32,17 @@ from fastgpt.kernels.flash_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _a
 LOG2_E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x·log2(e))
 INTERPRETING = triton.knobs.runtime.interpret  # fixed when the kernels were decorated
 
-_KERNELS = {"fwd": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq}
+_KERNELS = {"fwd": _attn_fwd, "fwd_decode": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq}
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
-def _empty_bthd(q: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, D) like q, laid out as (B, T, H, D) in memory."""
-    B, H, T, D = q.shape
-    return torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+def _empty_bthd(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) like x, laid out as (B, T, H, D) in memory."""
+    B, H, T, D = x.shape
+    return torch.empty((B, T, H, D), device=x.device, dtype=x.dtype).transpose(1, 2)
 
 
 def check_offsets(*tensors: torch.Tensor) -> None:
@@ -55,20 +58,20 @@ def check_offsets(*tensors: torch.Tensor) -> None:
 @functools.cache
 def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, seq_bucket: int):
     """The autotuned launcher of `kernel` for one GPU architecture, head dim and sequence-length
-    bucket (the next power of two of T). One autotuner per bucket, not a tuning run per T: sampling
-    grows T one token at a time. The autotuners share the jit function, hence its compiled kernels."""
+    bucket (the next power of two of T_k). One autotuner per bucket, not a tuning run per T: sampling
+    grows T_k one token at a time. The autotuners share the jit function, hence its compiled kernels."""
     candidates = cfg.configs(kernel, capability, head_dim_pad, fp32)
     configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
     return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
 
 
-def _launcher(kernel: str, q: torch.Tensor, head_dim_pad: int):
+def _launcher(kernel: str, q: torch.Tensor, T_k: int, head_dim_pad: int):
     """(launchable kernel, extra launch kwargs): a fixed config in the interpreter, autotuning on a GPU."""
     if INTERPRETING or q.device.type != "cuda":
         c = cfg.INTERPRETER_CONFIGS[kernel]
         return wrap_triton(_KERNELS[kernel]), {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}
     capability = torch.cuda.get_device_capability(q.device)
-    seq_bucket = triton.next_power_of_2(q.shape[2])
+    seq_bucket = triton.next_power_of_2(T_k)
     fp32 = q.dtype == torch.float32
     return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, seq_bucket)), {}
 
@@ -78,43 +81,46 @@ def _head_dims(D: int) -> dict:
 
 
 def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
-    """q, k, v (B, H, T, D) -> out (B, H, T, D), lse (B, H, T) fp32 (base-2 log-sum-exp)."""
-    B, H, T, D = q.shape
+    """q (B, H, T_q, D), k, v (B, H, T_k, D) -> out (B, H, T_q, D), lse (B, H, T_q) fp32 (base-2
+    log-sum-exp)."""
+    B, H, T_q, D = q.shape
+    T_k = k.shape[2]
     out = _empty_bthd(q)
-    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, T_q), device=q.device, dtype=torch.float32)
     dims = _head_dims(D)
-    kernel, launch = _launcher("fwd", q, dims["HEAD_DIM_PAD"])
+    kernel, launch = _launcher("fwd_decode" if T_q <= cfg.DECODE_MAX_QUERIES else "fwd", q, T_k, dims["HEAD_DIM_PAD"])
     dropout = dropout_p > 0.0
-    kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)](
+    kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
         q, k, v, out, lse, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, T, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
+        H, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
         **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **launch,
     )
     return out, lse
 
 
 def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
-    """-> dq, dk, dv, each (B, H, T, D) in the dtype of q."""
-    B, H, T, D = q.shape
+    """-> dq (B, H, T_q, D), dk, dv (B, H, T_k, D), in the dtype of q."""
+    B, H, T_q, D = q.shape
+    T_k = k.shape[2]
     check_offsets(dout)
     dims = _head_dims(D)
     delta = torch.empty_like(lse)
-    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(T, cfg.PREPROCESS_BLOCK_M), H, B)](
-        out, dout, delta, *_strides(out), *_strides(dout), H, T, **dims, BLOCK_M=cfg.PREPROCESS_BLOCK_M,
+    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(T_q, cfg.PREPROCESS_BLOCK_M), H, B)](
+        out, dout, delta, *_strides(out), *_strides(dout), H, T_q, **dims, BLOCK_M=cfg.PREPROCESS_BLOCK_M,
     )
-    dq, dk, dv = _empty_bthd(q), _empty_bthd(q), _empty_bthd(q)
+    dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(k)
     common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32))
-    scalars = (H, T, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p))
+    scalars = (H, T_q, T_k, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p))
 
-    kernel, launch = _launcher("bwd_dkdv", q, dims["HEAD_DIM_PAD"])
-    kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), H, B)](
+    kernel, launch = _launcher("bwd_dkdv", q, T_k, dims["HEAD_DIM_PAD"])
+    kernel[lambda meta: (triton.cdiv(T_k, meta["BLOCK_N"]), H, B)](
         q, k, v, dout, dk, dv, lse, delta, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         *scalars, **common, **launch,
     )
-    kernel, launch = _launcher("bwd_dq", q, dims["HEAD_DIM_PAD"])
-    kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)](
+    kernel, launch = _launcher("bwd_dq", q, T_k, dims["HEAD_DIM_PAD"])
+    kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
         q, k, v, dout, dq, lse, delta, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
         *scalars, **common, **launch,
@@ -146,12 +152,12 @@ if INTERPRETING:
 
     @flash_attention_fwd.register_fake
     def _(q, k, v, seed, dropout_p, scale):
-        B, H, T, D = q.shape
-        return _empty_bthd(q), q.new_empty((B, H, T), dtype=torch.float32)
+        B, H, T_q, D = q.shape
+        return _empty_bthd(q), q.new_empty((B, H, T_q), dtype=torch.float32)
 
     @flash_attention_bwd.register_fake
     def _(dout, q, k, v, out, lse, seed, dropout_p, scale):
-        return _empty_bthd(q), _empty_bthd(q), _empty_bthd(q)
+        return _empty_bthd(q), _empty_bthd(k), _empty_bthd(k)
 else:
     flash_attention_fwd = torch.library.triton_op("fastgpt::flash_attention_fwd", _fwd_impl, mutates_args=())
     flash_attention_bwd = torch.library.triton_op("fastgpt::flash_attention_bwd", _bwd_impl, mutates_args=())
@@ -197,21 +203,22 @@ def record_dropout_seeds():
         _seed_recorders.remove(seeds)
 
 
-def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
-    """The (B, H, T, T) bool keep-mask of a call with this seed and q.shape (B, H, T, D), from the
-    same Philox counters the kernels use: naive_attention(..., keep_mask=mask) is that call's
-    exact reference."""
-    B, H, T = shape[0], shape[1], shape[2]
-    keep = torch.empty((B, H, T, T), device=seed.device, dtype=torch.int8)
+def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional[int] = None) -> torch.Tensor:
+    """The (B, H, T_q, T_k) bool keep-mask of a call with this seed, q.shape (B, H, T_q, D) and T_k
+    keys (default T_q), from the same Philox counters the kernels use:
+    naive_attention(..., keep_mask=mask) is that call's exact reference."""
+    B, H, T_q = shape[0], shape[1], shape[2]
+    T_k = T_q if T_k is None else T_k
+    keep = torch.empty((B, H, T_q, T_k), device=seed.device, dtype=torch.int8)
     block = 64
-    _dropout_mask[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
-        seed, keep, *_strides(keep), H, T, dropout_p, BLOCK_M=block, BLOCK_N=block,
+    _dropout_mask[(triton.cdiv(T_q, block), triton.cdiv(T_k, block), B * H)](
+        seed, keep, *_strides(keep), H, T_q, T_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
     )
     return keep.bool()
 
 
 def triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    """The `triton` backend: q, k, v (B, H, T, D), already validated -> out (B, H, T, D)."""
+    """The `triton` backend: q (B, H, T_q, D), k, v (B, H, T_k, D), already validated -> out (B, H, T_q, D)."""
     check_offsets(q, k, v)
     seed = None
     if dropout_p > 0.0:

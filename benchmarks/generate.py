@@ -1,0 +1,149 @@
+"""Generation speed with and without the KV cache: `fastgpt bench generate`.
+
+    fastgpt bench generate [--preset shakespeare-char] [--backends sdpa] [--reps 3] [--out-dir DIR]
+    python -m fastgpt.benchmarks.generate ...     (the same)
+
+The model is the preset's architecture (shakespeare-char: 6 layers, 384 wide, block 256, 10.8 M
+parameters) with random weights: the cost of a step does not depend on what the weights learned,
+only on the shapes, and sampling from a random model draws tokens all the same. Two cases, each
+from a one-character prompt, batch 1, as `fastgpt sample` runs them:
+
+    short  250 new tokens: the text stays within block_size. "no cache" re-runs the whole
+           context per token (the lecture's generate); "cache" prefills once, then decodes.
+    long   1000 new tokens: past block_size, "cache exact" re-prefills the cropped window every
+           token (the same tokens as no cache, at about its cost) and "cache window" rebuilds from
+           the last block_size // 2 tokens only when the cache is full (approximate; see
+           fastgpt/kv_cache.py).
+
+Within a case the variants run interleaved (A B A B ...) after a warm-up of one short call each; a
+figure is the median (p20-p80) over the repetitions of whole `generate` calls, prefill included;
+tokens/s = new tokens / that median. The JSON keeps every repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from fastgpt.attention import get_backend
+from fastgpt.benchmarks.common import environment, summarize, time_interleaved
+from fastgpt.config import PRESETS
+from fastgpt.model import ModelConfig, build_model
+
+# (case, new tokens, variants): a variant is (name, generate kwargs)
+CASES = [
+    ("short", 250, [("no cache", dict(kv_cache=False)), ("cache", dict(kv_cache=True, cache_policy="exact"))]),
+    ("long", 1000, [("cache exact", dict(kv_cache=True, cache_policy="exact")),
+                    ("cache window", dict(kv_cache=True, cache_policy="window"))]),
+]
+SMOKE = dict(block_size=16, n_layer=1, n_head=2, n_embd=32)  # a CI-sized model
+SMOKE_TOKENS = {"short": 10, "long": 40}  # the long case still crosses block_size 16
+
+
+def preset_model_config(preset: str) -> ModelConfig:
+    """The model of `preset` (vocab 65: tiny-shakespeare's characters), in eval mode settings."""
+    fields = {f: v for f, v in PRESETS[preset].items() if f in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**{**fields, "vocab_size": 65, "dropout": 0.0})
+
+
+def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[list[str]] = None, reps: int = 3,
+                           device: str = "cpu", smoke: bool = False, cases: Optional[list[str]] = None,
+                           progress: bool = True) -> dict[str, Any]:
+    dev = torch.device(device)
+    load_before = _load_average()
+    config = preset_model_config(preset)
+    if smoke:
+        config = ModelConfig(**{**config.__dict__, **SMOKE})
+    torch.manual_seed(0)
+    model = build_model(config).to(dev).eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=dev)  # one character
+    records = []
+    for name in backends or ["auto"]:
+        model.set_attention_backend(name)
+        if name != "auto":
+            backend = get_backend(name)
+            probe = torch.empty(1, config.n_head, 1, config.n_embd // config.n_head, device=dev)
+            reason = backend.refusal(probe, 0.0) or ("emulated: its speed means nothing" if backend.emulated(dev) else None)
+            if reason is not None:
+                records.append({"backend": name, "status": reason})
+                continue
+        for case, new_tokens, variants in CASES:
+            if cases is not None and case not in cases:
+                continue
+            if smoke:
+                new_tokens = SMOKE_TOKENS[case]
+            calls = {}
+            for variant, kwargs in variants:
+                def call(kwargs=kwargs, new_tokens=new_tokens):
+                    g = torch.Generator(device=dev).manual_seed(0)
+                    return model.generate(prompt, new_tokens, generator=g, **kwargs)
+                calls[variant] = call
+            if progress:
+                print(f"fastgpt bench generate: {name}, {case} ({new_tokens} tokens): "
+                      f"{', '.join(calls)} x {reps}", file=sys.stderr, flush=True)
+            for _, kwargs in variants:  # warm-up: a short call each (allocator, one-time setup)
+                model.generate(prompt, 8, generator=torch.Generator(device=dev).manual_seed(0), **kwargs)
+            times = time_interleaved(calls, dev, reps, warmup=0)
+            for variant, seconds in times.items():
+                stats = summarize(seconds)
+                records.append({"backend": name, "case": case, "variant": variant, "new_tokens": new_tokens,
+                                "status": "ok", **stats, "tokens_per_s": new_tokens / stats["median_s"],
+                                "seconds": seconds})
+    return {"environment": environment(dev), "preset": preset, "smoke": smoke, "reps": reps,
+            "block_size": config.block_size, "load_average": {"before": load_before, "after": _load_average()},
+            "records": records}
+
+
+def _load_average() -> str:
+    """The 1/5/15-minute load: the dev machines are shared, and a busy one slows every variant."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def generate_markdown(result: dict[str, Any]) -> str:
+    """One row per (backend, case, variant): median s [p20-p80], tokens/s, × the first variant."""
+    env = result["environment"]
+    lines = [f"Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, "
+             f"python {env['python']}, commit {env['commit']}, {env['timestamp']}; load average "
+             f"{result['load_average']['before']} before, {result['load_average']['after']} after", "",
+             "| backend | case | variant | new tokens | median s [p20–p80] | tokens/s | × first variant |",
+             "|---|---|---|---|---|---|---|"]
+    first: dict[tuple, float] = {}
+    for r in result["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['backend']} | – | – | – | {r['status']} | – | – |")
+            continue
+        base = first.setdefault((r["backend"], r["case"]), r["median_s"])
+        lines.append(f"| {r['backend']} | {r['case']} | {r['variant']} | {r['new_tokens']} | "
+                     f"{r['median_s']:.2f} [{r['p20_s']:.2f}–{r['p80_s']:.2f}] | {r['tokens_per_s']:.1f} | "
+                     f"{base / r['median_s']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastgpt.benchmarks.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS))
+    parser.add_argument("--backends", nargs="+", default=None, help="attention backends (default: auto)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", choices=[c for c, _, _ in CASES], default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and few tokens, to check the harness")
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    result = run_generate_benchmark(args.preset, args.backends, args.reps, args.device, args.smoke, args.cases)
+    print(generate_markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
