@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator  # noqa: E402
 
 
 def _style(ax, title: str, ylabel: str) -> None:
@@ -22,6 +22,8 @@ def _style(ax, title: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    # 1-2-5 steps: a panel that spans less than a decade (memory) still gets labelled ticks
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
 
