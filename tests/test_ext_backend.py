@@ -99,3 +99,10 @@ def test_other_devices_are_refused():
     q, k, v = (torch.empty(1, 2, 8, 16, device="meta") for _ in range(3))
     with pytest.raises(RuntimeError, match="backend='ext' is not available on device meta: .*CPU and CUDA kernels only"):
         causal_attention(q, k, v, backend="ext")
+
+
+def test_float16_is_an_ext_dtype_on_cuda_only():
+    from fastgpt.ext.ops import supported_dtypes
+
+    assert torch.float16 in supported_dtypes(torch.device("cuda"))
+    assert torch.float16 not in supported_dtypes(torch.device("cpu"))

@@ -72,8 +72,10 @@ def _unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def _unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
-    if q.dtype not in (torch.float32, torch.bfloat16) and not (q.is_cuda and q.dtype == torch.float16):
-        return f"the ext kernels take float32 and bfloat16, and float16 on CUDA (fp32 accumulation); got {q.dtype}"
+    from fastgpt.ext.ops import dtypes_text, supported_dtypes
+
+    if q.dtype not in supported_dtypes(q.device):
+        return f"the ext kernels take {dtypes_text(q.device)} (fp32 accumulation); got {q.dtype}"
     return None
 
 

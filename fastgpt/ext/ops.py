@@ -25,7 +25,16 @@ import torch
 from fastgpt.ext import layout
 from fastgpt.ext.build import load
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)  # every device; float16 too on CUDA
+
+
+def supported_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes the ops take on `device`: the CPU kernels have no float16 path, the CUDA ones do."""
+    return SUPPORTED_DTYPES + ((torch.float16,) if device.type == "cuda" else ())
+
+
+def dtypes_text(device: torch.device) -> str:
+    return " and ".join(str(d).removeprefix("torch.") for d in supported_dtypes(device)) + f" on {device.type}"
 
 
 def _ops():
@@ -40,8 +49,8 @@ def _check_tensor(name: str, t, dims: str, rank: int = 4) -> None:
         raise TypeError(f"{name} must be a torch.Tensor of shape {dims}; got {type(t).__name__}")
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dims {dims}; got {t.dim()} dims with shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; the ext ops support float32 and bfloat16")
+    if t.dtype not in supported_dtypes(t.device):
+        raise ValueError(f"{name} has dtype {t.dtype}; the ext ops support {dtypes_text(t.device)}")
 
 
 def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
