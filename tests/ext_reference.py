@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from fastgpt.attention.naive import future_mask  # noqa: F401  (tests import it from here)
 from fastgpt.ext import layout
 from fastgpt.parity import GRAD_FACTOR, OUTPUT_FACTOR, TOLERANCES
-
-
-def future_mask(T_q: int, T_k: int = None, device="cpu") -> torch.Tensor:
-    """(T_q, T_k) bool, True at j > T_k - T_q + i: the keys a query may not see."""
-    T_k = T_q if T_k is None else T_k
-    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).triu(T_k - T_q + 1)
 
 
 def ref_matmul_nt(a, b):

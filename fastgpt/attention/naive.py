@@ -19,6 +19,13 @@ import torch.nn.functional as F
 from fastgpt.attention.registry import Backend, register_backend
 
 
+def future_mask(T_q: int, T_k: Optional[int] = None, device=None) -> torch.Tensor:
+    """(T_q, T_k) bool, True where query i may not look: keys j > (T_k - T_q) + i, above diagonal
+    number 1 + T_k - T_q (the diagonal aligned bottom-right; T_k defaults to T_q)."""
+    T_k = T_q if T_k is None else T_k
+    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).triu(1 + T_k - T_q)
+
+
 def naive_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,9 +48,7 @@ def naive_attention(
     if scale is None:
         scale = D**-0.5
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, T_q, T_k)
-    # the future of query i: keys j > (T_k - T_q) + i, i.e. above diagonal number 1 + T_k - T_q
-    future = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).triu(1 + T_k - T_q)
-    att = att.masked_fill(future, float("-inf"))
+    att = att.masked_fill(future_mask(T_q, T_k, q.device), float("-inf"))
     att = F.softmax(att, dim=-1)
     if keep_mask is not None:
         att = att * keep_mask.to(att.dtype) / (1.0 - dropout_p)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from emu_build import HERE, build
+from fastgpt.attention.naive import future_mask
 from fastgpt.ext import layout
 from fastgpt.parity import TOLERANCES, tolerance
 from test_ext_dropout import philox4x32_10
@@ -59,11 +60,6 @@ def packed_size(T_q: int, T_k: int) -> int:
     return layout.packed_size(T_q, T_k)
 
 
-def visible(T_q: int, T_k: int) -> torch.Tensor:
-    """(T_q, T_k) bool: query i sees keys j <= T_k - T_q + i."""
-    return torch.arange(T_k)[None, :] <= (T_k - T_q) + torch.arange(T_q)[:, None]
-
-
 def pack(dense: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """(BH, T_q, T_k) -> (BH, N); `fill` above the diagonal and in the padding."""
     return layout.pack(dense, dense.shape[1], dense.shape[2], fill)
@@ -91,7 +87,7 @@ def python_keep_mask(BH, T_q, T_k, p, seed, offset) -> torch.Tensor:
 # ---- float64 references on the dense matrix (fn run in any dtype: the same-dtype error) ----
 def ref_probs(scores, keep, p):
     T_q, T_k = scores.shape[-2:]
-    probs = torch.softmax((scores * SCALE).masked_fill(~visible(T_q, T_k), float("-inf")), dim=-1)
+    probs = torch.softmax((scores * SCALE).masked_fill(future_mask(T_q, T_k), float("-inf")), dim=-1)
     return probs * keep.to(probs.dtype) / (1.0 - p) if p > 0 else probs
 
 
@@ -103,7 +99,7 @@ def ref_grad_scores(scores, grad, keep, p):
 
 def inputs(BH, T_q, T_k, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    dense = lambda: torch.randn(BH, T_q, T_k, generator=g, dtype=torch.float64).masked_fill(~visible(T_q, T_k), 0)  # noqa: E731
+    dense = lambda: torch.randn(BH, T_q, T_k, generator=g, dtype=torch.float64).masked_fill(future_mask(T_q, T_k), 0)  # noqa: E731
     return dense().to(dtype), dense().to(dtype)
 
 
@@ -176,29 +172,21 @@ def test_keep_mask_is_the_python_philox(lib, BH, T_q, T_k, seed, offset):
 
 @pytest.fixture(scope="module")
 def cpu_ops():
-    """(torch.ops.fastgpt, whether its schemas are the packed ones) where the CPU extension builds
-    here (in CI its own tests have built it already); the dense (B, H, T, T) schemas before the
-    packed layout still serve T_q = T_k."""
+    """torch.ops.fastgpt where the CPU extension builds here (in CI its own tests built it already)."""
     import fastgpt.ext as ext
 
     try:
         ext.load()
     except ext.ExtensionUnavailable as e:
         pytest.skip(f"the CPU extension is unavailable: {e}")
-    ops = torch.ops.fastgpt
-    return ops, any(a.name == "T_q" for a in ops.dropout_keep_mask.default._schema.arguments)
+    return torch.ops.fastgpt
 
 
 def test_keep_mask_is_the_cpu_kernels_mask(lib, cpu_ops):
-    ops, packed_schema = cpu_ops
     p, seed, offset = 0.35, 99, 5
-    shapes = [(2, 3, 70, 130), (1, 2, 130, 130)] if packed_schema else [(1, 2, 130, 130), (2, 3, 17, 17)]
-    for B, H, T_q, T_k in shapes:
+    for B, H, T_q, T_k in [(2, 3, 70, 130), (1, 2, 130, 130)]:
         got = emulated_keep_mask(lib, B * H, T_q, T_k, p, seed, offset).view(B, H, T_q, T_k)
-        if packed_schema:
-            cpu = ops.dropout_keep_mask(torch.empty(B, H, packed_size(T_q, T_k)), T_q, T_k, p, seed, offset)
-        else:  # dense: bits above the diagonal too; the same stream below it
-            cpu = ops.dropout_keep_mask(torch.empty(B, H, T_q, T_k), p, seed, offset) & visible(T_q, T_k)
+        cpu = cpu_ops.dropout_keep_mask(torch.empty(B, H, packed_size(T_q, T_k)), T_q, T_k, p, seed, offset)
         assert torch.equal(got, cpu)
 
 
@@ -206,8 +194,7 @@ def test_keep_mask_is_the_cpu_kernels_mask(lib, cpu_ops):
 def test_values_agree_with_the_cpu_kernels(lib, cpu_ops, dtype):
     """Forward with dropout and both backwards: CPU and emulated CUDA within the dtype's floor
     (both compute in fp32; their exp and summation order differ)."""
-    ops, packed_schema = cpu_ops
-    B, H, T_q, T_k, p = 1, 2, (50 if packed_schema else 70), 70, 0.25
+    B, H, T_q, T_k, p = 1, 2, 50, 70, 0.25
     scores, grad = inputs(B * H, T_q, T_k, dtype)
     s, g = pack(scores), pack(grad)
     N = packed_size(T_q, T_k)
@@ -216,18 +203,11 @@ def test_values_agree_with_the_cpu_kernels(lib, cpu_ops, dtype):
     call(lib.emu_causal_softmax_backward, DTYPES[dtype], g, emulated[0], emulated[1], B * H, T_q, T_k, SCALE, 1)
     call(lib.emu_causal_softmax_dropout_backward, DTYPES[dtype], g, s, emulated[2], B * H, T_q, T_k, SCALE, p, SEED,
          OFFSET, 1)
-    if packed_schema:
-        s4, g4, e0 = (t.view(B, H, N) for t in (s, g, emulated[0]))
-        cpu = [ops.causal_softmax(s4, T_q, T_k, SCALE, p, SEED, OFFSET),
-               ops.causal_softmax_backward(g4, e0, T_q, T_k, SCALE),
-               ops.causal_softmax_dropout_backward(g4, s4, T_q, T_k, SCALE, p, SEED, OFFSET)]
-        cpu = [unpack(c.view(B * H, N), T_q, T_k) for c in cpu]
-    else:
-        s4, g4 = (t.view(B, H, T_q, T_k) for t in (scores, grad))
-        e0 = unpack(emulated[0], T_q, T_k).view(B, H, T_q, T_k)
-        cpu = [ops.causal_softmax(s4, SCALE, p, SEED, OFFSET), ops.causal_softmax_backward(g4, e0, SCALE),
-               ops.causal_softmax_dropout_backward(g4, s4, SCALE, p, SEED, OFFSET)]
-        cpu = [c.view(B * H, T_q, T_k) for c in cpu]
+    s4, g4, e0 = (t.view(B, H, N) for t in (s, g, emulated[0]))
+    cpu = [cpu_ops.causal_softmax(s4, T_q, T_k, SCALE, p, SEED, OFFSET),
+           cpu_ops.causal_softmax_backward(g4, e0, T_q, T_k, SCALE),
+           cpu_ops.causal_softmax_dropout_backward(g4, s4, T_q, T_k, SCALE, p, SEED, OFFSET)]
+    cpu = [unpack(c.view(B * H, N), T_q, T_k) for c in cpu]
     floor = TOLERANCES[dtype]
     for name, got, want, atol in zip(["forward", "backward", "dropout backward"], emulated, cpu,
                                      [floor.out, floor.grad, floor.grad]):
