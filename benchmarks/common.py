@@ -156,6 +156,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load: the dev machines are shared, and a busy one slows every provider."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """The machine and versions, written beside every figure."""
     env = {

@@ -14,23 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
 from fastgpt.attention import causal_attention
-from fastgpt.benchmarks.common import attention_flops, environment, summarize, time_interleaved
+from fastgpt.benchmarks.common import attention_flops, environment, load_average, summarize, time_interleaved
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
 DROPOUTS = [0.0, 0.2]
 PROVIDERS = ["ext", "naive", "sdpa"]
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def fwd_bwd(provider, q, k, v, dout, dropout_p):

@@ -1,6 +1,7 @@
 """Generation speed with and without the KV cache: `fastgpt bench generate`.
 
-    fastgpt bench generate [--preset shakespeare-char] [--backends sdpa] [--reps 3] [--out-dir DIR]
+    fastgpt bench generate [--preset shakespeare-char] [--backends sdpa] [--linear torch skinny]
+                           [--reps 3] [--out-dir DIR]
     python -m fastgpt.benchmarks.generate ...     (the same)
 
 The model is the preset's architecture (shakespeare-char: 6 layers, 384 wide, block 256, 10.8 M
@@ -15,6 +16,11 @@ from a one-character prompt, batch 1, as `fastgpt sample` runs them:
            the last block_size // 2 tokens only when the cache is full (approximate; see
            fastgpt/kv_cache.py).
 
+Each case runs once per attention backend and per kernel of the linear layers (fastgpt/linear.py):
+"torch" is F.linear; "skinny" the ext kernel on inputs of few rows, i.e. every decode step and the
+uncached steps of short contexts, F.linear on the rest. A case compares its variants under the
+same kernels, so "× first variant" is the cache's own gain for that kernel.
+
 Within a case the variants run interleaved (A B A B ...) after a warm-up of one short call each; a
 figure is the median (p20-p80) over the repetitions of whole `generate` calls, prefill included;
 tokens/s = new tokens / that median. The JSON keeps every repetition.
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -32,8 +37,9 @@ from typing import Any, Optional
 import torch
 
 from fastgpt.attention import get_backend
-from fastgpt.benchmarks.common import environment, summarize, time_interleaved
+from fastgpt.benchmarks.common import environment, load_average, summarize, time_interleaved
 from fastgpt.config import PRESETS
+from fastgpt.linear import resolve_linear_kernel
 from fastgpt.model import ModelConfig, build_model
 
 # (case, new tokens, variants): a variant is (name, generate kwargs)
@@ -54,9 +60,9 @@ def preset_model_config(preset: str) -> ModelConfig:
 
 def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[list[str]] = None, reps: int = 3,
                            device: str = "cpu", smoke: bool = False, cases: Optional[list[str]] = None,
-                           progress: bool = True) -> dict[str, Any]:
+                           progress: bool = True, linear: Optional[list[str]] = None) -> dict[str, Any]:
     dev = torch.device(device)
-    load_before = _load_average()
+    load_before = load_average()
     config = preset_model_config(preset)
     if smoke:
         config = ModelConfig(**{**config.__dict__, **SMOKE})
@@ -71,58 +77,65 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
             probe = torch.empty(1, config.n_head, 1, config.n_embd // config.n_head, device=dev)
             reason = backend.refusal(probe, 0.0) or ("emulated: its speed means nothing" if backend.emulated(dev) else None)
             if reason is not None:
-                records.append({"backend": name, "status": reason})
+                records.append({"backend": name, "linear": "-", "status": reason})
                 continue
-        for case, new_tokens, variants in CASES:
-            if cases is not None and case not in cases:
+        for kernel in linear or ["torch", "skinny"]:
+            try:
+                resolved, why_not = resolve_linear_kernel(kernel, dev)
+            except (ValueError, RuntimeError) as e:  # skinny off CPU, or no C++ extension here
+                records.append({"backend": name, "linear": kernel, "status": str(e)})
                 continue
-            if smoke:
-                new_tokens = SMOKE_TOKENS[case]
-            calls = {}
-            for variant, kwargs in variants:
-                def call(kwargs=kwargs, new_tokens=new_tokens):
-                    g = torch.Generator(device=dev).manual_seed(0)
-                    return model.generate(prompt, new_tokens, generator=g, **kwargs)
-                calls[variant] = call
-            if progress:
-                print(f"fastgpt bench generate: {name}, {case} ({new_tokens} tokens): "
-                      f"{', '.join(calls)} x {reps}", file=sys.stderr, flush=True)
-            for _, kwargs in variants:  # warm-up: a short call each (allocator, one-time setup)
-                model.generate(prompt, 8, generator=torch.Generator(device=dev).manual_seed(0), **kwargs)
-            times = time_interleaved(calls, dev, reps, warmup=0)
-            for variant, seconds in times.items():
-                stats = summarize(seconds)
-                records.append({"backend": name, "case": case, "variant": variant, "new_tokens": new_tokens,
-                                "status": "ok", **stats, "tokens_per_s": new_tokens / stats["median_s"],
-                                "seconds": seconds})
+            model.set_linear_kernel(resolved)
+            label = resolved if why_not is None else f"{resolved} (auto: {why_not})"
+            records += _time_cases(model, prompt, name, label, reps, dev, smoke, cases, progress)
     return {"environment": environment(dev), "preset": preset, "smoke": smoke, "reps": reps,
-            "block_size": config.block_size, "load_average": {"before": load_before, "after": _load_average()},
+            "block_size": config.block_size, "load_average": {"before": load_before, "after": load_average()},
             "records": records}
 
 
-def _load_average() -> str:
-    """The 1/5/15-minute load: the dev machines are shared, and a busy one slows every variant."""
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+def _time_cases(model, prompt, backend: str, linear: str, reps: int, dev: torch.device, smoke: bool,
+                cases: Optional[list[str]], progress: bool) -> list[dict[str, Any]]:
+    records = []
+    for case, new_tokens, variants in CASES:
+        if cases is not None and case not in cases:
+            continue
+        if smoke:
+            new_tokens = SMOKE_TOKENS[case]
+        calls = {}
+        for variant, kwargs in variants:
+            def call(kwargs=kwargs, new_tokens=new_tokens):
+                g = torch.Generator(device=dev).manual_seed(0)
+                return model.generate(prompt, new_tokens, generator=g, **kwargs)
+            calls[variant] = call
+        if progress:
+            print(f"fastgpt bench generate: {backend}, linear {linear}, {case} ({new_tokens} tokens): "
+                  f"{', '.join(calls)} x {reps}", file=sys.stderr, flush=True)
+        for _, kwargs in variants:  # warm-up: a short call each (allocator, one-time setup)
+            model.generate(prompt, 8, generator=torch.Generator(device=dev).manual_seed(0), **kwargs)
+        times = time_interleaved(calls, dev, reps, warmup=0)
+        for variant, seconds in times.items():
+            stats = summarize(seconds)
+            records.append({"backend": backend, "linear": linear, "case": case, "variant": variant,
+                            "new_tokens": new_tokens, "status": "ok", **stats,
+                            "tokens_per_s": new_tokens / stats["median_s"], "seconds": seconds})
+    return records
 
 
 def generate_markdown(result: dict[str, Any]) -> str:
-    """One row per (backend, case, variant): median s [p20-p80], tokens/s, × the first variant."""
+    """One row per (backend, linear kernel, case, variant): median s [p20-p80], tokens/s, × the first variant."""
     env = result["environment"]
     lines = [f"Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, "
              f"python {env['python']}, commit {env['commit']}, {env['timestamp']}; load average "
              f"{result['load_average']['before']} before, {result['load_average']['after']} after", "",
-             "| backend | case | variant | new tokens | median s [p20–p80] | tokens/s | × first variant |",
-             "|---|---|---|---|---|---|---|"]
+             "| backend | linear | case | variant | new tokens | median s [p20–p80] | tokens/s | × first variant |",
+             "|---|---|---|---|---|---|---|---|"]
     first: dict[tuple, float] = {}
     for r in result["records"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | – | – | – | {r['status']} | – | – |")
+            lines.append(f"| {r['backend']} | {r['linear']} | – | – | – | {r['status']} | – | – |")
             continue
-        base = first.setdefault((r["backend"], r["case"]), r["median_s"])
-        lines.append(f"| {r['backend']} | {r['case']} | {r['variant']} | {r['new_tokens']} | "
+        base = first.setdefault((r["backend"], r["linear"], r["case"]), r["median_s"])
+        lines.append(f"| {r['backend']} | {r['linear']} | {r['case']} | {r['variant']} | {r['new_tokens']} | "
                      f"{r['median_s']:.2f} [{r['p20_s']:.2f}–{r['p80_s']:.2f}] | {r['tokens_per_s']:.1f} | "
                      f"{base / r['median_s']:.2f}× |")
     return "\n".join(lines)
@@ -133,12 +146,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS))
     parser.add_argument("--backends", nargs="+", default=None, help="attention backends (default: auto)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--linear", nargs="+", choices=["auto", "torch", "skinny"], default=None,
+                        help="kernels of the linear layers to time (default: torch skinny)")
     parser.add_argument("--cases", nargs="+", choices=[c for c, _, _ in CASES], default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and few tokens, to check the harness")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
-    result = run_generate_benchmark(args.preset, args.backends, args.reps, args.device, args.smoke, args.cases)
+    result = run_generate_benchmark(args.preset, args.backends, args.reps, args.device, args.smoke, args.cases,
+                                    linear=args.linear)
     print(generate_markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

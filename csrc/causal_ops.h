@@ -9,6 +9,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace fastgpt::cpu {
 
 // tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H, T_k, D) -> packed.
@@ -34,6 +36,9 @@ void empty_cache();
 // A testing hook, never used by the math.
 at::Tensor dropout_keep_mask(const at::Tensor& scores, int64_t T_q, int64_t T_k, double dropout_p, int64_t seed,
                              int64_t offset);
+// y = x · weightᵀ + bias for an x (..., K) of few rows, weight (N, K): the decode step's linear
+// layers, at memory bandwidth (cpu/skinny_linear.cpp). float32, CPU only; no backward.
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // N of causal_layout.h, so that a test can hold the Python formula (fastgpt/ext/layout.py) to it.
 int64_t causal_packed_size(int64_t T_q, int64_t T_k);
 

@@ -74,6 +74,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from fastgpt.data import CharTokenizer
+    from fastgpt.linear import linear_kernel_text, resolve_linear_kernel
     from fastgpt.model import build_model
     from fastgpt.train import resolve_device
 
@@ -84,6 +85,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         config.attention = args.attention
     model = build_model(config).to(device)
     model.load_state_dict(state["model"])
+    linear, why_not_skinny = resolve_linear_kernel(args.linear, device)
+    model.set_linear_kernel(linear)
     tokenizer = CharTokenizer(state["vocab"])
     if not args.prompt:
         raise ValueError("--prompt must hold at least one character to start from")
@@ -99,7 +102,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print()
     cache = f"KV cache, {args.cache_policy} policy" if args.kv_cache else "no KV cache"
     print(f"fastgpt: {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:,.1f} tokens/s, "
-          f"{cache})", file=sys.stderr)
+          f"{cache}, linear kernel {linear_kernel_text(linear)})", file=sys.stderr)
+    if why_not_skinny is not None:
+        print(f"fastgpt: --linear auto chose torch: {why_not_skinny}", file=sys.stderr)
     return 0
 
 
@@ -166,7 +171,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fastgpt.benchmarks.generate import generate_markdown, run_generate_benchmark
 
         result = run_generate_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3,
-                                        args.device or "cpu", args.smoke, progress=not args.no_progress)
+                                        args.device or "cpu", args.smoke, progress=not args.no_progress,
+                                        linear=args.linear)
         print(generate_markdown(result))
         files = write_results(result, out_dir, "generate")
         pngs = []
@@ -212,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="keep each layer's keys and values between tokens (default: on; --no-kv-cache "
                              "re-runs the whole context for every token)")
+    sample.add_argument("--linear", choices=["auto", "torch", "skinny"], default="auto",
+                        help="kernel of the linear layers: 'skinny' runs the ext kernel on inputs of few rows "
+                             "(the decode steps; fastgpt/linear.py), 'torch' F.linear; 'auto' (default) is "
+                             "skinny on CPU where the C++ extension builds, torch elsewhere")
     sample.add_argument("--cache-policy", choices=["exact", "window"], default="exact",
                         help="past block_size: 'exact' re-prefills the cropped window every token (the same "
                              "text as --no-kv-cache); 'window' rebuilds from the last block_size/2 tokens "
@@ -246,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="train: the preset to time (default cpu); generate: its model (default shakespeare-char, "
                             "random weights)")
+    bench.add_argument("--linear", nargs="+", default=None, choices=["auto", "torch", "skinny"],
+                       help="generate: kernels of the linear layers (default: torch skinny; fastgpt/linear.py)")
     bench.add_argument("--steps", type=int, default=5, help="train: steps per timed repetition")
     bench.add_argument("--data", default=None, help="train: corpus path")
     bench.add_argument("--peak-flops", type=float, default=None, help="train: the device's peak FLOP/s for MFU")

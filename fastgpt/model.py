@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from fastgpt.attention import CausalSelfAttention
 from fastgpt.kv_cache import CACHE_POLICIES, KVCache, LayerKV, plan_step
+from fastgpt.linear import Linear, check_linear_kernel
 
 
 @dataclass
@@ -59,6 +60,17 @@ class LanguageModel(nn.Module):
     def make_kv_cache(self) -> Optional[KVCache]:
         """An empty KV cache for this model, or None for a model with nothing to cache (bigram)."""
         return None
+
+    def set_linear_kernel(self, name: str) -> None:
+        """The kernel of every linear layer: "torch" (F.linear) or "skinny" (the ext kernel on the
+        few rows of a decode step; fastgpt/linear.py). Parameters and state_dict are untouched."""
+        check_linear_kernel(name)
+        if name == "auto":
+            raise ValueError("set_linear_kernel takes 'torch' or 'skinny'; resolve 'auto' with "
+                             "fastgpt.linear.resolve_linear_kernel(name, device) first")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = name
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -136,8 +148,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +181,7 @@ class GPT(LanguageModel):
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.apply(self._init_weights)
 
     @staticmethod

@@ -98,9 +98,11 @@ def test_generate_benchmark_cli_smoke(tmp_path, capsys):
     # a tiny model: the harness's structure, never its speed
     assert main(["bench", "generate", "--smoke", "--backends", "sdpa", "--reps", "1", "--out-dir", str(tmp_path),
                  "--no-progress"]) == 0
-    assert "| sdpa | short | cache | 10 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| sdpa | torch | short | cache | 10 |" in out and "| sdpa | skinny | short | cache | 10 |" in out
     result = json.loads((tmp_path / "generate.json").read_text())
     variants = [(r["case"], r["variant"]) for r in result["records"]]
-    assert variants == [("short", "no cache"), ("short", "cache"), ("long", "cache exact"), ("long", "cache window")]
+    assert variants == 2 * [("short", "no cache"), ("short", "cache"), ("long", "cache exact"), ("long", "cache window")]
+    assert [r["linear"] for r in result["records"]] == 4 * ["torch"] + 4 * ["skinny"]
     for r in result["records"]:
         assert r["status"] == "ok" and math.isfinite(r["tokens_per_s"]) and len(r["seconds"]) == 1

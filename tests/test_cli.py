@@ -34,12 +34,13 @@ def test_train_resume_and_sample(small_corpus, tmp_path, capsys):
                  "--temperature", "0.8", "--top-k", "5"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("To be") and len(captured.out.rstrip("\n")) >= 5 + 20
-    assert "tokens/s, KV cache, exact policy" in captured.err
-    # the cache changes the speed, not the text (block_size 16: the 30 characters cross it)
+    assert "tokens/s, KV cache, exact policy, linear kernel skinny (ext kernel" in captured.err  # --linear auto
+    # the cache and the linear kernel change the speed, not the text (block_size 16: the 30
+    # characters cross it)
     assert main(["sample", "--out-dir", out, "--prompt", "To be", "--max-new-tokens", "25", "--seed", "0",
-                 "--temperature", "0.8", "--top-k", "5", "--no-kv-cache"]) == 0
+                 "--temperature", "0.8", "--top-k", "5", "--no-kv-cache", "--linear", "torch"]) == 0
     uncached = capsys.readouterr()
-    assert uncached.out == captured.out and "no KV cache" in uncached.err
+    assert uncached.out == captured.out and "no KV cache, linear kernel torch (F.linear)" in uncached.err
 
 
 def test_train_with_mixed_precision_accumulation_and_a_peak_for_mfu(small_corpus, tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from fastgpt.attention.api import causal_attention
 from fastgpt.attention.registry import get_backend
+from fastgpt.linear import Linear
 
 if TYPE_CHECKING:
     from fastgpt.kv_cache import LayerKV
@@ -29,8 +30,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
         self.n_head = n_head
         self.dropout = dropout
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd)
+        self.qkv = Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = Linear(n_embd, n_embd)
         self.resid_dropout = nn.Dropout(dropout)
         self.set_backend(backend)
 

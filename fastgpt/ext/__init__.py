@@ -1,5 +1,6 @@
 """fastgpt's compiled ops (csrc/): causal matmuls and the fused causal softmax with dropout, on
-packed causal matrices (fastgpt.ext.layout: the layout's size, pack and unpack; T_q <= T_k).
+packed causal matrices (fastgpt.ext.layout: the layout's size, pack and unpack; T_q <= T_k), and
+the skinny linear layer of the decode step.
 
 Importing this package compiles nothing; the first call of an op builds or loads the extension
 (see build.py). The `ext` attention backend (fastgpt.attention.ext_backend) is built from these.
@@ -13,6 +14,7 @@ from fastgpt.ext.ops import (
     causal_softmax,
     dropout_keep_mask,
     empty_cache,
+    skinny_linear,
 )
 
 __all__ = [
@@ -24,5 +26,6 @@ __all__ = [
     "dropout_keep_mask",
     "empty_cache",
     "load",
+    "skinny_linear",
     "unavailable_reason",
 ]

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
-SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp")
+SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp", "cpu/skinny_linear.cpp")
 HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h",
            "cpu/dropout_cpu.h")
 # The CUDA kernels (issue 7), built into the same library when torch is a CUDA build and nvcc is

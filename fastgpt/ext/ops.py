@@ -10,6 +10,8 @@ T_q <= T_k, o = T_k - T_q, query i sees keys j <= o + i (the diagonal aligned bo
                                   dropout(softmax(scale · scores, causal))   packed -> packed
     dropout_keep_mask(scores, T_q, T_k, dropout_p, seed, offset)
                                   the dense (B,H,T_q,T_k) bool mask causal_softmax draws (testing hook)
+    skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
+                                  inference only (fastgpt/linear.py decides when the model uses it)
 
 A packed output is written everywhere (zeros above the diagonal and in the padding); a packed input
 is read at j <= o + i only. The gradients are the same ops again: d tril_o(a·bᵀ) = (tril_o(g)·b,
@@ -19,6 +21,8 @@ recomputed from the scores, the mask regenerated from (seed, offset), never stor
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -136,6 +140,33 @@ def dropout_keep_mask(scores: torch.Tensor, T_q: int, T_k: int, dropout_p: float
     return _ops().dropout_keep_mask(scores, T_q, T_k, float(dropout_p), seed, offset)
 
 
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for an x (..., K) of few rows: weight (N, K) -> (..., N).
+
+    Streams weight once at memory bandwidth (csrc/cpu/skinny_linear.cpp); the time grows with the
+    rows of x, so it pays off for the few rows of a decode step only (fastgpt/linear.py). float32
+    CPU tensors; no backward.
+    """
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} is a {t.dtype} tensor on {t.device}; skinny_linear takes float32 CPU tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have 2 dims (N, K); got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)} but weight has shape {tuple(weight.shape)}; "
+                         f"x must be (..., K) with K = {weight.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), one per output; got {tuple(bias.shape)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        raise ValueError("skinny_linear has no backward (an inference kernel): call it under torch.no_grad(), "
+                         "or use F.linear where gradients are needed")
+    return _ops().skinny_linear(x, weight, bias)
+
+
 def empty_cache() -> None:
     """Returns the CPU kernels' cached causal-matrix buffers to the OS (see csrc/cpu/buffer_pool.h;
     FASTGPT_EXT_CACHE_MB caps the cache, default 1024, 0 disables it)."""
@@ -245,6 +276,10 @@ def _fake_mask(scores, T_q, T_k, dropout_p, seed, offset):
     return scores.new_empty((scores.shape[0], scores.shape[1], T_q, T_k), dtype=torch.bool)
 
 
+def _fake_skinny_linear(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 _registered = False
 
 
@@ -262,6 +297,7 @@ def register_python_parts() -> None:
     lib.register_fake("fastgpt::causal_softmax_backward")(_fake_softmax_backward)
     lib.register_fake("fastgpt::causal_softmax_dropout_backward")(_fake_softmax_dropout_backward)
     lib.register_fake("fastgpt::dropout_keep_mask")(_fake_mask)
+    lib.register_fake("fastgpt::skinny_linear")(_fake_skinny_linear)
     lib.register_autograd("fastgpt::causal_matmul_nt", _backward_nt, setup_context=_setup_save_inputs)
     lib.register_autograd("fastgpt::causal_matmul_nn", _backward_nn, setup_context=_setup_save_inputs)
     lib.register_autograd("fastgpt::causal_matmul_tn", _backward_tn, setup_context=_setup_save_inputs)
