@@ -29,6 +29,7 @@ tokens/s = new tokens / that median. The JSON keeps every repetition.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -69,7 +70,14 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
     torch.manual_seed(0)
     model = build_model(config).to(dev).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=dev)  # one character
-    records = []
+    records, kernels = [], {}  # kernels: label -> the kernel it runs
+    for kernel in linear or ["torch", "skinny"]:
+        try:
+            resolved, why_not = resolve_linear_kernel(kernel, dev)
+        except (ValueError, RuntimeError) as e:  # skinny off CPU, or no C++ extension here
+            records.append({"backend": "-", "linear": kernel, "status": str(e)})
+            continue
+        kernels[resolved if why_not is None else f"{resolved} (auto: {why_not})"] = resolved
     for name in backends or ["auto"]:
         model.set_attention_backend(name)
         if name != "auto":
@@ -79,43 +87,43 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
             if reason is not None:
                 records.append({"backend": name, "linear": "-", "status": reason})
                 continue
-        for kernel in linear or ["torch", "skinny"]:
-            try:
-                resolved, why_not = resolve_linear_kernel(kernel, dev)
-            except (ValueError, RuntimeError) as e:  # skinny off CPU, or no C++ extension here
-                records.append({"backend": name, "linear": kernel, "status": str(e)})
-                continue
-            model.set_linear_kernel(resolved)
-            label = resolved if why_not is None else f"{resolved} (auto: {why_not})"
-            records += _time_cases(model, prompt, name, label, reps, dev, smoke, cases, progress)
+        if kernels:
+            records += _time_cases(model, prompt, name, kernels, reps, dev, smoke, cases, progress)
     return {"environment": environment(dev), "preset": preset, "smoke": smoke, "reps": reps,
             "block_size": config.block_size, "load_average": {"before": load_before, "after": load_average()},
             "records": records}
 
 
-def _time_cases(model, prompt, backend: str, linear: str, reps: int, dev: torch.device, smoke: bool,
+def _time_cases(model, prompt, backend: str, kernels: dict[str, str], reps: int, dev: torch.device, smoke: bool,
                 cases: Optional[list[str]], progress: bool) -> list[dict[str, Any]]:
+    """Every (linear kernel, variant) of a case timed interleaved: the machine's drift over the
+    minutes of a case hits them alike, so kernels compare as fairly as variants."""
     records = []
     for case, new_tokens, variants in CASES:
         if cases is not None and case not in cases:
             continue
         if smoke:
             new_tokens = SMOKE_TOKENS[case]
-        calls = {}
-        for variant, kwargs in variants:
-            def call(kwargs=kwargs, new_tokens=new_tokens):
-                g = torch.Generator(device=dev).manual_seed(0)
-                return model.generate(prompt, new_tokens, generator=g, **kwargs)
-            calls[variant] = call
+        def run(kernel: str, kwargs: dict, tokens: int):
+            model.set_linear_kernel(kernel)
+            g = torch.Generator(device=dev).manual_seed(0)
+            return model.generate(prompt, tokens, generator=g, **kwargs)
+
+        calls, runs = {}, {}
+        for label, kernel in kernels.items():
+            for variant, kwargs in variants:
+                key = f"{variant}, linear {label}"
+                calls[key] = functools.partial(run, kernel, kwargs, new_tokens)
+                runs[key] = (label, variant)
+                run(kernel, kwargs, 8)  # warm-up: a short call each (allocator, one-time setup)
         if progress:
-            print(f"fastgpt bench generate: {backend}, linear {linear}, {case} ({new_tokens} tokens): "
-                  f"{', '.join(calls)} x {reps}", file=sys.stderr, flush=True)
-        for _, kwargs in variants:  # warm-up: a short call each (allocator, one-time setup)
-            model.generate(prompt, 8, generator=torch.Generator(device=dev).manual_seed(0), **kwargs)
+            print(f"fastgpt bench generate: {backend}, {case} ({new_tokens} tokens): {'; '.join(calls)} x {reps}",
+                  file=sys.stderr, flush=True)
         times = time_interleaved(calls, dev, reps, warmup=0)
-        for variant, seconds in times.items():
+        for key, seconds in times.items():
+            label, variant = runs[key]
             stats = summarize(seconds)
-            records.append({"backend": backend, "linear": linear, "case": case, "variant": variant,
+            records.append({"backend": backend, "linear": label, "case": case, "variant": variant,
                             "new_tokens": new_tokens, "status": "ok", **stats,
                             "tokens_per_s": new_tokens / stats["median_s"], "seconds": seconds})
     return records

@@ -68,3 +68,45 @@ def plot_attention(result: dict[str, Any], out_dir: Path, name: str = "attention
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_generate(result: dict[str, Any], out_dir: Path, name: str = "generate") -> list[Path]:
+    """Tokens/s of `fastgpt bench generate`: a panel per case, a group of bars per (backend, linear
+    kernel), a bar per variant with its p20-p80 spread and its speed-up over the group's first."""
+    records = [r for r in result["records"] if r["status"] == "ok"]
+    if not records:
+        return []
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    fig, axes = plt.subplots(1, len(cases), figsize=(6.4 * len(cases), 4.4), squeeze=False, dpi=110)
+    for ax, case in zip(axes[0], cases):
+        rows = [r for r in records if r["case"] == case]
+        groups = list(dict.fromkeys((r["backend"], r["linear"]) for r in rows))
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        width = 0.8 / len(variants)
+        for v, variant in enumerate(variants):
+            for g, group in enumerate(groups):
+                match = [r for r in rows if (r["backend"], r["linear"], r["variant"]) == (*group, variant)]
+                if not match:
+                    continue
+                r = match[0]
+                base = next(x for x in rows if (x["backend"], x["linear"]) == group)["median_s"]
+                x = g + (v - (len(variants) - 1) / 2) * width
+                tps = r["new_tokens"] / r["median_s"]
+                slow, fast = r["new_tokens"] / r["p80_s"], r["new_tokens"] / r["p20_s"]  # the p20-p80 spread
+                ax.bar(x, tps, width, yerr=[[tps - slow], [fast - tps]], capsize=3, color=f"C{v}",
+                       label=variant if g == 0 else None)
+                ax.annotate(f"{base / r['median_s']:.1f}×", (x, tps), textcoords="offset points", xytext=(0, 3),
+                            ha="center", fontsize=8)
+        ax.set_xticks(range(len(groups)), [f"{b}\nlinear: {k}" for b, k in groups], fontsize=8)
+        ax.set_ylabel("new tokens per second")
+        ax.set_title(f"{case}: {rows[0]['new_tokens']} new tokens from a 1-character prompt", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"generation, {result['preset']} model, batch 1: {env['device']}, {env['cpu_threads']} threads, "
+                 f"torch {env['torch']}", fontsize=11)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]

@@ -169,13 +169,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         pngs = plot_attention(result, out_dir)
     elif args.what == "generate":
         from fastgpt.benchmarks.generate import generate_markdown, run_generate_benchmark
+        from fastgpt.benchmarks.plots import plot_generate
 
         result = run_generate_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3,
                                         args.device or "cpu", args.smoke, progress=not args.no_progress,
                                         linear=args.linear)
         print(generate_markdown(result))
         files = write_results(result, out_dir, "generate")
-        pngs = []
+        pngs = plot_generate(result, out_dir)
     else:
         from fastgpt.benchmarks.train import run_train_benchmark
 
