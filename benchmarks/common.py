@@ -184,3 +184,13 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda or "unknown"
     return env
+
+
+def print_cpu_environment() -> dict[str, str]:
+    """environment() of the CPU with torch's instruction set and the load at the start, printed a
+    line per key (the header of the CPU benchmark scripts); returned for their JSON."""
+    env = {**environment(torch.device("cpu")), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "load_average_start": load_average()}
+    for key, value in env.items():
+        print(f"{key}: {value}")
+    return env

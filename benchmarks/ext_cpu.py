@@ -18,7 +18,7 @@ import json
 import torch
 
 from fastgpt.attention import causal_attention
-from fastgpt.benchmarks.common import attention_flops, environment, load_average, summarize, time_interleaved
+from fastgpt.benchmarks.common import attention_flops, load_average, print_cpu_environment, summarize, time_interleaved
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
 DROPOUTS = [0.0, 0.2]
@@ -39,10 +39,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = torch.device("cpu")
-    env = {**environment(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "load_average_start": load_average()}
-    for key, value in env.items():
-        print(f"{key}: {value}")
+    env = print_cpu_environment()
 
     rows = []
     for B, H, T, D in SHAPES:

@@ -95,7 +95,7 @@ def plot_generate(result: dict[str, Any], out_dir: Path, name: str = "generate")
                 slow, fast = r["new_tokens"] / r["p80_s"], r["new_tokens"] / r["p20_s"]  # the p20-p80 spread
                 ax.bar(x, tps, width, yerr=[[tps - slow], [fast - tps]], capsize=3, color=f"C{v}",
                        label=variant if g == 0 else None)
-                ax.annotate(f"{base / r['median_s']:.1f}×", (x, tps), textcoords="offset points", xytext=(0, 3),
+                ax.annotate(f"{base / r['median_s']:.1f}×", (x, fast), textcoords="offset points", xytext=(0, 4),
                             ha="center", fontsize=8)
         ax.set_xticks(range(len(groups)), [f"{b}\nlinear: {k}" for b, k in groups], fontsize=8)
         ax.set_ylabel("new tokens per second")

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import fastgpt.ext
-from fastgpt.benchmarks.common import environment, load_average, summarize, time_interleaved
+from fastgpt.benchmarks.common import load_average, print_cpu_environment, summarize, time_interleaved
 from fastgpt.benchmarks.generate import preset_model_config
 from fastgpt.config import PRESETS
 from fastgpt.model import build_model
@@ -39,10 +39,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = torch.device("cpu")
-    env = {**environment(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "load_average_start": load_average()}
-    for key, value in env.items():
-        print(f"{key}: {value}")
+    env = print_cpu_environment()
     torch.manual_seed(0)
     model = build_model(preset_model_config(args.preset))
     layers = [(m.weight.detach(), None if m.bias is None else m.bias.detach())

@@ -107,3 +107,13 @@ def test_generate_benchmark_cli_smoke(tmp_path, capsys):
     assert (tmp_path / "generate.png").stat().st_size > 10_000
     for r in result["records"]:
         assert r["status"] == "ok" and math.isfinite(r["tokens_per_s"]) and len(r["seconds"]) == 1
+
+
+def test_skinny_linear_benchmark_smoke(tmp_path, capsys):
+    from fastgpt.benchmarks import skinny_linear
+
+    skinny_linear.main(["--preset", "cpu", "--reps", "1", "--rows", "1", "5", "--json", str(tmp_path / "s.json")])
+    out = capsys.readouterr().out
+    assert "| rows M | torch ms" in out and "\n| 5 | " in out
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["rows"] for r in rows] == [1, 5] and all(r["torch_over_skinny"] > 0 for r in rows)
