@@ -44,10 +44,19 @@ def skinny_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 class Linear(nn.Linear):
     """nn.Linear whose forward can run the skinny kernel (see the module docstring)."""
 
-    kernel = "torch"
+    _kernel = "torch"
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        check_linear_kernel(name, allow_auto=False)
+        self._kernel = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "skinny" and skinny_applies(x, self.weight):
+        if self._kernel == "skinny" and skinny_applies(x, self.weight):
             return torch.ops.fastgpt.skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -62,8 +71,12 @@ def linear_kernel_text(kernel: str) -> str:
     return "torch (F.linear)"
 
 
-def check_linear_kernel(name: str) -> None:
-    """Raises for a name that is neither a kernel nor "auto"; loads the extension for "skinny"."""
+def check_linear_kernel(name: str, allow_auto: bool = True) -> None:
+    """Raises for a name that is not a kernel (nor "auto", where allowed); loads the extension for
+    "skinny", whose op the layers then call."""
+    if name == "auto" and not allow_auto:
+        raise ValueError("a layer's kernel is 'torch' or 'skinny'; resolve 'auto' with "
+                         "fastgpt.linear.resolve_linear_kernel(name, device) first")
     if name not in ("auto", *LINEAR_KERNELS):
         raise ValueError(f"linear kernel {name!r} is unknown; choose one of: auto, {', '.join(LINEAR_KERNELS)}")
     if name == "skinny":

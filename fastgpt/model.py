@@ -64,10 +64,7 @@ class LanguageModel(nn.Module):
     def set_linear_kernel(self, name: str) -> None:
         """The kernel of every linear layer: "torch" (F.linear) or "skinny" (the ext kernel on the
         few rows of a decode step; fastgpt/linear.py). Parameters and state_dict are untouched."""
-        check_linear_kernel(name)
-        if name == "auto":
-            raise ValueError("set_linear_kernel takes 'torch' or 'skinny'; resolve 'auto' with "
-                             "fastgpt.linear.resolve_linear_kernel(name, device) first")
+        check_linear_kernel(name, allow_auto=False)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.kernel = name

@@ -153,3 +153,6 @@ def test_model_generates_the_same_tokens_with_either_kernel_cached_or_not():
     assert all(torch.equal(first, out) for out in runs.values())
     with pytest.raises(ValueError, match="resolve 'auto'"):
         model.set_linear_kernel("auto")
+    with pytest.raises(ValueError, match="linear kernel 'mkl' is unknown"):
+        model.blocks[0].mlp.fc.kernel = "mkl"
+    assert model.blocks[0].mlp.fc.kernel == "skinny"  # a refused name changes nothing
