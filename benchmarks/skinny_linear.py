@@ -8,7 +8,9 @@ a forward pass, on inputs of M rows: M = 1 is a decode step of one sequence, M =
 over T tokens. torch (F.linear, BLAS) and skinny (fastgpt.ext.skinny_linear) run interleaved, after
 warm-up; a figure is the median over the repetitions of the whole set of layers. "weights GB/s" is
 the float32 weight bytes over that time: the layers read every weight once, so for small M it is
-the speed of the stream over the weights. The row at which skinny stops winning is what
+the speed of the stream over the weights. Interleaved with them, torch.sum over one flat copy of
+the same weights gives the read bandwidth the machine offers at that moment (the dev machines are
+shared: it drops when a neighbour streams memory). The row at which skinny stops winning is what
 fastgpt.linear.SKINNY_MAX_ROWS is set from.
 """
 
@@ -45,6 +47,7 @@ def main(argv=None):
     layers = [(m.weight.detach(), None if m.bias is None else m.bias.detach())
               for m in model.modules() if isinstance(m, nn.Linear)]
     weight_bytes = sum(w.numel() * w.element_size() for w, _ in layers)
+    flat = torch.cat([w.flatten() for w, _ in layers])  # the same bytes, one contiguous read
     fastgpt.ext.load()
 
     rows = []
@@ -53,6 +56,7 @@ def main(argv=None):
         calls = {
             "torch": lambda xs=xs: [F.linear(x, w, b) for x, (w, b) in zip(xs, layers)],
             "skinny": lambda xs=xs: [fastgpt.ext.skinny_linear(x, w, b) for x, (w, b) in zip(xs, layers)],
+            "sum": flat.sum,
         }
         with torch.no_grad():
             times = time_interleaved(calls, device, args.reps, warmup=3)
@@ -65,13 +69,14 @@ def main(argv=None):
     print(f"load_average_end: {env['load_average_end']}")
     print(f"{len(layers)} linear layers, {weight_bytes / 1e6:.1f} MB of float32 weights\n")
 
-    print("| rows M | torch ms (p20-p80) | skinny ms (p20-p80) | torch/skinny | weights GB/s torch | skinny |")
-    print("|---|---|---|---|---|---|")
+    print("| rows M | torch ms (p20-p80) | skinny ms (p20-p80) | torch/skinny | weights GB/s torch | skinny | sum |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{s['median_s'] * 1e3:.2f} ({s['p20_s'] * 1e3:.2f}-{s['p80_s'] * 1e3:.2f})"
                  for s in (r["stats_s"][p] for p in ("torch", "skinny"))]
+        gb_s = r["weights_gb_s"]
         print(f"| {r['rows']} | {' | '.join(cells)} | {r['torch_over_skinny']:.2f}x | "
-              f"{r['weights_gb_s']['torch']:.1f} | {r['weights_gb_s']['skinny']:.1f} |")
+              f"{gb_s['torch']:.1f} | {gb_s['skinny']:.1f} | {gb_s['sum']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "preset": args.preset, "weight_bytes": weight_bytes, "rows": rows}, f, indent=1)

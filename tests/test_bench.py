@@ -114,6 +114,6 @@ def test_skinny_linear_benchmark_smoke(tmp_path, capsys):
 
     skinny_linear.main(["--preset", "cpu", "--reps", "1", "--rows", "1", "5", "--json", str(tmp_path / "s.json")])
     out = capsys.readouterr().out
-    assert "| rows M | torch ms" in out and "\n| 5 | " in out
+    assert "| rows M | torch ms" in out and "| skinny | sum |" in out and "\n| 5 | " in out
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["rows"] for r in rows] == [1, 5] and all(r["torch_over_skinny"] > 0 for r in rows)
