@@ -3,11 +3,11 @@
 //
 // Why not BLAS: with M rows of x and W of N×K, the work is 2·M·N·K flops over 4·N·K bytes of
 // weights, so for small M the layer is a stream over W and its speed is memory bandwidth. On the
-// 2-core dev machine (AMD EPYC, torch's MKL) F.linear reads W at 6-9 GB/s for M = 1 and gets no
-// faster with a second thread, while a plain sequential read reaches 30-46 GB/s. This kernel reads
-// W once, row after row, split across threads by output rows; every row of x (L1-resident: M·K
-// floats) is dotted with the W row while it is in registers. Its speed against F.linear per M is
-// `python benchmarks/skinny_linear.py`.
+// 2-core dev machine (AMD EPYC, torch's MKL) F.linear reads W at 5-8 GB/s for M = 1, no faster
+// with a second thread, a fraction of what a plain read of the same bytes gets. This kernel reads
+// W once, row after row, split across threads by output rows (15-20 GB/s there); every row of x
+// (L1-resident: M·K floats) is dotted with the W row while it is in registers. Its speed against
+// F.linear and against torch.sum over the same bytes, per M: `python benchmarks/skinny_linear.py`.
 //
 // Accumulation is float32, in a different order than BLAS: results agree with F.linear to float32
 // rounding, not bit for bit.
