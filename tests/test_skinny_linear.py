@@ -137,11 +137,12 @@ def test_resolve_linear_kernel():
         resolve_linear_kernel("fast", "cpu")
 
 
-def test_model_generates_the_same_tokens_with_either_kernel_cached_or_not():
+@pytest.mark.parametrize("prompt_len", [3, 20], ids=["prompt-shorter-than-block", "prompt-longer-than-block"])
+def test_model_generates_the_same_tokens_with_either_kernel_cached_or_not(prompt_len):
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                                     attention="sdpa"))
-    idx = torch.randint(65, (2, 3), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(65, (2, prompt_len), generator=torch.Generator().manual_seed(1))
     runs = {}
     for kernel in ("torch", "skinny"):
         model.set_linear_kernel(kernel)
