@@ -5,8 +5,10 @@ These tests never compile: they drive fastgpt.ext.build with a monkeypatched env
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -155,3 +157,23 @@ def test_cuda_is_refused_until_every_attention_op_has_a_cuda_kernel(monkeypatch)
     assert reason is not None and "no CUDA kernels for causal_softmax" in reason
     monkeypatch.setattr(build, "ops_without_cuda_kernels", lambda: [])
     assert build.cuda_unavailable_reason() is None
+
+
+def test_a_stale_ahead_of_time_build_is_refused_by_name(monkeypatch):
+    # fastgpt._C built before an op was added: importing it has registered the namespace, so no
+    # JIT build can load beside it; the error names the missing op and the way out
+    monkeypatch.delenv("FASTGPT_EXT_BUILD", raising=False)
+    fake = types.ModuleType("fastgpt._C")
+    fake.cpu_capability = build.cpu_capability()
+    monkeypatch.setitem(sys.modules, "fastgpt._C", fake)
+    monkeypatch.setattr(build, "REGISTERED_OPS", ())
+    assert build._aot_module() is fake
+    monkeypatch.setattr(build, "REGISTERED_OPS", ("op_from_the_future",))
+    with pytest.raises(build.ExtensionUnavailable,
+                       match=r"fastgpt._C is older than this source tree: it lacks fastgpt::op_from_the_future; rebuild"):
+        build._aot_module()
+
+
+def test_registered_ops_lists_every_schema_of_registration_cpp():
+    source = (build.CSRC / "registration.cpp").read_text()
+    assert sorted(re.findall(r'm\.def\("(\w+)\(', source)) == sorted(build.REGISTERED_OPS)

@@ -101,6 +101,9 @@ def builds_cuda() -> bool:
 # The ops the ext attention backend calls, forward and backward.
 ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "causal_softmax",
                  "causal_softmax_backward", "causal_softmax_dropout_backward")
+# Every op this source tree registers (registration.cpp): an ahead-of-time build that lacks one is
+# older than the Python side that calls it.
+REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear")
 
 
 def ops_without_cuda_kernels() -> list[str]:
@@ -207,6 +210,13 @@ def _aot_module():
         raise ExtensionUnavailable(
             f"fastgpt._C was compiled for {built_for} but this CPU runs torch at {cpu_capability()}; rebuild it "
             "here (`pip install --no-build-isolation .`) or set FASTGPT_EXT_BUILD=jit")
+    # Importing it registered the fastgpt namespace, so a JIT build can no longer load in this
+    # process: a stale module is an error, not something to work around.
+    missing = [op for op in REGISTERED_OPS if not hasattr(torch.ops.fastgpt, op)]
+    if missing:
+        raise ExtensionUnavailable(
+            f"fastgpt._C is older than this source tree: it lacks {', '.join(f'fastgpt::{op}' for op in missing)}; "
+            "rebuild it (`pip install --no-build-isolation .`) or set FASTGPT_EXT_BUILD=jit")
     return module
 
 
