@@ -102,6 +102,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const st
       for (int64_t m = 0; m < M; m += kRowsPerPass) {
         const int64_t rows = std::min(kRowsPerPass, M - m);
         const float* xm = X + m * K;
+        static_assert(kRowsPerPass == 4, "one case per pass size below");
         switch (rows) {
           case 4: dot_rows<4>(w, xm, K, K, dots); break;
           case 3: dot_rows<3>(w, xm, K, K, dots); break;
