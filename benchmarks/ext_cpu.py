@@ -3,7 +3,8 @@
     python benchmarks/ext_cpu.py [--reps 15] [--json out.json]
 
 fp32, forward + backward (torch.autograd.grad of the three inputs), causal, at issue 5's two
-shapes with dropout 0 and 0.2. The providers run interleaved in one process (ext, naive, sdpa,
+shapes with dropout 0 and 0.2; then the forward of a KV-cache decode step (one query over T_k
+cached keys, no grad, as `generate` calls it), where `backend="auto"` orders the backends apart. The providers run interleaved in one process (ext, naive, sdpa,
 ext, ...; fastgpt.benchmarks.common.time_interleaved), so a background load that comes and goes
 hits all of them alike; the table gives medians and the p20-p80 spread, the FLOPs are
 fastgpt.benchmarks.common.attention_flops. The load average is printed because the dev machines
@@ -23,12 +24,21 @@ from fastgpt.benchmarks.common import attention_flops, load_average, print_cpu_e
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
 DROPOUTS = [0.0, 0.2]
 PROVIDERS = ["ext", "naive", "sdpa"]
+# (B, H, T_q, T_k, D): a decode step of the shakespeare-char model, early and late in its block
+DECODE_SHAPES = [(1, 6, 1, 64, 64), (1, 6, 1, 256, 64)]
 
 
 def fwd_bwd(provider, q, k, v, dout, dropout_p):
     def call():
         out = causal_attention(q, k, v, dropout_p=dropout_p, backend=provider)
         return torch.autograd.grad(out, (q, k, v), dout)
+    return call
+
+
+def decode(provider, q, k, v):
+    def call():
+        with torch.no_grad():
+            return causal_attention(q, k, v, backend=provider)
     return call
 
 
@@ -52,21 +62,36 @@ def main(argv=None):
             stats = {p: summarize(ts) for p, ts in times.items()}
             med = {p: s["median_s"] for p, s in stats.items()}
             rows.append({
-                "shape": [B, H, T, D], "dropout": dropout_p, "stats_s": stats,
+                "mode": "forward+backward", "shape": [B, H, T, T, D], "dropout": dropout_p, "stats_s": stats,
                 "ext_gflops": attention_flops(B, H, T, D, "forward+backward") / med["ext"] / 1e9,
                 "sdpa_over_ext": med["sdpa"] / med["ext"], "naive_over_ext": med["naive"] / med["ext"],
                 "raw_s": times,
             })
             print(f"  done B={B} H={H} T={T} D={D} dropout={dropout_p}", flush=True)
+    for B, H, T_q, T_k, D in DECODE_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, H, T_q, D, generator=g)
+        k, v = (torch.randn(B, H, T_k, D, generator=g) for _ in range(2))
+        # a call takes tens of microseconds: many more repetitions for the same confidence
+        times = time_interleaved({p: decode(p, q, k, v) for p in PROVIDERS}, device, 20 * args.reps, warmup=10)
+        stats = {p: summarize(ts) for p, ts in times.items()}
+        med = {p: s["median_s"] for p, s in stats.items()}
+        rows.append({"mode": "decode forward", "shape": [B, H, T_q, T_k, D], "dropout": 0.0, "stats_s": stats,
+                     "ext_gflops": 4 * B * H * T_q * T_k * D / med["ext"] / 1e9,
+                     "sdpa_over_ext": med["sdpa"] / med["ext"], "naive_over_ext": med["naive"] / med["ext"],
+                     "raw_s": times})
+        print(f"  done decode B={B} H={H} T_q={T_q} T_k={T_k} D={D}", flush=True)
     env["load_average_end"] = load_average()
     print(f"load_average_end: {env['load_average_end']}\n")
 
-    print("| shape (B, H, T, D) | dropout | ext ms (p20-p80) | naive ms | sdpa ms | sdpa/ext | naive/ext | ext GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| call | shape (B, H, T_q, T_k, D) | dropout | ext ms (p20-p80) | naive ms | sdpa ms | sdpa/ext | naive/ext "
+          "| ext GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{s['median_s'] * 1e3:.1f} ({s['p20_s'] * 1e3:.1f}-{s['p80_s'] * 1e3:.1f})"
+        digits = 1 if r["mode"] == "forward+backward" else 3
+        cells = [f"{s['median_s'] * 1e3:.{digits}f} ({s['p20_s'] * 1e3:.{digits}f}-{s['p80_s'] * 1e3:.{digits}f})"
                  for s in (r["stats_s"][p] for p in PROVIDERS)]
-        print(f"| {', '.join(map(str, r['shape']))} | {r['dropout']} | {' | '.join(cells)} | "
+        print(f"| {r['mode']} | {', '.join(map(str, r['shape']))} | {r['dropout']} | {' | '.join(cells)} | "
               f"{r['sdpa_over_ext']:.2f}x | {r['naive_over_ext']:.2f}x | {r['ext_gflops']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:

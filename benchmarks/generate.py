@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import torch
 
-from fastgpt.attention import get_backend
+from fastgpt.attention import get_backend, select_backend
 from fastgpt.benchmarks.common import environment, load_average, summarize, time_interleaved
 from fastgpt.config import PRESETS
 from fastgpt.linear import resolve_linear_kernel
@@ -73,11 +73,17 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
     records, kernels = [], {}  # kernels: label -> the kernel it runs
     for kernel in linear or ["torch", "skinny"]:
         try:
-            resolved, why_not = resolve_linear_kernel(kernel, dev)
+            resolved, how = resolve_linear_kernel(kernel, model)
         except (ValueError, RuntimeError) as e:  # skinny off CPU, or no C++ extension here
             records.append({"backend": "-", "linear": kernel, "status": str(e)})
             continue
-        kernels[resolved if why_not is None else f"{resolved} (auto: {why_not})"] = resolved
+        kernels[resolved if how is None else f"auto → {resolved}"] = resolved
+    # What `fastgpt sample` runs by default here: the auto picks of the linear kernel and of the
+    # attention backend per kind of call (no cache and prefill: T_q = T_k; decode: T_q < T_k).
+    auto_kernel, auto_how = resolve_linear_kernel("auto", model)
+    probe = torch.empty(1, config.n_head, 1, config.n_embd // config.n_head, device=dev)
+    defaults = {"linear": auto_kernel, "linear_how": auto_how, "attention_plain": select_backend(probe).name,
+                "attention_cached": select_backend(probe, T_k=2).name}
     for name in backends or ["auto"]:
         model.set_attention_backend(name)
         if name != "auto":
@@ -89,7 +95,7 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
                 continue
         if kernels:
             records += _time_cases(model, prompt, name, kernels, reps, dev, smoke, cases, progress)
-    return {"environment": environment(dev), "preset": preset, "smoke": smoke, "reps": reps,
+    return {"environment": environment(dev), "preset": preset, "smoke": smoke, "reps": reps, "auto": defaults,
             "block_size": config.block_size, "load_average": {"before": load_before, "after": load_average()},
             "records": records}
 
@@ -131,10 +137,13 @@ def _time_cases(model, prompt, backend: str, kernels: dict[str, str], reps: int,
 
 def generate_markdown(result: dict[str, Any]) -> str:
     """One row per (backend, linear kernel, case, variant): median s [p20-p80], tokens/s, × the first variant."""
-    env = result["environment"]
+    env, auto = result["environment"], result["auto"]
     lines = [f"Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, "
              f"python {env['python']}, commit {env['commit']}, {env['timestamp']}; load average "
              f"{result['load_average']['before']} before, {result['load_average']['after']} after", "",
+             f"`fastgpt sample`'s defaults here: attention auto → {auto['attention_plain']} (no cache, prefill), "
+             f"{auto['attention_cached']} (decode over the cache); linear auto → {auto['linear']} ({auto['linear_how']})",
+             "",
              "| backend | linear | case | variant | new tokens | median s [p20–p80] | tokens/s | × first variant |",
              "|---|---|---|---|---|---|---|---|"]
     first: dict[tuple, float] = {}

@@ -85,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         config.attention = args.attention
     model = build_model(config).to(device)
     model.load_state_dict(state["model"])
-    linear, why_not_skinny = resolve_linear_kernel(args.linear, device)
+    linear, how_chosen = resolve_linear_kernel(args.linear, model)
     model.set_linear_kernel(linear)
     tokenizer = CharTokenizer(state["vocab"])
     if not args.prompt:
@@ -103,8 +103,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cache = f"KV cache, {args.cache_policy} policy" if args.kv_cache else "no KV cache"
     print(f"fastgpt: {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:,.1f} tokens/s, "
           f"{cache}, linear kernel {linear_kernel_text(linear)})", file=sys.stderr)
-    if why_not_skinny is not None:
-        print(f"fastgpt: --linear auto chose torch: {why_not_skinny}", file=sys.stderr)
+    if how_chosen is not None:
+        print(f"fastgpt: --linear auto chose {linear}: {how_chosen}", file=sys.stderr)
     return 0
 
 
@@ -221,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "re-runs the whole context for every token)")
     sample.add_argument("--linear", choices=["auto", "torch", "skinny"], default="auto",
                         help="kernel of the linear layers: 'skinny' runs the ext kernel on inputs of few rows "
-                             "(the decode steps; fastgpt/linear.py), 'torch' F.linear; 'auto' (default) is "
-                             "skinny on CPU where the C++ extension builds, torch elsewhere")
+                             "(the decode steps; fastgpt/linear.py), 'torch' F.linear; 'auto' (default) times "
+                             "both on the model's layers at one row and takes skinny where it is clearly faster "
+                             "(CPU, where the C++ extension builds), torch otherwise")
     sample.add_argument("--cache-policy", choices=["exact", "window"], default="exact",
                         help="past block_size: 'exact' re-prefills the cropped window every token (the same "
                              "text as --no-kv-cache); 'window' rebuilds from the last block_size/2 tokens "

@@ -1,16 +1,23 @@
 """The GPT's linear layers: nn.Linear, with the ext skinny kernel for the few rows of a decode step.
 
 A decode step runs every linear layer on one row per sequence. That is a stream over the weights
-(4·N·K bytes for 2·N·K flops), so its speed is memory bandwidth; on the 2-core dev machine torch's
-F.linear (MKL) reads them at 5-8 GB/s there, the skinny kernel (csrc/cpu/skinny_linear.cpp) at
-15-20, and the decode step is mostly these layers (`python benchmarks/skinny_linear.py`).
+(4·N·K bytes for 2·N·K flops), so its speed is the speed of a stream over memory; on the AMD
+EPYC dev machine torch's F.linear (MKL) read them at 5-8 GB/s there, the skinny kernel
+(csrc/cpu/skinny_linear.cpp) at 15-20 (`python benchmarks/skinny_linear.py`).
 
     Linear(in_features, out_features, bias)   an nn.Linear (same parameters and state_dict) with
         .kernel = "torch"     F.linear, always (the default; training always runs this)
         .kernel = "skinny"    fastgpt.ext.skinny_linear on inputs it is faster for, F.linear on the
                               rest: see `skinny_applies`. It needs the C++ extension.
-    resolve_linear_kernel(name, device)       "auto" -> "skinny" on CPU where the extension
-                                              builds, else "torch"; with the reason
+    resolve_linear_kernel(name, model)        "auto" -> "skinny" where it ran the model's
+                                              layers at one row SKINNY_MIN_SPEEDUP x faster here
+                                              (timed, where the extension builds), else "torch";
+                                              and how it was decided
+
+Which kernel wins depends on the CPU, so "auto" measures rather than assumes: at one row the
+skinny kernel ran the shakespeare-char layers 2.4x faster than F.linear on the AMD EPYC dev
+machine (32 MiB L3, smaller than the 43 MB of weights), and F.linear was 1.15x faster than it on
+an Intel Xeon dev machine (300 MiB L3; F.linear at 30 GB/s, about what torch.sum reads there).
 
 `GPT.set_linear_kernel(name)` sets every layer of a model; `fastgpt sample --linear` and `fastgpt
 bench generate` say which kernel ran.
@@ -18,6 +25,7 @@ bench generate` say which kernel ran.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,8 +35,13 @@ from torch.nn import functional as F
 LINEAR_KERNELS = ("torch", "skinny")
 # The most rows (tokens × sequences) an input may have for the skinny kernel. From
 # `python benchmarks/skinny_linear.py` (shakespeare-char's layers, fp32, 2 threads): F.linear over
-# skinny was 2.4x at 1 row, 2.0x at 8, 1.6x at 16, 1.05x at 32 and 0.94x at 48.
+# skinny was 2.4x at 1 row, 2.0x at 8, 1.6x at 16, 1.05x at 32 and 0.94x at 48 on the AMD dev
+# machine (on the Intel one, where auto picks F.linear, skinny stops winning past 16 rows).
 SKINNY_MAX_ROWS = 32
+# "auto" takes skinny only when it ran one row at least this much faster than F.linear: where the
+# two are within the machine's noise, F.linear (the kernel training runs) stays, and a near-tie at
+# one row would not buy the rows where skinny loses (up to SKINNY_MAX_ROWS, the uncached steps).
+SKINNY_MIN_SPEEDUP = 1.1
 
 
 def skinny_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -85,9 +98,10 @@ def check_linear_kernel(name: str, allow_auto: bool = True) -> None:
         fastgpt.ext.load()  # ExtensionUnavailable, saying what to install, if it cannot be built
 
 
-def resolve_linear_kernel(name: str, device: torch.device | str) -> tuple[str, Optional[str]]:
-    """(kernel, why): the kernel `name` means on `device`; why is set when "auto" did not pick skinny."""
-    device = torch.device(device)
+def resolve_linear_kernel(name: str, model: nn.Module) -> tuple[str, Optional[str]]:
+    """(kernel, how): the kernel `name` means for `model`'s linear layers on the model's device;
+    for "auto", `how` says how it was decided (timings, or why the skinny kernel cannot run)."""
+    device = next(model.parameters()).device
     if name != "auto":
         check_linear_kernel(name)
         if name == "skinny" and device.type != "cpu":
@@ -101,4 +115,30 @@ def resolve_linear_kernel(name: str, device: torch.device | str) -> tuple[str, O
     if reason is not None:
         return "torch", f"the C++ extension is unavailable: {reason}"
     check_linear_kernel("skinny")
-    return "skinny", None
+    seconds = time_one_row_pass(model)
+    kernel = "skinny" if seconds["torch"] >= SKINNY_MIN_SPEEDUP * seconds["skinny"] else "torch"
+    timings = ", ".join(f"{k} {seconds[k] * 1e3:.2f} ms" for k in LINEAR_KERNELS)
+    return kernel, f"one pass over the model's linear layers at one row (a decode step), median here: {timings}"
+
+
+def time_one_row_pass(model: nn.Module, reps: int = 10) -> dict[str, float]:
+    """Median seconds, per kernel, of running every Linear of `model` (a CPU model) once on a
+    one-row input, the kernels interleaved (fastgpt.benchmarks.common.time_interleaved)."""
+    from fastgpt.benchmarks.common import summarize, time_interleaved
+
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    if not layers:
+        raise ValueError(f"the model has no fastgpt.linear.Linear layers to time ({type(model).__name__})")
+    inputs = [torch.randn(1, layer.in_features) for layer in layers]
+
+    def one_pass(kernel: str) -> None:
+        for layer, x in zip(layers, inputs):
+            if kernel == "skinny":
+                torch.ops.fastgpt.skinny_linear(x, layer.weight, layer.bias)
+            else:
+                F.linear(x, layer.weight, layer.bias)
+
+    with torch.no_grad():
+        times = time_interleaved({k: functools.partial(one_pass, k) for k in LINEAR_KERNELS},
+                                 torch.device("cpu"), reps, warmup=2)
+    return {k: summarize(ts)["median_s"] for k, ts in times.items()}

@@ -6,7 +6,7 @@ import torch
 import fastgpt
 from fastgpt.attention import CausalSelfAttention, causal_attention, naive_attention
 from fastgpt.attention import registry
-from fastgpt.attention.registry import Backend, auto_order, get_backend, register_backend
+from fastgpt.attention.registry import Backend, auto_order, call_kind, get_backend, register_backend
 from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv, shape_id
 
 
@@ -68,11 +68,29 @@ def test_available_backends_and_auto_choice_is_announced(caplog):
     q = torch.randn(1, 1, 4, 8, dtype=torch.float16)  # a dtype no earlier test sent through auto
     with caplog.at_level(logging.INFO, logger="fastgpt"):
         chosen = fastgpt.select_backend(q, 0.0)
-    runnable = [name for name in auto_order(q.device, False)
+    runnable = [name for name in auto_order(q.device, "plain")
                 if get_backend(name).unavailable_reason(q.device) is None
                 and get_backend(name).unsupported_reason(q, 0.0) is None]
     assert chosen.name == runnable[0]  # the first of the order that can run the call
-    assert f"picked {chosen.name!r}" in caplog.text
+    assert f"picked {chosen.name!r}" in caplog.text and "(plain call)" in caplog.text
+
+
+@pytest.mark.parametrize("T_q, T_k, dropout_p, kind", [(4, 4, 0.0, "plain"), (4, 4, 0.1, "dropout"),
+                                                       (1, 9, 0.0, "cached"), (3, 9, 0.2, "dropout")])
+def test_auto_orders_each_kind_of_call(T_q, T_k, dropout_p, kind):
+    assert call_kind(T_q, T_k, dropout_p) == kind
+    q = torch.randn(1, 2, T_q, 8)
+    order = [name for name in auto_order(q.device, kind) if get_backend(name).refusal(q, dropout_p) is None]
+    assert fastgpt.select_backend(q, dropout_p, T_k=T_k).name == order[0]
+
+
+def test_a_kv_cache_step_on_cpu_prefers_sdpa():
+    # a decode step's attention is tiny: sdpa's one call beats ext's three (benchmarks/ext_cpu.py)
+    cpu = torch.device("cpu")
+    assert auto_order(cpu, "cached")[0] == "sdpa" and auto_order(cpu, "plain")[0] == "ext"
+    assert fastgpt.select_backend(torch.randn(1, 2, 1, 8), T_k=5).name == "sdpa"
+    with pytest.raises(ValueError, match="kind must be one of plain, dropout, cached; got 'decode'"):
+        auto_order(cpu, "decode")
 
 
 def test_non_contiguous_inputs_are_accepted():

@@ -100,7 +100,10 @@ def test_generate_benchmark_cli_smoke(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| sdpa | torch | short | cache | 10 |" in out and "| sdpa | skinny | short | cache | 10 |" in out
+    # what `fastgpt sample` runs by default here, said beside the table
+    assert "`fastgpt sample`'s defaults here: attention auto → " in out and "sdpa (decode over the cache)" in out
     result = json.loads((tmp_path / "generate.json").read_text())
+    assert result["auto"]["attention_cached"] == "sdpa" and result["auto"]["linear"] in ("torch", "skinny")
     variants = [(r["case"], r["linear"], r["variant"]) for r in result["records"]]
     assert variants == [("short", kernel, variant) for kernel in ("torch", "skinny") for variant in ("no cache", "cache")] \
         + [("long", kernel, variant) for kernel in ("torch", "skinny") for variant in ("cache exact", "cache window")]

@@ -127,14 +127,29 @@ def test_skinny_applies_rules():
 
 
 def test_resolve_linear_kernel():
-    assert resolve_linear_kernel("auto", "cpu") == ("skinny", None)  # the extension builds here
-    kernel, why = resolve_linear_kernel("auto", "meta")
-    assert kernel == "torch" and "CPU-only" in why
-    assert resolve_linear_kernel("torch", "cpu") == ("torch", None)
+    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    kernel, how = resolve_linear_kernel("auto", model)  # the extension builds here: auto times both
+    assert kernel in ("torch", "skinny")
+    assert how.startswith("one pass over the model's linear layers at one row") and "torch " in how and "skinny " in how
+    assert resolve_linear_kernel("auto", model.to("meta")) == ("torch", "the skinny kernel is CPU-only (device meta)")
+    assert resolve_linear_kernel("torch", model) == ("torch", None)
     with pytest.raises(ValueError, match="'skinny' is a CPU kernel; the model is on meta"):
-        resolve_linear_kernel("skinny", "meta")
+        resolve_linear_kernel("skinny", model)
     with pytest.raises(ValueError, match="linear kernel 'fast' is unknown; choose one of: auto, torch, skinny"):
-        resolve_linear_kernel("fast", "cpu")
+        resolve_linear_kernel("fast", model)
+
+
+def test_auto_takes_the_kernel_that_timed_faster(monkeypatch):
+    import fastgpt.linear as linear
+
+    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    seconds = linear.time_one_row_pass(model, reps=2)
+    assert set(seconds) == {"torch", "skinny"} and all(t > 0 for t in seconds.values())
+    for faster, timings in (("skinny", {"torch": 2e-3, "skinny": 1e-3}), ("torch", {"torch": 1e-3, "skinny": 2e-3}),
+                            ("torch", {"torch": 1.05e-3, "skinny": 1e-3})):  # within 10%: F.linear stays
+        monkeypatch.setattr(linear, "time_one_row_pass", lambda model, timings=timings: timings)
+        kernel, how = resolve_linear_kernel("auto", model)
+        assert kernel == faster and f"torch {timings['torch'] * 1e3:.2f} ms, skinny {timings['skinny'] * 1e3:.2f} ms" in how
 
 
 @pytest.mark.parametrize("prompt_len", [3, 20], ids=["prompt-shorter-than-block", "prompt-longer-than-block"])

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from fastgpt.attention.registry import Backend, auto_order, get_backend
+from fastgpt.attention.registry import Backend, auto_order, call_kind, get_backend
 
 log = logging.getLogger("fastgpt.attention")
 
@@ -79,12 +79,15 @@ def validate_inputs(q, k, v, dropout_p: float, scale: Optional[float]) -> None:
         raise ValueError(f"scale must be a finite number or None (meaning D**-0.5); got {scale!r}")
 
 
-def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto") -> Backend:
+def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto",
+                   T_k: Optional[int] = None) -> Backend:
     """The backend that `causal_attention` runs for this call; never a silent substitute.
 
     A named backend that cannot run raises (RuntimeError when it is unavailable in this process,
     ValueError when it does not support the call). "auto" takes the first backend of the
-    device's preference list that can run the call and logs its choice once per kind of call.
+    device's preference list for the kind of call (registry.call_kind: with dropout, over a KV
+    cache when T_k, the keys' length, exceeds q's T_q, or plain) that can run it, and logs its
+    choice once per kind of call. T_k=None means T_k = T_q.
     """
     if backend != "auto":
         chosen = get_backend(backend)
@@ -97,15 +100,16 @@ def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto
         return chosen
 
     refusals = []
-    for name in auto_order(q.device, dropout_p > 0):
+    kind = call_kind(q.shape[2], q.shape[2] if T_k is None else T_k, dropout_p)
+    for name in auto_order(q.device, kind):
         candidate = get_backend(name)
         reason = candidate.refusal(q, dropout_p)
         if reason is None:
-            key = (q.device.type, q.dtype, dropout_p > 0, name)
+            key = (q.device.type, q.dtype, kind, name)
             if key not in _announced:
                 _announced.add(key)
-                log.info("backend='auto' picked %r for %s %s attention, dropout %s",
-                         name, q.device.type, str(q.dtype).removeprefix("torch."), dropout_p)
+                log.info("backend='auto' picked %r for %s %s attention (%s call), dropout %s",
+                         name, q.device.type, str(q.dtype).removeprefix("torch."), kind, dropout_p)
             return candidate
         refusals.append(f"{name}: {reason}")
     raise RuntimeError(f"no attention backend can run this call on {q.device}: " + "; ".join(refusals))
@@ -135,7 +139,7 @@ def causal_attention(
         (B, H, T_q, D) tensor, same dtype and device as q.
     """
     validate_inputs(q, k, v, dropout_p, scale)
-    chosen = select_backend(q, dropout_p, backend)
+    chosen = select_backend(q, dropout_p, backend, T_k=k.shape[2])
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return chosen.fn(q, k, v, float(dropout_p), float(scale))

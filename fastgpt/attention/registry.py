@@ -61,22 +61,40 @@ _BUILTIN_MODULES = (
     "fastgpt.attention.triton_backend",
 )
 
-# The order in which `backend="auto"` tries backends, per device type and per kind of call
-# (with or without dropout): fastest first, as measured by the attention benchmark. The first
-# backend that is available and supports the call runs. Device types not listed use "default".
-AUTO_ORDER: dict[str, dict[bool, tuple[str, ...]]] = {
-    # CPU, torch 2.13: sdpa's flash kernel beats the explicit math without dropout (29 vs 41 ms
-    # at B=16,H=6,T=256,D=64 fwd+bwd); with dropout sdpa takes its unfused path and is on a par.
-    # ext (benchmarks/ext_cpu.py, fp32 fwd+bwd, 2 threads, medians of interleaved runs) beats
-    # both: 31 vs sdpa 41 vs naive 67 ms at B=16,H=6,T=256,D=64 and 98 / 119 / 402 ms at
-    # B=4,H=6,T=1024 without dropout; 34 / 107 / 119 and 109 / 549 / 708 ms with dropout 0.2.
-    # Also ahead at the cpu preset's B=12,H=4,T=64,D=32 (1.1x / 2.6x sdpa, shared machine).
-    # Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64, auto moves on.
-    "cpu": {False: ("ext", "sdpa", "naive"), True: ("ext", "sdpa", "naive")},
-    "default": {False: ("sdpa", "naive"), True: ("sdpa", "naive")},
+# The kinds of call that `backend="auto"` orders separately (call_kind picks one).
+CALL_KINDS = ("plain", "dropout", "cached")
+
+# The order in which `backend="auto"` tries backends, per device type and per kind of call:
+# fastest first, as measured by the benchmarks. The first backend that is available and supports
+# the call runs. Device types not listed use "default".
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {
+        # Training shapes, forward + backward (benchmarks/ext_cpu.py, fp32, 2 threads, medians of
+        # interleaved runs): ext beats both, 31 vs sdpa 41 vs naive 67 ms at B=16,H=6,T=256,D=64
+        # and 98 / 119 / 402 ms at B=4,H=6,T=1024 without dropout; 34 / 107 / 119 and 109 / 549 /
+        # 708 ms with dropout 0.2. Also ahead at the cpu preset's B=12,H=4,T=64,D=32 (1.1x / 2.6x
+        # sdpa, shared machine). Where ext cannot be built (no compiler/ninja) or the dtype is
+        # fp16/fp64, auto moves on.
+        "plain": ("ext", "sdpa", "naive"),
+        "dropout": ("ext", "sdpa", "naive"),
+        # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny
+        # and ext's three op calls cost more than sdpa's one, 3-4x at T_q = 1 (the decode rows of
+        # benchmarks/ext_cpu.py).
+        "cached": ("sdpa", "ext", "naive"),
+    },
+    "default": {kind: ("sdpa", "naive") for kind in CALL_KINDS},
     # "triton" is in no list: on CPU it runs interpreted (orders of magnitude slower than sdpa);
     # on CUDA it has not been benchmarked against sdpa yet, so it is chosen only by name.
 }
+
+
+def call_kind(T_q: int, T_k: int, dropout_p: float) -> str:
+    """The kind of an attention call, for `backend="auto"`: "dropout" (dropout_p > 0), "cached"
+    (T_q < T_k: the new queries of a KV-cache step) or "plain"."""
+    if dropout_p > 0:
+        return "dropout"
+    return "cached" if T_q < T_k else "plain"
+
 
 _BACKENDS: dict[str, Backend] = {}
 _builtins_loaded = False
@@ -123,6 +141,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name, b in _BACKENDS.items() if b.unavailable_reason(device) is None]
 
 
-def auto_order(device: torch.device, dropout: bool) -> tuple[str, ...]:
-    table = AUTO_ORDER.get(device.type, AUTO_ORDER["default"])
-    return table[dropout]
+def auto_order(device: torch.device, kind: str) -> tuple[str, ...]:
+    """The backends `backend="auto"` tries, in order, for a call of `kind` (CALL_KINDS) on `device`."""
+    if kind not in CALL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(CALL_KINDS)}; got {kind!r}")
+    return AUTO_ORDER.get(device.type, AUTO_ORDER["default"])[kind]
