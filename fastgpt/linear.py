@@ -129,7 +129,8 @@ def time_one_row_pass(model: nn.Module, reps: int = 10) -> dict[str, float]:
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     if not layers:
         raise ValueError(f"the model has no fastgpt.linear.Linear layers to time ({type(model).__name__})")
-    inputs = [torch.randn(1, layer.in_features) for layer in layers]
+    g = torch.Generator().manual_seed(0)  # its own: timing must not move the caller's random stream
+    inputs = [torch.randn(1, layer.in_features, generator=g) for layer in layers]
 
     def one_pass(kernel: str) -> None:
         for layer, x in zip(layers, inputs):

@@ -8,6 +8,8 @@
 // W once, row after row, split across threads by output rows (15-20 GB/s there); every row of x
 // (L1-resident: M·K floats) is dotted with the W row while it is in registers. Its speed against
 // F.linear and against torch.sum over the same bytes, per M: `python benchmarks/skinny_linear.py`.
+// BLAS is not slow everywhere: on the Intel Xeon dev machine F.linear read W at 28 GB/s, near
+// torch.sum's 32, and this kernel at 27; so fastgpt.linear's "auto" times the two on the model.
 //
 // Accumulation is float32, in a different order than BLAS: results agree with F.linear to float32
 // rounding, not bit for bit.
