@@ -2,7 +2,7 @@
 
 A decode step runs every linear layer on one row per sequence. That is a stream over the weights
 (4·N·K bytes for 2·N·K flops), so its speed is the speed of a stream over memory; on the AMD
-EPYC dev machine torch's F.linear (MKL) read them at 5-8 GB/s there, the skinny kernel
+EPYC dev machine torch's F.linear (MKL) read them at 5-8 GB/s, the skinny kernel
 (csrc/cpu/skinny_linear.cpp) at 15-20 (`python benchmarks/skinny_linear.py`).
 
     Linear(in_features, out_features, bias)   an nn.Linear (same parameters and state_dict) with
@@ -16,8 +16,8 @@ EPYC dev machine torch's F.linear (MKL) read them at 5-8 GB/s there, the skinny 
 
 Which kernel wins depends on the CPU, so "auto" measures rather than assumes: at one row the
 skinny kernel ran the shakespeare-char layers 2.4x faster than F.linear on the AMD EPYC dev
-machine (32 MiB L3, smaller than the 43 MB of weights), and F.linear was 1.15x faster than it on
-an Intel Xeon dev machine (300 MiB L3; F.linear at 30 GB/s, about what torch.sum reads there).
+machine (32 MiB L3, smaller than the 43 MB of weights), and F.linear was about 6% faster than it
+on an Intel Xeon dev machine (300 MiB L3; F.linear at 28 GB/s, near torch.sum's 32 there).
 
 `GPT.set_linear_kernel(name)` sets every layer of a model; `fastgpt sample --linear` and `fastgpt
 bench generate` say which kernel ran.
@@ -114,6 +114,8 @@ def resolve_linear_kernel(name: str, model: nn.Module) -> tuple[str, Optional[st
     reason = unavailable_reason()
     if reason is not None:
         return "torch", f"the C++ extension is unavailable: {reason}"
+    if not any(isinstance(m, Linear) for m in model.modules()):
+        return "torch", f"the model has no linear layers ({type(model).__name__})"
     check_linear_kernel("skinny")
     seconds = time_one_row_pass(model)
     kernel = "skinny" if seconds["torch"] >= SKINNY_MIN_SPEEDUP * seconds["skinny"] else "torch"

@@ -66,6 +66,18 @@ def test_sample_with_unknown_prompt_characters_says_what_to_use(small_corpus, tm
     assert "not in the model's vocabulary: '!Z'" in err and "use only these" in err
 
 
+def test_sample_from_a_bigram_model(small_corpus, tmp_path, capsys):
+    # no attention and no linear layers: the cache and --linear auto have nothing to do, and say so
+    out = str(tmp_path / "bigram")
+    assert main(["train", "--preset", "bigram", "--data", str(small_corpus), "--out-dir", out, "--max-iters", "1",
+                 "--eval-iters", "1", "--sample-tokens", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--out-dir", out, "--prompt", "To", "--max-new-tokens", "12", "--seed", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("To") and len(captured.out) == 2 + 12 + 1  # the prompt, 12 characters, a newline
+    assert "--linear auto chose torch: the model has no linear layers (BigramLanguageModel)" in captured.err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "/no/such/corpus.txt", "--max-iters", "1"], "corpus file '/no/such/corpus.txt' does not exist"),
     (["train", "--n-head", "5", "--n-embd", "16"], "n_embd=16 must be divisible by n_head=5"),

@@ -137,6 +137,8 @@ def test_resolve_linear_kernel():
         resolve_linear_kernel("skinny", model)
     with pytest.raises(ValueError, match="linear kernel 'fast' is unknown; choose one of: auto, torch, skinny"):
         resolve_linear_kernel("fast", model)
+    bigram = build_model(ModelConfig(model="bigram", vocab_size=65, block_size=8))
+    assert resolve_linear_kernel("auto", bigram) == ("torch", "the model has no linear layers (BigramLanguageModel)")
 
 
 def test_auto_takes_the_kernel_that_timed_faster(monkeypatch):

@@ -72,9 +72,10 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
         # Training shapes, forward + backward (benchmarks/ext_cpu.py, fp32, 2 threads, medians of
         # interleaved runs, AMD EPYC dev machine): ext beats both, 31 vs sdpa 41 vs naive 67 ms at
         # B=16,H=6,T=256,D=64 and 98 / 119 / 402 ms at B=4,H=6,T=1024 without dropout; 34 / 107 /
-        # 119 and 109 / 549 / 708 ms with dropout 0.2 (the Intel Xeon one: the same order, README). Also ahead at the cpu preset's B=12,H=4,T=64,D=32 (1.1x / 2.6x
-        # sdpa, shared machine). Where ext cannot be built (no compiler/ninja) or the dtype is
-        # fp16/fp64, auto moves on.
+        # 119 and 109 / 549 / 708 ms with dropout 0.2; the same order on the Intel Xeon one
+        # (README). Also ahead at the cpu preset's B=12,H=4,T=64,D=32 (1.1x / 2.6x sdpa, shared
+        # machine). Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64, auto
+        # moves on.
         "plain": ("ext", "sdpa", "naive"),
         "dropout": ("ext", "sdpa", "naive"),
         # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny
