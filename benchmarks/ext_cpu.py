@@ -78,7 +78,7 @@ def main(argv=None):
         stats = {p: summarize(ts) for p, ts in times.items()}
         med = {p: s["median_s"] for p, s in stats.items()}
         rows.append({"mode": "decode forward", "shape": [B, H, T_q, T_k, D], "dropout": 0.0, "stats_s": stats,
-                     "ext_gflops": 4 * B * H * T_q * T_k * D / med["ext"] / 1e9,
+                     "ext_gflops": None,  # a few MFLOP: the call's overhead, not its math, sets the time
                      "sdpa_over_ext": med["sdpa"] / med["ext"], "naive_over_ext": med["naive"] / med["ext"],
                      "raw_s": times})
         print(f"  done decode B={B} H={H} T_q={T_q} T_k={T_k} D={D}", flush=True)
@@ -93,7 +93,8 @@ def main(argv=None):
         cells = [f"{s['median_s'] * 1e3:.{digits}f} ({s['p20_s'] * 1e3:.{digits}f}-{s['p80_s'] * 1e3:.{digits}f})"
                  for s in (r["stats_s"][p] for p in PROVIDERS)]
         print(f"| {r['mode']} | {', '.join(map(str, r['shape']))} | {r['dropout']} | {' | '.join(cells)} | "
-              f"{r['sdpa_over_ext']:.2f}x | {r['naive_over_ext']:.2f}x | {r['ext_gflops']:.0f} |")
+              f"{r['sdpa_over_ext']:.2f}x | {r['naive_over_ext']:.2f}x | "
+              f"{'-' if r['ext_gflops'] is None else format(r['ext_gflops'], '.0f')} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

@@ -86,11 +86,9 @@ def test_auto_orders_each_kind_of_call(T_q, T_k, dropout_p, kind):
 
 def test_a_kv_cache_step_on_cpu_prefers_sdpa():
     # a decode step's attention is tiny: sdpa's one call beats ext's three (benchmarks/ext_cpu.py)
-    cpu = torch.device("cpu")
-    assert auto_order(cpu, "cached")[0] == "sdpa" and auto_order(cpu, "plain")[0] == "ext"
     assert fastgpt.select_backend(torch.randn(1, 2, 1, 8), T_k=5).name == "sdpa"
     with pytest.raises(ValueError, match="kind must be one of plain, dropout, cached; got 'decode'"):
-        auto_order(cpu, "decode")
+        auto_order(torch.device("cpu"), "decode")
 
 
 def test_non_contiguous_inputs_are_accepted():

@@ -120,3 +120,16 @@ def test_skinny_linear_benchmark_smoke(tmp_path, capsys):
     assert "| rows M | torch ms" in out and "| skinny | sum |" in out and "\n| 5 | " in out
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["rows"] for r in rows] == [1, 5] and all(r["torch_over_skinny"] > 0 for r in rows)
+
+
+def test_ext_cpu_benchmark_smoke(tmp_path, capsys):
+    # one repetition (about 12 s): the table's structure, never its speed
+    from fastgpt.benchmarks import ext_cpu
+
+    ext_cpu.main(["--reps", "1", "--json", str(tmp_path / "e.json")])
+    out = capsys.readouterr().out
+    assert "| forward+backward | 16, 6, 256, 256, 64 | 0.2 |" in out and "| decode forward | 1, 6, 1, 256, 64 | 0.0 |" in out
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["forward+backward"] * 4 + ["decode forward"] * 2
+    assert all(r["sdpa_over_ext"] > 0 and len(r["raw_s"]["ext"]) == (1 if r["mode"] == "forward+backward" else 20)
+               for r in rows)
