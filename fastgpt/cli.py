@@ -18,6 +18,30 @@ from fastgpt.config import PRESETS, TrainConfig
 from fastgpt.model import ModelConfig
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of repetitions, steps, tokens or a length)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """argparse type: a dropout probability in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {value}")
+    return value
+
+
 def _flag_type(annotation) -> Any:
     if typing.get_origin(annotation) is typing.Union:  # Optional[X] -> X
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
@@ -92,11 +116,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("--prompt must hold at least one character to start from")
     idx = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
+    tokens = model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, generator,
+                                   kv_cache=args.kv_cache, cache_policy=args.cache_policy)  # checks its arguments
     # The text streams to stdout as it is sampled; the speed goes to stderr, so stdout is the text.
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    for next_id in model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, generator,
-                                         kv_cache=args.kv_cache, cache_policy=args.cache_policy):
+    for next_id in tokens:
         print(tokenizer.decode(next_id[0].tolist()), end="", flush=True)
     elapsed = time.perf_counter() - start
     print()
@@ -111,13 +136,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
-    from fastgpt.attention import available_backends, get_backend
+    from fastgpt.attention import available_backends, backend_names, get_backend
     from fastgpt.parity import DTYPE_NAMES, PARITY_SHAPES, check_parity, make_qkv
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    known = backend_names()
+    for name in args.backends or []:
+        if name not in known:
+            what = "chooses among the backends per call" if name == "auto" else "is not a backend"
+            raise ValueError(f"--backends {name}: {name!r} {what}; parity checks named backends: {', '.join(known)}")
     names = args.backends or available_backends(device)
     dtype_names = args.dtypes or (["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"])
-    failures = 0
+    failures = checks = 0
     print(f"parity against the float64 reference on {device}: max |error| / tolerance, per output")
     print(f"{'backend':<8} {'dtype':<9} {'shape (B,H,Tq,Tk,D)':<22} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
     for name in names:
@@ -138,9 +170,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
                 result = check_parity(name, shape, dtype, device)
                 cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
                 status = "ok" if result.ok else f"FAIL ({result.worst})"
+                checks += 1
                 failures += not result.ok
                 print(f"{name:<8} {dtype_name:<9} {str(shape):<22} {cells}  {status}")
-    print(f"fastgpt parity: {'all passed' if failures == 0 else f'{failures} failure(s)'}")
+    if checks == 0:
+        # nothing was compared (every backend/dtype refused): that proves nothing, so it is no pass
+        print(f"fastgpt parity: FAILED: no check ran ({', '.join(names)} in {', '.join(dtype_names)} on {device}); "
+              "choose backends and dtypes that run here")
+        return 1
+    print(f"fastgpt parity: {checks} checks, {'all passed' if failures == 0 else f'{failures} failure(s)'}")
     return 1 if failures else 0
 
 
@@ -247,22 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     bench.add_argument("--out-dir", default="bench_results", help="where the JSON, CSV and PNGs go")
     bench.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
-    bench.add_argument("--reps", type=int, default=None, help="timed repetitions per cell")
+    bench.add_argument("--reps", type=_at_least_one, default=None, help="timed repetitions per cell")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--smoke", action="store_true", help="attention, generate: a tiny run, to check the harness")
-    bench.add_argument("--seq-lens", type=int, nargs="+", default=None, help="attention: the T sweep")
-    bench.add_argument("--tokens", type=int, default=None, help="attention: B·T, held constant")
+    bench.add_argument("--seq-lens", type=_at_least_one, nargs="+", default=None, help="attention: the T sweep")
+    bench.add_argument("--tokens", type=_at_least_one, default=None, help="attention: B·T, held constant")
     bench.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
     bench.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
-    bench.add_argument("--dropouts", type=float, nargs="+", default=None)
+    bench.add_argument("--dropouts", type=_probability, nargs="+", default=None)
     bench.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="train: the preset to time (default cpu); generate: its model (default shakespeare-char, "
                             "random weights)")
     bench.add_argument("--linear", nargs="+", default=None, choices=["auto", "torch", "skinny"],
                        help="generate: kernels of the linear layers (default: torch skinny; fastgpt/linear.py)")
-    bench.add_argument("--steps", type=int, default=5, help="train: steps per timed repetition")
+    bench.add_argument("--steps", type=_at_least_one, default=5, help="train: steps per timed repetition")
     bench.add_argument("--data", default=None, help="train: corpus path")
-    bench.add_argument("--peak-flops", type=float, default=None, help="train: the device's peak FLOP/s for MFU")
+    bench.add_argument("--peak-flops", type=_positive, default=None, help="train: the device's peak FLOP/s for MFU")
     bench.set_defaults(func=cmd_bench)
     return parser
 

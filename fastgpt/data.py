@@ -3,65 +3,52 @@
 Where the text comes from, first match wins:
     1. an explicit path (`--data PATH`),
     2. the FASTGPT_DATA environment variable,
-    3. the cache, $FASTGPT_CACHE or ~/.cache/fastgpt/tinyshakespeare.txt,
-    4. a download of tiny-shakespeare into the cache (needs network).
+    3. tiny-shakespeare as shipped inside the package (bz2-compressed, public domain), so that
+       `fastgpt train` needs no file and no network.
 Any UTF-8 text file works as a corpus; its vocabulary is the set of characters it contains.
 """
 
 from __future__ import annotations
 
+import bz2
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-CORPUS_FILENAME = "tinyshakespeare.txt"
+# Karpathy's char-rnn copy of tiny-shakespeare (1,115,394 characters), compressed into the package.
+PACKAGED_CORPUS = "corpus/tinyshakespeare.txt.bz2"
 TRAIN_FRACTION = 0.9  # the lecture's split: first 90% train, last 10% val
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTGPT_CACHE", Path.home() / ".cache" / "fastgpt"))
-
-
-def _download(url: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            tmp.write_bytes(response.read())
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"no corpus given and downloading tiny-shakespeare from {url} failed ({e}). "
-            f"Pass --data PATH (any UTF-8 text file), set FASTGPT_DATA=PATH, or copy the file to {dest}"
-        ) from None
-    os.replace(tmp, dest)  # never leave a half-downloaded file where the cache is read
-
-
-def resolve_corpus_path(path: Optional[str | os.PathLike] = None) -> Path:
-    """The corpus file to read, following the order in the module docstring."""
+def resolve_corpus_path(path: Optional[str | os.PathLike] = None) -> Optional[Path]:
+    """The corpus file to read (`path`, else $FASTGPT_DATA), or None for the packaged tiny-shakespeare."""
+    source = "--data" if path is not None else "FASTGPT_DATA"
     if path is None:
         path = os.environ.get("FASTGPT_DATA") or None
-    if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {str(path)!r} does not exist (from --data or FASTGPT_DATA)")
-        return path
-    cached = cache_dir() / CORPUS_FILENAME
-    if not cached.is_file():
-        print(f"fastgpt: downloading tiny-shakespeare to {cached}")
-        _download(TINY_SHAKESPEARE_URL, cached)
-    return cached
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"corpus {str(path)!r} is a directory (from {source}); pass a UTF-8 text file")
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist (from {source})")
+    return path
+
+
+def packaged_corpus() -> str:
+    """tiny-shakespeare, from the compressed copy inside the package."""
+    return bz2.decompress(resources.files("fastgpt").joinpath(PACKAGED_CORPUS).read_bytes()).decode("utf-8")
 
 
 def read_corpus(path: Optional[str | os.PathLike] = None, min_chars: int = 2) -> str:
     """The corpus text; refuses files that are missing, not UTF-8, or shorter than `min_chars`."""
     path = resolve_corpus_path(path)
+    if path is None:
+        return packaged_corpus()
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

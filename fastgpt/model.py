@@ -8,6 +8,7 @@ Which kernel computes the attention is not part of the model's parameters: see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,23 +83,28 @@ class LanguageModel(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, generator, kv_cache, cache_policy))
         return torch.cat([idx, *new], dim=1)
 
-    @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
                         kv_cache: bool = True, cache_policy: str = "exact"):
-        """`generate`, one token at a time: yields each sampled (B, 1) tensor of ids as it is drawn."""
+        """`generate`, one token at a time: yields each sampled (B, 1) tensor of ids as it is drawn.
+        The arguments are checked here, before the first token, so a bad one raises at the call."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a (B, T) tensor of token ids (int64); got shape {tuple(idx.shape)}, {idx.dtype}")
         if idx.shape[1] < 1:
             raise ValueError("idx must hold at least one token to start from (T >= 1)")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature}")
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
         if cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {', '.join(map(repr, CACHE_POLICIES))}; got {cache_policy!r}")
+        return self._sample_tokens(idx, max_new_tokens, temperature, top_k, generator, kv_cache, cache_policy)
+
+    @torch.no_grad()
+    def _sample_tokens(self, idx, max_new_tokens, temperature, top_k, generator, kv_cache, cache_policy):
+        """The sampling loop of generate_stream, over checked arguments."""
         cache = self.make_kv_cache() if kv_cache else None
         was_training = self.training
         self.eval()

@@ -1,4 +1,4 @@
-import urllib.request
+import socket
 
 import pytest
 import torch
@@ -93,22 +93,30 @@ def test_corpus_too_short_for_block_size(tmp_path):
         ds.check_block_size(8)
 
 
-def test_no_network_says_what_to_do(tmp_path, monkeypatch):
+def test_packaged_corpus_is_tiny_shakespeare_and_needs_no_network(monkeypatch):
     monkeypatch.delenv("FASTGPT_DATA", raising=False)
-    monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path / "cache"))
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default corpus must not touch the network")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="Pass --data PATH.*FASTGPT_DATA"):
-        resolve_corpus_path()
-    assert not any((tmp_path / "cache").glob("*")), "a failed download must leave nothing in the cache"
+    monkeypatch.setattr(socket, "socket", no_network)
+    assert resolve_corpus_path() is None  # nothing given: the packaged copy
+    text = read_corpus()
+    assert len(text) == 1_115_394
+    assert text.startswith("First Citizen:\n")
+    ds = CharDataset.from_text(text)
+    assert ds.tokenizer.vocab_size == 65
+    assert (len(ds.train), len(ds.val)) == (1_003_854, 111_540)  # the lecture's 90/10 split
 
 
-def test_cache_is_used_without_network(tmp_path, monkeypatch):
+def test_packaged_corpus_is_the_shared_file_byte_for_byte(shakespeare_path, monkeypatch):
     monkeypatch.delenv("FASTGPT_DATA", raising=False)
-    monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path))
-    (tmp_path / "tinyshakespeare.txt").write_text("cached text")
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
-    assert read_corpus() == "cached text"
+    assert read_corpus() == shakespeare_path.read_text(encoding="utf-8")
+
+
+def test_a_directory_as_corpus_is_named_as_one(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"corpus .* is a directory \(from --data\); pass a UTF-8 text file"):
+        read_corpus(tmp_path)
+    monkeypatch.setenv("FASTGPT_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=r"is a directory \(from FASTGPT_DATA\)"):
+        read_corpus()
