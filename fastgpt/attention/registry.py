@@ -31,6 +31,10 @@ def _supports_everything(q: torch.Tensor, dropout_p: float) -> Optional[str]:
     return None
 
 
+def _nothing_to_prepare(device: torch.device) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -47,6 +51,10 @@ class Backend:
     # True where the backend runs as an emulation rather than as a kernel (Triton's interpreter on
     # CPU): correct, but its speed means nothing, so benchmarks do not time it.
     emulated: Callable[[torch.device], bool] = lambda device: False
+    # Loads what the backend's calls need on `device` (a library to build, ops to register) before
+    # torch.compile traces them: that loading is Python dynamo should not trace. Called by the
+    # trainer before torch.compile; a backend that loads nothing keeps the no-op.
+    prepare: Callable[[torch.device], None] = _nothing_to_prepare
 
     def refusal(self, q: torch.Tensor, dropout_p: float) -> Optional[str]:
         """Why this backend cannot run this call here (unavailable, or unsupported), or None."""
