@@ -74,21 +74,20 @@ CALL_KINDS = ("plain", "dropout", "cached")
 
 # The order in which `backend="auto"` tries backends, per device type and per kind of call:
 # fastest first, as measured by the benchmarks. The first backend that is available and supports
-# the call runs. Device types not listed use "default".
+# the call runs. Device types not listed use "default". The CPU figures behind the orders come
+# from `python benchmarks/ext_cpu.py` (benchmarks/results/ext_cpu.json; README, "The ext backend
+# on CPU").
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
-        # Training shapes, forward + backward (benchmarks/ext_cpu.py, fp32, 2 threads, medians of
-        # interleaved runs, AMD EPYC dev machine): ext beats both, 31 vs sdpa 41 vs naive 67 ms at
-        # B=16,H=6,T=256,D=64 and 98 / 119 / 402 ms at B=4,H=6,T=1024 without dropout; 34 / 107 /
-        # 119 and 109 / 549 / 708 ms with dropout 0.2; the same order on the Intel Xeon one
-        # (README). Also ahead at the cpu preset's B=12,H=4,T=64,D=32 (1.1x / 2.6x sdpa, shared
-        # machine). Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64, auto
-        # moves on.
+        # Training shapes, forward + backward: ext skips the tiles above the diagonal and fuses the
+        # softmax with its dropout, so it leads, by most with dropout (sdpa's CPU dropout runs the
+        # unfused math). Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64,
+        # auto moves on.
         "plain": ("ext", "sdpa", "naive"),
         "dropout": ("ext", "sdpa", "naive"),
-        # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny
-        # and ext's three op calls cost more than sdpa's one: 151 vs 46 us at T_q = 1, T_k = 256
-        # (the decode rows of benchmarks/ext_cpu.py, Intel Xeon dev machine).
+        # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny,
+        # so the number of calls decides, and ext's three op calls cost more than sdpa's one (the
+        # decode rows of the same benchmark).
         "cached": ("sdpa", "ext", "naive"),
     },
     "default": {kind: ("sdpa", "naive") for kind in CALL_KINDS},

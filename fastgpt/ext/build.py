@@ -49,7 +49,7 @@ CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/elements.h", "cuda/causa
 # sm_80 and sm_90 machine code (bf16 wmma needs sm_80), PTX of the newest for later GPUs; the
 # same archs fastgpt/cuda_check.py compile-checks.
 CUDA_ARCHS = (80, 90)
-# What the first-use message promises: a CPU build of the translation units above on a small machine.
+# The first-use message's estimate of a CPU build (the times measured are in csrc/README.md, "Build").
 COMPILE_SECONDS_ESTIMATE = 45
 
 # Flags that make ATen's Vectorized<float> as wide as torch's own kernels on this CPU: the
