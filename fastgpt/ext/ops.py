@@ -54,7 +54,8 @@ _ops = torch.ops.fastgpt
 # tensor and read the int inside, where no tracer looks. Same kernels, same mask for the same seed.
 
 torch.library.define("fastgpt::causal_softmax_seeded",
-                     "(Tensor scores, int T_q, int T_k, float scale, float dropout_p, Tensor seed, int offset) -> Tensor")
+                     "(Tensor scores, int T_q, int T_k, float scale, float dropout_p, Tensor seed, "
+                     "int offset) -> Tensor")
 torch.library.define("fastgpt::causal_softmax_seeded_backward",
                      "(Tensor grad, Tensor scores, int T_q, int T_k, float scale, float dropout_p, Tensor seed, "
                      "int offset) -> Tensor")
