@@ -127,8 +127,7 @@ def cuda_unavailable_reason() -> Optional[str]:
         missing = ops_without_cuda_kernels()
         if missing:
             return (f"fastgpt's compiled ops have no CUDA kernels for {', '.join(missing)} (the library was built "
-                    "without nvcc, with FASTGPT_EXT_CUDA=0, or by an ahead-of-time build older than those "
-                    "kernels); rebuild with the CUDA toolkit present (CUDA_HOME)")
+                    "without nvcc or with FASTGPT_EXT_CUDA=0); rebuild with the CUDA toolkit present (CUDA_HOME)")
         return None
     if not builds_cuda():
         return ("nvcc not found (torch.utils.cpp_extension.CUDA_HOME is None) or FASTGPT_EXT_CUDA=0: the ext "
