@@ -2,13 +2,13 @@
 
     python benchmarks/ext_cpu.py [--reps 15] [--json out.json]
 
-fp32, forward + backward (torch.autograd.grad of the three inputs), causal, at issue 5's two
-shapes with dropout 0 and 0.2; then the forward of a KV-cache decode step (one query over T_k
-cached keys, no grad, as `generate` calls it), which `backend="auto"` orders apart. The
-providers run interleaved in one process (ext, naive, sdpa, ext, ...;
-fastgpt.benchmarks.common.time_interleaved), so a background load that comes and goes
-hits all of them alike; the table gives medians and the p20-p80 spread, the FLOPs are
-fastgpt.benchmarks.common.attention_flops. The load average is printed because the dev machines
+fp32, forward + backward (torch.autograd.grad of the three inputs), causal, at two training
+shapes (SHAPES: the lecture model's 6 heads of 64 at T = 256, and at T = 1024) with dropout 0 and
+0.2; then the forward of a KV-cache decode step (one query over T_k cached keys, no grad, as
+`generate` calls it), which `backend="auto"` orders apart. The providers run interleaved in one
+process (ext, naive, sdpa, ext, ...; fastgpt.timing.time_interleaved), so a background load that
+comes and goes hits all of them alike; the table gives medians and the p20-p80 spread, the FLOPs
+are fastgpt.benchmarks.common.attention_flops. The load average is printed because the dev machines
 are shared: a busy machine inflates absolute times more than the ratios.
 """
 

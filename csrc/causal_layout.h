@@ -1,6 +1,6 @@
 // The packed causal layout (csrc/README.md, "Contracts"): where element (i, j) of a causal matrix
 // with T_q queries and T_k >= T_q keys lives. Plain C++ with no torch headers, `__host__ __device__`
-// under nvcc, so the CPU kernels and the CUDA kernels (issue 7) index the same way; the same
+// under nvcc, so the CPU kernels and the CUDA kernels (cuda/) index the same way; the same
 // formula in Python is fastgpt/ext/layout.py, and a test holds the two together.
 //
 // Query i sees keys j <= o + i, o = T_k - T_q (the diagonal aligned bottom-right). Rows come in

@@ -1,6 +1,6 @@
-// The fastgpt ops, one declaration per device implementation. The schemas live in
-// registration.cpp; every device registers its kernels for the same names (CPU now, CUDA in
-// issue 7), so the Python side, autograd and torch.compile see one op whatever the device.
+// The CPU kernels of the fastgpt ops, one declaration per op. The schemas live in registration.cpp;
+// every device registers its kernels under the same names (the CPU ones there, the CUDA ones in
+// cuda/binding.cu), so the Python side, autograd and torch.compile see one op whatever the device.
 //
 // Shapes: T_q <= T_k, query i sees keys j <= o + i, o = T_k - T_q. a, x, out of the products:
 // (B, H, T_q or T_k, D). p, scores, grad and the causal outputs: packed (B, H, N) (causal_layout.h),

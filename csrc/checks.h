@@ -22,7 +22,7 @@ inline void check_rank4(const at::Tensor& t, const char* op, const char* name, c
 // The kernels compute in float32; bfloat16 (and, on CUDA, float16) is read and written as is,
 // accumulated in float32.
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {
-  const bool half_ok = t.is_cuda();  // the CUDA kernels take float16 too (issue 7)
+  const bool half_ok = t.is_cuda();  // the CUDA kernels take float16 too
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
                   (half_ok && t.scalar_type() == at::kHalf),
               op, ": ", name, " has dtype ", t.scalar_type(), "; supported dtypes are Float (float32)",

@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) and the
-// dropout rule built on it. Plain C++ with no torch headers, so the CPU kernels and, later, the
-// CUDA kernels (issue 7) include the same file and draw the same mask bit for bit.
+// dropout rule built on it. Plain C++ with no torch headers, so the CPU kernels and the CUDA
+// kernels (cuda/) include the same file and draw the same mask bit for bit.
 //
 // The dropout stream: the keep bit of element (i, j) of a causal matrix of T_q queries and T_k keys
 // (B, H heads), row = (b·H + h)·T_q + i the flat row index, col = j, comes from one Philox call

@@ -1,5 +1,5 @@
 // The fastgpt op library: schemas (device independent) and the CPU kernels behind them. The CUDA
-// kernels (issue 7) register under the same names with TORCH_LIBRARY_IMPL(fastgpt, CUDA, m).
+// kernels (cuda/binding.cu) register under the same names with TORCH_LIBRARY_IMPL(fastgpt, CUDA, m).
 // Autograd and the shape-only fake kernels are registered from Python (fastgpt/ext/ops.py).
 
 #include <Python.h>

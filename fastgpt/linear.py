@@ -1,9 +1,9 @@
 """The GPT's linear layers: nn.Linear, with the ext skinny kernel for the few rows of a decode step.
 
 A decode step runs every linear layer on one row per sequence. That is a stream over the weights
-(4·N·K bytes for 2·N·K flops), so its speed is the speed of a stream over memory; on the AMD
-EPYC dev machine torch's F.linear (MKL) read them at 5-8 GB/s, the skinny kernel
-(csrc/cpu/skinny_linear.cpp) at 15-20 (`python benchmarks/skinny_linear.py`).
+(4·N·K bytes for 2·N·K flops), so its speed is the speed of a stream over memory: the skinny kernel
+(csrc/cpu/skinny_linear.cpp) reads each weight once, at the bandwidth the machine offers, where a
+BLAS tuned for large matrices may not.
 
     Linear(in_features, out_features, bias)   an nn.Linear (same parameters and state_dict) with
         .kernel = "torch"     F.linear, always (the default; training always runs this)
@@ -14,10 +14,10 @@ EPYC dev machine torch's F.linear (MKL) read them at 5-8 GB/s, the skinny kernel
                                               (timed, where the extension builds), else "torch";
                                               and how it was decided
 
-Which kernel wins depends on the CPU, so "auto" measures rather than assumes: at one row the
-skinny kernel ran the shakespeare-char layers 2.4x faster than F.linear on the AMD EPYC dev
-machine (32 MiB L3, smaller than the 43 MB of weights), and F.linear was about 6% faster than it
-on an Intel Xeon dev machine (300 MiB L3; F.linear at 28 GB/s, near torch.sum's 32 there).
+Which kernel wins depends on the CPU (its caches and how well its BLAS streams), so "auto"
+measures rather than assumes: the two dev machines disagreed, one each way. The figures, and the
+command that makes them (`python benchmarks/skinny_linear.py`), are in docs/benchmarks.md, "The
+skinny linear kernel against F.linear".
 
 `GPT.set_linear_kernel(name)` sets every layer of a model; `fastgpt sample --linear` and `fastgpt
 bench generate` say which kernel ran.
@@ -32,11 +32,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from fastgpt.timing import summarize, time_interleaved
+
 LINEAR_KERNELS = ("torch", "skinny")
-# The most rows (tokens × sequences) an input may have for the skinny kernel. From
-# `python benchmarks/skinny_linear.py` (shakespeare-char's layers, fp32, 2 threads): F.linear over
-# skinny was 2.4x at 1 row, 2.0x at 8, 1.6x at 16, 1.05x at 32 and 0.94x at 48 on the AMD dev
-# machine (on the Intel one, where auto picks F.linear, skinny stops winning past 16 rows).
+# The most rows (tokens × sequences) an input may have for the skinny kernel: its time grows with
+# the rows (at most 4 rows of x per pass over the weights) while a GEMM's barely does, so past a
+# few dozen rows F.linear wins. 32 is where the two crossed on the machine where skinny won at all
+# (`python benchmarks/skinny_linear.py`; docs/benchmarks.md, "The skinny linear kernel against F.linear").
 SKINNY_MAX_ROWS = 32
 # "auto" takes skinny only when it ran one row at least this much faster than F.linear: where the
 # two are within the machine's noise, F.linear (the kernel training runs) stays, and a near-tie at
@@ -89,7 +91,7 @@ def check_linear_kernel(name: str, allow_auto: bool = True) -> None:
     "skinny", whose op the layers then call."""
     if name == "auto" and not allow_auto:
         raise ValueError("a layer's kernel is 'torch' or 'skinny'; resolve 'auto' with "
-                         "fastgpt.linear.resolve_linear_kernel(name, device) first")
+                         "fastgpt.linear.resolve_linear_kernel(name, model) first")
     if name not in ("auto", *LINEAR_KERNELS):
         raise ValueError(f"linear kernel {name!r} is unknown; choose one of: auto, {', '.join(LINEAR_KERNELS)}")
     if name == "skinny":
@@ -125,8 +127,7 @@ def resolve_linear_kernel(name: str, model: nn.Module) -> tuple[str, Optional[st
 
 def time_one_row_pass(model: nn.Module, reps: int = 10) -> dict[str, float]:
     """Median seconds, per kernel, of running every Linear of `model` (a CPU model) once on a
-    one-row input, the kernels interleaved (fastgpt.benchmarks.common.time_interleaved)."""
-    from fastgpt.benchmarks.common import summarize, time_interleaved
+    one-row input, the kernels interleaved (fastgpt.timing.time_interleaved)."""
 
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     if not layers:

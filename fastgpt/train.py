@@ -85,13 +85,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def compile_model(model: torch.nn.Module, backend: str) -> torch.nn.Module:
-    """torch.compile(model). With the ext backend its compiled ops are loaded first: loading them
-    (a build, a lock) is Python that dynamo does not trace; the ops themselves are single graph nodes."""
-    if backend == "ext":
-        from fastgpt.ext import seeded  # noqa: F401  (imported here, not mid-trace)
-        from fastgpt.ext.build import load
+    """torch.compile(model), once the attention backend (the resolved name, or "none" for a model
+    without attention) has loaded what its calls need: loading (a build, a lock) is Python that
+    dynamo should not trace."""
+    from fastgpt.attention import get_backend
 
-        load()
+    if backend != "none":
+        get_backend(backend).prepare(next(model.parameters()).device)
     return torch.compile(model)
 
 

@@ -76,10 +76,10 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 
 # fp32 inputs run full-precision dots (dot_precision below): FMA loops, not tensor cores, whose
 # operands and products all live in registers. The 16-bit lists spill up to 160 KB there, so fp32
-# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (The T_q < T_k
-# offset of issue 9 cost a few registers: fwd M16/N16/w4 at D=80/96 and dK/dV M16/N32/w4 with
-# dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to spill 8-48 bytes and were replaced by
-# 8-warp configs that do not.)
+# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (Fewer queries
+# than keys, the offset o = T_k - T_q in the causal test, cost a few registers: fwd M16/N16/w4 at
+# D=80/96 and dK/dV M16/N32/w4 with dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to
+# spill 8-48 bytes and were replaced by 8-warp configs that do not.)
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
         80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)]},
@@ -101,12 +101,18 @@ SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 
 
 def keep(kernel: str, config: KernelConfig) -> bool:
-    """Whether `config` is a valid launch of `kernel`: blocks of at least tl.dot's smallest tile.
+    """Whether `config` is a launch worth making of `kernel` (one of KERNELS): blocks of at least
+    tl.dot's smallest tile (16), and for "fwd_decode" a query block of DECODE_MAX_QUERIES rows,
+    which holds every query of a decode call; a taller one would add rows of padding only.
 
     Any ratio of BLOCK_M to BLOCK_N works: each kernel starts its diagonal band at the block
     boundary at or before the diagonal (for every offset T_k - T_q), not on the diagonal itself.
     """
-    return min(config.block_m, config.block_n) >= 16
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} is unknown; choose one of: {', '.join(KERNELS)}")
+    if min(config.block_m, config.block_n) < 16:
+        return False
+    return kernel != "fwd_decode" or config.block_m == DECODE_MAX_QUERIES
 
 
 def head_dim_class(head_dim_pad: int) -> int:

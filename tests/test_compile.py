@@ -3,15 +3,18 @@ compiled training step runs on CPU (inductor).
 
 The ext ops and the Triton kernels are torch.library ops with fake kernels, so dynamo records
 each as one node. Dropout is on (0.2, as the lecture trains): the ext backend's dropout seed is
-a tensor up to an opaque op (fastgpt/ext/seeded.py), so it is no data-dependent int either.
+a tensor up to an opaque op (causal_softmax_seeded, fastgpt/ext/ops.py), so it is no data-dependent
+int either.
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch._dynamo
 
+from fastgpt.attention import registry
 from fastgpt.config import make_configs
 from fastgpt.model import GPT, ModelConfig
 from fastgpt.train import Trainer
@@ -50,15 +53,31 @@ def test_compiled_training_step_runs_on_cpu(backend, small_corpus, tmp_path):
     assert not any(k.startswith("_orig_mod") for k in trainer.checkpoint_state()["model"])  # plain checkpoints
 
 
+@pytest.mark.parametrize("attention", ["ext", "auto"])
+def test_the_trainer_prepares_the_backend_it_compiles(attention, small_corpus, tmp_path, monkeypatch):
+    # The backend (auto resolved: ext on CPU where it builds) loads its ops before torch.compile
+    # traces; the trainer names no backend to make that happen.
+    if attention == "auto" and registry.get_backend("ext").unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("auto picks ext on CPU only where the extension builds")
+    prepared = []
+    ext = registry.get_backend("ext")
+    monkeypatch.setitem(registry._BACKENDS, "ext", dataclasses.replace(ext, prepare=prepared.append))
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # what runs before compiling, not the compile
+    config = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, dropout=0.2, progress=False,
+                  sample_tokens=0, compile=True, attention=attention, data=str(small_corpus), out_dir=str(tmp_path))
+    Trainer(*make_configs("cpu", config))
+    assert prepared == [torch.device("cpu")]
+
+
 def test_seeded_softmax_is_causal_softmax_with_that_seed():
-    from fastgpt.ext import layout, ops, seeded
+    from fastgpt.ext import layout, ops
 
     T_q, T_k = 37, 40  # fewer queries than keys: the T_q, T_k arguments reach the kernels
     n = layout.packed_size(T_q, T_k)
     scores = torch.randn(2, 3, n, dtype=torch.float64).float().requires_grad_()
     grad = torch.randn(2, 3, n)
-    seed = seeded.draw_seed()
-    out = seeded.causal_softmax_seeded(scores, T_q, T_k, 0.25, 0.3, seed, 7)
+    seed = ops.draw_seed()
+    out = ops.causal_softmax_seeded(scores, T_q, T_k, 0.25, 0.3, seed, 7)
     (d_scores,) = torch.autograd.grad(out, scores, grad)
     expected = ops.causal_softmax(scores, T_q, T_k, 0.25, 0.3, int(seed), 7)
     (expected_d_scores,) = torch.autograd.grad(expected, scores, grad)

@@ -102,7 +102,7 @@ def test_other_devices_are_refused():
 
 
 def test_float16_is_an_ext_dtype_on_cuda_only():
-    from fastgpt.ext.ops import supported_dtypes
+    from fastgpt.ext.checks import supported_dtypes
 
     assert torch.float16 in supported_dtypes(torch.device("cuda"))
     assert torch.float16 not in supported_dtypes(torch.device("cpu"))

@@ -5,6 +5,7 @@ These tests never compile: they drive fastgpt.ext.build with a monkeypatched env
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from fastgpt.parity import make_qkv
 @pytest.fixture()
 def not_loaded(monkeypatch):
     """This process as if the extension had never been loaded, with the JIT build forced."""
-    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setattr(build, "is_loaded", lambda: False)
     monkeypatch.setenv("FASTGPT_EXT_BUILD", "jit")
 
 
@@ -75,9 +76,13 @@ def test_jit_build_announces_the_first_compile_and_caches_per_environment(not_lo
 
 
 def test_import_fastgpt_compiles_nothing():
-    code = ("import fastgpt, fastgpt.ext, sys; names = fastgpt.backend_names(); "
-            "assert 'ext' in names, names; from fastgpt.ext import build; assert build._loaded is None")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # The ext backend's reasons and dtypes are asked without loading; the ops module is not imported.
+    code = ("import fastgpt, fastgpt.ext, sys, torch; names = fastgpt.backend_names(); "
+            "assert 'ext' in names, names; from fastgpt.ext import build; "
+            "from fastgpt.attention import get_backend; b = get_backend('ext'); "
+            "b.unsupported_reason(torch.empty(1, 1, 1, 8), 0.0); b.unavailable_reason(torch.device('cpu')); "
+            "b.empty_cache(); assert not build.is_loaded() and 'fastgpt.ext.ops' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "FASTGPT_EXT_BUILD": "jit"})
 
 
 def _setup_module():
@@ -151,7 +156,7 @@ def test_setup_py_builds_the_cuda_binding_when_torch_has_cuda(monkeypatch):
 
 def test_cuda_is_refused_until_every_attention_op_has_a_cuda_kernel(monkeypatch):
     _as_cuda_torch(monkeypatch)
-    monkeypatch.setattr(build, "_loaded", "jit")  # the ops registered ...
+    monkeypatch.setattr(build, "is_loaded", lambda: True)  # the ops registered ...
     monkeypatch.setattr(build, "ops_without_cuda_kernels", lambda: ["causal_softmax"])  # ... one without CUDA
     reason = build.cuda_unavailable_reason()
     assert reason is not None and "no CUDA kernels for causal_softmax" in reason

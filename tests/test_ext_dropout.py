@@ -2,7 +2,7 @@
 
 The mask is a function of (seed, offset, row, column) only (csrc/philox.h); these tests pin that
 function with an independent pure-Python Philox4x32-10 (checked against Random123's known-answer
-vectors), so the CUDA kernels of issue 7 can be held to the same bits.
+vectors), so the CUDA kernels (csrc/cuda/) can be held to the same bits.
 """
 
 from __future__ import annotations

@@ -89,6 +89,8 @@ def test_opcheck(dtype, T_q, T_k):
         (ops.causal_softmax_backward, (pd, pd, T_q, T_k, 0.3)),
         (ops.causal_softmax_dropout_backward, (pd, pd, T_q, T_k, 0.3, 0.25, 1234, 7)),
         (ops.dropout_keep_mask, (pd, T_q, T_k, 0.25, 1234, 7)),
+        (ops.causal_softmax_seeded, (p, T_q, T_k, 0.3, 0.25, torch.tensor(1234), 7)),
+        (ops.causal_softmax_seeded_backward, (pd, pd, T_q, T_k, 0.3, 0.25, torch.tensor(1234), 7)),
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args)

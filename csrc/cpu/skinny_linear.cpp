@@ -2,14 +2,13 @@
 // linear layer in a decode step (one row per sequence).
 //
 // Why not BLAS: with M rows of x and W of N×K, the work is 2·M·N·K flops over 4·N·K bytes of
-// weights, so for small M the layer is a stream over W and its speed is memory bandwidth. On the
-// 2-core dev machine (AMD EPYC, torch's MKL) F.linear reads W at 5-8 GB/s for M = 1, no faster
-// with a second thread, a fraction of what a plain read of the same bytes gets. This kernel reads
-// W once, row after row, split across threads by output rows (15-20 GB/s there); every row of x
-// (L1-resident: M·K floats) is dotted with the W row while it is in registers. Its speed against
-// F.linear and against torch.sum over the same bytes, per M: `python benchmarks/skinny_linear.py`.
-// BLAS is not slow everywhere: on the Intel Xeon dev machine F.linear read W at 28 GB/s, near
-// torch.sum's 32, and this kernel at 27; so fastgpt.linear's "auto" times the two on the model.
+// weights, so for small M the layer is a stream over W and its speed is memory bandwidth. A BLAS
+// tuned for large matrices may read W at a fraction of what a plain read of the same bytes gets.
+// This kernel reads W once, row after row, split across threads by output rows; every row of x
+// (L1-resident: M·K floats) is dotted with the W row while it is in registers. BLAS is not slow
+// everywhere, so fastgpt.linear's "auto" times the two on the model. Its speed against F.linear
+// and against torch.sum over the same bytes, per M: `python benchmarks/skinny_linear.py` (the dev
+// machines' figures are in docs/benchmarks.md, "The skinny linear kernel against F.linear").
 //
 // Accumulation is float32, in a different order than BLAS: results agree with F.linear to float32
 // rounding, not bit for bit.

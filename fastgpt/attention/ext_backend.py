@@ -10,8 +10,9 @@ dv = Pᵀ·dO, the fused softmax backward, dq = dS·k, dk = dSᵀ·q. The T_q ×
 materialised, once each, in the packed layout (fastgpt/ext/layout.py: the causal part only, ~52% of
 T² at T = 2048), at about half the work of the naive math; the dropout mask is regenerated, never stored.
 
-CPU kernels, and CUDA kernels of the same ops (csrc/cuda/, issue 7) where torch is a CUDA build
-and nvcc compiled them.
+CPU kernels, and CUDA kernels of the same ops (csrc/cuda/) where torch is a CUDA build and nvcc
+compiled them. Importing this module loads nothing: the ops module (fastgpt/ext/ops.py, which loads
+the library) is imported on the first call, or by `prepare` before torch.compile traces one.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def ext_attention(
     (B, H, T_q, T_k)); seed=None draws a seed from torch's default CPU generator, so
     torch.manual_seed makes runs repeatable.
     """
-    from fastgpt.ext import ops
+    from fastgpt.ext import ops  # the first call loads the library (prepare does it before a trace)
 
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -48,9 +49,7 @@ def ext_attention(
     s = ops.causal_matmul_nt(q, k)  # packed (B, H, N)
     if seed is None and dropout_p > 0.0:  # only a dropout call consumes randomness, as nn.Dropout does
         # The seed stays a tensor up to an opaque op: torch.compile sees no data-dependent int
-        from fastgpt.ext import seeded
-
-        p = seeded.causal_softmax_seeded(s, T_q, T_k, scale, dropout_p, seeded.draw_seed(), offset)  # packed
+        p = ops.causal_softmax_seeded(s, T_q, T_k, scale, dropout_p, ops.draw_seed(), offset)  # packed
     else:
         p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed or 0, offset)  # packed (B, H, N)
     return ops.causal_matmul_nn(p, v, T_q)  # (B, H, T_q, D)
@@ -72,7 +71,7 @@ def _unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def _unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
-    from fastgpt.ext.ops import dtypes_text, supported_dtypes
+    from fastgpt.ext.checks import dtypes_text, supported_dtypes
 
     if q.dtype not in supported_dtypes(q.device):
         return f"the ext kernels take {dtypes_text(q.device)} (fp32 accumulation); got {q.dtype}"
@@ -88,6 +87,12 @@ def _empty_cache() -> None:
         ops.empty_cache()
 
 
+def _prepare(device: torch.device) -> None:
+    from fastgpt.ext import load
+
+    load()  # builds or loads the library and registers the ops: Python that dynamo should not trace
+
+
 register_backend(Backend(
     name="ext",
     fn=_ext_backend,
@@ -96,4 +101,5 @@ register_backend(Backend(
     unavailable_reason=_unavailable_reason,
     unsupported_reason=_unsupported_reason,
     empty_cache=_empty_cache,
+    prepare=_prepare,
 ))

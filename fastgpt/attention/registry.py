@@ -31,6 +31,10 @@ def _supports_everything(q: torch.Tensor, dropout_p: float) -> Optional[str]:
     return None
 
 
+def _nothing_to_prepare(device: torch.device) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -47,6 +51,10 @@ class Backend:
     # True where the backend runs as an emulation rather than as a kernel (Triton's interpreter on
     # CPU): correct, but its speed means nothing, so benchmarks do not time it.
     emulated: Callable[[torch.device], bool] = lambda device: False
+    # Loads what the backend's calls need on `device` (a library to build, ops to register) before
+    # torch.compile traces them: that loading is Python dynamo should not trace. Called by the
+    # trainer before torch.compile; a backend that loads nothing keeps the no-op.
+    prepare: Callable[[torch.device], None] = _nothing_to_prepare
 
     def refusal(self, q: torch.Tensor, dropout_p: float) -> Optional[str]:
         """Why this backend cannot run this call here (unavailable, or unsupported), or None."""
@@ -66,21 +74,20 @@ CALL_KINDS = ("plain", "dropout", "cached")
 
 # The order in which `backend="auto"` tries backends, per device type and per kind of call:
 # fastest first, as measured by the benchmarks. The first backend that is available and supports
-# the call runs. Device types not listed use "default".
+# the call runs. Device types not listed use "default". The CPU figures behind the orders come
+# from `python benchmarks/ext_cpu.py` (benchmarks/results/ext_cpu.json; README, "The ext backend
+# on CPU").
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
-        # Training shapes, forward + backward (benchmarks/ext_cpu.py, fp32, 2 threads, medians of
-        # interleaved runs, AMD EPYC dev machine): ext beats both, 31 vs sdpa 41 vs naive 67 ms at
-        # B=16,H=6,T=256,D=64 and 98 / 119 / 402 ms at B=4,H=6,T=1024 without dropout; 34 / 107 /
-        # 119 and 109 / 549 / 708 ms with dropout 0.2; the same order on the Intel Xeon one
-        # (README). Also ahead at the cpu preset's B=12,H=4,T=64,D=32 (1.1x / 2.6x sdpa, shared
-        # machine). Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64, auto
-        # moves on.
+        # Training shapes, forward + backward: ext skips the tiles above the diagonal and fuses the
+        # softmax with its dropout, so it leads, by most with dropout (sdpa's CPU dropout runs the
+        # unfused math). Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64,
+        # auto moves on.
         "plain": ("ext", "sdpa", "naive"),
         "dropout": ("ext", "sdpa", "naive"),
-        # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny
-        # and ext's three op calls cost more than sdpa's one: 151 vs 46 us at T_q = 1, T_k = 256
-        # (the decode rows of benchmarks/ext_cpu.py, Intel Xeon dev machine).
+        # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny,
+        # so the number of calls decides, and ext's three op calls cost more than sdpa's one (the
+        # decode rows of the same benchmark).
         "cached": ("sdpa", "ext", "naive"),
     },
     "default": {kind: ("sdpa", "naive") for kind in CALL_KINDS},

@@ -1,7 +1,12 @@
 """Building and loading the C++ extension in csrc/: ahead of time, or just in time on first use.
 
-    load()                 registers torch.ops.fastgpt.* in this process (idempotent)
+    load()                 loads the library: torch.ops.fastgpt.* exist, with their kernels, from then on
+    is_loaded()            whether they exist in this process (the dispatcher is asked: no flag here)
     unavailable_reason()   why load() cannot work here, or None; cheap: never compiles
+
+This module only builds and loads; it imports nothing of fastgpt (setup.py runs it standalone for
+the ahead-of-time build). The ops' autograd formulas and fake kernels are registered by
+fastgpt/ext/ops.py, which calls load() when it is imported.
 
 Which build is used:
   * the ahead-of-time module `fastgpt._C`, when `pip install --no-build-isolation .` built it
@@ -36,15 +41,15 @@ JIT_NAME = "fastgpt_ext"
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/causal_softmax.cpp", "cpu/skinny_linear.cpp")
 HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h",
            "cpu/dropout_cpu.h")
-# The CUDA kernels (issue 7), built into the same library when torch is a CUDA build and nvcc is
-# there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
+# The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
+# is there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
 # part of the build (it is the offline compile check's, fastgpt/cuda_check.py).
 CUDA_SOURCES = ("cuda/binding.cu",)
 CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/elements.h", "cuda/causal_matmul.cuh", "cuda/causal_softmax.cuh")
 # sm_80 and sm_90 machine code (bf16 wmma needs sm_80), PTX of the newest for later GPUs; the
 # same archs fastgpt/cuda_check.py compile-checks.
 CUDA_ARCHS = (80, 90)
-# Measured on the 2-core dev machine while it was shared: 28-44 s for the three translation units.
+# The first-use message's estimate of a CPU build (the times measured are in csrc/README.md, "Build").
 COMPILE_SECONDS_ESTIMATE = 45
 
 # Flags that make ATen's Vectorized<float> as wide as torch's own kernels on this CPU: the
@@ -62,8 +67,7 @@ class ExtensionUnavailable(RuntimeError):
     """The C++ extension cannot be built or loaded here; the message says what to install."""
 
 
-_lock = threading.Lock()
-_loaded: Optional[str] = None  # "aot" or "jit" once torch.ops.fastgpt is registered
+_lock = threading.Lock()  # one build at a time: two threads' first calls would both run ninja
 
 
 def cpu_capability() -> str:
@@ -107,7 +111,7 @@ REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "em
 
 
 def ops_without_cuda_kernels() -> list[str]:
-    """The attention ops that have no CUDA kernel in this process (call after the ops are registered)."""
+    """The attention ops that have no CUDA kernel in this process (call after load())."""
     return [op for op in ATTENTION_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgpt::{op}", "CUDA")]
 
 
@@ -119,12 +123,11 @@ def cuda_unavailable_reason() -> Optional[str]:
     reason = unavailable_reason()
     if reason is not None:
         return reason
-    if _loaded is not None or _aot_module() is not None:  # the ops are registered: ask the dispatcher
+    if is_loaded() or _aot_module() is not None:  # the ops are registered: ask the dispatcher
         missing = ops_without_cuda_kernels()
         if missing:
-            return (f"fastgpt's compiled ops have no CUDA kernels for {', '.join(missing)} (built without nvcc, or "
-                    "with FASTGPT_EXT_CUDA=0, or those kernels are not written yet); rebuild with the CUDA "
-                    "toolkit present (CUDA_HOME)")
+            return (f"fastgpt's compiled ops have no CUDA kernels for {', '.join(missing)} (the library was built "
+                    "without nvcc or with FASTGPT_EXT_CUDA=0); rebuild with the CUDA toolkit present (CUDA_HOME)")
         return None
     if not builds_cuda():
         return ("nvcc not found (torch.utils.cpp_extension.CUDA_HOME is None) or FASTGPT_EXT_CUDA=0: the ext "
@@ -221,13 +224,14 @@ def _aot_module():
 
 
 def is_loaded() -> bool:
-    """Whether torch.ops.fastgpt is registered in this process (by load())."""
-    return _loaded is not None
+    """Whether the library's ops are registered in this process (by load(), or by importing
+    fastgpt._C). The dispatcher is the record; dynamo traces this check without a graph break."""
+    return hasattr(torch.ops.fastgpt, ATTENTION_OPS[0])
 
 
 def unavailable_reason() -> Optional[str]:
     """Why load() would fail in this process, or None. Does not compile anything."""
-    if _loaded is not None:
+    if is_loaded():
         return None
     try:
         if _aot_module() is not None:
@@ -268,21 +272,15 @@ def _jit_build() -> None:
 
 
 def load() -> str:
-    """Registers torch.ops.fastgpt.* (and their autograd and fake kernels); returns "aot" or "jit"."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
+    """Loads the library, building it first where needed: registers the schemas and kernels of
+    torch.ops.fastgpt.* (not their autograd or fake kernels: fastgpt/ext/ops.py does that). Returns
+    "aot" (fastgpt._C) or "jit"; raises ExtensionUnavailable saying what to install."""
     with _lock:
-        if _loaded is None:
-            if _aot_module() is not None:
-                kind = "aot"
-            elif os.environ.get("FASTGPT_EXT_BUILD") == "aot":
-                raise ExtensionUnavailable(unavailable_reason())
-            else:
-                _jit_build()
-                kind = "jit"
-            from fastgpt.ext import ops  # autograd and fake kernels need the ops to exist
-
-            ops.register_python_parts()
-            _loaded = kind
-    return _loaded
+        if is_loaded():  # by an earlier call: loading again would at best rerun ninja's up-to-date check
+            return "aot" if "fastgpt._C" in sys.modules else "jit"
+        if _aot_module() is not None:  # importing it registered the ops
+            return "aot"
+        if os.environ.get("FASTGPT_EXT_BUILD") == "aot":
+            raise ExtensionUnavailable(unavailable_reason())
+        _jit_build()
+        return "jit"

@@ -1,4 +1,10 @@
-"""The fastgpt ops from Python: checked wrappers, autograd, and shape-only fake kernels.
+"""The fastgpt ops from Python: checked wrappers, and every op's autograd formula and fake kernel.
+
+Importing this module loads the compiled library (fastgpt.ext.build.load: the first use in an
+environment builds it) and then registers, at import, what torch needs beyond the C++
+schemas: the shape-only fake kernels (torch.compile, opcheck) and the autograd formulas. Python's
+module cache makes that happen once per process. `import fastgpt.ext` does not import this module;
+the first use of an op does (fastgpt/ext/__init__.py).
 
 Causal matrices are packed (B, H, N) tensors (fastgpt/ext/layout.py, csrc/causal_layout.h):
 T_q <= T_k, o = T_k - T_q, query i sees keys j <= o + i (the diagonal aligned bottom-right).
@@ -8,6 +14,8 @@ T_q <= T_k, o = T_k - T_q, query i sees keys j <= o + i (the diagonal aligned bo
     causal_matmul_tn(p, x, T_k)   tril_o(p)ᵀ · x    packed × (B,H,T_q,D) -> (B,H,T_k,D)
     causal_softmax(scores, T_q, T_k, scale, dropout_p, seed, offset)
                                   dropout(softmax(scale · scores, causal))   packed -> packed
+    causal_softmax_seeded(...)    the same with the seed a 0-dim int64 tensor (draw_seed()), for
+                                  torch.compile: an int drawn at run time would break the graph
     dropout_keep_mask(scores, T_q, T_k, dropout_p, seed, offset)
                                   the dense (B,H,T_q,T_k) bool mask causal_softmax draws (testing hook)
     skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
@@ -26,118 +34,106 @@ from typing import Optional
 
 import torch
 
-from fastgpt.ext import layout
-from fastgpt.ext.build import load
+from fastgpt.ext import build, layout
+from fastgpt.ext.checks import (
+    check_matrix_rows,
+    check_packed,
+    check_same,
+    check_seed_tensor,
+    check_skinny_linear_args,
+    check_softmax_args,
+    check_tensor,
+)
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)  # every device; float16 too on CUDA
+LIBRARY = build.load()  # "aot" or "jit"; from here on the C++ ops exist, with their kernels
+_ops = torch.ops.fastgpt
 
+# ---- the ops defined in Python: the seeded softmax ------------------------------------------------
+# The C++ softmax takes its dropout seed as an int. Drawn at run time (`int(torch.randint(...))`)
+# that int is data-dependent and dynamo breaks the graph there; these two take the seed as a 0-dim
+# tensor and read the int inside, where no tracer looks. Same kernels, same mask for the same seed.
 
-def supported_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
-    """The dtypes the ops take on `device`: the CPU kernels have no float16 path, the CUDA ones do."""
-    return SUPPORTED_DTYPES + ((torch.float16,) if device.type == "cuda" else ())
-
-
-def dtypes_text(device: torch.device) -> str:
-    return " and ".join(str(d).removeprefix("torch.") for d in supported_dtypes(device)) + f" on {device.type}"
-
-
-def _ops():
-    load()
-    return torch.ops.fastgpt
-
-
-# ---- checks of the Python wrappers (the C++ ops check again with TORCH_CHECK) ----------------------
-
-def _check_tensor(name: str, t, dims: str, rank: int = 4) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}; got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dims {dims}; got {t.dim()} dims with shape {tuple(t.shape)}")
-    if t.dtype not in supported_dtypes(t.device):
-        raise ValueError(f"{name} has dtype {t.dtype}; the ext ops support {dtypes_text(t.device)}")
+torch.library.define("fastgpt::causal_softmax_seeded",
+                     "(Tensor scores, int T_q, int T_k, float scale, float dropout_p, Tensor seed, "
+                     "int offset) -> Tensor")
+torch.library.define("fastgpt::causal_softmax_seeded_backward",
+                     "(Tensor grad, Tensor scores, int T_q, int T_k, float scale, float dropout_p, Tensor seed, "
+                     "int offset) -> Tensor")
 
 
-def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; all tensors must share one dtype")
+@torch.library.impl("fastgpt::causal_softmax_seeded", "CompositeExplicitAutograd")
+def _softmax_seeded(scores, T_q, T_k, scale, dropout_p, seed, offset):
+    return _ops.causal_softmax(scores, T_q, T_k, scale, dropout_p, int(seed), offset)
 
 
-def _check_packed(name: str, p, T_q, T_k) -> None:
-    layout.check_lengths(T_q, T_k)
-    _check_tensor(name, p, "(B, H, N), a packed causal matrix", rank=3)
-    n = layout.packed_size(T_q, T_k)
-    if p.shape[-1] != n:
-        raise ValueError(f"{name} has {p.shape[-1]} elements per (b, h) but (T_q, T_k) = ({T_q}, {T_k}) needs "
-                         f"N = {n} (fastgpt/ext/layout.py)")
+@torch.library.impl("fastgpt::causal_softmax_seeded_backward", "CompositeExplicitAutograd")
+def _softmax_seeded_backward(grad, scores, T_q, T_k, scale, dropout_p, seed, offset):
+    return _ops.causal_softmax_dropout_backward(grad, scores, T_q, T_k, scale, dropout_p, int(seed), offset)
 
 
-def _check_matrix_rows(p, x, T_q, T_k, x_dims: str) -> None:
-    _check_packed("p", p, T_q, T_k)
-    _check_same("x", x, "p", p)
-    if x.shape[:2] != p.shape[:2]:
-        raise ValueError(f"x has shape {tuple(x.shape)} but p has shape {tuple(p.shape)}; "
-                         f"x must be {x_dims} with p's B and H")
-
-
-def _check_softmax_args(scale, dropout_p, seed, offset) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not float("-inf") < scale < float("inf"):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
-    for name, value in (("seed", seed), ("offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
-            raise ValueError(f"{name} must be an int in [-2^63, 2^63); got {value!r}")
+def draw_seed() -> torch.Tensor:
+    """A 0-dim int64 seed from torch's default CPU generator: torch.manual_seed makes it repeatable."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 # ---- public wrappers --------------------------------------------------------------------------------
 
 def causal_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H, T_k, D) -> packed (B, H, N); never computed above the diagonal."""
-    _check_tensor("a", a, "(B, H, T_q, D)")
-    _check_tensor("b", b, "(B, H, T_k, D)")
-    _check_same("b", b, "a", a)
+    check_tensor("a", a, "(B, H, T_q, D)")
+    check_tensor("b", b, "(B, H, T_k, D)")
+    check_same("b", b, "a", a)
     if a.shape[:2] != b.shape[:2] or a.shape[3] != b.shape[3]:
         raise ValueError(f"b has shape {tuple(b.shape)} but a has shape {tuple(a.shape)}; "
                          "a (B, H, T_q, D) and b (B, H, T_k, D) must share B, H and D")
     layout.check_lengths(a.shape[2], b.shape[2])
-    return _ops().causal_matmul_nt(a, b)
+    return _ops.causal_matmul_nt(a, b)
 
 
 def causal_matmul_nn(p: torch.Tensor, x: torch.Tensor, T_q: int) -> torch.Tensor:
     """tril_o(p) · x: p packed for (T_q, T_k), x (B, H, T_k, D) -> (B, H, T_q, D)."""
-    _check_tensor("x", x, "(B, H, T_k, D)")
-    _check_matrix_rows(p, x, T_q, x.shape[2], "(B, H, T_k, D)")
-    return _ops().causal_matmul_nn(p, x, T_q)
+    check_tensor("x", x, "(B, H, T_k, D)")
+    check_matrix_rows(p, x, T_q, x.shape[2], "(B, H, T_k, D)")
+    return _ops.causal_matmul_nn(p, x, T_q)
 
 
 def causal_matmul_tn(p: torch.Tensor, x: torch.Tensor, T_k: int) -> torch.Tensor:
     """tril_o(p)ᵀ · x: p packed for (T_q, T_k), x (B, H, T_q, D) -> (B, H, T_k, D)."""
-    _check_tensor("x", x, "(B, H, T_q, D)")
-    _check_matrix_rows(p, x, x.shape[2], T_k, "(B, H, T_q, D)")
-    return _ops().causal_matmul_tn(p, x, T_k)
+    check_tensor("x", x, "(B, H, T_q, D)")
+    check_matrix_rows(p, x, x.shape[2], T_k, "(B, H, T_q, D)")
+    return _ops.causal_matmul_tn(p, x, T_k)
 
 
 def causal_softmax(scores: torch.Tensor, T_q: int, T_k: int, scale: float, dropout_p: float = 0.0, seed: int = 0,
                    offset: int = 0) -> torch.Tensor:
-    """dropout(softmax(scale · scores) under the causal mask): packed -> packed.
+    """dropout(softmax(scale · scores) under the causal mask): packed (B, H, N) -> packed (B, H, N).
 
     Row i uses its keys j <= o + i only. Dropped weights are zero, kept ones scaled by
     1/(1 - dropout_p); the mask is a function of (seed, offset, element) (csrc/philox.h).
     """
-    _check_packed("scores", scores, T_q, T_k)
-    _check_softmax_args(scale, dropout_p, seed, offset)
-    return _ops().causal_softmax(scores, T_q, T_k, float(scale), float(dropout_p), seed, offset)
+    check_packed("scores", scores, T_q, T_k)
+    check_softmax_args(scale, dropout_p, seed, offset)
+    return _ops.causal_softmax(scores, T_q, T_k, float(scale), float(dropout_p), seed, offset)
+
+
+def causal_softmax_seeded(scores: torch.Tensor, T_q: int, T_k: int, scale: float, dropout_p: float,
+                          seed: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """causal_softmax with `seed` a 0-dim int64 tensor (draw_seed()): packed (B, H, N) -> packed
+    (B, H, N), the same output and mask as causal_softmax(..., int(seed), offset). Under
+    torch.compile it is one node, with no graph break for the seed."""
+    check_packed("scores", scores, T_q, T_k)
+    check_softmax_args(scale, dropout_p, 0, offset)
+    check_seed_tensor(seed)
+    return _ops.causal_softmax_seeded(scores, T_q, T_k, float(scale), float(dropout_p), seed, offset)
 
 
 def dropout_keep_mask(scores: torch.Tensor, T_q: int, T_k: int, dropout_p: float, seed: int,
                       offset: int = 0) -> torch.Tensor:
     """The dense (B, H, T_q, T_k) bool keep mask that causal_softmax(scores, T_q, T_k, ..., dropout_p,
-    seed, offset) applies; False above the diagonal. Only scores' shape is used."""
-    _check_packed("scores", scores, T_q, T_k)
-    _check_softmax_args(1.0, dropout_p, seed, offset)
-    return _ops().dropout_keep_mask(scores, T_q, T_k, float(dropout_p), seed, offset)
+    seed, offset) applies; False above the diagonal. Only scores' shape (B, H, N) is used."""
+    check_packed("scores", scores, T_q, T_k)
+    check_softmax_args(1.0, dropout_p, seed, offset)
+    return _ops.dropout_keep_mask(scores, T_q, T_k, float(dropout_p), seed, offset)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -147,33 +143,17 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     rows of x, so it pays off for the few rows of a decode step only (fastgpt/linear.py). float32
     CPU tensors; no backward.
     """
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{name} is a {t.dtype} tensor on {t.device}; skinny_linear takes float32 CPU tensors")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have 2 dims (N, K); got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has shape {tuple(x.shape)} but weight has shape {tuple(weight.shape)}; "
-                         f"x must be (..., K) with K = {weight.shape[1]}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), one per output; got {tuple(bias.shape)}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        raise ValueError("skinny_linear has no backward (an inference kernel): call it under torch.no_grad(), "
-                         "or use F.linear where gradients are needed")
-    return _ops().skinny_linear(x, weight, bias)
+    check_skinny_linear_args(x, weight, bias)
+    return _ops.skinny_linear(x, weight, bias)
 
 
 def empty_cache() -> None:
     """Returns the CPU kernels' cached causal-matrix buffers to the OS (see csrc/cpu/buffer_pool.h;
     FASTGPT_EXT_CACHE_MB caps the cache, default 1024, 0 disables it)."""
-    _ops().empty_cache()
+    _ops.empty_cache()
 
 
-# ---- autograd and fake kernels, registered once the library is loaded ------------------------------
+# ---- autograd formulas ------------------------------------------------------------------------------
 
 def _setup_save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:2])  # T_q and T_k are read off their shapes in the backward
@@ -181,25 +161,22 @@ def _setup_save_inputs(ctx, inputs, output):
 
 def _backward_nt(ctx, grad):  # out = tril_o(a·bᵀ), a (T_q rows), b (T_k rows)
     a, b = ctx.saved_tensors
-    f = torch.ops.fastgpt
-    da = f.causal_matmul_nn(grad, b, a.shape[2]) if ctx.needs_input_grad[0] else None  # tril_o(g)·b
-    db = f.causal_matmul_tn(grad, a, b.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(g)ᵀ·a
+    da = _ops.causal_matmul_nn(grad, b, a.shape[2]) if ctx.needs_input_grad[0] else None  # tril_o(g)·b
+    db = _ops.causal_matmul_tn(grad, a, b.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(g)ᵀ·a
     return da, db
 
 
 def _backward_nn(ctx, grad):  # out = tril_o(p)·x, x (T_k rows), grad (T_q rows)
     p, x = ctx.saved_tensors
-    f = torch.ops.fastgpt
-    dp = f.causal_matmul_nt(grad, x) if ctx.needs_input_grad[0] else None  # tril_o(g·xᵀ)
-    dx = f.causal_matmul_tn(p, grad, x.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(p)ᵀ·g
+    dp = _ops.causal_matmul_nt(grad, x) if ctx.needs_input_grad[0] else None  # tril_o(g·xᵀ)
+    dx = _ops.causal_matmul_tn(p, grad, x.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(p)ᵀ·g
     return dp, dx, None
 
 
 def _backward_tn(ctx, grad):  # out = tril_o(p)ᵀ·x, x (T_q rows), grad (T_k rows)
     p, x = ctx.saved_tensors
-    f = torch.ops.fastgpt
-    dp = f.causal_matmul_nt(x, grad) if ctx.needs_input_grad[0] else None  # tril_o(x·gᵀ)
-    dx = f.causal_matmul_nn(p, grad, x.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(p)·g
+    dp = _ops.causal_matmul_nt(x, grad) if ctx.needs_input_grad[0] else None  # tril_o(x·gᵀ)
+    dx = _ops.causal_matmul_nn(p, grad, x.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(p)·g
     return dp, dx, None
 
 
@@ -214,13 +191,27 @@ def _setup_softmax(ctx, inputs, output):
 def _backward_softmax(ctx, grad):
     (saved,) = ctx.saved_tensors
     T_q, T_k, scale, dropout_p, seed, offset = ctx.args
-    f = torch.ops.fastgpt
     if dropout_p == 0.0:
-        ds = f.causal_softmax_backward(grad, saved, T_q, T_k, scale)
+        ds = _ops.causal_softmax_backward(grad, saved, T_q, T_k, scale)
     else:
-        ds = f.causal_softmax_dropout_backward(grad, saved, T_q, T_k, scale, dropout_p, seed, offset)
+        ds = _ops.causal_softmax_dropout_backward(grad, saved, T_q, T_k, scale, dropout_p, seed, offset)
     return ds, None, None, None, None, None, None
 
+
+def _setup_softmax_seeded(ctx, inputs, output):
+    scores, T_q, T_k, scale, dropout_p, seed, offset = inputs
+    ctx.args = (T_q, T_k, scale, dropout_p, offset)
+    ctx.save_for_backward(scores, seed)  # the seed stays a tensor in the backward too
+
+
+def _backward_softmax_seeded(ctx, grad):
+    scores, seed = ctx.saved_tensors
+    T_q, T_k, scale, dropout_p, offset = ctx.args
+    ds = _ops.causal_softmax_seeded_backward(grad, scores, T_q, T_k, scale, dropout_p, seed, offset)
+    return ds, None, None, None, None, None, None
+
+
+# ---- fake kernels: the output's shape, dtype and device, for torch.compile and opcheck -------------
 
 def _fake_check_same(*tensors):
     ref = tensors[0]
@@ -280,25 +271,29 @@ def _fake_skinny_linear(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-_registered = False
+# ---- registration: every op, one table ---------------------------------------------------------------
 
-
-def register_python_parts() -> None:
-    """Autograd formulas and fake (shape-only) kernels of every op; called once by build.load()."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    lib = torch.library
-    lib.register_fake("fastgpt::causal_matmul_nt")(_fake_nt)
-    lib.register_fake("fastgpt::causal_matmul_nn")(_fake_nn)
-    lib.register_fake("fastgpt::causal_matmul_tn")(_fake_tn)
-    lib.register_fake("fastgpt::causal_softmax")(_fake_softmax)
-    lib.register_fake("fastgpt::causal_softmax_backward")(_fake_softmax_backward)
-    lib.register_fake("fastgpt::causal_softmax_dropout_backward")(_fake_softmax_dropout_backward)
-    lib.register_fake("fastgpt::dropout_keep_mask")(_fake_mask)
-    lib.register_fake("fastgpt::skinny_linear")(_fake_skinny_linear)
-    lib.register_autograd("fastgpt::causal_matmul_nt", _backward_nt, setup_context=_setup_save_inputs)
-    lib.register_autograd("fastgpt::causal_matmul_nn", _backward_nn, setup_context=_setup_save_inputs)
-    lib.register_autograd("fastgpt::causal_matmul_tn", _backward_tn, setup_context=_setup_save_inputs)
-    lib.register_autograd("fastgpt::causal_softmax", _backward_softmax, setup_context=_setup_softmax)
+FAKES = {
+    "causal_matmul_nt": _fake_nt,
+    "causal_matmul_nn": _fake_nn,
+    "causal_matmul_tn": _fake_tn,
+    "causal_softmax": _fake_softmax,
+    "causal_softmax_backward": _fake_softmax_backward,
+    "causal_softmax_dropout_backward": _fake_softmax_dropout_backward,
+    "causal_softmax_seeded": _fake_softmax,
+    "causal_softmax_seeded_backward": _fake_softmax_dropout_backward,
+    "dropout_keep_mask": _fake_mask,
+    "skinny_linear": _fake_skinny_linear,
+}
+# (backward, setup_context); the ops not listed have no backward (their gradients are not needed).
+AUTOGRAD = {
+    "causal_matmul_nt": (_backward_nt, _setup_save_inputs),
+    "causal_matmul_nn": (_backward_nn, _setup_save_inputs),
+    "causal_matmul_tn": (_backward_tn, _setup_save_inputs),
+    "causal_softmax": (_backward_softmax, _setup_softmax),
+    "causal_softmax_seeded": (_backward_softmax_seeded, _setup_softmax_seeded),
+}
+for _name, _fake in FAKES.items():
+    torch.library.register_fake(f"fastgpt::{_name}")(_fake)
+for _name, (_backward, _setup) in AUTOGRAD.items():
+    torch.library.register_autograd(f"fastgpt::{_name}", _backward, setup_context=_setup)

@@ -1,0 +1,183 @@
+"""The import graph of the installed package: fastgpt/, and kernels/ and benchmarks/, which install
+as fastgpt.kernels and fastgpt.benchmarks (pyproject.toml, package-dir).
+
+Every module is parsed (never imported) and every import statement counts, a lazy one inside a
+function as much as one at the top: a cycle through a lazy import is still two modules that each
+need the other. Relative imports are resolved; `from fastgpt.x import name` is an import of the
+submodule fastgpt.x.name where there is one, else of fastgpt.x. Not counted: the parent packages
+an import runs first (fastgpt.a's __init__ before fastgpt.a.b; a package that imports its own
+submodules would otherwise always be a cycle), and imports by a name in a string
+(importlib.import_module, as the attention registry loads its built-in backends).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The one module of the library that may import the benchmarks: the `fastgpt bench` command.
+BENCH_COMMAND = "fastgpt.cli"
+
+Edges = dict[str, dict[str, str]]  # module -> {imported module: "file:line" of the first such import}
+
+
+def package_dirs() -> dict[str, Path]:
+    """pyproject.toml's package-dir: {package name: its source directory}."""
+    text = (REPO / "pyproject.toml").read_text()
+    table = re.search(r"^package-dir\s*=\s*\{(.*)\}", text, re.MULTILINE)
+    assert table, "pyproject.toml has no package-dir table on one line"
+    return {name: REPO / path for name, path in re.findall(r'"([\w.]+)"\s*=\s*"([^"]+)"', table.group(1))}
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package, by dotted name, with its source file."""
+    found = {}
+    for package, root in package_dirs().items():
+        for path in sorted(root.rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            if "__pycache__" in parts:
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
+    return found
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> dict[str, int]:
+    """{imported fastgpt module: line of its first import} for the module `name` at `path`."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    found: dict[str, int] = {}
+
+    def add(target: str, line: int) -> None:
+        while target and target not in known:  # `import fastgpt.a.b` also names fastgpt.a: keep the module
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            found.setdefault(target, line)
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "fastgpt" or alias.name.startswith("fastgpt."):
+                    add(alias.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*base_parts, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            if base != "fastgpt" and not base.startswith("fastgpt."):
+                continue
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                add(submodule if submodule in known else base, node.lineno)
+    return found
+
+
+def import_graph() -> Edges:
+    found = modules()
+    known = set(found)
+    return {name: {target: f"{path.relative_to(REPO)}:{line}" for target, line in imports_of(name, path, known).items()}
+            for name, path in found.items()}
+
+
+def find_cycles(graph: Edges) -> list[list[str]]:
+    """One cycle per strongly connected component that has one (Tarjan), as [a, b, ..., a]."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:  # the graph has ~60 nodes: recursion depth is no concern
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_cycle_within(graph, set(c)) for c in components]
+
+
+def _cycle_within(graph: Edges, component: set[str]) -> list[str]:
+    """A shortest cycle through the component's first module (by name), found breadth-first."""
+    start = min(component)
+    parent: dict[str, str | None] = {start: None}
+    frontier = [start]
+    while frontier:
+        following = []
+        for v in frontier:
+            for w in sorted(graph[v]):
+                if w == start:  # back home: start -> ... -> v -> start
+                    path = [v]
+                    while parent[path[-1]] is not None:
+                        path.append(parent[path[-1]])
+                    return [*reversed(path), start]
+                if w in component and w not in parent:
+                    parent[w] = v
+                    following.append(w)
+        frontier = following
+    raise AssertionError(f"no cycle through {start} in {sorted(component)}")
+
+
+def describe(graph: Edges, cycle: list[str]) -> str:
+    steps = [f"{a} -> {b} ({graph[a][b]})" for a, b in zip(cycle, cycle[1:])]
+    return "; ".join(steps)
+
+
+def test_the_graph_sees_the_package():
+    graph = import_graph()
+    assert {"fastgpt", "fastgpt.ext.ops", "fastgpt.kernels.flash_attention", "fastgpt.benchmarks.common"} <= set(graph)
+    # a lazy import inside a function is an edge, and `from package import submodule` names the submodule
+    assert "fastgpt.ext.ops" in graph["fastgpt.attention.ext_backend"]
+    assert "fastgpt.ext.build" in graph["fastgpt.ext.ops"] and "fastgpt.ext" not in graph["fastgpt.ext.ops"]
+
+
+def test_the_cycle_finder_names_each_step():
+    graph = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:2"}, "c": {"a": "c.py:3", "d": "c.py:4"}, "d": {}}
+    (cycle,) = find_cycles(graph)
+    assert cycle == ["a", "b", "c", "a"]
+    assert describe(graph, cycle) == "a -> b (a.py:1); b -> c (b.py:2); c -> a (c.py:3)"
+    assert find_cycles({"a": {"b": "x"}, "b": {}}) == []
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles (each must be broken: imports run one way):\n" + "\n".join(
+        f"  {' -> '.join(c)}: {describe(graph, c)}" for c in cycles)
+
+
+def test_the_library_never_imports_the_benchmarks():
+    graph = import_graph()
+    offenders = [f"{module} -> {target} ({where})"
+                 for module, targets in sorted(graph.items())
+                 if not module.startswith("fastgpt.benchmarks") and module != BENCH_COMMAND
+                 for target, where in sorted(targets.items())
+                 if target == "fastgpt.benchmarks" or target.startswith("fastgpt.benchmarks.")]
+    assert not offenders, ("the library imports the benchmarks (benchmarks depend on fastgpt, never the "
+                           "reverse):\n  " + "\n  ".join(offenders))
+
+
+def test_the_extension_build_imports_nothing_of_fastgpt():
+    # setup.py runs fastgpt/ext/build.py standalone, and loading is its one job: it knows no client.
+    assert import_graph()["fastgpt.ext.build"] == {}
