@@ -6,7 +6,7 @@ import torch
 import fastgpt
 from fastgpt.attention import CausalSelfAttention, causal_attention, naive_attention
 from fastgpt.attention import registry
-from fastgpt.attention.registry import Backend, auto_order, call_kind, get_backend, register_backend
+from fastgpt.attention.registry import Backend, auto_order, available_backends, call_kind, get_backend, register_backend
 from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv, shape_id
 
 
@@ -167,3 +167,19 @@ def test_module_is_drop_in_and_swaps_backend_without_touching_weights():
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     with pytest.raises(ValueError, match="not a known attention backend"):
         layer.set_backend("nope")
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_a_scale_at_or_below_zero_is_computed_right_by_every_backend(scale, dtype):
+    # softmax(scale·q·kᵀ) is defined for any finite scale: 0 gives uniform weights over the visible
+    # keys. Every backend that takes the call must give the reference's answer, and so must auto.
+    for shape in [(2, 2, 17, 17, 16), (2, 2, 5, 17, 16), (2, 2, 1, 17, 16)]:
+        q, k, v = make_qkv(shape, dtype, "cpu")
+        ref = naive_attention(q.double(), k.double(), v.double(), scale=scale)
+        tol = 1e-2 if dtype == torch.float16 else 1e-5
+        for name in ["auto", *available_backends("cpu")]:
+            if name != "auto" and get_backend(name).refusal(q, 0.0) is not None:
+                continue
+            out = causal_attention(q, k, v, scale=scale, backend=name)
+            assert (out.double() - ref).abs().max() < tol, (name, shape, dtype)

@@ -20,6 +20,10 @@ from fastgpt.attention.registry import Backend, register_backend
 
 def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
     T_q, T_k = q.shape[-2], k.shape[-2]
+    if scale <= 0:
+        # is_causal with a scale <= 0 gives NaN rows on CPU (the masked -inf times the scale: -inf·0,
+        # -inf·-0.5); q scaled first gives the same weights, and the mask meets a positive scale
+        q, scale = q * scale, 1.0
     if T_q == T_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     if T_q == 1:
