@@ -6,14 +6,13 @@ tensors that the API has already validated, plus two questions it answers about 
 device in this process, and can it run this particular call. Both answers are a reason string (or
 None), so that an error can say exactly why a backend was refused.
 
-Backends live in their own modules and register themselves on import; the registry imports them
-lazily so that `import fastgpt` stays cheap and heavy dependencies (triton, the C++ extension) load
-only when asked for.
+Backends live in their own modules and register themselves on import (fastgpt/attention/__init__.py
+imports the built-in ones); the registry imports none of them. Each backend module is cheap to
+import: heavy dependencies (triton, the C++ extension) load on its first call.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -61,14 +60,6 @@ class Backend:
         return self.unavailable_reason(q.device) or self.unsupported_reason(q, dropout_p)
 
 
-# Modules that register the built-in backends, imported on first use of the registry.
-_BUILTIN_MODULES = (
-    "fastgpt.attention.naive",
-    "fastgpt.attention.sdpa",
-    "fastgpt.attention.ext_backend",
-    "fastgpt.attention.triton_backend",
-)
-
 # The kinds of call that `backend="auto"` orders separately (call_kind picks one).
 CALL_KINDS = ("plain", "dropout", "cached")
 
@@ -105,7 +96,6 @@ def call_kind(T_q: int, T_k: int, dropout_p: float) -> str:
 
 
 _BACKENDS: dict[str, Backend] = {}
-_builtins_loaded = False
 
 
 def register_backend(backend: Backend) -> None:
@@ -118,23 +108,13 @@ def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
-
-
 def backend_names() -> list[str]:
     """Every registered backend, available here or not."""
-    _load_builtins()
     return list(_BACKENDS)
 
 
 def get_backend(name: str) -> Backend:
     """The backend called `name`; an unknown name is an error that lists the known ones."""
-    _load_builtins()
     try:
         return _BACKENDS[name]
     except KeyError:
@@ -144,7 +124,6 @@ def get_backend(name: str) -> Backend:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on `device` in this process (each may still refuse some calls)."""
-    _load_builtins()
     device = torch.device(device)
     return [name for name, b in _BACKENDS.items() if b.unavailable_reason(device) is None]
 
