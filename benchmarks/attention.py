@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from fastgpt.attention import available_backends, causal_attention, get_backend
-from fastgpt.benchmarks.common import attention_flops, environment, memory_method, peak_memory_bytes, summarize, time_interleaved
+from fastgpt.benchmarks.common import attention_flops, environment, memory_method, peak_memory_bytes
+from fastgpt.timing import summarize, time_interleaved
 from fastgpt.parity import check_parity
 
 MODES = ("forward", "backward", "forward+backward")

@@ -1,8 +1,6 @@
-"""What every benchmark shares: the FLOP formula, timing, memory, and the record of the machine.
-
-Timing lives in the package (fastgpt/timing.py: interleaved providers, median and p20/p80), since
-the library times candidates too; it is re-exported here, so a benchmark imports all it shares from
-this one module.
+"""What every benchmark shares: the FLOP formula, memory, and the record of the machine. (Timing,
+interleaved providers with median and p20/p80, lives in the package, fastgpt/timing.py, since the
+library times candidates too.)
 
 Memory, and how it is measured (the `memory_method` written beside every figure):
   CUDA: torch.cuda.max_memory_allocated() after a reset, minus what was allocated before the call
@@ -23,8 +21,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-
-from fastgpt.timing import percentile, summarize, time_interleaved  # noqa: F401  (re-exported)
 
 
 def attention_flops(B: int, H: int, T: int, D: int, mode: str) -> float:

@@ -20,7 +20,8 @@ import json
 import torch
 
 from fastgpt.attention import causal_attention
-from fastgpt.benchmarks.common import attention_flops, load_average, print_cpu_environment, summarize, time_interleaved
+from fastgpt.benchmarks.common import attention_flops, load_average, print_cpu_environment
+from fastgpt.timing import summarize, time_interleaved
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
 DROPOUTS = [0.0, 0.2]

@@ -38,7 +38,8 @@ from typing import Any, Optional
 import torch
 
 from fastgpt.attention import get_backend, select_backend
-from fastgpt.benchmarks.common import environment, load_average, summarize, time_interleaved
+from fastgpt.benchmarks.common import environment, load_average
+from fastgpt.timing import summarize, time_interleaved
 from fastgpt.config import PRESETS
 from fastgpt.linear import resolve_linear_kernel
 from fastgpt.model import ModelConfig, build_model

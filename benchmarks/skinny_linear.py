@@ -24,7 +24,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import fastgpt.ext
-from fastgpt.benchmarks.common import load_average, print_cpu_environment, summarize, time_interleaved
+from fastgpt.benchmarks.common import load_average, print_cpu_environment
+from fastgpt.timing import summarize, time_interleaved
 from fastgpt.benchmarks.generate import preset_model_config
 from fastgpt.config import PRESETS
 from fastgpt.model import build_model

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from fastgpt.attention import available_backends, get_backend
 from fastgpt.benchmarks.attention import NOT_TIMED
-from fastgpt.benchmarks.common import environment, memory_method, peak_memory_bytes, summarize, time_interleaved
+from fastgpt.benchmarks.common import environment, memory_method, peak_memory_bytes
+from fastgpt.timing import summarize, time_interleaved
 from fastgpt.config import make_configs
 from fastgpt.data import CharDataset
 from fastgpt.flops import device_peak_flops, training_flops_per_step

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
-from fastgpt.benchmarks.common import attention_flops, percentile
+from fastgpt.benchmarks.common import attention_flops
+from fastgpt.timing import percentile
 from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_results
 from fastgpt.benchmarks.train import run_train_benchmark
 from fastgpt.cli import main
