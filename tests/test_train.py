@@ -76,9 +76,10 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(small_
 
 
 def test_save_checkpoint_replaces_atomically(tmp_path):
-    save_checkpoint({"x": torch.ones(2)}, tmp_path / "c.pt")
-    save_checkpoint({"x": torch.zeros(2)}, tmp_path / "c.pt")
-    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["x"], torch.zeros(2))
+    state = {"model": {"x": torch.ones(2)}, "model_config": {}, "train_config": {}, "vocab": "ab", "iter": 1}
+    save_checkpoint(state, tmp_path / "c.pt")
+    save_checkpoint({**state, "model": {"x": torch.zeros(2)}}, tmp_path / "c.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["x"], torch.zeros(2))
 
 
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
