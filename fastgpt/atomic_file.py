@@ -26,7 +26,7 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None
     Ctrl-C during the write is held back until the new file is in place, then raised."""
     path = Path(path)
     tmp = temp_path(path)
-    with _interrupts_deferred():
+    with interrupts_deferred():
         try:
             with open(tmp, "wb") as f:
                 write(f)
@@ -50,25 +50,12 @@ def remove_temp_files(directory: str | os.PathLike, names: Iterable[str]) -> lis
     return sorted(removed)
 
 
-def _sync_directory(directory: Path) -> None:
-    """Persists a rename (the directory entry itself), where the platform allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Holds SIGINT back for the block, then delivers it to the usual handler. A KeyboardInterrupt
-    raised inside torch.save's C++ writer surfaces as a cryptic RuntimeError and loses the new
-    file; finishing the write first costs a moment and keeps the newest checkpoint."""
+def interrupts_deferred() -> Iterator[None]:
+    """Holds SIGINT back for the block, then delivers it to the handler from before. A
+    KeyboardInterrupt raised inside torch.save's C++ writer surfaces as a cryptic RuntimeError and
+    loses the new file; finishing the write first costs a moment and keeps the newest checkpoint.
+    Blocks nest: an inner one hands a held-back signal on to the outer one."""
     # Python runs signal handlers in the main thread only, and one set from C cannot be restored.
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
@@ -81,3 +68,17 @@ def _interrupts_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if received:
             signal.raise_signal(signal.SIGINT)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Persists a rename (the directory entry itself), where the platform allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -35,6 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fastgpt import distributed
+from fastgpt.atomic_file import interrupts_deferred
 from fastgpt.attention import select_backend
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from fastgpt.checkpoint_policy import CheckpointPolicy
@@ -254,10 +255,11 @@ class Trainer:
         """Writes the checkpoint from rank 0; every process calls it, and waits until it is written."""
         path = self.out_dir / CHECKPOINT_NAME
         state = self.checkpoint_state()
-        if self.is_main:
-            save_checkpoint(state, path)
+        with interrupts_deferred():  # a Ctrl-C mid-write stops the run once the file and saved_iter agree
+            if self.is_main:
+                save_checkpoint(state, path)
+            self.saved_iter = self.iter
         distributed.barrier()
-        self.saved_iter = self.iter
         return path
 
     def resume_hint(self) -> str:
@@ -337,43 +339,48 @@ class Trainer:
         lock = self._on_rank0(lambda: policy.claim(overwrite))  # None in the other processes
         try:
             metrics = self._on_rank0(lambda: MetricsLog.start(self.out_dir / METRICS_NAME, self.saved_iter))
-            backend = self.attention_backend()
-            if self.is_main:
-                print(self._describe(backend))
-            run_start = time.perf_counter() - self.elapsed_s
-            loss = None
-            with self._progress() as progress:
-                while True:
-                    if policy.evaluates_at(self.iter):
-                        # the last step's loss over the global batch: a collective, so every process takes part
-                        step_loss = distributed.mean(loss).item() if loss is not None else None
-                        losses = self._on_rank0(lambda: self._evaluate_finite(step_loss))  # None elsewhere
-                        self.elapsed_s = time.perf_counter() - run_start
-                        if self.is_main:
-                            metrics.append(self._record(losses, step_loss, progress, backend))
-                        self.save()  # reached only with finite losses: a diverged run keeps its last good checkpoint
-                        if self.is_main:
-                            progress.write(f"step {self.iter}: train loss {losses['train']:.4f}, "
-                                           f"val loss {losses['val']:.4f}")
-                        progress.new_window()
-                    if self.iter >= cfg.max_iters:
-                        break
-                    t0 = time.perf_counter()
-                    loss = self.step()
-                    loss_value = None
-                    if progress.sync_due(self.iter):
-                        # A device sync, so only every few steps. The mean over the processes: every
-                        # process sees the same value, so a divergence stops them all at once.
-                        loss_value = distributed.mean(loss).item()
-                    progress.step_done(self.iter, time.perf_counter() - t0, loss_value)
-                    self._stop_if_diverged({"training loss": loss_value})
-            self.elapsed_s = time.perf_counter() - run_start
+            self._train(policy, metrics)
             if self.is_main:
                 self._finish(metrics)
         finally:
             if lock is not None:
                 lock.release()
         return metrics.records if self.is_main else []
+
+    def _train(self, policy: CheckpointPolicy, metrics: Optional[MetricsLog]) -> None:
+        """The loop: evaluate and save when the policy says so, else take a step. `metrics` is rank 0's."""
+        cfg = self.train_config
+        backend = self.attention_backend()
+        if self.is_main:
+            print(self._describe(backend))
+        run_start = time.perf_counter() - self.elapsed_s
+        loss = None
+        with self._progress() as progress:
+            while True:
+                if policy.evaluates_at(self.iter):
+                    # the last step's loss over the global batch: a collective, so every process takes part
+                    step_loss = distributed.mean(loss).item() if loss is not None else None
+                    losses = self._on_rank0(lambda: self._evaluate_finite(step_loss))  # None elsewhere
+                    self.elapsed_s = time.perf_counter() - run_start
+                    if self.is_main:
+                        metrics.append(self._record(losses, step_loss, progress, backend))
+                    self.save()  # reached only with finite losses: a diverged run keeps its last good checkpoint
+                    if self.is_main:
+                        progress.write(f"step {self.iter}: train loss {losses['train']:.4f}, "
+                                       f"val loss {losses['val']:.4f}")
+                    progress.new_window()
+                if self.iter >= cfg.max_iters:
+                    break
+                t0 = time.perf_counter()
+                loss = self.step()
+                loss_value = None
+                if progress.sync_due(self.iter):
+                    # A device sync, so only every few steps. The mean over the processes: every
+                    # process sees the same value, so a divergence stops them all at once.
+                    loss_value = distributed.mean(loss).item()
+                progress.step_done(self.iter, time.perf_counter() - t0, loss_value)
+                self._stop_if_diverged({"training loss": loss_value})
+        self.elapsed_s = time.perf_counter() - run_start
 
     def _on_rank0(self, fn: Callable[[], T]) -> Optional[T]:
         """fn() in rank 0 alone (None elsewhere). A refusal it raises (ValueError, RuntimeError) is
@@ -405,7 +412,7 @@ class Trainer:
         kept = (f"{self.out_dir / CHECKPOINT_NAME} still holds iteration {self.saved_iter}, the last with finite losses"
                 if self.saved_iter is not None else "no checkpoint was written")
         raise TrainingDiverged(
-            f"the run diverged ({found} at iteration {self.iter}) and stopped without saving; {kept}. Resume with "
+            f"the run diverged at iteration {self.iter} ({found}) and stopped without saving; {kept}. Resume with "
             f"a lower learning rate: fastgpt train --resume --out-dir {self.out_dir} --learning-rate LR"
         )
 
