@@ -1,5 +1,8 @@
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -19,6 +22,19 @@ TINY = dict(decay_lr=False, block_size=16, n_layer=2, n_head=2, n_embd=32, batch
 def make_trainer(corpus, out_dir, **overrides) -> Trainer:
     model_config, train_config = make_configs("cpu", {**TINY, "data": str(corpus), "out_dir": str(out_dir), **overrides})
     return Trainer(model_config, train_config)
+
+
+def fastgpt_process(argv: list, inject: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
+    """`fastgpt ARGV` in a fresh Python process that first runs `inject` (the fault to inject)."""
+    code = f"import sys\n{textwrap.dedent(inject)}\nfrom fastgpt.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def train_argv(corpus, out_dir, **overrides) -> list[str]:
+    """The `fastgpt train` arguments of make_trainer's run."""
+    from test_distributed import flags
+
+    return ["train", "--preset", "cpu", *flags({**TINY, "data": corpus, "out_dir": out_dir, **overrides})]
 
 
 def test_swapping_backend_mid_training_continues_the_loss_curve(small_corpus, tmp_path):
