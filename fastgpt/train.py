@@ -14,11 +14,11 @@ optimizer moments, every process's torch RNG for dropout, the gradient scaler); 
 function of (seed, iteration, micro-batch), so a resumed run computes the same loss at step i as
 the run that was interrupted.
 
-A run never loses its work: its pieces, each in a module of its own, are the checkpoint policy
-(when to evaluate and save; the lock on out_dir, the guard against overwriting another run,
-leftover temporary files: fastgpt/checkpoint_policy.py), the metrics log (strict JSON, rewritten
-atomically on resume: fastgpt/metrics_log.py) and the progress display (fastgpt/progress.py). A
-loss that stops being finite ends the run before its weights are saved.
+The loop's other jobs live in modules of their own: the checkpoint policy (when to evaluate and
+save; the lock on out_dir, the guard against overwriting another run, leftover temporary files:
+fastgpt/checkpoint_policy.py), the metrics log (fastgpt/metrics_log.py) and the progress display
+(fastgpt/progress.py). A loss that is not finite stops the run before its weights are saved, so
+the checkpoint on disk is always the last good one.
 """
 
 from __future__ import annotations
