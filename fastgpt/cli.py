@@ -72,9 +72,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastgpt.train import Trainer, resolve_device
 
     overrides = _overrides(args)
+    resume = overrides.pop("resume", False)
+    if resume and args.preset is not None:
+        raise ValueError("--preset applies to a new run: a resumed run keeps its checkpoint's settings (change one "
+                         "with its own flag, e.g. --max-iters)")
+    if resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite starts it over: choose one")
+    if args.allow_corpus_change and not resume:
+        raise ValueError("--allow-corpus-change applies only with --resume")
+    trainer = None
     try:  # under torchrun the Trainer joins the process group; leave it on every way out
-        if overrides.pop("resume", False):
-            trainer = Trainer.resume(overrides.pop("out_dir", "out"), overrides)
+        if resume:
+            trainer = Trainer.resume(overrides.pop("out_dir", "out"), overrides,
+                                     allow_corpus_change=args.allow_corpus_change)
             if trainer.is_main:
                 print(f"fastgpt: resuming at iteration {trainer.iter} of {trainer.train_config.max_iters}")
         else:
@@ -85,7 +95,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if distributed.is_main():
                     print(f"fastgpt: preset {preset!r} (the default on this device; choose with --preset)")
             trainer = Trainer(*make_configs(preset, overrides))
-        trainer.run()
+        trainer.run(overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a run is stopped, not a failure to explain: one line, and where to pick up.
+        if distributed.is_main():
+            where = trainer.resume_hint() if trainer is not None else "stopped before training began"
+            print(f"fastgpt train: interrupted; {where}", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
     finally:
         distributed.teardown()
     return 0
@@ -242,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (a preset, overridden by flags)")
     train.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="starting configuration (default: cpu on a CPU, shakespeare-char on a GPU)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a new run in an --out-dir that holds one, deleting its checkpoint and metrics")
+    train.add_argument("--allow-corpus-change", action="store_true",
+                       help="with --resume: continue on a corpus other than the checkpoint's (same vocabulary)")
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
 

@@ -8,6 +8,7 @@ field `n_layer` is the flag `--n-layer`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,6 +52,11 @@ class TrainConfig:
     progress: bool = True  # progress bar
 
     def validate(self) -> None:
+        # NaN slips through every comparison below (nan < 0 is False): refuse it, and inf, first.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number; got {value}")
         positive = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "lr_decay_iters")
         for name in positive:
             if getattr(self, name) < 1:
@@ -62,6 +68,9 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping); got {self.grad_clip}")
+        for name in ("min_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")

@@ -107,6 +107,17 @@ class CharDataset:
     def load(cls, path: Optional[str | os.PathLike] = None) -> "CharDataset":
         return cls.from_text(read_corpus(path))
 
+    def fingerprint(self) -> str:
+        """A hash of the encoded corpus, its split and its vocabulary: two corpora that share a
+        vocabulary still differ here. Independent of the dtype the token ids are stored in."""
+        import hashlib
+
+        digest = hashlib.sha256(self.tokenizer.chars.encode("utf-8"))
+        for split in (self.train, self.val):
+            digest.update(len(split).to_bytes(8, "little"))
+            digest.update(split.to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()
+
     def check_block_size(self, block_size: int) -> None:
         """Both splits must hold at least one window of block_size + 1 tokens (input + target)."""
         for name, split in (("train", self.train), ("val", self.val)):

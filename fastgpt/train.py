@@ -13,32 +13,47 @@ Exact resume: a checkpoint taken at iteration i holds everything step i reads (w
 optimizer moments, every process's torch RNG for dropout, the gradient scaler); the batches are a
 function of (seed, iteration, micro-batch), so a resumed run computes the same loss at step i as
 the run that was interrupted.
+
+The loop's other jobs live in modules of their own: the checkpoint policy (when to evaluate and
+save; the lock on out_dir, the guard against overwriting another run, leftover temporary files:
+fastgpt/checkpoint_policy.py), the metrics log (fastgpt/metrics_log.py) and the progress display
+(fastgpt/progress.py). A loss that is not finite stops the run before its weights are saved, so
+the checkpoint on disk is always the last good one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import functools
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from fastgpt import distributed
+from fastgpt.atomic_file import interrupts_deferred
 from fastgpt.attention import select_backend
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from fastgpt.checkpoint_policy import CheckpointPolicy
 from fastgpt.config import ARCHITECTURE_FIELDS, DTYPES, TrainConfig, split_fields
 from fastgpt.data import CharDataset, CharTokenizer
 from fastgpt.flops import device_peak_flops, training_flops_per_step
+from fastgpt.metrics_log import METRICS_NAME, MetricsLog
 from fastgpt.model import GPT, ModelConfig, build_model, num_parameters
+from fastgpt.progress import Progress
 
-METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
+RUN_OUTPUTS = (CHECKPOINT_NAME, METRICS_NAME, LOSS_CURVE_NAME)  # the files a run writes in out_dir
+
+T = TypeVar("T")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss stopped being finite; the run stopped without saving the weights that produced it."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,7 +87,7 @@ def learning_rate_at(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # Decay the matrices and embeddings only: shrinking biases and LayerNorm gains toward zero
     # regularises nothing useful.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,7 +127,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.model = build_model(model_config).to(self.device)  # the model itself: weights, checkpoints, sampling
         torch.manual_seed(cfg.seed + self.rank)  # each process its own dropout masks
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
         self.autocast_dtype = DTYPES[cfg.dtype]
         # fp16's narrow exponent range needs the loss scaled up before backward (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
@@ -124,6 +139,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.eval_model, device_ids=device_ids)
         self.iter = 0  # the next optimisation step to take
+        self.saved_iter: Optional[int] = None  # the iteration the checkpoint in out_dir holds, if this run has one
         self.elapsed_s = 0.0  # wall time of the run so far, evaluations included, across resumes
         self.out_dir = Path(cfg.out_dir)
 
@@ -213,6 +229,10 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    @functools.cached_property
+    def corpus_fingerprint(self) -> str:
+        return self.dataset.fingerprint()
+
     def checkpoint_state(self) -> dict[str, Any]:
         """The run's state; every process calls it (each contributes its RNG state)."""
         rng = {"cpu": torch.get_rng_state()}
@@ -225,6 +245,7 @@ class Trainer:
             "model_config": dataclasses.asdict(self.model_config),
             "train_config": dataclasses.asdict(self.train_config),
             "vocab": self.dataset.tokenizer.chars,
+            "corpus_fingerprint": self.corpus_fingerprint,
             "iter": self.iter,
             "elapsed_s": self.elapsed_s,
             "rng": distributed.gather(rng),  # one entry per process, in rank order
@@ -234,16 +255,26 @@ class Trainer:
         """Writes the checkpoint from rank 0; every process calls it, and waits until it is written."""
         path = self.out_dir / CHECKPOINT_NAME
         state = self.checkpoint_state()
-        if self.is_main:
-            save_checkpoint(state, path)
+        with interrupts_deferred():  # a Ctrl-C mid-write stops the run once the file and saved_iter agree
+            if self.is_main:
+                save_checkpoint(state, path)
+            self.saved_iter = self.iter
         distributed.barrier()
         return path
 
+    def resume_hint(self) -> str:
+        """What the checkpoint in out_dir holds and how to continue from it: for a run that stopped."""
+        if self.saved_iter is None:
+            return "no checkpoint was written"
+        return (f"{self.out_dir / CHECKPOINT_NAME} holds iteration {self.saved_iter}; continue with: "
+                f"fastgpt train --resume --out-dir {self.out_dir}")
+
     @classmethod
     def resume(cls, out_dir: str | Path, overrides: Optional[dict[str, Any]] = None,
-               dataset: Optional[CharDataset] = None) -> "Trainer":
+               dataset: Optional[CharDataset] = None, allow_corpus_change: bool = False) -> "Trainer":
         """The run saved in out_dir, ready to take its next step. `overrides` may change training
-        settings (max_iters, attention, device, ...) but not the architecture."""
+        settings (max_iters, attention, device, ...) but not the architecture; the corpus must be
+        the one the run was trained on unless allow_corpus_change."""
         state = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
         values = {**state["model_config"], **state["train_config"], "out_dir": str(out_dir)}
         for name, value in (overrides or {}).items():
@@ -252,19 +283,14 @@ class Trainer:
             values[name] = value
         model_config, train_config = split_fields(values)
         trainer = cls(model_config, train_config, dataset)
-        if trainer.dataset.tokenizer.chars != state["vocab"]:
-            raise ValueError(
-                "the corpus's vocabulary differs from the checkpoint's: resume with the corpus it was "
-                f"trained on (--data {state['train_config']['data']})"
-            )
+        trainer._check_corpus(state, allow_corpus_change)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             trainer.scaler.load_state_dict(state["scaler"])
-        trainer.iter = state["iter"]
+        trainer.iter = trainer.saved_iter = state["iter"]
         trainer.elapsed_s = state["elapsed_s"]
-        # checkpoints from before DDP hold one process's state under rng_cpu / rng_cuda
-        ranks = state.get("rng") or [{"cpu": state["rng_cpu"], **({"cuda": state["rng_cuda"]} if "rng_cuda" in state else {})}]
+        ranks = state["rng"]
         if len(ranks) == trainer.world_size:  # the same processes: each continues its own dropout stream
             rng = ranks[trainer.rank]
             torch.set_rng_state(rng["cpu"])
@@ -277,104 +303,162 @@ class Trainer:
                       f"{trainer.world_size}: dropout masks continue from new random streams")
         return trainer
 
+    def _check_corpus(self, state: dict[str, Any], allow_change: bool) -> None:
+        """The corpus must be the checkpoint's: the same vocabulary (each embedding row stands for
+        one character), and the same text unless allow_change."""
+        trained_on = state["train_config"].get("data")
+        trained_on = f"--data {trained_on}" if trained_on else "the default corpus, no --data"
+        if self.dataset.tokenizer.chars != state["vocab"]:
+            raise ValueError(f"the corpus's vocabulary differs from the checkpoint's: resume with the corpus it was "
+                             f"trained on ({trained_on})")
+        saved = state.get("corpus_fingerprint")
+        if saved is None:
+            if self.is_main:
+                print("fastgpt: the checkpoint predates corpus fingerprints: whether this is the corpus it was trained "
+                      "on is not checked (its vocabulary matches)")
+        elif saved != self.corpus_fingerprint:
+            if not allow_change:
+                raise ValueError(
+                    f"the corpus is not the one this run was trained on (fingerprint {self.corpus_fingerprint[:12]}, "
+                    f"the checkpoint's {saved[:12]}), though the vocabularies match: resume with the corpus it was "
+                    f"trained on ({trained_on}), or pass --allow-corpus-change to continue on this one"
+                )
+            if self.is_main:
+                print("fastgpt: continuing on another corpus than the checkpoint's (--allow-corpus-change)")
+
     # -- the loop ------------------------------------------------------------------------------
 
-    def _prepare_metrics_file(self) -> Path:
-        path = self.out_dir / METRICS_NAME
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.iter > 0 and path.exists():  # resuming: drop records the interrupted run wrote past its checkpoint
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= self.iter]
-        path.write_text("".join(line + "\n" for line in kept))
-        return path
-
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, overwrite: bool = False) -> list[dict[str, Any]]:
         """Trains up to max_iters, evaluating and checkpointing every eval_interval steps and at the
-        end; writes metrics.jsonl and the loss-curve PNG; prints a sample. Returns the metrics.
+        end; writes metrics.jsonl and the loss-curve PNG; prints a sample. Returns the metrics
+        records this run wrote. A new run refuses an out_dir that holds another run's checkpoint
+        unless `overwrite`. Raises TrainingDiverged if a loss stops being finite.
         Under torchrun every process trains; rank 0 alone evaluates, writes and prints."""
         cfg = self.train_config
-        main = self.is_main
-        metrics_path = self._prepare_metrics_file() if main else self.out_dir / METRICS_NAME
+        policy = CheckpointPolicy(self.out_dir, cfg.eval_interval, cfg.max_iters, self.saved_iter, RUN_OUTPUTS)
+        lock = self._on_rank0(lambda: policy.claim(overwrite))  # None in the other processes
+        try:
+            metrics = self._on_rank0(lambda: MetricsLog.start(self.out_dir / METRICS_NAME, self.saved_iter))
+            self._train(policy, metrics)
+            if self.is_main:
+                self._finish(metrics)
+        finally:
+            if lock is not None:
+                lock.release()
+        return metrics.records if self.is_main else []
+
+    def _train(self, policy: CheckpointPolicy, metrics: Optional[MetricsLog]) -> None:
+        """The loop: evaluate and save when the policy says so, else take a step. `metrics` is rank 0's."""
+        cfg = self.train_config
         backend = self.attention_backend()
-        tokens_per_step = self.tokens_per_step
-        mc = self.model_config
+        if self.is_main:
+            print(self._describe(backend))
+        run_start = time.perf_counter() - self.elapsed_s
+        loss = None
+        with self._progress() as progress:
+            while True:
+                if policy.evaluates_at(self.iter):
+                    # the last step's loss over the global batch: a collective, so every process takes part
+                    step_loss = distributed.mean(loss).item() if loss is not None else None
+                    losses = self._on_rank0(lambda: self._evaluate_finite(step_loss))  # None elsewhere
+                    self.elapsed_s = time.perf_counter() - run_start
+                    if self.is_main:
+                        metrics.append(self._record(losses, step_loss, progress, backend))
+                    self.save()  # reached only with finite losses: a diverged run keeps its last good checkpoint
+                    if self.is_main:
+                        progress.write(f"step {self.iter}: train loss {losses['train']:.4f}, "
+                                       f"val loss {losses['val']:.4f}")
+                    progress.new_window()
+                if self.iter >= cfg.max_iters:
+                    break
+                t0 = time.perf_counter()
+                loss = self.step()
+                loss_value = None
+                if progress.sync_due(self.iter):
+                    # A device sync, so only every few steps. The mean over the processes: every
+                    # process sees the same value, so a divergence stops them all at once.
+                    loss_value = distributed.mean(loss).item()
+                progress.step_done(self.iter, time.perf_counter() - t0, loss_value)
+                self._stop_if_diverged({"training loss": loss_value})
+        self.elapsed_s = time.perf_counter() - run_start
+
+    def _on_rank0(self, fn: Callable[[], T]) -> Optional[T]:
+        """fn() in rank 0 alone (None elsewhere). A refusal it raises (ValueError, RuntimeError) is
+        raised in every process, so that they all stop instead of waiting for rank 0 in a collective."""
+        if not distributed.enabled():
+            return fn()
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except (ValueError, RuntimeError) as e:
+                error = e
+        error = distributed.gather(error)[0]
+        if error is not None:
+            raise error
+        return result
+
+    def _evaluate_finite(self, step_loss: Optional[float]) -> dict[str, float]:
+        losses = self.evaluate()
+        self._stop_if_diverged({"train loss": losses["train"], "val loss": losses["val"], "step loss": step_loss})
+        return losses
+
+    def _stop_if_diverged(self, losses: dict[str, Optional[float]]) -> None:
+        """Raises TrainingDiverged if one of `losses` (None: not measured) is not finite."""
+        found = ", ".join(f"{name} {value}" for name, value in losses.items()
+                          if value is not None and not math.isfinite(value))
+        if not found:
+            return
+        kept = (f"{self.out_dir / CHECKPOINT_NAME} still holds iteration {self.saved_iter}, the last with finite losses"
+                if self.saved_iter is not None else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"the run diverged at iteration {self.iter} ({found}) and stopped without saving; {kept}. Resume with "
+            f"a lower learning rate: fastgpt train --resume --out-dir {self.out_dir} --learning-rate LR"
+        )
+
+    def _record(self, losses: dict[str, float], step_loss: Optional[float], progress: Progress,
+                backend: str) -> dict[str, Any]:
+        """The metrics record of the evaluation at this iteration."""
+        return {
+            "iter": self.iter,
+            "train_loss": losses["train"],
+            "val_loss": losses["val"],
+            "step_loss": step_loss,
+            "tokens_per_s": progress.tokens_per_s(),
+            "mfu_estimate": progress.mfu(),
+            "elapsed_s": self.elapsed_s,
+            "backend": backend,
+            "lr": learning_rate_at(max(self.iter - 1, 0), self.train_config),
+        }
+
+    def _progress(self) -> Progress:
+        cfg, mc = self.train_config, self.model_config
         # MFU, an estimate: one process's share of the step's FLOPs against one device's peak
         flops_per_device = training_flops_per_step(num_parameters(self.model), mc.n_layer, mc.n_embd,
                                                    cfg.batch_size * self.micro_steps, mc.block_size)
         peak = device_peak_flops(self.device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
-        if main:
-            print(f"fastgpt: {mc.model} with {num_parameters(self.model) / 1e6:.2f} M parameters on {self.device}"
-                  f"{f' × {self.world_size} processes' if self.world_size > 1 else ''}, attention backend "
-                  f"{mc.attention!r} -> {backend}, dtype {cfg.dtype}{', compiled' if cfg.compile else ''}; "
-                  f"{tokens_per_step:,} tokens per step ({cfg.gradient_accumulation_steps} micro-batches of "
-                  f"{cfg.batch_size} × {mc.block_size})")
+        return Progress(self.iter, cfg.max_iters, self.tokens_per_step, flops_per_device, peak,
+                        show=cfg.progress and self.is_main)
 
-        records = []
-        bar = tqdm(total=cfg.max_iters, initial=self.iter, disable=not (cfg.progress and main), unit="it",
-                   dynamic_ncols=True)
-        run_start = time.perf_counter() - self.elapsed_s
-        window_start, window_steps, window_train_s = self.iter, 0, 0.0
-        resumed_at = self.iter if self.iter > 0 else None
-        loss = None
-        while True:
-            last = self.iter >= cfg.max_iters
-            if (self.iter % cfg.eval_interval == 0 or last) and self.iter != resumed_at:
-                # the last step's loss over the global batch: a collective, so every process takes part
-                step_loss = distributed.mean(loss).item() if loss is not None else None
-                if main:
-                    losses = self.evaluate()
-                    self.elapsed_s = time.perf_counter() - run_start
-                    seconds_per_step = window_train_s / window_steps if window_steps else None
-                    record = {
-                        "iter": self.iter,
-                        "train_loss": losses["train"],
-                        "val_loss": losses["val"],
-                        "step_loss": step_loss,
-                        "tokens_per_s": tokens_per_step / seconds_per_step if seconds_per_step else None,
-                        "mfu_estimate": flops_per_device / seconds_per_step / peak if seconds_per_step and peak else None,
-                        "elapsed_s": self.elapsed_s,
-                        "backend": backend,
-                        "lr": learning_rate_at(max(self.iter - 1, 0), cfg),
-                    }
-                    records.append(record)
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                self.save()
-                if main:
-                    bar.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                window_steps, window_train_s = 0, 0.0
-            if last:
-                break
-            t0 = time.perf_counter()
-            loss = self.step()
-            window_steps += 1
-            if self.iter % 10 == 0 or self.iter == cfg.max_iters:
-                loss_value = loss.item()  # a device sync: only every few steps
-                window_train_s += time.perf_counter() - t0
-                seconds_per_step = window_train_s / window_steps
-                postfix = {"loss": f"{loss_value:.4f}", "tok_s": f"{tokens_per_step / seconds_per_step:,.0f}"}
-                if peak:
-                    postfix["mfu_est"] = f"{flops_per_device / seconds_per_step / peak:.1%}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(self.iter - bar.n)
-            else:
-                window_train_s += time.perf_counter() - t0
-        bar.close()
-        self.elapsed_s = time.perf_counter() - run_start
-        if not main:
-            return records
+    def _describe(self, backend: str) -> str:
+        cfg, mc = self.train_config, self.model_config
+        return (f"fastgpt: {mc.model} with {num_parameters(self.model) / 1e6:.2f} M parameters on {self.device}"
+                f"{f' × {self.world_size} processes' if self.world_size > 1 else ''}, attention backend "
+                f"{mc.attention!r} -> {backend}, dtype {cfg.dtype}{', compiled' if cfg.compile else ''}; "
+                f"{self.tokens_per_step:,} tokens per step ({cfg.gradient_accumulation_steps} micro-batches of "
+                f"{cfg.batch_size} × {mc.block_size})")
 
+    def _finish(self, metrics: MetricsLog) -> None:
+        """Rank 0, after the last step: the loss curve, a summary line and a sample."""
         from fastgpt.plots import plot_loss_curve  # matplotlib loads only when a run finishes
 
-        png = plot_loss_curve(metrics_path, self.out_dir / LOSS_CURVE_NAME)
-        print(f"fastgpt: {self.iter} iterations in {self.elapsed_s:.1f} s; metrics {metrics_path}, loss curve {png}, "
+        png = plot_loss_curve(metrics.path, self.out_dir / LOSS_CURVE_NAME)
+        print(f"fastgpt: {self.iter} iterations in {self.elapsed_s:.1f} s; metrics {metrics.path}, loss curve {png}, "
               f"checkpoint {self.out_dir / CHECKPOINT_NAME}")
-        if cfg.sample_tokens > 0:
+        if self.train_config.sample_tokens > 0:
             tokenizer = self.dataset.tokenizer
             prompt = "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
-            print(sample_text(self.model, tokenizer, prompt, cfg.sample_tokens, device=self.device))
-        return records
-
+            print(sample_text(self.model, tokenizer, prompt, self.train_config.sample_tokens, device=self.device))
 
 def sample_text(model, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
                 top_k: Optional[int] = None, seed: Optional[int] = None, device: torch.device | str = "cpu") -> str:

@@ -1,5 +1,8 @@
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -19,6 +22,19 @@ TINY = dict(decay_lr=False, block_size=16, n_layer=2, n_head=2, n_embd=32, batch
 def make_trainer(corpus, out_dir, **overrides) -> Trainer:
     model_config, train_config = make_configs("cpu", {**TINY, "data": str(corpus), "out_dir": str(out_dir), **overrides})
     return Trainer(model_config, train_config)
+
+
+def fastgpt_process(argv: list, inject: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
+    """`fastgpt ARGV` in a fresh Python process that first runs `inject` (the fault to inject)."""
+    code = f"import sys\n{textwrap.dedent(inject)}\nfrom fastgpt.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def train_argv(corpus, out_dir, **overrides) -> list[str]:
+    """The `fastgpt train` arguments of make_trainer's run."""
+    from test_distributed import flags
+
+    return ["train", "--preset", "cpu", *flags({**TINY, "data": corpus, "out_dir": out_dir, **overrides})]
 
 
 def test_swapping_backend_mid_training_continues_the_loss_curve(small_corpus, tmp_path):
@@ -76,9 +92,10 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(small_
 
 
 def test_save_checkpoint_replaces_atomically(tmp_path):
-    save_checkpoint({"x": torch.ones(2)}, tmp_path / "c.pt")
-    save_checkpoint({"x": torch.zeros(2)}, tmp_path / "c.pt")
-    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["x"], torch.zeros(2))
+    state = {"model": {"x": torch.ones(2)}, "model_config": {}, "train_config": {}, "vocab": "ab", "iter": 1}
+    save_checkpoint(state, tmp_path / "c.pt")
+    save_checkpoint({**state, "model": {"x": torch.zeros(2)}}, tmp_path / "c.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["x"], torch.zeros(2))
 
 
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):

@@ -1,0 +1,71 @@
+"""metrics.jsonl: one JSON record per evaluation, appended as a run goes.
+
+The file is strict JSON, one object per line: a number that is not finite (which json.dumps would
+write as the non-standard NaN or Infinity) is written as null. A resumed run keeps the records up
+to its checkpoint's iteration, rewriting the file atomically; a last line cut short by a kill
+mid-append is dropped, with a note, instead of blocking the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from fastgpt.atomic_file import replace_atomically
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """`record` as one line of strict JSON, non-finite numbers as null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of the metrics file at `path` ([] if there is none). A torn last line is dropped
+    with a note; a damaged line elsewhere is refused, naming it."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")  # "" last when the file ends with a newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)  # lenient: older runs wrote NaN, which is rewritten as null
+            if not isinstance(record, dict) or "iter" not in record:
+                raise ValueError
+        except ValueError:
+            if number == len(lines):  # no newline after it: the write was cut short
+                print(f"fastgpt: {path}: dropped its last line, cut short by an interrupted write: {line[:60]!r}")
+                continue
+            raise ValueError(f"{str(path)!r} line {number} is not a metrics record ({line[:60]!r}): repair or remove "
+                             "that line to resume") from None
+        records.append(record)
+    return records
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict[str, Any]] = []  # the ones this run wrote
+
+    @classmethod
+    def start(cls, path: str | Path, resumed_at: Optional[int]) -> "MetricsLog":
+        """The log of a new run (empty), or of a run resumed from a checkpoint at iteration
+        `resumed_at`: the records past it are dropped (the interrupted run wrote them after its
+        last checkpoint, and the resumed run writes them again)."""
+        path = Path(path)
+        kept = [] if resumed_at is None else [r for r in read_records(path) if r["iter"] <= resumed_at]
+        text = "".join(json_line(r) for r in kept)
+        replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+        return cls(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json_line(record)  # serialised before the file is opened: a bad record writes nothing
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+        self.records.append(record)
