@@ -110,3 +110,26 @@ def plot_generate(result: dict[str, Any], out_dir: Path, name: str = "generate")
     fig.savefig(path)
     plt.close(fig)
     return [path]
+
+
+def plot_training_run(run: dict[str, Any], path: Path) -> Path:
+    """The gpu-report's training run: validation loss against seconds of training steps, the
+    target as a line, each evaluation's iteration beside its point."""
+    curve = run["curve"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    seconds = [c["train_s"] for c in curve]
+    ax.plot(seconds, [c["val_loss"] for c in curve], marker="o", ms=3, label="val loss")
+    ax.plot(seconds, [c["train_loss"] for c in curve], marker="o", ms=3, alpha=0.6, label="train loss")
+    ax.axhline(run["target_val_loss"], color="k", ls="--", lw=1, label=f"target {run['target_val_loss']}")
+    for c in curve[:: max(1, len(curve) // 8)]:
+        ax.annotate(str(c["iter"]), (c["train_s"], c["val_loss"]), textcoords="offset points", xytext=(0, 5),
+                    ha="center", fontsize=7)
+    ax.set_xlabel("seconds of training steps (evaluations excluded)")
+    ax.set_ylabel(f"loss (mean over {run['eval_iters']} batches)")
+    ax.set_title(f"{run['preset']}, {run['dtype']}, attention {run['backend']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

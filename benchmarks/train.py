@@ -16,7 +16,7 @@ from fastgpt.attention import available_backends, get_backend
 from fastgpt.benchmarks.attention import NOT_TIMED
 from fastgpt.benchmarks.common import environment, memory_method, peak_memory_bytes
 from fastgpt.timing import summarize, time_interleaved
-from fastgpt.config import make_configs
+from fastgpt.config import DTYPES, make_configs
 from fastgpt.data import CharDataset
 from fastgpt.flops import device_peak_flops, training_flops_per_step
 from fastgpt.model import num_parameters
@@ -25,14 +25,20 @@ from fastgpt.train import Trainer
 
 def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3, warmup: int = 1,
                         backends: Optional[list[str]] = None, data: Optional[str] = None,
-                        peak_flops: Optional[float] = None, progress: bool = True) -> dict[str, Any]:
-    model_config, train_config = make_configs(preset, {"device": device, "data": data, "progress": False})
+                        peak_flops: Optional[float] = None, progress: bool = True, dtype: str = "fp32",
+                        overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Training steps of `preset` (with `overrides` of its fields) per backend, interleaved; `dtype`
+    is the autocast dtype, as `fastgpt train --dtype`."""
+    model_config, train_config = make_configs(preset, {**(overrides or {}), "device": device, "data": data,
+                                                       "progress": False, "dtype": dtype})
     trainer = Trainer(model_config, train_config, CharDataset.load(data))
     dev = trainer.device
     names = backends or available_backends(dev)
     env = environment(dev)
     records, calls = [], {}
-    probe = torch.empty(1, model_config.n_head, model_config.block_size, model_config.n_embd // model_config.n_head, device=dev)
+    # what the attention receives: autocast's dtype
+    probe = torch.empty(1, model_config.n_head, model_config.block_size, model_config.n_embd // model_config.n_head,
+                        device=dev, dtype=DTYPES[dtype])
     for name in names:
         backend = get_backend(name)
         reason = backend.refusal(probe, model_config.dropout)
@@ -68,4 +74,5 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
             "mfu": flops / stats["median_s"] / peak if peak else None,
             "params": num_parameters(trainer.model),
         })
-    return {"environment": env, "preset": preset, "steps_per_rep": steps, "reps": reps, "records": records}
+    return {"environment": env, "preset": preset, "dtype": dtype, "steps_per_rep": steps, "reps": reps,
+            "records": records}

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from fastgpt.config import PRESETS, TrainConfig
+from fastgpt.config import DTYPES, PRESETS, TrainConfig
 from fastgpt.model import ModelConfig
 
 
@@ -237,12 +237,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preset = args.preset or "cpu"
         result = run_train_benchmark(preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
                                      backends=args.backends, data=args.data, peak_flops=args.peak_flops,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, dtype=args.dtype)
         print(train_markdown(result))
         files = write_results(result, out_dir, f"train_{preset}")
         pngs = []
     print("fastgpt bench: wrote " + ", ".join(str(p) for p in [*files.values(), *pngs]))
     return 0
+
+
+def cmd_gpu_report(args: argparse.Namespace) -> int:
+    from fastgpt.benchmarks.gpu_report import main as gpu_report_main
+
+    return gpu_report_main(args)
 
 
 def torch_cuda_available() -> bool:
@@ -319,9 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--linear", nargs="+", default=None, choices=["auto", "torch", "skinny"],
                        help="generate: kernels of the linear layers (default: torch skinny; fastgpt/linear.py)")
     bench.add_argument("--steps", type=_at_least_one, default=5, help="train: steps per timed repetition")
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                       help="train: the autocast dtype of the steps, as `fastgpt train --dtype` (default fp32)")
     bench.add_argument("--data", default=None, help="train: corpus path")
     bench.add_argument("--peak-flops", type=_positive, default=None, help="train: the device's peak FLOP/s for MFU")
     bench.set_defaults(func=cmd_bench)
+
+    from fastgpt.benchmarks.gpu_report import add_arguments as add_gpu_report_arguments
+
+    gpu_report = sub.add_parser("gpu-report", help="the GPU half proven in one call: build, parity, sanitizer, "
+                                                   "attention speed, training, generation, each stage within a "
+                                                   "time budget; report.json/.md and plots")
+    add_gpu_report_arguments(gpu_report)
+    gpu_report.set_defaults(func=cmd_gpu_report)
     return parser
 
 

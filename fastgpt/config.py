@@ -23,7 +23,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class TrainConfig:
-    data: Optional[str] = None  # corpus path; None: $FASTGPT_DATA, the cache, or a download
+    data: Optional[str] = None  # corpus path; None: $FASTGPT_DATA, else tiny-shakespeare as packaged
     out_dir: str = "out"  # checkpoint, metrics.jsonl and loss-curve PNG go here
     device: str = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
     seed: int = 1337

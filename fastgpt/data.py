@@ -11,6 +11,7 @@ Any UTF-8 text file works as a corpus; its vocabulary is the set of characters i
 from __future__ import annotations
 
 import bz2
+import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -110,8 +111,6 @@ class CharDataset:
     def fingerprint(self) -> str:
         """A hash of the encoded corpus, its split and its vocabulary: two corpora that share a
         vocabulary still differ here. Independent of the dtype the token ids are stored in."""
-        import hashlib
-
         digest = hashlib.sha256(self.tokenizer.chars.encode("utf-8"))
         for split in (self.train, self.val):
             digest.update(len(split).to_bytes(8, "little"))

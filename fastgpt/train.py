@@ -460,6 +460,7 @@ class Trainer:
             prompt = "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
             print(sample_text(self.model, tokenizer, prompt, self.train_config.sample_tokens, device=self.device))
 
+
 def sample_text(model, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
                 top_k: Optional[int] = None, seed: Optional[int] = None, device: torch.device | str = "cpu") -> str:
     """The prompt followed by max_new_tokens sampled characters."""

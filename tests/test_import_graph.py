@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The one module of the library that may import the benchmarks: the `fastgpt bench` command.
+# The one module of the library that may import the benchmarks: the command line (`fastgpt bench`,
+# `fastgpt gpu-report`).
 BENCH_COMMAND = "fastgpt.cli"
 
 Edges = dict[str, dict[str, str]]  # module -> {imported module: "file:line" of the first such import}
