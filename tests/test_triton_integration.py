@@ -11,7 +11,7 @@ import torch
 from fastgpt.attention import causal_attention, get_backend
 from fastgpt.parity import _forward_backward, make_qkv
 
-triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
+flash_ops = pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
