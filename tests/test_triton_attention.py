@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastgpt.attention import causal_attention, naive_attention
-from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, shape_id, tolerance
+from fastgpt.parity import PARITY_SHAPES, check_parity, compare, forward_backward, make_qkv, shape_id
 
 flash_ops = pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
@@ -27,15 +27,10 @@ def test_parity_with_float64_reference(shape, dtype):
 
 
 def assert_matches_reference(kernel_fn, reference_fn, q, k, v, dout):
-    """kernel_fn's out, dq, dk, dv within the parity rule of reference_fn run in float64 (the
-    oracle) and in q's dtype (the error the rule scales). The kernel runs first, so a reference
-    may depend on what the kernel's call did (its dropout seed)."""
-    got = _forward_backward(kernel_fn, q, k, v, dout)
-    ref = _forward_backward(reference_fn, q.double(), k.double(), v.double(), dout.double())
-    naive_err = _max_errors(_forward_backward(reference_fn, q, k, v, dout), ref)
-    errors = _max_errors(got, ref)
-    limits = {key: tolerance(key, err, q.dtype) for key, err in naive_err.items()}
-    assert all(errors[key] <= limits[key] for key in errors), f"errors {errors} over limits {limits}"
+    """kernel_fn's out, dq, dk, dv within the parity rule of reference_fn, in q's dtype. The kernel
+    runs first, so a reference may depend on what the kernel's call did (its dropout seed)."""
+    result = compare(kernel_fn, reference_fn, (q, k, v), dout, q.dtype)
+    assert result.ok, f"{result.explain()}: errors {result.errors}, limits {result.limits}"
 
 
 def test_scale_and_any_strides():
@@ -124,7 +119,7 @@ def test_dropout_reproducible_from_torch_seed():
 
     def run(seed):
         torch.manual_seed(seed)
-        return _forward_backward(lambda a, b, c: triton_attn(a, b, c, dropout_p=0.2), q, k, v, torch.ones_like(q))
+        return forward_backward(lambda a, b, c: triton_attn(a, b, c, dropout_p=0.2), (q, k, v), torch.ones_like(q))
 
     first, again, other = run(0), run(0), run(1)
     for key in first:
