@@ -78,7 +78,7 @@ def _shipped_block_shapes():
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuner runs every shipped config anyway")
 @pytest.mark.parametrize("blocks", _shipped_block_shapes(), ids=lambda b: "-".join(f"{m}x{n}" for _, m, n in b))
 def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
-    # the GPU configs are only compiled here (fastgpt/gpu_check.py); their block logic runs now
+    # the GPU configs are only compiled by fastgpt.kernels.triton_compile_check; their block logic runs here
     for kernel, block_m, block_n in blocks:
         monkeypatch.setitem(cfg.INTERPRETER_CONFIGS, kernel, cfg.KernelConfig(block_m, block_n, 4, 1))
     p = 0.25
