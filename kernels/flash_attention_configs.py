@@ -77,7 +77,7 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 # fp32 inputs run full-precision dots (dot_precision below): FMA loops, not tensor cores, whose
 # operands and products all live in registers. The 16-bit lists spill up to 160 KB there, so fp32
 # gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (The T_q < T_k
-# offset of issue 9 cost a few registers: fwd M16/N16/w4 at D=80/96 and dK/dV M16/N32/w4 with
+# diagonal offset cost a few registers: fwd M16/N16/w4 at D=80/96 and dK/dV M16/N32/w4 with
 # dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to spill 8-48 bytes and were replaced by
 # 8-warp configs that do not.)
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
