@@ -18,7 +18,8 @@ ARCHS = sorted(SHARED_LIMIT)
 
 def limits_note() -> str:
     """The limits, as the checks' summary lines state them."""
-    return f"limits: 0 spill bytes; shared memory {', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())}"
+    shared = ", ".join(f"sm_{arch} {limit // 1024} KB" for arch, limit in SHARED_LIMIT.items())
+    return f"limits: 0 spill bytes; shared memory {shared}"
 
 
 def verdict(arch: int, spill_bytes: int, shared_bytes: int, error: Optional[str] = None) -> str:

@@ -21,7 +21,7 @@ The harness, from the most general piece to the attention-specific one:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -179,6 +179,9 @@ def check_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: in
     `dtype`, and compares with the naive math in float64 and in `dtype`."""
     q, k, v = make_qkv(shape, dtype, device, seed)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
-    result = compare(lambda a, b, c: causal_attention(a, b, c, backend=backend), naive_attention, (q, k, v), dout, dtype)
-    result.backend, result.shape = backend, tuple(shape)
-    return result
+
+    def under_test(q, k, v):
+        return causal_attention(q, k, v, backend=backend)
+
+    result = compare(under_test, naive_attention, (q, k, v), dout, dtype)
+    return replace(result, backend=backend, shape=tuple(shape))

@@ -232,11 +232,12 @@ def run(args: argparse.Namespace) -> int:
 
     if knobs.runtime.interpret or _kernels_interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        again = [f"--jobs={args.jobs}"] + (["--full"] if args.full else [])
+        command = [sys.executable, "-m", "fastgpt.kernels.triton_compile_check", f"--jobs={args.jobs}"]
+        command += ["--full"] if args.full else []
         for flag, values in (("--arch", args.arch), ("--dtype", args.dtype), ("--head-dim", args.head_dim)):
-            again += [f"{flag}={v}" for v in values or []]
+            command += [f"{flag}={v}" for v in values or []]
         sys.stdout.flush()  # the child writes to the same file descriptor
-        return subprocess.run([sys.executable, "-m", "fastgpt.kernels.triton_compile_check", *again], env=env).returncode
+        return subprocess.run(command, env=env).returncode
 
     todo = jobs(args.arch or compile_check.ARCHS, args.dtype or list(DTYPES), args.head_dim or HEAD_DIMS)
     start = time.perf_counter()

@@ -235,7 +235,8 @@ def run(archs: Optional[list[int]] = None) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastgpt.ext.cuda_compile_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastgpt.ext.cuda_compile_check",
+                                     description=__doc__.split("\n\n")[0])
     compile_check.add_arch_option(parser)
     return run(parser.parse_args(argv).arch)
 
