@@ -199,9 +199,23 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from fastgpt.gpu_check import main as gpu_check_main
+    from fastgpt import compile_check
+    from fastgpt.ext import cuda_compile_check
+    from fastgpt.kernels import triton_compile_check
 
-    return gpu_check_main(args.passthrough)
+    parser = argparse.ArgumentParser(
+        prog="fastgpt check",
+        description="Offline compile checks (no GPU needed): every shipped Triton config "
+                    "(fastgpt.kernels.triton_compile_check), then every CUDA kernel of csrc/cuda/ with nvcc "
+                    "(fastgpt.ext.cuda_compile_check), for sm_80 and sm_90: registers, spills, shared memory. "
+                    "Exit status 1 if anything spills, overflows shared memory or fails to compile.")
+    compile_check.add_arch_option(parser)
+    triton_compile_check.add_options(parser)  # --dtype, --head-dim, --jobs, --full: the Triton check's only
+    options = parser.parse_args(args.passthrough)
+    triton_status = triton_compile_check.run(options)
+    print(flush=True)
+    cuda_status = cuda_compile_check.run(options.arch)
+    return max(triton_status, cuda_status)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -301,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     parity.set_defaults(func=cmd_parity)
 
     check = sub.add_parser("check", add_help=False,
-                           help="compile every shipped Triton config for sm_80/sm_90 offline: registers, spills, "
-                                "shared memory (no GPU needed; `fastgpt check --help` for its options)")
-    check.set_defaults(func=cmd_check)  # its own flags pass through to fastgpt.gpu_check
+                           help="compile every shipped Triton config and every CUDA kernel for sm_80/sm_90 offline: "
+                                "registers, spills, shared memory (no GPU needed; `fastgpt check --help` for its "
+                                "options)")
+    check.set_defaults(func=cmd_check)  # its flags, --help included, pass through to cmd_check's own parser
 
     bench = sub.add_parser("bench", help="benchmark the backends against eager PyTorch (tables, CSV/JSON, plots); "
                                          "generate: sampling with and without the KV cache")

@@ -1,19 +1,28 @@
-"""Parity of attention backends against the float64 reference: one shape list, one tolerance rule.
+"""Parity against the float64 reference: one shape list, one tolerance rule, one harness.
 
-`fastgpt parity` and the test suite both read PARITY_SHAPES and TOLERANCES from here, so the
+`fastgpt parity` and the test suite both read PARITY_SHAPES and the rule from here, so the
 promise a user checks on their GPU is the promise CI checks on CPU.
 
-The rule (flash-attention's convention): a backend run in dtype X may be off the float64 reference
-by at most FACTOR × the error of the naive math run in that same dtype X, plus a small floor that
-covers dtypes where the naive error is ~0 (float32, float64):
+The rule (flash-attention's convention): code run in dtype X may be off the float64 reference by
+at most FACTOR × the error of the reference math run in that same dtype X, plus a small floor that
+covers dtypes where that error is ~0 (float32, float64):
 
-    max|out_backend - out_ref| <= OUTPUT_FACTOR * max|out_naive_X - out_ref| + floor_out[X]
-    max|dq_backend  - dq_ref|  <= GRAD_FACTOR   * max|dq_naive_X  - dq_ref|  + floor_grad[X]
+    max|out_got - out_ref| <= OUTPUT_FACTOR * max|out_ref_X - out_ref| + floor_out[X]
+    max|dq_got  - dq_ref|  <= GRAD_FACTOR   * max|dq_ref_X  - dq_ref|  + floor_grad[X]
+
+The harness, from the most general piece to the attention-specific one:
+
+    assess(got, oracle, same_dtype, dtype)    the rule on tensors already computed (dicts by name)
+    compare(fn, reference_fn, inputs, dout, dtype)
+                                              fn and the reference, forward and backward, on cloned
+                                              inputs, in float64 and in dtype; then assess
+    check_parity(backend, shape, dtype)       a registered backend against the naive math
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -62,16 +71,19 @@ TOLERANCES: dict[torch.dtype, Floor] = {
     torch.bfloat16: Floor(out=8e-3, grad=3e-2),
 }
 
+# The keys of an attention parity check: 'out', then the gradients of q, k, v.
+GRAD_NAMES = ("dq", "dk", "dv")
+
 DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class ParityResult:
-    backend: str
-    shape: tuple[int, ...]  # (B, H, T_q, T_k, D)
-    dtype: torch.dtype
-    errors: dict[str, float]  # 'out', 'dq', 'dk', 'dv': max abs error against float64
+    errors: dict[str, float]  # 'out', then one key per input gradient: max abs error against float64
     limits: dict[str, float]  # the same keys: the tolerance each error must stay under
+    dtype: Optional[torch.dtype] = None  # the dtype the code under test ran in
+    backend: str = ""  # check_parity's: which backend, at which shape
+    shape: tuple[int, ...] = ()  # (B, H, T_q, T_k, D)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +93,12 @@ class ParityResult:
     def worst(self) -> str:
         """The output whose error uses the largest share of its tolerance."""
         return max(self.errors, key=lambda k: self.errors[k] / self.limits[k])
+
+    def explain(self) -> str:
+        """The outputs over their tolerance, for an assertion message."""
+        over = [f"{k} ({self.errors[k]:.3g} > {self.limits[k]:.3g})" for k in self.errors
+                if not self.errors[k] <= self.limits[k]]
+        return "error above the parity limit for " + ", ".join(over) if over else "every error within its limit"
 
 
 def shape_id(shape) -> str:
@@ -105,35 +123,65 @@ def make_qkv(shape, dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return q[:, :, T_k - T_q:], k, v
 
 
-def _forward_backward(fn, q, k, v, dout):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v)
+def floor(key: str, dtype: torch.dtype) -> float:
+    """The dtype's absolute floor for output `key` ('out', or any gradient name)."""
+    return TOLERANCES[dtype].out if key == "out" else TOLERANCES[dtype].grad
+
+
+def tolerance(key: str, same_dtype_error: float, dtype: torch.dtype) -> float:
+    """The rule above for one output ('out', or any gradient name), given the error of the
+    reference math run in `dtype`."""
+    return (OUTPUT_FACTOR if key == "out" else GRAD_FACTOR) * same_dtype_error + floor(key, dtype)
+
+
+def max_errors(got: dict[str, torch.Tensor], oracle: dict[str, torch.Tensor]) -> dict[str, float]:
+    """max |got - oracle| per key of `oracle`, in float64."""
+    return {key: (got[key].double() - oracle[key].double()).abs().max().item() for key in oracle}
+
+
+def assess(got: dict[str, torch.Tensor], oracle: dict[str, torch.Tensor], same_dtype: dict[str, torch.Tensor],
+           dtype: torch.dtype) -> ParityResult:
+    """The rule applied to tensors already computed: `got` (the code under test, in `dtype`),
+    `oracle` (the reference in float64) and `same_dtype` (the reference in `dtype`), each a dict
+    with the same keys; 'out' is held to the output factor, every other key to the gradient one."""
+    same_dtype_errors = max_errors(same_dtype, oracle)
+    limits = {key: tolerance(key, err, dtype) for key, err in same_dtype_errors.items()}
+    return ParityResult(max_errors(got, oracle), limits, dtype)
+
+
+def forward_backward(fn, inputs, dout: torch.Tensor, grad_names=GRAD_NAMES) -> dict[str, torch.Tensor]:
+    """fn(*inputs) and its backward from `dout`, on detached clones of the inputs:
+    {'out': output, grad_names[i]: gradient of inputs[i]}."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
     out.backward(dout)
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return {"out": out.detach(), **{name: t.grad for name, t in zip(grad_names, leaves, strict=True)}}
 
 
-def _max_errors(got: dict, ref: dict) -> dict[str, float]:
-    return {key: (got[key].double() - ref[key]).abs().max().item() for key in ref}
+def compare(fn, reference_fn, inputs, dout: torch.Tensor, dtype: torch.dtype,
+            grad_names=GRAD_NAMES) -> ParityResult:
+    """fn against reference_fn, output and input gradients, under the rule above.
+
+    fn and reference_fn take the inputs positionally and return one tensor. fn runs on the inputs
+    cast to `dtype` (a no-op where they already are), the oracle is reference_fn on the inputs in
+    float64, and the error the rule scales is reference_fn's on the inputs in `dtype`. The upstream
+    gradient is `dout` in the same dtypes. fn runs first, so a reference may depend on what fn's
+    call did (a dropout seed it drew)."""
+    cast = [t.to(dtype) for t in inputs]
+    got = forward_backward(fn, cast, dout.to(dtype), grad_names)
+    oracle = forward_backward(reference_fn, [t.double() for t in inputs], dout.double(), grad_names)
+    same_dtype = forward_backward(reference_fn, cast, dout.to(dtype), grad_names)
+    return assess(got, oracle, same_dtype, dtype)
 
 
 def check_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: int = 0) -> ParityResult:
     """Runs `backend` forward and backward at `shape` (B, H, T_q, T_k, D) or (B, H, T, D) and
-    `dtype`, and compares with float64."""
+    `dtype`, and compares with the naive math in float64 and in `dtype`."""
     q, k, v = make_qkv(shape, dtype, device, seed)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    dout_x = dout.to(device=device, dtype=dtype)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
 
-    ref = _forward_backward(naive_attention, q.double(), k.double(), v.double(), dout.to(device))
-    same_dtype_naive = _max_errors(_forward_backward(naive_attention, q, k, v, dout_x), ref)
-    got = _max_errors(_forward_backward(lambda a, b, c: causal_attention(a, b, c, backend=backend), q, k, v, dout_x), ref)
+    def under_test(q, k, v):
+        return causal_attention(q, k, v, backend=backend)
 
-    limits = {key: tolerance(key, naive_err, dtype) for key, naive_err in same_dtype_naive.items()}
-    return ParityResult(backend, tuple(shape), dtype, got, limits)
-
-
-def tolerance(key: str, naive_error: float, dtype: torch.dtype) -> float:
-    """The rule above for one output ('out', 'dq', 'dk' or 'dv'), given the naive math's error in
-    `dtype`; tests that build their own reference (dropout with a kernel's mask) use it too."""
-    floor = TOLERANCES[dtype]
-    factor, base = (OUTPUT_FACTOR, floor.out) if key == "out" else (GRAD_FACTOR, floor.grad)
-    return factor * naive_error + base
+    result = compare(under_test, naive_attention, (q, k, v), dout, dtype)
+    return replace(result, backend=backend, shape=tuple(shape))

@@ -3,7 +3,7 @@ interpreter runs.
 
 On a GPU the launcher autotunes over `configs(kernel, capability, head_dim_pad, fp32)` (the shipped
 list for the architecture, head dim and input width, filtered by `keep`); under TRITON_INTERPRET=1 it runs `INTERPRETER_CONFIGS`
-only, since the interpreter measures nothing. `fastgpt check` (fastgpt/gpu_check.py) compiles every
+only, since the interpreter measures nothing. `fastgpt check` (kernels/triton_compile_check.py) compiles every
 shipped config for sm_80 and sm_90 and fails on any register spill or shared-memory overflow, so a
 config belongs here only if it passes there.
 
@@ -76,10 +76,10 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 
 # fp32 inputs run full-precision dots (dot_precision below): FMA loops, not tensor cores, whose
 # operands and products all live in registers. The 16-bit lists spill up to 160 KB there, so fp32
-# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (Fewer queries
-# than keys, the offset o = T_k - T_q in the causal test, cost a few registers: fwd M16/N16/w4 at
-# D=80/96 and dK/dV M16/N32/w4 with dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to
-# spill 8-48 bytes and were replaced by 8-warp configs that do not.)
+# gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (The T_q < T_k
+# diagonal offset cost a few registers: fwd M16/N16/w4 at D=80/96 and dK/dV M16/N32/w4 with
+# dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to spill 8-48 bytes and were replaced by
+# 8-warp configs that do not.)
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
         80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)]},

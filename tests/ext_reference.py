@@ -4,9 +4,8 @@ The references compute densely, (T_q, T_k) with the diagonal aligned bottom-righ
 keys j <= T_k - T_q + i), and pack / unpack with fastgpt.ext.layout at the boundary, so that they
 take and give what the ops do.
 
-Each op is checked like a backend: its error against the float64 reference may be at most
-OUTPUT_FACTOR (output) / GRAD_FACTOR (input gradients) × the error of the reference math run in
-the same dtype, plus the dtype's floor from fastgpt.parity.TOLERANCES. No second tolerance table.
+Each op is checked like a backend, with fastgpt.parity.compare: its output and input gradients
+against the reference in float64, within the parity rule of the reference run in the same dtype.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 
 from fastgpt.attention.naive import future_mask  # noqa: F401  (tests import it from here)
 from fastgpt.ext import layout
-from fastgpt.parity import GRAD_FACTOR, OUTPUT_FACTOR, TOLERANCES
+from fastgpt.parity import ParityResult, compare
 
 
 def ref_matmul_nt(a, b):
@@ -61,31 +60,15 @@ def random_packed(B, H, T_q, T_k, seed=0, fill=None):
     return p
 
 
-def _run(fn, inputs, dout):
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    out.backward(dout)
-    return [out.detach()] + [t.grad for t in leaves]
-
-
 def op_parity(op, reference, inputs, dtype, seed: int = 1):
-    """(errors, limits) of op's output and input gradients against `reference` in float64.
+    """(errors, limits) of op's output ('out') and input gradients ('grad0', 'grad1', ...) against
+    `reference` in float64.
 
     inputs: float64 tensors; op runs on them cast to `dtype` (strides kept where the cast allows),
     the upstream gradient is a randn of the output's shape."""
-    dout64 = _dout(reference, inputs, seed)
-    ref = _run(reference, inputs, dout64)
-    cast = [t.to(dtype) for t in inputs]
-    same_dtype = _run(reference, cast, dout64.to(dtype))
-    got = _run(op, cast, dout64.to(dtype))
-    floor = TOLERANCES[dtype]
-    errors, limits = {}, {}
-    for i, (g, n, r) in enumerate(zip(got, same_dtype, ref)):
-        key = "out" if i == 0 else f"grad{i - 1}"
-        factor, base = (OUTPUT_FACTOR, floor.out) if i == 0 else (GRAD_FACTOR, floor.grad)
-        errors[key] = (g.double() - r).abs().max().item()
-        limits[key] = factor * (n.double() - r).abs().max().item() + base
-    return errors, limits
+    grad_names = [f"grad{i}" for i in range(len(inputs))]
+    result = compare(op, reference, inputs, _dout(reference, inputs, seed), dtype, grad_names)
+    return result.errors, result.limits
 
 
 def _dout(reference, inputs, seed):
@@ -95,6 +78,5 @@ def _dout(reference, inputs, seed):
 
 
 def assert_within(errors: dict, limits: dict, what: str) -> None:
-    bad = {k: (errors[k], limits[k]) for k in errors if not errors[k] <= limits[k]}
-    assert not bad, f"{what}: error above the parity limit for " + ", ".join(
-        f"{k} ({e:.3g} > {lim:.3g})" for k, (e, lim) in bad.items())
+    result = ParityResult(errors, limits)
+    assert result.ok, f"{what}: {result.explain()}"

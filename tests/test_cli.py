@@ -101,14 +101,34 @@ def test_parity_command_passes_for_cpu_backends():
     assert proc.stdout.count(" ok") == 2 * len(PARITY_SHAPES) and "all passed" in proc.stdout
 
 
-def test_check_command_is_wired_to_the_static_gpu_check(capfd):
-    # One narrow slice of the static check (the full one runs in tests/test_gpu_check.py). Under
-    # the interpreter the check re-runs itself in a fresh process: read the file descriptors.
+def test_check_command_runs_the_triton_then_the_cuda_compile_check(capfd):
+    # One narrow slice of each check (the full ones: tests/test_triton_compile_check.py,
+    # tests/test_cuda_compile_check.py). Under the interpreter the Triton check re-runs itself in a
+    # fresh process: read the file descriptors.
     assert main(["check", "--arch", "80", "--dtype", "fp16", "--head-dim", "64"]) == 0
     out = capfd.readouterr().out
-    # the Triton table, then the CUDA kernels' (fastgpt/cuda_check.py; absent, with a reason, without nvcc)
+    # the Triton table, then the CUDA kernels' (absent, with a reason, without nvcc)
     triton_out, _, cuda_out = out.partition("cuda kernel ")
     rows = [line for line in triton_out.splitlines() if line.endswith(" ok")]
     assert "0 failed" in triton_out and rows and all(" sm_80 " in row and " 16-bit " in row for row in rows)
     cuda_rows = [line for line in cuda_out.splitlines() if line.endswith(" ok")]
     assert not cuda_out or ("0 failed" in cuda_out and cuda_rows and all(" sm_80 " in row for row in cuda_rows))
+
+
+def test_check_help_names_both_checks_and_their_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("triton_compile_check", "cuda_compile_check", "--arch", "--dtype", "--head-dim", "--jobs", "--full"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("triton_status, cuda_status", [(0, 1), (1, 0), (2, 0)])
+def test_check_fails_when_either_check_fails(monkeypatch, triton_status, cuda_status):
+    from fastgpt.ext import cuda_compile_check
+    from fastgpt.kernels import triton_compile_check
+
+    monkeypatch.setattr(triton_compile_check, "run", lambda options: triton_status)
+    monkeypatch.setattr(cuda_compile_check, "run", lambda archs: cuda_status)
+    assert main(["check"]) == max(triton_status, cuda_status)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fastgpt.attention import causal_attention, naive_attention
-from fastgpt.parity import PARITY_SHAPES, _forward_backward, _max_errors, check_parity, make_qkv, shape_id, tolerance
+from fastgpt.parity import PARITY_SHAPES, check_parity, compare, forward_backward, make_qkv, shape_id
 
-triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
+flash_ops = pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,15 +27,10 @@ def test_parity_with_float64_reference(shape, dtype):
 
 
 def assert_matches_reference(kernel_fn, reference_fn, q, k, v, dout):
-    """kernel_fn's out, dq, dk, dv within the parity rule of reference_fn run in float64 (the
-    oracle) and in q's dtype (the error the rule scales). The kernel runs first, so a reference
-    may depend on what the kernel's call did (its dropout seed)."""
-    got = _forward_backward(kernel_fn, q, k, v, dout)
-    ref = _forward_backward(reference_fn, q.double(), k.double(), v.double(), dout.double())
-    naive_err = _max_errors(_forward_backward(reference_fn, q, k, v, dout), ref)
-    errors = _max_errors(got, ref)
-    limits = {key: tolerance(key, err, q.dtype) for key, err in naive_err.items()}
-    assert all(errors[key] <= limits[key] for key in errors), f"errors {errors} over limits {limits}"
+    """kernel_fn's out, dq, dk, dv within the parity rule of reference_fn, in q's dtype. The kernel
+    runs first, so a reference may depend on what the kernel's call did (its dropout seed)."""
+    result = compare(kernel_fn, reference_fn, (q, k, v), dout, q.dtype)
+    assert result.ok, f"{result.explain()}: errors {result.errors}, limits {result.limits}"
 
 
 def test_scale_and_any_strides():
@@ -56,11 +51,11 @@ def test_dropout_matches_reference_with_the_kernels_mask(shape, dtype):
     p = 0.3
     q, k, v = make_qkv(shape, dtype, DEVICE, seed=5)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
-    with triton_ops.record_dropout_seeds() as seeds:
+    with flash_ops.record_dropout_seeds() as seeds:
 
         def reference(a, b, c):
             (seed,) = seeds  # the one kernel call, which ran first
-            keep = triton_ops.dropout_keep_mask(seed, a.shape, p, b.shape[2])
+            keep = flash_ops.dropout_keep_mask(seed, a.shape, p, b.shape[2])
             assert 0 < keep.float().mean() < 1
             return naive_attention(a, b, c, p, keep_mask=keep)
 
@@ -83,7 +78,7 @@ def _shipped_block_shapes():
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuner runs every shipped config anyway")
 @pytest.mark.parametrize("blocks", _shipped_block_shapes(), ids=lambda b: "-".join(f"{m}x{n}" for _, m, n in b))
 def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
-    # the GPU configs are only compiled here (fastgpt/gpu_check.py); their block logic runs now
+    # the GPU configs are only compiled by fastgpt.kernels.triton_compile_check; their block logic runs here
     for kernel, block_m, block_n in blocks:
         monkeypatch.setitem(cfg.INTERPRETER_CONFIGS, kernel, cfg.KernelConfig(block_m, block_n, 4, 1))
     p = 0.25
@@ -92,16 +87,16 @@ def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
     for shape in [(1, 2, 150, 150, 64), (1, 2, 37, 150, 64), (1, 2, 5, 150, 64)]:
         q, k, v = make_qkv(shape, torch.float32, DEVICE, seed=7)
         dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-        with triton_ops.record_dropout_seeds() as seeds:
+        with flash_ops.record_dropout_seeds() as seeds:
             assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p),
-                                     lambda a, b, c: naive_attention(a, b, c, p, keep_mask=triton_ops.dropout_keep_mask(
+                                     lambda a, b, c: naive_attention(a, b, c, p, keep_mask=flash_ops.dropout_keep_mask(
                                          seeds[0], a.shape, p, b.shape[2])), q, k, v, dout)
 
 
 def test_few_queries_launch_the_decode_configs(monkeypatch):
     launched = []
-    launcher = triton_ops._launcher
-    monkeypatch.setattr(triton_ops, "_launcher", lambda kernel, *a: launched.append(kernel) or launcher(kernel, *a))
+    launcher = flash_ops._launcher
+    monkeypatch.setattr(flash_ops, "_launcher", lambda kernel, *a: launched.append(kernel) or launcher(kernel, *a))
     for T_q in (1, cfg.DECODE_MAX_QUERIES, cfg.DECODE_MAX_QUERIES + 1):
         q, k, v = make_qkv((1, 2, T_q, 40, 16), torch.float32, DEVICE)
         triton_attn(q, k, v)
@@ -110,8 +105,8 @@ def test_few_queries_launch_the_decode_configs(monkeypatch):
 
 @pytest.mark.parametrize("p", [0.2, 0.5])
 def test_kept_fraction(p):
-    seed = triton_ops.draw_seed(torch.device(DEVICE))
-    keep = triton_ops.dropout_keep_mask(seed, (2, 4, 384, 16), p)  # 1.2 M weights
+    seed = flash_ops.draw_seed(torch.device(DEVICE))
+    keep = flash_ops.dropout_keep_mask(seed, (2, 4, 384, 16), p)  # 1.2 M weights
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     # independent streams per (b, h) and per row: no two share a mask
     flat = keep.flatten(0, 1)
@@ -124,7 +119,7 @@ def test_dropout_reproducible_from_torch_seed():
 
     def run(seed):
         torch.manual_seed(seed)
-        return _forward_backward(lambda a, b, c: triton_attn(a, b, c, dropout_p=0.2), q, k, v, torch.ones_like(q))
+        return forward_backward(lambda a, b, c: triton_attn(a, b, c, dropout_p=0.2), (q, k, v), torch.ones_like(q))
 
     first, again, other = run(0), run(0), run(1)
     for key in first:

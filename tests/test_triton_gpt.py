@@ -5,7 +5,7 @@ import pytest
 from fastgpt.config import make_configs
 from fastgpt.train import Trainer
 
-pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
+pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 
 # head size 32 // 2 = 16, context 16: the smallest GPT the kernel supports
 TINY = dict(decay_lr=False, block_size=16, n_layer=2, n_head=2, n_embd=32, batch_size=4, eval_iters=2,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fastgpt.attention import causal_attention, get_backend
-from fastgpt.parity import _forward_backward, make_qkv
+from fastgpt.parity import forward_backward, make_qkv
 
-triton_ops = pytest.importorskip("fastgpt.attention.triton_ops", reason="triton is not installed")
+pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,9 +77,9 @@ def test_torch_compile_sees_one_op_and_no_graph_break():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.manual_seed(0)
-    got = _forward_backward(compiled, q, k, v, torch.ones_like(q))
+    got = forward_backward(compiled, (q, k, v), torch.ones_like(q))
     torch.manual_seed(0)
-    want = _forward_backward(f, q, k, v, torch.ones_like(q))
+    want = forward_backward(f, (q, k, v), torch.ones_like(q))
     for key in want:
         assert torch.equal(got[key], want[key]), key
 

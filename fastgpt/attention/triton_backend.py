@@ -1,7 +1,8 @@
 """`triton`: the fused causal-attention kernel in kernels/flash_attention*.py (forward, backward, dropout).
 
-This module only registers the backend and answers whether it can run; triton itself is imported
-on the first call (fastgpt.attention.triton_ops), so `import fastgpt` does not pay for it.
+This module only registers the backend and answers whether it can run; the host code beside the
+kernels (launchers, the torch.library op: fastgpt.kernels.flash_attention_ops), and with it triton,
+is imported on the first call, so `import fastgpt` does not pay for it.
 
 On a CUDA GPU the kernels are compiled; on CPU tensors they run in Triton's interpreter, which must
 be switched on (TRITON_INTERPRET=1) before triton is first imported. It is not in any `auto` order:
@@ -60,7 +61,7 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
 
 
 def _triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    from fastgpt.attention.triton_ops import triton_attention
+    from fastgpt.kernels.flash_attention_ops import triton_attention
 
     return triton_attention(q, k, v, dropout_p, scale)
 

@@ -43,11 +43,11 @@ HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "phil
            "cpu/dropout_cpu.h")
 # The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
 # is there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
-# part of the build (it is the offline compile check's, fastgpt/cuda_check.py).
+# part of the build (it is the offline compile check's, fastgpt/ext/cuda_compile_check.py).
 CUDA_SOURCES = ("cuda/binding.cu",)
 CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/elements.h", "cuda/causal_matmul.cuh", "cuda/causal_softmax.cuh")
 # sm_80 and sm_90 machine code (bf16 wmma needs sm_80), PTX of the newest for later GPUs; the
-# same archs fastgpt/cuda_check.py compile-checks.
+# archs the offline checks compile for (fastgpt.compile_check.ARCHS; a test holds the two equal).
 CUDA_ARCHS = (80, 90)
 # The first-use message's estimate of a CPU build (the times measured are in csrc/README.md, "Build").
 COMPILE_SECONDS_ESTIMATE = 45

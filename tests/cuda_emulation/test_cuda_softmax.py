@@ -17,7 +17,7 @@ import torch
 from emu_build import HERE, build
 from fastgpt.attention.naive import future_mask
 from fastgpt.ext import layout
-from fastgpt.parity import TOLERANCES, tolerance
+from fastgpt.parity import assess, floor
 from test_ext_dropout import philox4x32_10
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -107,10 +107,8 @@ def assert_matches(got_packed, ref64, same_dtype, key, T_q, T_k, dtype):
     """got: the kernel's packed output. Exactly 0 above the diagonal and in the padding (it was NaN
     before the launch: every element is written); the rest within fastgpt.parity's rule."""
     assert torch.equal(pack(unpack(got_packed, T_q, T_k)), got_packed), "non-zero (or unwritten) above the diagonal"
-    got = unpack(got_packed, T_q, T_k).double()
-    limit = tolerance(key, (same_dtype.double() - ref64).abs().max().item(), dtype)
-    err = (got - ref64).abs().max().item()
-    assert err <= limit, f"{key}: max error {err:.3g} > {limit:.3g}"
+    result = assess({key: unpack(got_packed, T_q, T_k)}, {key: ref64}, {key: same_dtype}, dtype)
+    assert result.ok, result.explain()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -208,9 +206,8 @@ def test_values_agree_with_the_cpu_kernels(lib, cpu_ops, dtype):
            cpu_ops.causal_softmax_backward(g4, e0, T_q, T_k, SCALE),
            cpu_ops.causal_softmax_dropout_backward(g4, s4, T_q, T_k, SCALE, p, SEED, OFFSET)]
     cpu = [unpack(c.view(B * H, N), T_q, T_k) for c in cpu]
-    floor = TOLERANCES[dtype]
     for name, got, want, atol in zip(["forward", "backward", "dropout backward"], emulated, cpu,
-                                     [floor.out, floor.grad, floor.grad]):
+                                     [floor("out", dtype), floor("grad", dtype), floor("grad", dtype)]):
         torch.testing.assert_close(unpack(got, T_q, T_k).double(), want.double(), rtol=0, atol=atol,
                                    msg=lambda m, name=name: f"{name}: {m}")
 

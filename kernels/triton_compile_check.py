@@ -1,8 +1,10 @@
-"""`fastgpt check`: proves, without a GPU, that every shipped Triton attention config compiles for
-sm_80 and sm_90 without register spills and within the shared memory of one block; then prints
-the same table for the CUDA kernels of csrc/cuda/ (fastgpt/cuda_check.py, nvcc).
+"""The Triton kernels' offline compile check (no GPU needed): every shipped attention config compiles
+for sm_80 and sm_90 without register spills and within the shared memory of one block.
 
-    python -m fastgpt.gpu_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16 --dtype fp32] [--full]
+    python -m fastgpt.kernels.triton_compile_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16 --dtype fp32] [--full]
+
+`fastgpt check` runs it, then the CUDA kernels' check (fastgpt.ext.cuda_compile_check); the limits
+and the table layout are fastgpt.compile_check's, shared by both.
 
 For each (kernel, arch, input dtype, head dim, dropout on/off, shipped config; fp32 inputs have
 configs of their own) it compiles the kernel with
@@ -35,17 +37,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from fastgpt.attention.triton_backend import interpreting
+from fastgpt import compile_check
 from fastgpt.kernels import flash_attention_configs as cfg
 from fastgpt.kernels.flash_attention_configs import HEAD_DIMS
 
-# Shared memory one block may use (opt-in maximum): 163 KB on A100 (sm_80), 227 KB on H100 (sm_90).
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-
-
-def limits_note() -> str:
-    """What both compile checks (Triton's here, the CUDA kernels' in cuda_check.py) hold kernels to."""
-    return f"limits: 0 spill bytes; shared memory {', '.join(f'sm_{a} {b // 1024} KB' for a, b in SHARED_LIMIT.items())}"
 DTYPES = ("fp16", "bf16", "fp32")
 # A representative GPT call: q, k, v are views of one (B, T, 3, H, D) buffer, outputs (B, T, H, D).
 EXAMPLE_H, EXAMPLE_T = 6, 256
@@ -70,8 +65,12 @@ class Result:
     error: Optional[str] = None
 
     @property
+    def verdict(self) -> str:
+        return compile_check.verdict(self.job.arch, self.spill_bytes, self.shared_bytes, self.error)
+
+    @property
     def ok(self) -> bool:
-        return self.error is None and self.spill_bytes == 0 and self.shared_bytes <= SHARED_LIMIT[self.job.arch]
+        return self.verdict == "ok"
 
 
 def _kernel_fn(kernel: str):
@@ -194,7 +193,7 @@ def jobs(archs, dtypes, head_dims) -> list[Job]:
     return out
 
 
-def _table(results: list[Result], full: bool) -> str:
+def table(results: list[Result], full: bool) -> str:
     """One row per (kernel, arch, inputs, config): the worst registers, spill bytes and shared memory
     over its head dims, 16-bit dtypes and dropout on/off; every variant on its own row with --full."""
     rows: dict[tuple, list[Result]] = {}
@@ -208,36 +207,39 @@ def _table(results: list[Result], full: bool) -> str:
     head = ["kernel", "arch", "inputs", "config"] + (["dtype", "D", "dropout"] if full else ["head dims"])
     lines = [head + ["regs", "spill B", "smem KB", "status"]]
     for key, group in rows.items():
-        bad = [r for r in group if not r.ok]
-        status = "ok" if not bad else (bad[0].error or ("SPILL" if bad[0].spill_bytes else "SMEM"))
+        status = next((r.verdict for r in group if not r.ok), "ok")
         dims = [] if full else [",".join(str(d) for d in sorted({r.job.head_dim for r in group}))]
         lines.append([*key, *dims, str(max(r.registers for r in group)), str(max(r.spill_bytes for r in group)),
                       f"{max(r.shared_bytes for r in group) / 1024:.0f}", status])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return compile_check.render_table(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastgpt check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
-                        help="target compute capability ×10 (repeatable; default: 80 and 90)")
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """This check's own options (besides --arch, which both checks take)."""
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default: all three)")
     parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="(repeatable; default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--full", action="store_true", help="one row per dtype and dropout setting too")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compiles, prints the table and a summary; exit status 0, 1 (a failure) or 2 (no triton)."""
     if importlib.util.find_spec("triton") is None:
-        print("fastgpt check: triton is not installed (pip install triton; Linux x86-64 wheels)", file=sys.stderr)
+        print("Triton kernels: compile check impossible: triton is not installed (pip install triton; "
+              "Linux x86-64 wheels)", file=sys.stderr)
         return 2
+    from triton import knobs
 
-    if interpreting() or _kernels_interpreted():
+    if knobs.runtime.interpret or _kernels_interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        again = [f"--jobs={args.jobs}"] + (["--full"] if args.full else [])
+        command = [sys.executable, "-m", "fastgpt.kernels.triton_compile_check", f"--jobs={args.jobs}"]
+        command += ["--full"] if args.full else []
         for flag, values in (("--arch", args.arch), ("--dtype", args.dtype), ("--head-dim", args.head_dim)):
-            again += [f"{flag}={v}" for v in values or []]
-        return subprocess.run([sys.executable, "-m", "fastgpt.gpu_check", *again], env=env).returncode
+            command += [f"{flag}={v}" for v in values or []]
+        sys.stdout.flush()  # the child writes to the same file descriptor
+        return subprocess.run(command, env=env).returncode
 
-    todo = jobs(args.arch or sorted(SHARED_LIMIT), args.dtype or list(DTYPES), args.head_dim or HEAD_DIMS)
+    todo = jobs(args.arch or compile_check.ARCHS, args.dtype or list(DTYPES), args.head_dim or HEAD_DIMS)
     start = time.perf_counter()
     if args.jobs > 1:
         import multiprocessing
@@ -247,23 +249,27 @@ def main(argv: Optional[list[str]] = None) -> int:
             results = list(pool.map(run_job, todo, chunksize=4))
     else:
         results = [run_job(j) for j in todo]
-    print(_table(results, args.full))
+    print(table(results, args.full))
     failed = [r for r in results if not r.ok]
-    print(f"\n{len(results)} compilations in {time.perf_counter() - start:.0f} s: "
-          f"{len(results) - len(failed)} ok, {len(failed)} failed ({limits_note()})")
+    print(f"\n{len(results)} Triton compilations in {time.perf_counter() - start:.0f} s: "
+          f"{len(results) - len(failed)} ok, {len(failed)} failed ({compile_check.limits_note()})")
     for r in failed:
         print(f"FAILED {r.job}: regs={r.registers} spill={r.spill_bytes} smem={r.shared_bytes} {r.error or ''}")
-    print()  # the CUDA kernels of csrc/cuda/, checked the same way with nvcc (fastgpt/cuda_check.py)
-    from fastgpt import cuda_check
-
-    cuda_failed = cuda_check.main([f"--arch={a}" for a in args.arch or []])
-    return 1 if failed or cuda_failed else 0
+    return 1 if failed else 0
 
 
 def _kernels_interpreted() -> bool:
     # the jit decorator chose interpreter or compiler when the kernel module was imported
     module = sys.modules.get("fastgpt.kernels.flash_attention")
     return module is not None and type(module._attn_fwd).__name__ == "InterpretedFunction"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastgpt.kernels.triton_compile_check",
+                                     description=__doc__.split("\n\n")[0])
+    compile_check.add_arch_option(parser)
+    add_options(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

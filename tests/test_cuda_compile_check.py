@@ -1,16 +1,16 @@
-"""The CUDA kernels' nvcc compile check (fastgpt/cuda_check.py): every kernel of csrc/cuda/ for every
-dtype and variant compiles for sm_80 and sm_90 with zero spills and within the shared memory of one
-block. The parser tests run everywhere; the compile test is skipped, with the reason, without nvcc.
-A cold compile is one nvcc call (~8 s on 2 shared cores); the result is cached by source hash.
-"""
+"""The CUDA kernels' nvcc compile check (fastgpt.ext.cuda_compile_check, the second half of
+`fastgpt check`): every kernel of csrc/cuda/ for every dtype and variant compiles for sm_80 and
+sm_90 with zero spills and within the shared memory of one block. The parser tests run everywhere;
+the compile test is skipped, with the reason, without nvcc. A cold compile is one nvcc call; the
+result is cached by source hash."""
 
 import re
 
 import pytest
 
-from fastgpt import cuda_check
-from fastgpt.cuda_check import KernelReport, parse_dynamic_shared, parse_ptxas
-from fastgpt.gpu_check import SHARED_LIMIT
+from fastgpt.compile_check import SHARED_LIMIT
+from fastgpt.ext import cuda_compile_check
+from fastgpt.ext.cuda_compile_check import KernelReport, parse_dynamic_shared, parse_ptxas
 
 # Real `nvcc -Xptxas -v` output (CUDA 13.0): sm_80 reports cmem, sm_90 not; the third kernel has no
 # static shared memory and spills; a non-inlined device function must not be taken for a kernel.
@@ -66,18 +66,18 @@ def test_shared_memory_over_the_limit_or_any_spill_fails():
 def _kernel_families() -> set[str]:
     """Every __global__ function template declared in csrc/cuda/*.cuh."""
     names = set()
-    for header in (cuda_check.CSRC / "cuda").glob("*.cuh"):
+    for header in (cuda_compile_check.CSRC / "cuda").glob("*.cuh"):
         names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", header.read_text()))
     return names
 
 
 def test_every_cuda_kernel_compiles_for_sm80_and_sm90_without_spills():
-    reason = cuda_check.unavailable_reason()
+    reason = cuda_compile_check.unavailable_reason()
     if reason is not None:
         print(f"skipped: {reason}")
         pytest.skip(reason)
-    kernels, seconds, cached = cuda_check.compile_reports(sorted(SHARED_LIMIT))
-    print(cuda_check.table(kernels))
+    kernels, seconds, cached = cuda_compile_check.compile_reports(sorted(SHARED_LIMIT))
+    print(cuda_compile_check.table(kernels))
     print(f"nvcc: {seconds:.1f} s{' (cached)' if cached else ''}")
     families = _kernel_families()
     assert {"causal_matmul_nt_kernel", "causal_matmul_nn_kernel", "causal_matmul_tn_kernel"} <= families
@@ -96,7 +96,14 @@ def test_every_cuda_kernel_compiles_for_sm80_and_sm90_without_spills():
 
 
 def test_without_nvcc_the_check_is_skipped_with_the_reason(monkeypatch, capsys):
-    monkeypatch.setattr(cuda_check, "find_nvcc", lambda: None)
-    assert "nvcc not found" in cuda_check.unavailable_reason()
-    assert cuda_check.main([]) == 0
+    monkeypatch.setattr(cuda_compile_check, "find_nvcc", lambda: None)
+    assert "nvcc not found" in cuda_compile_check.unavailable_reason()
+    assert cuda_compile_check.main([]) == 0
     assert "compile check skipped: nvcc not found" in capsys.readouterr().out
+
+
+def test_the_build_targets_the_archs_the_checks_compile_for():
+    from fastgpt import compile_check
+    from fastgpt.ext import build
+
+    assert tuple(compile_check.ARCHS) == tuple(sorted(build.CUDA_ARCHS))

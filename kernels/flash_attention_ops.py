@@ -1,9 +1,9 @@
 """Host side of the Triton attention: launchers, one autograd-aware torch.library op, the dropout seed.
 
-    kernels/flash_attention*.py   jit kernels (forward, backward, dropout mask)
-    launch_forward / launch_backward   allocate outputs, pick configs, launch
-    fastgpt::flash_attention_fwd / _bwd  torch.library ops; autograd registered on the forward
-    triton_attention              the registry's backend function
+    flash_attention*.py (beside this)   jit kernels (forward, backward, dropout mask)
+    launch_forward / launch_backward    allocate outputs, pick configs, launch
+    fastgpt::flash_attention_fwd / _bwd torch.library ops; autograd registered on the forward
+    triton_attention                    the registry's backend function
 
 This module imports triton; fastgpt.attention.triton_backend imports it only on first use.
 

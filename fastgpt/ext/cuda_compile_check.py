@@ -2,7 +2,10 @@
 and variant, compiles for sm_80 and sm_90 without register spills and within the shared memory of
 one block.
 
-    python -m fastgpt.cuda_check [--arch 80 --arch 90]        (also printed by `fastgpt check`)
+    python -m fastgpt.ext.cuda_compile_check [--arch 80 --arch 90]
+
+`fastgpt check` runs it after the Triton kernels' check (fastgpt.kernels.triton_compile_check); the
+limits and the table layout are fastgpt.compile_check's, shared by both.
 
 One nvcc call compiles csrc/cuda/compile_check.cu (which instantiates every kernel) for all the
 archs at once with `-Xptxas -v`; its report gives registers, spill stores/loads and static shared
@@ -29,8 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from fastgpt import compile_check
 from fastgpt.ext.build import CSRC, cache_root
-from fastgpt.gpu_check import SHARED_LIMIT, limits_note
 
 CHECK_SOURCE = CSRC / "cuda" / "compile_check.cu"
 NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", "-Xptxas", "-v"]
@@ -80,8 +83,13 @@ class KernelReport:
         return self.static_shared + self.dynamic_shared
 
     @property
+    def verdict(self) -> str:
+        error = None if self.registers >= 0 else "NO REPORT"  # ptxas printed no "Used N registers" line
+        return compile_check.verdict(self.arch, self.spill_bytes, self.shared_bytes, error)
+
+    @property
     def ok(self) -> bool:
-        return self.registers >= 0 and self.spill_bytes == 0 and self.shared_bytes <= SHARED_LIMIT[self.arch]
+        return self.verdict == "ok"
 
 
 def parse_ptxas(report: str) -> list[KernelReport]:
@@ -163,8 +171,8 @@ def _sources_hash(nvcc: str, archs: list[int]) -> str:
 
 def compile_reports(archs: list[int]) -> tuple[list[KernelReport], float, bool]:
     """(one report per kernel and arch in `archs`, nvcc seconds, whether it came from the cache).
-    nvcc always compiles every arch of SHARED_LIMIT, so every caller shares one cache entry."""
-    every_arch = sorted(SHARED_LIMIT)
+    nvcc always compiles every arch of compile_check.ARCHS, so every caller shares one cache entry."""
+    every_arch = compile_check.ARCHS
     nvcc = find_nvcc()
     cache = cache_root() / f"cuda-check-{_sources_hash(nvcc, every_arch)}.json"
     if cache.is_file():
@@ -196,37 +204,41 @@ def compile_reports(archs: list[int]) -> tuple[list[KernelReport], float, bool]:
 
 def table(kernels: list[KernelReport]) -> str:
     """One row per (kernel, arch, dtype, variant); shared memory is static + dynamic."""
-    head = ["cuda kernel", "arch", "dtype", "variant", "regs", "spill B", "smem KB", "status"]
-    rows = [head]
+    rows = [["cuda kernel", "arch", "dtype", "variant", "regs", "spill B", "smem KB", "status"]]
     for k in sorted(kernels, key=lambda k: (k.family, k.arch, k.dtype, k.variant)):
-        status = "ok" if k.ok else ("SPILL" if k.spill_bytes else "SMEM")
         rows.append([k.family, f"sm_{k.arch}", k.dtype, k.variant, str(k.registers), str(k.spill_bytes),
-                     f"{k.shared_bytes / 1024:.1f}", status])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+                     f"{k.shared_bytes / 1024:.1f}", k.verdict])
+    return compile_check.render_table(rows)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastgpt.cuda_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
-                        help="target compute capability ×10 (repeatable; default: 80 and 90)")
-    args = parser.parse_args(argv)
+def run(archs: Optional[list[int]] = None) -> int:
+    """Compiles (or reads the cache), prints the table and a summary; exit status 0 (also when nvcc
+    is missing: the check is skipped, with the reason) or 1 (a failure)."""
     reason = unavailable_reason()
     if reason is not None:
         print(f"CUDA kernels: compile check skipped: {reason}")
         return 0
     try:
-        kernels, seconds, cached = compile_reports(args.arch or sorted(SHARED_LIMIT))
+        kernels, seconds, cached = compile_reports(archs or compile_check.ARCHS)
     except RuntimeError as e:
         print(f"CUDA kernels: compile check FAILED: {e}")
         return 1
     print(table(kernels))
     failed = [k for k in kernels if not k.ok]
-    print(f"\n{len(kernels)} CUDA kernels (sm_{', sm_'.join(map(str, sorted({k.arch for k in kernels})))}) from one nvcc call in {seconds:.1f} s{' (cached)' if cached else ''}: "
-          f"{len(kernels) - len(failed)} ok, {len(failed)} failed ({limits_note()})")
+    compiled_for = ", ".join(f"sm_{a}" for a in sorted({k.arch for k in kernels}))
+    print(f"\n{len(kernels)} CUDA kernels ({compiled_for}) from one nvcc call in {seconds:.1f} s"
+          f"{' (cached)' if cached else ''}: {len(kernels) - len(failed)} ok, {len(failed)} failed "
+          f"({compile_check.limits_note()})")
     for k in failed:
         print(f"FAILED {k.name} sm_{k.arch}: regs={k.registers} spill={k.spill_bytes} smem={k.shared_bytes}")
     return 1 if failed else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastgpt.ext.cuda_compile_check",
+                                     description=__doc__.split("\n\n")[0])
+    compile_check.add_arch_option(parser)
+    return run(parser.parse_args(argv).arch)
 
 
 if __name__ == "__main__":

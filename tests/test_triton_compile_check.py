@@ -1,8 +1,9 @@
-"""`fastgpt check`: every shipped Triton config compiles for sm_80 and sm_90 without spills.
+"""The Triton kernels' offline compile check (fastgpt.kernels.triton_compile_check, the first half of
+`fastgpt check`): every shipped config compiles for sm_80 and sm_90 without spills.
 
 Compiling needs a process where Triton is not interpreting, so everything here runs in a
-subprocess without TRITON_INTERPRET. A cold run compiles a few hundred kernels (minutes on two
-cores); Triton's cache (~/.triton/cache) makes the next run take seconds.
+subprocess without TRITON_INTERPRET. A cold run compiles several hundred kernels; Triton's cache
+(~/.triton/cache) makes the next run mostly cache reads.
 """
 
 import os
@@ -13,8 +14,8 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from fastgpt import gpu_check  # noqa: E402
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
+from fastgpt.kernels import triton_compile_check  # noqa: E402
 
 
 def _compiler_env():
@@ -22,7 +23,7 @@ def _compiler_env():
 
 
 def test_jobs_cover_every_kernel_arch_dtype_head_dim_and_dropout():
-    jobs = gpu_check.jobs([80, 90], list(gpu_check.DTYPES), gpu_check.HEAD_DIMS)
+    jobs = triton_compile_check.jobs([80, 90], list(triton_compile_check.DTYPES), triton_compile_check.HEAD_DIMS)
     for kernel in cfg.KERNELS:
         for arch in (80, 90):
             for dtype in ("fp16", "bf16", "fp32"):
@@ -36,7 +37,7 @@ def test_jobs_cover_every_kernel_arch_dtype_head_dim_and_dropout():
 
 def test_a_spilling_config_fails_the_check():
     # dK/dV with 64×64 blocks on 4 warps is the kind of "obvious" config that spills on sm_80
-    code = ("from fastgpt.gpu_check import Job, run_job\n"
+    code = ("from fastgpt.kernels.triton_compile_check import Job, run_job\n"
             "from fastgpt.kernels.flash_attention_configs import KernelConfig\n"
             "r = run_job(Job('bwd_dkdv', 80, 'fp16', 64, True, KernelConfig(64, 64, 4, 2)))\n"
             "print(r.registers, r.spill_bytes, r.ok, r.error)\n")
@@ -46,7 +47,7 @@ def test_a_spilling_config_fails_the_check():
 
 
 def test_static_check_passes_for_every_shipped_config():
-    out = subprocess.run([sys.executable, "-m", "fastgpt.gpu_check"], env=_compiler_env(),
+    out = subprocess.run([sys.executable, "-m", "fastgpt.kernels.triton_compile_check"], env=_compiler_env(),
                          capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     assert " 0 failed" in out.stdout
