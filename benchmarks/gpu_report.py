@@ -106,12 +106,13 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     replace_atomically(path, lambda f: f.write(data))
 
 
-def run_report(out_dir: Path, dry_run: bool, budgets: dict[str, float], stages: list[str]) -> dict[str, Any]:
+def run_report(out_dir: Path, dry_run: bool, budgets: dict[str, float], stages: list[str],
+               command: str = "") -> dict[str, Any]:
     """Every stage of `stages` in order, report.json rewritten after each; then report.md and plots."""
     from fastgpt.benchmarks import gpu_report_render
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"dry_run": dry_run, "command": " ".join(["fastgpt", "gpu-report", *sys.argv[1:]]),
+    report: dict[str, Any] = {"dry_run": dry_run, "command": command,
                               "budgets_s": {name: budgets[name] for name in stages}, "stages": []}
     with tempfile.TemporaryDirectory(prefix="fastgpt-gpu-report-") as tmp, open(out_dir / REPORT_LOG, "w") as log:
         work_dir = Path(tmp)
@@ -169,7 +170,9 @@ def main(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     print(f"fastgpt gpu-report: {len(stages)} stages, {sum(budgets[s] for s in stages):.0f} s of budget"
           f"{' (dry run on CPU)' if args.dry_run else ''}; writing {out_dir / REPORT_JSON} after each", flush=True)
-    report = run_report(out_dir, args.dry_run, budgets, stages)
+    command = " ".join(["fastgpt gpu-report --out-dir", str(out_dir), *(["--dry-run"] if args.dry_run else []),
+                        *(f"--budget {b}" for b in args.budget or []), *(["--stages", *args.stages] if args.stages else [])])
+    report = run_report(out_dir, args.dry_run, budgets, stages, command)
     bad = [s["name"] for s in report["stages"] if s["status"] != "ok"]
     print(f"fastgpt gpu-report: {len(stages) - len(bad)} of {len(stages)} stages ok"
           f"{'; not ok: ' + ', '.join(bad) if bad else ''}; wrote {', '.join(report['files'])} in {out_dir}")

@@ -18,7 +18,6 @@ configs.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -55,14 +54,31 @@ def check_offsets(*tensors: torch.Tensor) -> None:
                              f"attention kernels address at most 2**31 - 1 within a slice")
 
 
-@functools.cache
+# (kernel, capability, head_dim_pad, fp32, seq_bucket) -> its autotuner, made on first use
+_TUNERS: dict[tuple, triton.runtime.Autotuner] = {}
+
+
 def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, seq_bucket: int):
     """The autotuned launcher of `kernel` for one GPU architecture, head dim and sequence-length
     bucket (the next power of two of T_k). One autotuner per bucket, not a tuning run per T: sampling
     grows T_k one token at a time. The autotuners share the jit function, hence its compiled kernels."""
-    candidates = cfg.configs(kernel, capability, head_dim_pad, fp32)
-    configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
+    key = (kernel, capability, head_dim_pad, fp32, seq_bucket)
+    if key not in _TUNERS:
+        candidates = cfg.configs(kernel, capability, head_dim_pad, fp32)
+        configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
+        _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
+    return _TUNERS[key]
+
+
+def tuned_configs() -> dict[str, str]:
+    """The config each autotuner picked so far in this process, for reports:
+    {"fwd D=64 dropout=False T<=4096 fp32=False": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}."""
+    picks = {}
+    for (kernel, _, _, fp32, seq_bucket), tuner in _TUNERS.items():
+        for tuning_key, config in tuner.cache.items():
+            head_dim, dropout = tuning_key[0], tuning_key[1]
+            picks[f"{kernel} D={head_dim} dropout={dropout} T<={seq_bucket} fp32={fp32}"] = str(config)
+    return picks
 
 
 def _launcher(kernel: str, q: torch.Tensor, T_k: int, head_dim_pad: int):
