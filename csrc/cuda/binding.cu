@@ -3,10 +3,14 @@
 // CPU), allocate the output on the input's device, launch the raw-pointer kernels of the .cuh
 // headers on torch's current stream. Nothing here copies to the host or falls back to another
 // backend. The kernels themselves are compile-checked without torch (csrc/cuda/compile_check.cu).
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
+// The current stream is all the binding takes from torch's CUDA side. c10's header needs only the
+// CUDA runtime's; ATen/cuda/CUDAContext.h would also include cuBLAS, cuSPARSE and cuSOLVER
+// headers, which a toolkit of nvcc and the runtime alone (e.g. from pip's nvidia-cuda-nvcc and
+// nvidia-cuda-runtime packages) lacks.
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../causal_layout.h"
@@ -61,7 +65,7 @@ at::Tensor causal_matmul_nt(const at::Tensor& a_in, const at::Tensor& b_in) {
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = unit_stride_rows(a_in), b = unit_stride_rows(b_in);
   at::Tensor out = at::empty({B, H, CausalLayout(T_q, T_k).N}, a.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     launch_causal_matmul_nt<T>(data<T>(a), row_strides(a), data<T>(b), row_strides(b), mutable_data<T>(out), B, H,
@@ -84,7 +88,7 @@ at::Tensor packed_times_rows(const at::Tensor& p_in, const at::Tensor& x_in, int
   const c10::cuda::CUDAGuard guard(p_in.device());
   const at::Tensor p = packed_contiguous(p_in), x = unit_stride_rows(x_in);
   at::Tensor out = at::empty({B, H, transposed ? T_k : T_q, D}, x.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(p.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     (transposed ? launch_causal_matmul_tn<T> : launch_causal_matmul_nn<T>)(
@@ -115,7 +119,7 @@ at::Tensor causal_softmax(const at::Tensor& scores_in, int64_t T_q, int64_t T_k,
   const at::Tensor scores = packed_contiguous(scores_in);
   at::Tensor probs = at::empty_like(scores);
   const int64_t batch_heads = scores.size(0) * scores.size(1);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(scores.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     launch_causal_softmax<T>(data<T>(scores), mutable_data<T>(probs), batch_heads, T_q, T_k, static_cast<float>(scale),
@@ -137,7 +141,7 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad_in, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(probs_in.device());
   const at::Tensor grad = packed_contiguous(grad_in), probs = packed_contiguous(probs_in);
   at::Tensor grad_scores = at::empty_like(probs);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(probs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     launch_causal_softmax_backward<T>(data<T>(grad), data<T>(probs), mutable_data<T>(grad_scores),
@@ -159,7 +163,7 @@ at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad_in, const at::
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor grad = packed_contiguous(grad_in), scores = packed_contiguous(scores_in);
   at::Tensor grad_scores = at::empty_like(scores);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(scores.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     launch_causal_softmax_dropout_backward<T>(data<T>(grad), data<T>(scores), mutable_data<T>(grad_scores),
@@ -180,7 +184,7 @@ at::Tensor dropout_keep_mask(const at::Tensor& scores, int64_t T_q, int64_t T_k,
   at::Tensor keep = at::empty({scores.size(0), scores.size(1), T_q, T_k}, scores.options().dtype(at::kBool));
   launch_dropout_keep_mask(reinterpret_cast<uint8_t*>(keep.data_ptr()), scores.size(0) * scores.size(1), T_q, T_k,
                            dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-                           at::cuda::getCurrentCUDAStream());
+                           c10::cuda::getCurrentCUDAStream());
   return keep;
 }
 

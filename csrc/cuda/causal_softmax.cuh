@@ -320,15 +320,22 @@ inline int block_threads(int64_t T_k, int chunk) {
   return threads;
 }
 
-// Calls launch_with(std::type_identity<Owner>, grid, block) with the chosen way to own a row.
+// Carries a row-owner type into a generic lambda. Not std::type_identity: that is C++20, and
+// torch 2.11's cpp_extension compiles the extension as C++17.
+template <typename Owner>
+struct OwnerTag {
+  using type = Owner;
+};
+
+// Calls launch_with(OwnerTag<Owner>, grid, block) with the chosen way to own a row.
 template <typename T, typename LaunchFn>
 void launch_rows(int64_t rows, int64_t T_k, SoftmaxPath path, LaunchFn&& launch_with) {
   if (path == SoftmaxPath::kAuto) path = T_k <= kWarpRowMaxKeys ? SoftmaxPath::kWarpPerRow : SoftmaxPath::kBlockPerRow;
   if (path == SoftmaxPath::kWarpPerRow) {
     const int64_t blocks = (rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock;
-    launch_with(std::type_identity<WarpPerRow>{}, dim3(static_cast<unsigned>(blocks)), dim3(32 * kRowsPerWarpBlock));
+    launch_with(OwnerTag<WarpPerRow>{}, dim3(static_cast<unsigned>(blocks)), dim3(32 * kRowsPerWarpBlock));
   } else {
-    launch_with(std::type_identity<BlockPerRow>{}, dim3(static_cast<unsigned>(rows)), dim3(block_threads(T_k, kChunk<T>)));
+    launch_with(OwnerTag<BlockPerRow>{}, dim3(static_cast<unsigned>(rows)), dim3(block_threads(T_k, kChunk<T>)));
   }
 }
 

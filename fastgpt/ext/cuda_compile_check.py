@@ -36,7 +36,11 @@ from fastgpt import compile_check
 from fastgpt.ext.build import CSRC, cache_root
 
 CHECK_SOURCE = CSRC / "cuda" / "compile_check.cu"
-NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", "-Xptxas", "-v"]
+# The language the extension build gives the kernels: torch 2.11's cpp_extension compiles C++17
+# (2.13's C++20); both add the no-half-operators defines and relaxed constexpr.
+NVCC_FLAGS = ["-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+              "-O3", "-lineinfo", "-Xptxas", "-v"]
 DTYPE_NAMES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}
 # The matmuls' bool template argument: tensor cores or not.
 VARIANT_NAMES = {"true": "wmma", "false": "simt"}
