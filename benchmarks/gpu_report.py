@@ -40,9 +40,9 @@ STAGES: dict[str, float] = {
     "environment": 15,
     "build": 90,
     "parity": 90,
-    "sanitizer": 60,
+    "sanitizer": 45,
     "attention": 120,
-    "training": 120,
+    "training": 135,
     "generation": 15,
 }
 REPORT_JSON, REPORT_MD, REPORT_LOG = "report.json", "report.md", "report.log"

@@ -65,22 +65,30 @@ def _build(r: dict) -> list[str]:
 
 def _parity(r: dict) -> list[str]:
     lines = ["| backend | dtype | shapes ok | not supported | failed | dropout checks ok |", "|---|---|---|---|---|---|"]
-    for t in sorted(r.get("tasks", []), key=lambda t: (t["backend"], t["dtype"])):
+    merged: dict[tuple, dict] = {}  # a backend's tasks (Triton's: one per head dim) merged per dtype
+    for t in r.get("tasks", []):
+        m = merged.setdefault((t["backend"], t["dtype"]), {"shapes": [], "dropout": []})
+        m["shapes"] += t["shapes"]
+        m["dropout"] += t["dropout"]
         if "unavailable" in t:
-            lines.append(f"| {t['backend']} | {t['dtype']} | unavailable: {t['unavailable']} | | | |")
+            m["unavailable"] = t["unavailable"]
+    for (backend, dtype), t in sorted(merged.items()):
+        if "unavailable" in t:
+            lines.append(f"| {backend} | {dtype} | unavailable: {t['unavailable']} | | | |")
             continue
         statuses = [s["status"] for s in t["shapes"]]
         ok = statuses.count("ok")
         unsupported = sum(s.startswith("not supported") for s in statuses)
         dropout_ok = sum(d["status"] == "ok" for d in t["dropout"])
-        lines.append(f"| {t['backend']} | {t['dtype']} | {ok} | {unsupported} | {len(statuses) - ok - unsupported} | "
+        lines.append(f"| {backend} | {dtype} | {ok} | {unsupported} | {len(statuses) - ok - unsupported} | "
                      f"{dropout_ok} of {len(t['dropout'])} |")
     lines += [f"- FAILED {f}" for f in r.get("failures", [])]
     dropout = [d for t in r.get("tasks", []) for d in t["dropout"] if "kept_fraction" in d]
     if dropout:
         lines += ["", "dropout (p = 0.2): kept fraction, the backward against the reference built from the kernel's "
                       "own mask, the same seed twice, three backwards bit-equal", "",
-                  "| backend | dtype | shape | kept | mask parity | same seed | backwards bit-equal |", "|---|---|---|---|---|---|---|"]
+                  "| backend | dtype | shape | kept | mask parity | same seed | backwards bit-equal |",
+                  "|---|---|---|---|---|---|---|"]
         for d in dropout:
             lines.append(f"| {d['backend']} | {d['dtype']} | {d['shape']} | {d['kept_fraction']:.4f} | "
                          f"{d['mask_parity']} | {d['same_seed_same_result']} | {d['repeated_backward_bit_equal']} |")

@@ -144,12 +144,12 @@ def stage_build(ctx: StageContext) -> None:
 
 # ---- parity -----------------------------------------------------------------------------------------
 
-def _parity_task(task: tuple[str, str, str, bool, list]) -> dict[str, Any]:
-    """One (backend, dtype) on `device`: every shape, then the dropout checks; a worker's job."""
+def _parity_task(task: tuple[str, str, str, list, list]) -> dict[str, Any]:
+    """A worker's job: one backend in one dtype on `device`, its parity shapes, then its dropout shapes."""
     from fastgpt import parity
     from fastgpt.attention import get_backend
 
-    backend, dtype_name, device_name, with_dropout, shapes = task
+    backend, dtype_name, device_name, shapes, dropout_shapes = task
     device = torch.device(device_name)
     dtype = parity.DTYPE_NAMES[dtype_name]
     out: dict[str, Any] = {"backend": backend, "dtype": dtype_name, "shapes": [], "dropout": []}
@@ -169,35 +169,46 @@ def _parity_task(task: tuple[str, str, str, bool, list]) -> dict[str, Any]:
                                   "errors": r.errors, "limits": r.limits})
         except Exception as e:  # a kernel error is a failed check, not the end of the stage
             out["shapes"].append({"shape": list(shape), "status": f"error: {type(e).__name__}: {e}"[:500]})
-    if with_dropout:
-        from fastgpt.dropout_check import DROPOUT_SHAPES, check_dropout
+    for shape in dropout_shapes:
+        from fastgpt.dropout_check import check_dropout
 
-        for shape in DROPOUT_SHAPES:
-            try:
-                out["dropout"].append(check_dropout(backend, shape, dtype, device).as_dict())
-            except Exception as e:
-                out["dropout"].append({"shape": list(shape), "status": f"error: {type(e).__name__}: {e}"[:500]})
+        try:
+            out["dropout"].append(check_dropout(backend, shape, dtype, device).as_dict())
+        except Exception as e:
+            out["dropout"].append({"shape": list(shape), "status": f"error: {type(e).__name__}: {e}"[:500]})
     return out
 
 
 def _parity_tasks(ctx: StageContext) -> list[tuple]:
-    """(backend, dtype, device, with dropout checks, shapes) per task."""
+    """(backend, dtype, device, parity shapes, dropout shapes) per task, the slowest first."""
     from fastgpt.attention import available_backends
-    from fastgpt.dropout_check import MASKED_BACKENDS
+    from fastgpt.dropout_check import DROPOUT_SHAPES, MASKED_BACKENDS
     from fastgpt.parity import PARITY_SHAPES
 
     if ctx.dry_run:  # the CPU backends in fp32 on a few shapes (square, decode, a few queries); Triton's
-        # interpreter is slow: its two smallest
+        # interpreter is slow: its two smallest shapes, no dropout
         few = [s for s in PARITY_SHAPES if s[2] * s[3] <= 100 * 100][::3]
         small = [s for s in PARITY_SHAPES if s[2] * s[3] <= 17 * 17][:2]
-        return [(b, "float32", "cpu", b == "ext", small if b == "triton" else few) for b in available_backends("cpu")]
-    return [(b, dtype, "cuda", b in MASKED_BACKENDS, PARITY_SHAPES) for b in available_backends("cuda")
-            for dtype in ("bfloat16", "float16", "float32")]
+        return [(b, "float32", "cpu", small if b == "triton" else few, DROPOUT_SHAPES[1:] if b == "ext" else [])
+                for b in available_backends("cpu")]
+    tasks = []
+    for dtype in ("bfloat16", "float16", "float32"):
+        for backend in available_backends("cuda"):
+            dropout = DROPOUT_SHAPES if backend in MASKED_BACKENDS else []
+            if backend == "triton":
+                # Triton compiles (and autotunes) a kernel per head dim, on the CPU: one task per
+                # head dim, so the workers compile in parallel
+                for D in sorted({s[-1] for s in PARITY_SHAPES}):
+                    tasks.append((backend, dtype, "cuda", [s for s in PARITY_SHAPES if s[-1] == D], []))
+                tasks.append((backend, dtype, "cuda", [], dropout))
+            else:
+                tasks.append((backend, dtype, "cuda", PARITY_SHAPES, dropout))
+    return sorted(tasks, key=lambda t: t[0] != "triton")
 
 
 def stage_parity(ctx: StageContext) -> None:
     """Every task in worker processes (on a GPU most of the time is Triton compiling its kernels,
-    which runs on the CPU: 16 cores compile in parallel), results saved as each finishes."""
+    which runs on the CPU: the machine's cores compile in parallel), results saved as each finishes."""
     tasks = _parity_tasks(ctx)
     results: list[dict] = []
     workers = 1 if ctx.dry_run else max(1, min(len(tasks), (os.cpu_count() or 2) - 2))
@@ -210,9 +221,16 @@ def stage_parity(ctx: StageContext) -> None:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_parity_task, task) for task in tasks]
+            futures = {pool.submit(_parity_task, task): task for task in tasks}
             for future in as_completed(futures):
-                results.append(future.result())
+                try:
+                    results.append(future.result())
+                except Exception as e:  # a worker that died (a CUDA fault) fails its task, not the stage
+                    backend, dtype_name, _, shapes, dropout_shapes = futures[future]
+                    status = f"error: the worker died: {type(e).__name__}: {e}"[:500]
+                    results.append({"backend": backend, "dtype": dtype_name,
+                                    "shapes": [{"shape": list(s), "status": status} for s in shapes],
+                                    "dropout": [{"shape": list(s), "status": status} for s in dropout_shapes]})
                 ctx.save(tasks=results)
     failures = [f"{t['backend']} {t['dtype']} {s['shape']}: {s['status']}" for t in results
                 for s in t["shapes"] + t["dropout"] if s["status"] != "ok" and not s["status"].startswith("not supported")]

@@ -57,7 +57,7 @@ def test_generate_top_k_1_is_greedy_and_restores_training_mode():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
-    (dict(max_new_tokens=1, temperature=0.0), "temperature must be > 0"),
+    (dict(max_new_tokens=1, temperature=0.0), "temperature must be a finite number > 0"),
     (dict(max_new_tokens=1, top_k=0), "top_k must be >= 1"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, match):
