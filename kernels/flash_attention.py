@@ -57,20 +57,40 @@ def _load_tile(ptrs, offs_row, offs_col, n_rows, n_cols, CHECK_ROWS: tl.constexp
 
 
 @triton.jit
-def _dropout_keep(seed, off_bh, q_idx, k_idx, dropout_p):
-    """Which attention weights survive dropout: a bool tile shaped like q_idx and k_idx.
+def _keep_halves(r, threshold):
+    """The keep bits of the two 16-bit uniforms in each uint32 of r: (low half, high half)."""
+    return (r & 0xFFFF).to(tl.float32) >= threshold, (r >> 16).to(tl.float32) >= threshold
 
-    Philox4x32-10 (counter-based, what `tl.rand` runs) on the counter (key index, query index,
-    b·H+h, 0) with the 64-bit seed as key: one independent uniform in [0, 1) per weight, the same
-    in the forward, both backward kernels and the test hook, whatever the block sizes or the
-    orientation of the tile. Counters are 32-bit indices, so no T² product can overflow.
+
+@triton.jit
+def _dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """Which attention weights survive dropout: a (BLOCK_M, BLOCK_N) bool tile, queries offs_m
+    (BLOCK_M,) down, keys start_n .. start_n + BLOCK_N - 1 across (start_n a multiple of 8).
+
+    Philox4x32-10 (counter-based, what `tl.rand` runs) with the 64-bit seed as key, on the counter
+    (key // 8, query index, b·H+h, 0): its four 32-bit outputs split into eight 16-bit uniforms,
+    those of keys 8g .. 8g+7. The ten rounds are most of dropout's cost in these kernels, so one
+    call serves eight weights, not one. A weight is dropped with probability ceil(p·2¹⁶)/2¹⁶,
+    within 2⁻¹⁶ of p. The mask is a pure function of (seed, b·H+h, query, key): the same in the
+    forward, both backward kernels and the test hook, whatever the block sizes (every key block
+    starts at a multiple of 8). Counters are 32-bit indices, so no T² product can overflow.
     """
-    zero = tl.zeros(q_idx.shape, tl.uint32)
-    c0 = k_idx.to(tl.uint32) + zero
-    c1 = q_idx.to(tl.uint32) + zero
-    c2 = zero + off_bh.to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    offs_g = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # the key groups of the tile
+    c0 = (offs_g[None, :] + 0 * offs_m[:, None]).to(tl.uint32)  # (BLOCK_M, BLOCK_N // 8)
+    c1 = (offs_m[:, None] + 0 * offs_g[None, :]).to(tl.uint32)
+    zero = tl.zeros(c0.shape, tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + off_bh.to(tl.uint32), zero)
+    # keep iff u16 >= p·2¹⁶: u16 and the power-of-two scaling are exact in fp32. Compared before
+    # the interleave, so bits, not 32-bit words, are what gets rearranged.
+    threshold = dropout_p * 65536.0
+    lo0, hi0 = _keep_halves(r0, threshold)
+    lo1, hi1 = _keep_halves(r1, threshold)
+    lo2, hi2 = _keep_halves(r2, threshold)
+    lo3, hi3 = _keep_halves(r3, threshold)
+    # key 8g + 2t + h takes half h (low, high) of output r_t: tl.join stacks along a new last axis,
+    # so nesting the joins lays the eight out in key order
+    keep = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
+    return tl.reshape(keep, (offs_m.shape[0], BLOCK_N))
 
 
 @triton.jit
@@ -89,6 +109,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        if DROPOUT:  # first, before the tiles of the step are live: fewer registers at once
+            keep = _dropout_keep(Seed_val, off_bh, offs_m, start_n, dropout_p, BLOCK_N)
         kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
                         offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
@@ -107,8 +129,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
         v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
                        offs_n, offs_d, T_K, HEAD_DIM, ON_DIAGONAL, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
         if DROPOUT:
-            keep = _dropout_keep(Seed_val, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
-                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -185,8 +205,7 @@ def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T_Q
     off_h = off_bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(Seed), off_bh, offs_m[:, None] + 0 * offs_n[None, :],
-                         offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
+    keep = _dropout_keep(tl.load(Seed), off_bh, offs_m, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_N)
     ptrs = (Keep + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
             + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn)
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))

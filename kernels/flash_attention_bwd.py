@@ -57,8 +57,9 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
                          stride_qm, stride_qk, stride_dom, stride_dok,
-                         off_bh, offs_n, offs_d, lo, hi, T_Q, offset, qk_scale, dropout_p, dropout_scale,
-                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         off_bh, start_n, offs_n, offs_d, lo, hi, T_Q, offset, qk_scale, dropout_p, dropout_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr,
                          ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulates dK, dV (BLOCK_N, HEAD_DIM_PAD) fp32 of one key block over query blocks [lo, hi).
 
@@ -70,6 +71,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        if DROPOUT:
+            # before the tiles of the step are live (fewer registers at once); the mask in its
+            # (queries, keys) orientation, turned to this kernel's (keys, queries)
+            keepT = tl.trans(_dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N))
         qT = _load_tile(Q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm,
                         offs_d, offs_m, HEAD_DIM, T_Q, PAD_D, True)  # (HEAD_DIM_PAD, BLOCK_M)
         lse = tl.load(LSE_base + offs_m, mask=offs_m < T_Q, other=0.0)
@@ -81,8 +86,6 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
                         offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keepT = _dropout_keep(seed, off_bh, offs_m[None, :] + 0 * offs_n[:, None],
-                                  offs_n[:, None] + 0 * offs_m[None, :], dropout_p)
             dv = tl.dot(tl.where(keepT, pT * dropout_scale, 0.0).to(do.dtype), do, dv,
                         input_precision=DOT_PRECISION)
             dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
@@ -137,12 +140,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
     mid = ((mid + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
                                   stride_qm, stride_qk, stride_dom, stride_dok,
-                                  off_bh, offs_n, offs_d, lo, mid, T_Q, offset, qk_scale, dropout_p, dropout_scale,
-                                  BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
+                                  off_bh, start_n, offs_n, offs_d, lo, mid, T_Q, offset, qk_scale, dropout_p,
+                                  dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
                                   stride_qm, stride_qk, stride_dom, stride_dok,
-                                  off_bh, offs_n, offs_d, mid, T_Q, T_Q, offset, qk_scale, dropout_p,
-                                  dropout_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
+                                  off_bh, start_n, offs_n, offs_d, mid, T_Q, T_Q, offset, qk_scale, dropout_p,
+                                  dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
     dk = dk * scale  # S = scale·q·kᵀ
 
     out_offs = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk
@@ -167,6 +170,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N)  # before the tiles are live
         kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
                         offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
         vT = _load_tile(V_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn,
@@ -177,8 +182,6 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
             p = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * offs_n[None, :],
-                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)

@@ -57,7 +57,7 @@ PREPROCESS_BLOCK_M = 64  # Δ = rowsum(dO∘out): memory-bound, one config every
 SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
         80: {64: [C(128, 64, 8, 3), C(64, 64, 4, 3)], 128: [C(128, 64, 8, 4), C(64, 32, 4, 3)]},
-        90: {64: [C(128, 64, 8, 3), C(128, 128, 8, 3)], 128: [C(128, 64, 8, 3), C(64, 64, 4, 3)]},
+        90: {64: [C(128, 64, 8, 3), C(64, 128, 4, 3)], 128: [C(128, 64, 8, 3), C(64, 64, 4, 3)]},
     },
     # one 16-row query block (the smallest tl.dot tile), wide key blocks: decoding is memory-bound
     "fwd_decode": {
@@ -79,19 +79,21 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 # gets thin blocks of its own. fp32 on a GPU is the exact path, not the fast one. (The T_q < T_k
 # diagonal offset cost a few registers: fwd M16/N16/w4 at D=80/96 and dK/dV M16/N32/w4 with
 # dropout on sm_80, dQ M64/N16/w8 at D=128 on sm_90 began to spill 8-48 bytes and were replaced by
-# 8-warp configs that do not.)
+# 8-warp configs that do not. Dropout drawing eight keys per Philox call, interleaved into the
+# tile, cost a few more: fwd M32/N16/w4 and decode M16/N64/w4 at D=48 on sm_80, fwd M128/N128/w8/s3
+# (16-bit) and dK/dV M16/N32/w4 on sm_90 spilled 8-24 bytes with dropout and were replaced.)
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
-        80: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)]},
+        80: {64: [C(32, 16, 8, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)]},
         90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)]},
     },
     "fwd_decode": {
-        80: {64: [C(16, 32, 4, 2), C(16, 64, 4, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 8, 2)]},
+        80: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 8, 2)]},
         90: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 16, 4, 2), C(16, 32, 8, 2)]},
     },
     "bwd_dkdv": {
         80: {64: [C(16, 32, 8, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
-        90: {64: [C(16, 32, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
+        90: {64: [C(16, 16, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
     },
     "bwd_dq": {
         80: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2)]},

@@ -114,6 +114,28 @@ def test_kept_fraction(p):
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
+def test_keys_that_share_a_philox_call_are_independent():
+    # one Philox call gives the uniforms of 8 neighbouring keys (kernels/flash_attention.py): the
+    # 8 keep bits of a group must be uncorrelated, and groups must not repeat along rows or heads
+    seed = triton_ops.draw_seed(torch.device(DEVICE))
+    keep = triton_ops.dropout_keep_mask(seed, (2, 4, 384, 16), 0.5).float()  # 1.2 M weights
+    lanes = keep[..., :384].reshape(-1, 8).T  # (8, samples): key 8g + t, t = 0..7
+    corr = torch.corrcoef(lanes) - torch.eye(8)
+    assert corr.abs().max() < 0.01  # 147k samples per lane: an independent pair stays within ~0.008
+    groups = keep[0, 0, :, :64].reshape(384, 8, 8)  # (query, group, lane)
+    assert not torch.equal(groups[:, 0], groups[:, 1]) and not torch.equal(groups[0], groups[1])
+
+
+@pytest.mark.parametrize("p", [0.2, 1 / 3, 0.9])
+def test_dropout_probability_is_p_to_16_bits(p):
+    # 16-bit uniforms: a weight is dropped with probability ceil(p·2¹⁶)/2¹⁶, within 2⁻¹⁶ of p;
+    # over 1.2 M weights the kept fraction stays within 4 standard deviations of 1 - p
+    seed = triton_ops.draw_seed(torch.device(DEVICE))
+    keep = triton_ops.dropout_keep_mask(seed, (2, 4, 384, 16), p, 384)  # dense (B, H, T_q, T_k)
+    kept = keep.float().mean().item()
+    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 2**-16, (kept, 1 - p)
+
+
 def test_dropout_reproducible_from_torch_seed():
     q, k, v = make_qkv((2, 2, 64, 32), torch.float32, DEVICE)
 
