@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastgpt.benchmarks.generate import generate_markdown
-from fastgpt.benchmarks.report import attention_markdown, train_markdown
+from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_csv
 
 # The targets of the first GPU run (benchmarks, not tests): what the report checks its figures against.
 TARGETS = {
@@ -24,7 +24,7 @@ TARGETS = {
 def render(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Writes report.md and the plots into out_dir; returns their paths."""
     stages = {s["name"]: s for s in report["stages"]}
-    files = _plots(stages, out_dir)
+    files = _files(stages, out_dir)
     lines = [f"# fastgpt gpu-report{' (dry run on CPU: stand-ins, not measurements)' if report['dry_run'] else ''}",
              "", f"`{report['command']}`", "",
              "| stage | status | seconds | budget |", "|---|---|---|---|"]
@@ -174,12 +174,14 @@ def _targets(stages: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _plots(stages: dict[str, dict], out_dir: Path) -> list[Path]:
+def _files(stages: dict[str, dict], out_dir: Path) -> list[Path]:
+    """The attention plots and CSV per sweep, the training run's curve."""
     from fastgpt.benchmarks.plots import plot_attention, plot_training_run
 
     paths = []
     for name, sweep in stages.get("attention", {}).get("result", {}).get("sweeps", {}).items():
         paths += plot_attention(sweep, out_dir, name=f"attention_{name}")
+        paths.append(write_csv(sweep, out_dir / f"attention_{name}.csv"))  # the tidy rows, as `fastgpt bench`
     run = stages.get("training", {}).get("result", {}).get("full_run")
     if run and run["curve"]:
         paths.append(plot_training_run(run, out_dir / "training.png"))

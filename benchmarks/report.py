@@ -12,15 +12,20 @@ from typing import Any
 def write_results(result: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
     """<name>.json (everything) and <name>.csv (one tidy row per record, environment repeated)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
+    json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(result, indent=1))
+    return {"json": json_path, "csv": write_csv(result, out_dir / f"{name}.csv")}
+
+
+def write_csv(result: dict[str, Any], path: Path) -> Path:
+    """One tidy row per record of `result`, its environment repeated on every row."""
     rows = [{**record, **{f"env_{k}": v for k, v in result["environment"].items()}} for record in result["records"]]
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(csv_path, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    return {"json": json_path, "csv": csv_path}
+    return path
 
 
 def _ms(seconds) -> str:

@@ -18,6 +18,12 @@ strides divisible by 16 except the unit stride of the head dim. T (T_q, T_k) and
 specialised (do_not_specialize), so the one variant checked is the one that runs for every T.
 "fwd_decode" is the forward kernel with the decode configs (few queries over a KV cache).
 
+With dropout, the table also gives the Philox rounds per attention weight, counted in the PTX:
+each Philox4x32 round is two 32-bit high multiplies (`mul.hi.u32`, which nothing else in these
+kernels emits), over one thread's share of a tile in each of the kernel's two copies of its loop
+(off and on the diagonal). One 10-round call per weight would be 10; the kernels draw eight
+weights per call (kernels/flash_attention.py, _dropout_keep), so at most 1.25.
+
 It must run in a process where Triton is not interpreting (TRITON_INTERPRET=1 turns the kernels
 into Python functions that cannot be compiled); when called from such a process it re-runs itself
 in a fresh one. The ptxas numbers are kept in the kernel metadata, so Triton's cache
@@ -63,6 +69,7 @@ class Result:
     spill_bytes: int = -1  # stores + loads
     shared_bytes: int = -1
     error: Optional[str] = None
+    philox_rounds_per_weight: Optional[float] = None  # dropout variants only
 
     @property
     def verdict(self) -> str:
@@ -173,9 +180,21 @@ def run_job(job: Job) -> Result:
         compiled = triton.compile(_source(job), target=GPUTarget("cuda", job.arch, 32),
                                   options={"num_warps": job.config.num_warps, "num_stages": job.config.num_stages})
         meta = compiled.metadata
-        return Result(job, meta.ptxas_registers, meta.ptxas_spill_bytes, meta.shared)
+        rounds = philox_rounds_per_weight(job, compiled.asm["ptx"]) if job.dropout else None
+        return Result(job, meta.ptxas_registers, meta.ptxas_spill_bytes, meta.shared, philox_rounds_per_weight=rounds)
     except Exception as e:  # a config that does not compile is a failure to report, not a crash
         return Result(job, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+
+
+LOOP_COPIES = 2  # each kernel streams its tiles through two copies of its loop: off and on the diagonal
+
+
+def philox_rounds_per_weight(job: Job, ptx: str) -> float:
+    """Philox rounds per attention weight in `job`'s PTX: two mul.hi.u32 per round, over one
+    thread's share of a (BLOCK_M, BLOCK_N) tile in each copy of the loop."""
+    high_multiplies = sum(line.split()[0] == "mul.hi.u32" for line in ptx.splitlines() if line.strip())
+    weights_per_thread = job.config.block_m * job.config.block_n / (32 * job.config.num_warps)
+    return high_multiplies / 2 / (LOOP_COPIES * weights_per_thread)
 
 
 def jobs(archs, dtypes, head_dims) -> list[Job]:
@@ -205,12 +224,14 @@ def table(results: list[Result], full: bool) -> str:
             key += (j.dtype, str(j.head_dim), "on" if j.dropout else "off")
         rows.setdefault(key, []).append(r)
     head = ["kernel", "arch", "inputs", "config"] + (["dtype", "D", "dropout"] if full else ["head dims"])
-    lines = [head + ["regs", "spill B", "smem KB", "status"]]
+    lines = [head + ["regs", "spill B", "smem KB", "philox/w", "status"]]
     for key, group in rows.items():
         status = next((r.verdict for r in group if not r.ok), "ok")
         dims = [] if full else [",".join(str(d) for d in sorted({r.job.head_dim for r in group}))]
+        rounds = [r.philox_rounds_per_weight for r in group if r.philox_rounds_per_weight is not None]
         lines.append([*key, *dims, str(max(r.registers for r in group)), str(max(r.spill_bytes for r in group)),
-                      f"{max(r.shared_bytes for r in group) / 1024:.0f}", status])
+                      f"{max(r.shared_bytes for r in group) / 1024:.0f}", f"{max(rounds):.2f}" if rounds else "-",
+                      status])
     return compile_check.render_table(lines)
 
 

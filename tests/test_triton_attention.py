@@ -117,8 +117,8 @@ def test_kept_fraction(p):
 def test_keys_that_share_a_philox_call_are_independent():
     # one Philox call gives the uniforms of 8 neighbouring keys (kernels/flash_attention.py): the
     # 8 keep bits of a group must be uncorrelated, and groups must not repeat along rows or heads
-    seed = triton_ops.draw_seed(torch.device(DEVICE))
-    keep = triton_ops.dropout_keep_mask(seed, (2, 4, 384, 16), 0.5).float()  # 1.2 M weights
+    seed = flash_ops.draw_seed(torch.device(DEVICE))
+    keep = flash_ops.dropout_keep_mask(seed, (2, 4, 384, 16), 0.5).float()  # 1.2 M weights
     lanes = keep[..., :384].reshape(-1, 8).T  # (8, samples): key 8g + t, t = 0..7
     corr = torch.corrcoef(lanes) - torch.eye(8)
     assert corr.abs().max() < 0.01  # 147k samples per lane: an independent pair stays within ~0.008
@@ -130,8 +130,8 @@ def test_keys_that_share_a_philox_call_are_independent():
 def test_dropout_probability_is_p_to_16_bits(p):
     # 16-bit uniforms: a weight is dropped with probability ceil(p·2¹⁶)/2¹⁶, within 2⁻¹⁶ of p;
     # over 1.2 M weights the kept fraction stays within 4 standard deviations of 1 - p
-    seed = triton_ops.draw_seed(torch.device(DEVICE))
-    keep = triton_ops.dropout_keep_mask(seed, (2, 4, 384, 16), p, 384)  # dense (B, H, T_q, T_k)
+    seed = flash_ops.draw_seed(torch.device(DEVICE))
+    keep = flash_ops.dropout_keep_mask(seed, (2, 4, 384, 16), p, 384)  # dense (B, H, T_q, T_k)
     kept = keep.float().mean().item()
     assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 2**-16, (kept, 1 - p)
 

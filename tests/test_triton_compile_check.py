@@ -54,3 +54,14 @@ def test_static_check_passes_for_every_shipped_config():
     for kernel in ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq", "bwd_preprocess"):
         for arch in ("sm_80", "sm_90"):
             assert any(line.startswith(kernel) and arch in line for line in out.stdout.splitlines()), (kernel, arch)
+    # dropout draws eight weights per 10-round Philox call: at most 10/8 rounds per weight in the PTX,
+    # or 10/w where a thread holds only w < 8 weights of a tile (one call per weight, as the kernels
+    # once drew, counts 7 to 10 here)
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[-2:] == ["philox/w", "status"]
+    rows = [line.split() for line in lines[1:] if line.split() and line.split()[0] in cfg.KERNELS]
+    assert rows
+    for row in rows:
+        block_m, block_n, warps = (int(x[1:]) for x in row[3].split("/")[:3])  # M128/N64/w8/s3
+        weights_per_thread = block_m * block_n / (32 * warps)
+        assert 0.5 < float(row[-2]) <= 10 / min(8, weights_per_thread), row

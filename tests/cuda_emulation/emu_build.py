@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fastgpt.ext.build import cache_root
+
 REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
 HERE = Path(__file__).resolve().parent
@@ -51,8 +53,7 @@ def build(name: str, sources: list[Path], flags: list[str], shared: bool = False
     for name_in_hash, p in _inputs(sources, csrc):
         h.update(name_in_hash.encode())
         h.update(p.read_bytes())
-    root = Path(os.environ.get("FASTGPT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastgpt")
-    out = root / "cuda-emulation" / f"{name}-{h.hexdigest()[:16]}" / (f"lib{name}.so" if shared else name)
+    out = cache_root() / "cuda-emulation" / f"{name}-{h.hexdigest()[:16]}" / (f"lib{name}.so" if shared else name)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
