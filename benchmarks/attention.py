@@ -39,6 +39,7 @@ class AttentionSweep:
     # Each (backend, T, dtype) is checked against the float64 reference before it is timed, at
     # min(T, validate_max_T): the float64 T×T matrices of a long T outgrow the device's memory.
     validate_max_T: Optional[int] = None
+    kv_heads: Optional[int] = None  # grouped-query: key/value heads, dividing n_head; None: n_head
 
     @classmethod
     def default(cls, device: str) -> "AttentionSweep":
@@ -74,6 +75,8 @@ def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callabl
 def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dict[str, Any]:
     """Runs the sweep; returns {"environment", "sweep", "records"} with one record per
     (backend, cell), a `status` of "ok" or the reason it has no figures."""
+    if sweep.kv_heads is not None and sweep.n_head % sweep.kv_heads != 0:
+        raise ValueError(f"kv_heads={sweep.kv_heads} must divide the sweep's n_head={sweep.n_head}")
     device = torch.device(sweep.device)
     names = sweep.backends or available_backends(device)
     if "naive" not in names:
@@ -87,22 +90,25 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
         bar.set_postfix(T=T, mode=mode, dropout=dropout_p, refresh=False)
         dtype = getattr(torch, dtype_name)
         B, H, D = max(1, sweep.tokens // T), sweep.n_head, sweep.head_dim
-        base = dict(T=T, B=B, H=H, D=D, dtype=dtype_name, mode=mode, dropout=dropout_p, device=env["device"])
+        H_kv = sweep.kv_heads or H
+        base = dict(T=T, B=B, H=H, H_kv=H_kv, D=D, dtype=dtype_name, mode=mode, dropout=dropout_p,
+                    device=env["device"])
         g = torch.Generator().manual_seed(T)
-        q, k, v, dout = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+        q, dout = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+        k, v = (torch.randn(B, H_kv, T, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
         q, k, v = (t.requires_grad_(mode != "forward") for t in (q, k, v))
 
         calls, statuses = {}, {}
         for name in names:
             backend = get_backend(name)
-            reason = backend.refusal(q, dropout_p)
+            reason = backend.refusal(q, dropout_p, H_kv)
             if reason is None and backend.emulated(device):
                 reason = NOT_TIMED
             if reason is None:
                 key = (name, T, dtype_name)
                 if key not in validated:
                     T_check = T if sweep.validate_max_T is None else min(T, sweep.validate_max_T)
-                    result = check_parity(name, (1, H, T_check, D), dtype, device)
+                    result = check_parity(name, (1, H, H_kv, T_check, T_check, D), dtype, device)
                     validated[key] = None if result.ok else f"failed validation: {result.errors} over {result.limits}"
                 reason = validated[key]
             if reason is None:

@@ -83,13 +83,16 @@ def run_generate_benchmark(preset: str = "shakespeare-char", backends: Optional[
     # attention backend per kind of call (no cache and prefill: T_q = T_k; decode: T_q < T_k).
     auto_kernel, auto_how = resolve_linear_kernel("auto", model)
     probe = torch.empty(1, config.n_head, 1, config.n_embd // config.n_head, device=dev)  # a decode step's q
-    defaults = {"linear": auto_kernel, "linear_how": auto_how, "attention_plain": select_backend(probe).name,
-                "attention_cached": select_backend(probe, T_k=2).name}
+    kv_heads = config.n_kv_head
+    defaults = {"linear": auto_kernel, "linear_how": auto_how,
+                "attention_plain": select_backend(probe, kv_heads=kv_heads).name,
+                "attention_cached": select_backend(probe, T_k=2, kv_heads=kv_heads).name}
     for name in backends or ["auto"]:
         model.set_attention_backend(name)
         if name != "auto":
             backend = get_backend(name)
-            reason = backend.refusal(probe, 0.0) or ("emulated: its speed means nothing" if backend.emulated(dev) else None)
+            reason = backend.refusal(probe, 0.0, kv_heads) or ("emulated: its speed means nothing"
+                                                                if backend.emulated(dev) else None)
             if reason is not None:
                 records.append({"backend": name, "linear": "-", "status": reason})
                 continue

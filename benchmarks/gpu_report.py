@@ -38,12 +38,12 @@ from fastgpt.atomic_file import replace_atomically
 # ones before it left behind (the built extension, Triton's compiled kernels on disk).
 STAGES: dict[str, float] = {
     "environment": 15,
-    "build": 90,
+    "build": 120,
     "parity": 90,
     "sanitizer": 45,
-    "attention": 120,
-    "training": 135,
-    "generation": 15,
+    "attention": 110,
+    "training": 120,
+    "generation": 10,
 }
 REPORT_JSON, REPORT_MD, REPORT_LOG = "report.json", "report.md", "report.log"
 OUTPUT_TAIL_CHARS = 4000  # of a failed stage's output, kept in report.json

@@ -179,9 +179,13 @@ def _files(stages: dict[str, dict], out_dir: Path) -> list[Path]:
     from fastgpt.benchmarks.plots import plot_attention, plot_training_run
 
     paths = []
-    for name, sweep in stages.get("attention", {}).get("result", {}).get("sweeps", {}).items():
+    sweeps = stages.get("attention", {}).get("result", {}).get("sweeps", {})
+    for name, sweep in sweeps.items():
         paths += plot_attention(sweep, out_dir, name=f"attention_{name}")
-        paths.append(write_csv(sweep, out_dir / f"attention_{name}.csv"))  # the tidy rows, as `fastgpt bench`
+    if sweeps:  # the tidy rows of every sweep, as `fastgpt bench` writes them, in one file
+        first = next(iter(sweeps.values()))
+        rows = [{"sweep": name, **r} for name, sweep in sweeps.items() for r in sweep["records"]]
+        paths.append(write_csv({"environment": first["environment"], "records": rows}, out_dir / "attention.csv"))
     run = stages.get("training", {}).get("result", {}).get("full_run")
     if run and run["curve"]:
         paths.append(plot_training_run(run, out_dir / "training.png"))

@@ -11,7 +11,8 @@ stage cut off by its budget still reports what it finished. On a GPU it measures
                  shapes, dropout checks, repeated backwards         interpreted on two small shapes
     sanitizer    compute-sanitizer memcheck + racecheck over        the CUDA kernels' SIMT emulation
                  small ext and Triton calls                        under ThreadSanitizer
-    attention    bf16, D 64 and 128, T 512..16k, B·T = 16k          the smoke sweep
+    attention    bf16, D 128 and 64, T 512..16k, B·T = 16k; then    the smoke sweep, and grouped-query
+                 grouped-query (16 heads over 4)
     training     shakespeare-char tokens/s and MFU per backend,     a few steps of a tiny model
                  then the lecture's run to val <= 1.48
     generation   tokens/s with and without the KV cache            the smoke model
@@ -338,15 +339,18 @@ def stage_attention(ctx: StageContext) -> None:
     from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
 
     if ctx.dry_run:
-        sweeps = [("smoke", AttentionSweep.smoke("cpu"))]
+        sweeps = [("smoke", AttentionSweep.smoke("cpu")),
+                  ("smoke_gqa", AttentionSweep(**{**AttentionSweep.smoke("cpu").__dict__, "kv_heads": 1}))]
     else:
-        # FlashAttention's convention: 16k tokens (B·T), hidden 2048 = H × D
+        # FlashAttention's convention: 16k tokens (B·T), hidden 2048 = H × D; then grouped-query as
+        # Llama-family models run it (4 query heads per key/value head) at a few lengths
         seq_lens = [512, 1024, 2048, 4096, 8192, 16384]
-        sweeps = [(f"d{D}", AttentionSweep("cuda", seq_lens, 16384, 2048 // D, D, ["bfloat16"],
-                                           modes=["forward", "forward+backward"], dropouts=[0.0, 0.2],
-                                           backends=["triton", "ext", "sdpa", "naive"], reps=5, warmup=1,
-                                           validate_max_T=2048))
+        common = dict(modes=["forward", "forward+backward"], dropouts=[0.0, 0.2],
+                      backends=["triton", "ext", "sdpa", "naive"], reps=5, warmup=1, validate_max_T=2048)
+        sweeps = [(f"d{D}", AttentionSweep("cuda", seq_lens, 16384, 2048 // D, D, ["bfloat16"], **common))
                   for D in (128, 64)]
+        sweeps.append(("d128_gqa4", AttentionSweep("cuda", [2048, 8192], 16384, 16, 128, ["bfloat16"], kv_heads=4,
+                                                   **common)))
     results = {}
     for name, sweep in sweeps:
         for T in sweep.seq_lens:  # one length at a time, saved as it finishes

@@ -60,7 +60,9 @@ def plot_attention(result: dict[str, Any], out_dir: Path, name: str = "attention
             _style(ax, f"peak memory, forward+backward, dropout {dropout}", "MiB above the inputs")
         axes[0][0].legend()
         env = result["environment"]
-        fig.suptitle(f"causal attention, {dtype}, H={rows[0]['H']}, D={rows[0]['D']}: {env['device']}, torch {env['torch']}",
+        heads = f"H={rows[0]['H']}" + (f" over H_kv={rows[0]['H_kv']}" if rows[0].get("H_kv", rows[0]["H"]) != rows[0]["H"]
+                                       else "")
+        fig.suptitle(f"causal attention, {dtype}, {heads}, D={rows[0]['D']}: {env['device']}, torch {env['torch']}",
                      fontsize=11)
         fig.tight_layout()
         path = out_dir / f"{name}_{dtype}.png"

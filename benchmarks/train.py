@@ -41,7 +41,7 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
                         device=dev, dtype=DTYPES[dtype])
     for name in names:
         backend = get_backend(name)
-        reason = backend.refusal(probe, model_config.dropout)
+        reason = backend.refusal(probe, model_config.dropout, model_config.n_kv_head)
         if reason is None and backend.emulated(dev):
             reason = NOT_TIMED
         if reason is not None:

@@ -13,12 +13,16 @@
 
 namespace fastgpt::cpu {
 
-// tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H, T_k, D) -> packed.
+// Grouped-query attention: the key/value side (b of nt, x of nn, the output of tn) has H_kv heads,
+// H_kv dividing H; query head h uses key/value head h / G, G = H / H_kv (G = 1: one each).
+
+// tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H_kv, T_k, D) -> packed (B, H, N).
 at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b);
-// tril_o(p) · x: p packed, x (B, H, T_k, D) -> (B, H, T_q, D).
+// tril_o(p) · x: p packed (B, H, N), x (B, H_kv, T_k, D) -> (B, H, T_q, D).
 at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x, int64_t T_q);
-// tril_o(p)ᵀ · x: p packed, x (B, H, T_q, D) -> (B, H, T_k, D).
-at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_k);
+// Σ over each group of G query heads of tril_o(p)ᵀ · x: p packed (B, H, N), x (B, H, T_q, D) ->
+// (B, kv_heads, T_k, D); kv_heads defaults to H. The group is summed in a fixed order (deterministic).
+at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_k, std::optional<int64_t> kv_heads);
 
 // P = dropout(softmax(scale · scores, causal)), the dropout mask drawn from (seed, offset).
 at::Tensor causal_softmax(const at::Tensor& scores, int64_t T_q, int64_t T_k, double scale, double dropout_p,

@@ -65,6 +65,26 @@ inline void check_rows(const at::Tensor& x, int64_t B, int64_t H, int64_t T, con
   check_dtype(x, op, name);
 }
 
+// Grouped-query attention: the key/value side has H_kv heads, each shared by a group of G = H / H_kv
+// consecutive query heads (query head h reads key/value head h / G), so H_kv must divide H.
+// `kv_name` / `q_name` name the tensors (or argument) that carry the two head counts.
+inline void check_kv_heads(int64_t H, int64_t H_kv, const char* op, const char* kv_name, const char* q_name) {
+  TORCH_CHECK(H_kv == H || (H_kv >= 1 && H % H_kv == 0), op, ": ", kv_name, " has ", H_kv, " heads and ", q_name,
+              " has ", H, ": the key/value heads H_kv must divide the query heads H (query head h reads key/value "
+              "head h / (H / H_kv))");
+}
+
+// A key/value-side operand of the products: (B, H_kv, T, D) with the query side's B, the given T,
+// and H_kv dividing the query side's H.
+inline void check_kv_rows(const at::Tensor& x, int64_t B, int64_t H, int64_t T, const char* op, const char* name,
+                          const char* t_name, const char* q_name) {
+  check_rank4(x, op, name, "(B, H_kv, T, D)");
+  TORCH_CHECK(x.size(0) == B && x.size(2) == T, op, ": ", name, " has shape ", x.sizes(), "; it must be (B, H_kv, ",
+              t_name, ", D) = (", B, ", H_kv, ", T, ", D)");
+  check_kv_heads(H, x.size(1), op, name, q_name);
+  check_dtype(x, op, name);
+}
+
 // The CPU GEMM takes 32-bit sizes (LP64 BLAS).
 inline void check_blas_size(int64_t n, const char* op, const char* what) {
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), op, ": ", what, " is ", n,

@@ -18,12 +18,16 @@
 // Causal matrices are packed (B, H, N) tensors (causal_layout.h): T_q <= T_k, query i sees keys
 // j <= o + i, o = T_k - T_q; zero at j > o + i and in the padding on output, not read there on input.
 TORCH_LIBRARY(fastgpt, m) {
-  // tril_o(a · bᵀ): (B, H, T_q, D) × (B, H, T_k, D) -> packed.
+  // Grouped-query attention: the key/value side has H_kv heads, H_kv dividing H, and query head h
+  // reads key/value head h / (H / H_kv) in place (never a copy per query head).
+  // tril_o(a · bᵀ): (B, H, T_q, D) × (B, H_kv, T_k, D) -> packed (B, H, N).
   m.def("causal_matmul_nt(Tensor a, Tensor b) -> Tensor");
-  // tril_o(p) · x: packed × (B, H, T_k, D) -> (B, H, T_q, D).
+  // tril_o(p) · x: packed (B, H, N) × (B, H_kv, T_k, D) -> (B, H, T_q, D).
   m.def("causal_matmul_nn(Tensor p, Tensor x, int T_q) -> Tensor");
-  // tril_o(p)ᵀ · x: packed × (B, H, T_q, D) -> (B, H, T_k, D).
-  m.def("causal_matmul_tn(Tensor p, Tensor x, int T_k) -> Tensor");
+  // tril_o(p)ᵀ · x summed over each group of H / kv_heads query heads: packed (B, H, N) ×
+  // (B, H, T_q, D) -> (B, kv_heads, T_k, D), kv_heads = H when None. dK and dV of grouped-query
+  // attention: the group is summed in a fixed order, so repeated calls are bit-equal.
+  m.def("causal_matmul_tn(Tensor p, Tensor x, int T_k, int? kv_heads=None) -> Tensor");
   // dropout(softmax(scale · scores with the causal mask)), the keep mask drawn from the Philox
   // stream at (seed, offset): packed -> packed.
   m.def("causal_softmax(Tensor scores, int T_q, int T_k, float scale, float dropout_p, int seed, int offset) -> Tensor");

@@ -153,7 +153,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
     from fastgpt.attention import available_backends, backend_names, get_backend
-    from fastgpt.parity import DTYPE_NAMES, PARITY_SHAPES, check_parity, make_qkv
+    from fastgpt.parity import DTYPE_NAMES, GQA_SHAPES, PARITY_SHAPES, check_parity, make_qkv, shape_id
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -167,7 +167,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     dtype_names = args.dtypes or (["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"])
     failures = checks = 0
     print(f"parity against the float64 reference on {device}: max |error| / tolerance, per output")
-    print(f"{'backend':<8} {'dtype':<9} {'shape (B,H,Tq,Tk,D)':<22} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
+    print(f"{'backend':<8} {'dtype':<9} {'shape':<24} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
     for name in names:
         backend = get_backend(name)
         reason = backend.unavailable_reason(device)
@@ -177,18 +177,18 @@ def cmd_parity(args: argparse.Namespace) -> int:
             continue
         for dtype_name in dtype_names:
             dtype = DTYPE_NAMES[dtype_name]
-            for shape in PARITY_SHAPES:
-                probe = make_qkv(shape, dtype, device)[0]
-                reason = backend.unsupported_reason(probe, 0.0)
+            for shape in PARITY_SHAPES + GQA_SHAPES:
+                q, k, _ = make_qkv(shape, dtype, device)
+                reason = backend.call_refusal(q, 0.0, k.shape[1])
                 if reason is not None:
-                    print(f"{name:<8} {dtype_name:<9} {str(shape):<22} not supported: {reason}")
+                    print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} not supported: {reason}")
                     continue
                 result = check_parity(name, shape, dtype, device)
                 cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
                 status = "ok" if result.ok else f"FAIL ({result.worst})"
                 checks += 1
                 failures += not result.ok
-                print(f"{name:<8} {dtype_name:<9} {str(shape):<22} {cells}  {status}")
+                print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} {cells}  {status}")
     if checks == 0:
         # nothing was compared (every backend/dtype refused): that proves nothing, so it is no pass
         print(f"fastgpt parity: FAILED: no check ran ({', '.join(names)} in {', '.join(dtype_names)} on {device}); "
@@ -228,7 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         device = args.device or ("cuda" if torch_cuda_available() else "cpu")
         sweep = AttentionSweep.smoke(device) if args.smoke else AttentionSweep.default(device)
-        for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens"):
+        for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens", "kv_heads"):
             if getattr(args, name) is not None:
                 setattr(sweep, name, getattr(args, name))
         result = run_attention_benchmark(sweep, progress=not args.no_progress)
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true", help="attention, generate: a tiny run, to check the harness")
     bench.add_argument("--seq-lens", type=_at_least_one, nargs="+", default=None, help="attention: the T sweep")
     bench.add_argument("--tokens", type=_at_least_one, default=None, help="attention: B·T, held constant")
+    bench.add_argument("--kv-heads", type=_at_least_one, default=None,
+                       help="attention: key/value heads (grouped-query; must divide the sweep's heads)")
     bench.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
     bench.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
     bench.add_argument("--dropouts", type=_probability, nargs="+", default=None)

@@ -111,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # Fields that define the network's parameters: a resumed run cannot change them.
-ARCHITECTURE_FIELDS = ("model", "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+ARCHITECTURE_FIELDS = ("model", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 
 
 def make_configs(preset: str, overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig]:

@@ -28,6 +28,7 @@ class ModelConfig:
     block_size: int = 256  # context length T: the most tokens the model attends over
     n_layer: int = 6  # number of transformer blocks
     n_head: int = 6  # attention heads per block; head size = n_embd // n_head
+    n_kv_head: Optional[int] = None  # key/value heads (grouped-query when < n_head); None: n_head
     n_embd: int = 384  # width C of the residual stream
     dropout: float = 0.2  # on the attention weights and on each residual branch
     attention: str = "auto"  # attention backend: "auto" or a name from fastgpt.backend_names()
@@ -41,6 +42,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is not None and (not isinstance(self.n_kv_head, int) or self.n_kv_head < 1
+                                           or self.n_head % self.n_kv_head != 0):
+            raise ValueError(f"n_kv_head={self.n_kv_head!r} must be a positive integer dividing n_head={self.n_head} "
+                             "(query heads per key/value head), or unset for one per query head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
 
@@ -165,7 +170,8 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.attention)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.attention,
+                                        config.n_kv_head)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 

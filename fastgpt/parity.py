@@ -51,6 +51,17 @@ PARITY_SHAPES: list[tuple[int, int, int, int, int]] = [
     (2, 2, 61, 64, 80),
     (2, 2, 97, 100, 64),
 ]
+# Grouped-query (B, H, H_kv, T_q, T_k, D): groups of H / H_kv = 2, 3 and 8 query heads per key/value
+# head (8 over 1: multi-query), square and with fewer queries than keys, odd lengths, B > 1.
+GQA_SHAPES: list[tuple[int, int, int, int, int, int]] = [
+    (2, 4, 2, 17, 17, 32),
+    (2, 6, 2, 37, 37, 64),
+    (2, 8, 1, 64, 64, 16),
+    (1, 16, 2, 33, 33, 128),
+    (2, 6, 3, 1, 100, 48),
+    (2, 8, 1, 13, 100, 64),
+    (2, 6, 2, 97, 100, 80),
+]
 # The square ones as (B, H, T, D), for tests of pieces that only exist for T_q == T_k.
 SQUARE_SHAPES: list[tuple[int, int, int, int]] = [(B, H, T_q, D) for B, H, T_q, T_k, D in PARITY_SHAPES if T_q == T_k]
 OUTPUT_FACTOR = 2.0
@@ -102,24 +113,35 @@ class ParityResult:
 
 
 def shape_id(shape) -> str:
-    """A test id for a parity shape: B2H3Tq1Tk17D16."""
+    """A test id for a parity shape: B2H3Tq1Tk17D16, or B2H6Hkv2Tq37Tk37D64 for grouped-query."""
+    if len(shape) == 6:
+        B, H, H_kv, T_q, T_k, D = shape
+        return f"B{B}H{H}Hkv{H_kv}Tq{T_q}Tk{T_k}D{D}"
     B, H, T_q, T_k, D = shape
     return f"B{B}H{H}Tq{T_q}Tk{T_k}D{D}"
 
 
-def make_qkv(shape, dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v of `shape` (B, H, T, D), or (B, H, T_q, T_k, D) for fewer queries than keys, as
-    strided views of one (B, T_k, 3, H, D) buffer, the layout a fused qkv projection produces, so
-    every backend is tested on non-contiguous input. q holds the last T_q positions, as in a KV
-    cache; a 4-tuple gives the same tensors as (B, H, T, T, D)."""
+def unpack_shape(shape) -> tuple[int, int, int, int, int, int]:
+    """(B, H, H_kv, T_q, T_k, D) of a parity shape: (B, H, T, D), (B, H, T_q, T_k, D) or
+    (B, H, H_kv, T_q, T_k, D)."""
     if len(shape) == 4:
-        B, H, T_k, D = shape
-        T_q = T_k
-    else:
+        B, H, T, D = shape
+        return B, H, H, T, T, D
+    if len(shape) == 5:
         B, H, T_q, T_k, D = shape
+        return B, H, H, T_q, T_k, D
+    return tuple(shape)
+
+
+def make_qkv(shape, dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, T_q, D), k and v (B, H_kv, T_k, D) for a parity shape (unpack_shape), as strided
+    views of one (B, T_k, H + 2·H_kv, D) buffer, the layout a fused qkv projection produces, so
+    every backend is tested on non-contiguous input. q holds the last T_q positions, as in a KV
+    cache; a 4-tuple (B, H, T, D) gives the same tensors as (B, H, T, T, D)."""
+    B, H, H_kv, T_q, T_k, D = unpack_shape(shape)
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, T_k, 3, H, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T_k, D), non-contiguous
+    qkv = torch.randn(B, T_k, H + 2 * H_kv, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    q, k, v = qkv.transpose(1, 2).split([H, H_kv, H_kv], dim=1)  # (B, heads, T_k, D), non-contiguous
     return q[:, :, T_k - T_q:], k, v
 
 

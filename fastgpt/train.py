@@ -218,7 +218,7 @@ class Trainer:
         dtype = self.autocast_dtype
         probe = torch.empty(1, mc.n_head, mc.block_size, mc.n_embd // mc.n_head, device=self.device, dtype=dtype)
         try:
-            return select_backend(probe, mc.dropout, mc.attention).name
+            return select_backend(probe, mc.dropout, mc.attention, kv_heads=mc.n_kv_head).name
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"--dtype {self.train_config.dtype} runs the attention in {str(dtype).removeprefix('torch.')}: "
                           f"{e}") from None

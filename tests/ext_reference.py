@@ -2,7 +2,9 @@
 
 The references compute densely, (T_q, T_k) with the diagonal aligned bottom-right (query i sees
 keys j <= T_k - T_q + i), and pack / unpack with fastgpt.ext.layout at the boundary, so that they
-take and give what the ops do.
+take and give what the ops do. Grouped-query operands (H_kv heads dividing H) are copied per query
+head here (repeat_interleave: the plain math the kernels must match without copying), and tn's sum
+over a group is a plain sum over the copies' gradients.
 
 Each op is checked like a backend, with fastgpt.parity.compare: its output and input gradients
 against the reference in float64, within the parity rule of the reference run in the same dtype.
@@ -17,17 +19,29 @@ from fastgpt.ext import layout
 from fastgpt.parity import ParityResult, compare
 
 
+def per_query_head(x, H):
+    """x (B, H_kv, T, D) -> (B, H, T, D), head h a copy of x's head h // (H / H_kv)."""
+    return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
+
+
 def ref_matmul_nt(a, b):
+    """a (B, H, T_q, D), b (B, H_kv, T_k, D) -> packed (B, H, N)."""
     T_q, T_k = a.shape[2], b.shape[2]
-    return layout.pack(a @ b.transpose(-2, -1), T_q, T_k)
+    return layout.pack(a @ per_query_head(b, a.shape[1]).transpose(-2, -1), T_q, T_k)
 
 
 def ref_matmul_nn(p, x, T_q):
-    return layout.unpack(p, T_q, x.shape[2]) @ x
+    """p packed (B, H, N), x (B, H_kv, T_k, D) -> (B, H, T_q, D)."""
+    return layout.unpack(p, T_q, x.shape[2]) @ per_query_head(x, p.shape[1])
 
 
-def ref_matmul_tn(p, x, T_k):
-    return layout.unpack(p, x.shape[2], T_k).transpose(-2, -1) @ x
+def ref_matmul_tn(p, x, T_k, kv_heads=None):
+    """p packed (B, H, N), x (B, H, T_q, D) -> (B, kv_heads, T_k, D), each group of H / kv_heads
+    query heads summed."""
+    out = layout.unpack(p, x.shape[2], T_k).transpose(-2, -1) @ x  # (B, H, T_k, D)
+    B, H, _, D = out.shape
+    H_kv = H if kv_heads is None else kv_heads
+    return out.view(B, H_kv, H // max(H_kv, 1), T_k, D).sum(2)
 
 
 def ref_softmax(scores, T_q, T_k, scale, keep=None, dropout_p=0.0):
@@ -45,9 +59,10 @@ def ref_probs(scores, scale, keep=None, dropout_p=0.0):
 
 
 def ref_attention(q, k, v, dropout_p=0.0, scale=None, keep=None):
-    """Causal attention, q (B, H, T_q, D), k, v (B, H, T_k, D), T_q <= T_k, in q's dtype."""
+    """Causal attention, q (B, H, T_q, D), k, v (B, H_kv, T_k, D), T_q <= T_k, H_kv dividing H, in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return ref_probs(q @ k.transpose(-2, -1), scale, keep, dropout_p) @ v
+    H = q.shape[1]
+    return ref_probs(q @ per_query_head(k, H).transpose(-2, -1), scale, keep, dropout_p) @ per_query_head(v, H)
 
 
 def random_packed(B, H, T_q, T_k, seed=0, fill=None):

@@ -105,8 +105,8 @@ GOOD = torch.zeros(2, 2, 4, 8)
 @pytest.mark.parametrize("args, kwargs, error, match", [
     ((GOOD[0], GOOD[0], GOOD[0]), {}, ValueError, r"q must have 4 dims \(B, H, T, D\); got 3"),
     ((GOOD, GOOD[:, :, :3], GOOD), {}, ValueError, r"k has shape \(2, 2, 3, 8\) but q has shape \(2, 2, 4, 8\)"),
-    ((GOOD, GOOD[:, :1], GOOD[:, :1]), {}, ValueError, r"k has shape \(2, 1, 4, 8\) but q has shape \(2, 2, 4, 8\): .*share B, H and D"),
-    ((GOOD, GOOD[..., :4], GOOD[..., :4]), {}, ValueError, r"k has shape \(2, 2, 4, 4\) but q .*share B, H and D"),
+    ((torch.zeros(2, 3, 4, 8), GOOD, GOOD), {}, ValueError, r"k has 2 heads and q 3: the key/value heads H_kv must divide"),
+    ((GOOD, GOOD[..., :4], GOOD[..., :4]), {}, ValueError, r"k has shape \(2, 2, 4, 4\) but q .*share B and D"),
     ((GOOD, GOOD[:, :, :3], GOOD[:, :, :3]), {}, ValueError, r"k has shape \(2, 2, 3, 8\) .*with T_k >= T_q"),
     ((GOOD[:, :, :1], GOOD, GOOD[:, :, :3]), {}, ValueError, r"v has shape \(2, 2, 3, 8\) but k has shape \(2, 2, 4, 8\): k and v must share"),
     ((GOOD, GOOD, GOOD.double()), {}, ValueError, "v has dtype torch.float64 but q has dtype torch.float32"),

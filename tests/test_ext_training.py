@@ -41,3 +41,16 @@ def test_gpt_with_ext_dropout_is_repeatable_and_learns(small_corpus, tmp_path):
     second = make_trainer(small_corpus, tmp_path / "b", attention="ext", dropout=0.2)
     assert [second.step().item() for _ in range(20)] == first_losses
     assert first_losses[-1] < first_losses[0] - 0.3
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_grouped_query_gpt_trains_with_ext_and_matches_naive_losses(small_corpus, tmp_path, n_kv_head):
+    # Four query heads over n_kv_head key/value heads: ext's dk, dv sum each group (csrc/cpu/causal_matmul.cpp).
+    config = dict(attention="ext", n_head=4, n_kv_head=n_kv_head)
+    ext_run = make_trainer(small_corpus, tmp_path / "ext", **config)
+    ext_losses = [ext_run.step().item() for _ in range(10)]
+    naive_run = make_trainer(small_corpus, tmp_path / "naive", **{**config, "attention": "naive"})
+    naive_losses = [naive_run.step().item() for _ in range(10)]
+    assert ext_run.attention_backend() == "ext" and ext_run.model.config.n_kv_head == n_kv_head
+    assert ext_losses == pytest.approx(naive_losses, rel=1e-4)
+    assert ext_losses[-1] < ext_losses[0] - 0.3

@@ -1,9 +1,15 @@
 // CPU kernels of the three causal matmuls, the products that make or consume a packed causal
 // matrix (causal_layout.h; T_q <= T_k, query i sees keys j <= o + i, o = T_k - T_q):
 //
-//   causal_matmul_nt(a, b)      = tril_o(a · bᵀ)   (B,H,T_q,D) × (B,H,T_k,D) -> packed    S = Q·Kᵀ, dP = dO·Vᵀ
-//   causal_matmul_nn(p, x, T_q) = tril_o(p) · x    packed × (B,H,T_k,D) -> (B,H,T_q,D)    O = P·V,  dQ = dS·K
-//   causal_matmul_tn(p, x, T_k) = tril_o(p)ᵀ · x   packed × (B,H,T_q,D) -> (B,H,T_k,D)    dV = Pᵀ·dO, dK = dSᵀ·Q
+//   causal_matmul_nt(a, b)      = tril_o(a · bᵀ)   (B,H,T_q,D) × (B,H_kv,T_k,D) -> packed   S = Q·Kᵀ, dP = dO·Vᵀ
+//   causal_matmul_nn(p, x, T_q) = tril_o(p) · x    packed × (B,H_kv,T_k,D) -> (B,H,T_q,D)   O = P·V,  dQ = dS·K
+//   causal_matmul_tn(p, x, T_k) = tril_o(p)ᵀ · x   packed × (B,H,T_q,D) -> (B,H_kv,T_k,D)   dV = Pᵀ·dO, dK = dSᵀ·Q
+//
+// Grouped-query attention: H_kv divides H and query head h uses key/value head h / G, G = H / H_kv.
+// With bh = b·H + h the flat query head, its key/value head is b·H_kv + h / G = bh / G: nt and nn
+// read that head's rows in place, and tn's output head sums its G query heads, in order, into one
+// float32 accumulator before it is stored (one thread owns each output tile: no atomics, the same
+// bits on every run and thread count). G = 1 is plain multi-head attention, the same GEMMs as ever.
 //
 // Row block r of the packed matrix (its m = rows(r) queries, from r0 = 64·r) is one dense matrix
 // with leading dimension stride(r): keys [0, c0), c0 = o + r0, are seen by all its rows (a full
@@ -78,7 +84,8 @@ const float* float_rows(const c10::BFloat16* m, int64_t ld, int64_t r0, int64_t 
 // ---- tril_o(a · bᵀ) ----------------------------------------------------------------------------
 
 template <typename scalar_t>
-void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, at::Tensor& out) {
+void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, int64_t group,
+                      at::Tensor& out) {
   const int64_t BH = a.size(0) * a.size(1), D = a.size(3);
   const auto A = rows4<scalar_t>(a), Bm = rows4<scalar_t>(b);
   const auto C = packed3<scalar_t>(out);
@@ -93,7 +100,7 @@ void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayo
       const int64_t c0 = L.o + r0, w = c0 + m, ldc = L.stride(r);  // diagonal tile at keys [c0, w)
       int64_t lda, ldb;
       const float* a_rows = float_rows(A.at(bh), A.ld, r0, r0 + m, D, a_buf, lda);
-      const float* b_rows = float_rows(Bm.at(bh), Bm.ld, 0, w, D, b_buf, ldb);
+      const float* b_rows = float_rows(Bm.at(bh / group), Bm.ld, 0, w, D, b_buf, ldb);  // the group's key head
       scalar_t* c = C.at(bh) + L.start(r);
       if constexpr (std::is_same_v<scalar_t, float>) {
         // Keys every row of the block sees: the full (m × c0) panel.
@@ -121,8 +128,9 @@ void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayo
 // ---- tril_o(p) · x -------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, at::Tensor& out) {
-  const int64_t BH = x.size(0) * x.size(1), D = x.size(3);
+void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, int64_t group,
+                      at::Tensor& out) {
+  const int64_t BH = p.size(0) * p.size(1), D = x.size(3);  // query heads; x has BH / group
   const auto P = packed3<scalar_t>(p);
   const auto X = rows4<scalar_t>(x), C = rows4<scalar_t>(out);
   auto cum = head_prefix_cost(L.R, [&](int64_t r) {
@@ -136,7 +144,7 @@ void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
       const scalar_t* p_blk = P.at(bh) + L.start(r);
       scalar_t* c = C.at(bh) + r0 * C.ld;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        const float* x_bh = X.at(bh);
+        const float* x_bh = X.at(bh / group);
         // Keys every row of the block sees: a full (m × c0) panel of P.
         if (c0 > 0) gemm(false, false, m, D, c0, 1.0f, p_blk, ldp, x_bh, X.ld, 0.0f, c, C.ld);
         // The diagonal tile, lower triangle only.
@@ -154,7 +162,7 @@ void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
           std::fill(p_buf.data() + i * w + c0 + i + 1, p_buf.data() + (i + 1) * w, 0.0f);
         }
         int64_t ldx;
-        const float* x_rows = float_rows(X.at(bh), X.ld, 0, w, D, x_buf, ldx);
+        const float* x_rows = float_rows(X.at(bh / group), X.ld, 0, w, D, x_buf, ldx);
         c_buf.resize(std::max<size_t>(c_buf.size(), static_cast<size_t>(m * D)));
         gemm(false, false, m, D, w, 1.0f, p_buf.data(), w, x_rows, ldx, 0.0f, c_buf.data(), D);
         for (int64_t i = 0; i < m; ++i) from_float(c_buf.data() + i * D, c + i * C.ld, D);
@@ -169,59 +177,67 @@ void matmul_nn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
 inline int64_t first_query(const CausalLayout& L, int64_t j) { return std::max<int64_t>(0, j - L.o); }
 
 template <typename scalar_t>
-void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, at::Tensor& out) {
-  const int64_t BH = x.size(0) * x.size(1), D = x.size(3), T_q = L.T_q, T_k = L.T_k;
+void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, int64_t group,
+                      at::Tensor& out) {
+  // out (B, H_kv, T_k, D): output head kv sums the query heads [kv·G, (kv + 1)·G) of p and x.
+  const int64_t BH_kv = out.size(0) * out.size(1), D = x.size(3), T_q = L.T_q, T_k = L.T_k;
   const auto P = packed3<scalar_t>(p);
   const auto X = rows4<scalar_t>(x), C = rows4<scalar_t>(out);
   const int64_t nb = (T_k + kBlock - 1) / kBlock;
-  // Key block kb owns output rows [k0, k1) and sums over the queries [first_query(k0), T_q) that see them.
+  // Key block kb owns output rows [k0, k1) and sums over the queries [first_query(k0), T_q) that
+  // see them, in each of the group's G query heads.
   auto cum = head_prefix_cost(nb, [&](int64_t kb) {
     const int64_t k0 = kb * kBlock, m = std::min(T_k, k0 + kBlock) - k0;
-    return static_cast<double>((T_q - first_query(L, k0)) * m * (D + 1));
+    return static_cast<double>(group * (T_q - first_query(L, k0)) * m * (D + 1));
   });
-  parallel_for_balanced(BH * nb, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(BH_kv * nb, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> p_buf, x_buf, ct(kBlock * D), c_buf(kBlock * D);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nb, k0 = (item % nb) * kBlock, k1 = std::min(T_k, k0 + kBlock), m = k1 - k0;
+      const int64_t kv = item / nb, k0 = (item % nb) * kBlock, k1 = std::min(T_k, k0 + kBlock), m = k1 - k0;
       const int64_t qa = first_query(L, k0), qf = first_query(L, k1 - 1);  // qa <= qf < T_q
-      const scalar_t* p_bh = P.at(bh);
-      // float32 copies of P's column strip [k0, k1): the rows [qa, qf) that cross the diagonal
-      // (zeros above it), and for bfloat16 all of [qa, T_q). ((rows - qa) × m), contiguous.
       constexpr bool kIsFloat = std::is_same_v<scalar_t, float>;
-      const int64_t copied = kIsFloat ? qf : T_q;
-      p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>((copied - qa) * m)));
-      for (int64_t i = qa; i < copied; ++i) {
-        const int64_t valid = std::min(m, L.o + i + 1 - k0);
-        float* dst = p_buf.data() + (i - qa) * m;
-        to_float(p_bh + L.row_offset(i) + k0, dst, valid);
-        std::fill(dst + valid, dst + m, 0.0f);
-      }
-      int64_t ldx;
-      const float* x_rows = float_rows(X.at(bh), X.ld, qa, T_q, D, x_buf, ldx);  // row qa first
-      // Computed transposed, Cᵀ (D × m) = X[qa:T_q]ᵀ · strip, so that the strip is B of the GEMM,
-      // read row by row: MKL is ~25% faster this way than with its transpose as A. The queries
-      // [qf, T_q) see the whole block: float32 reads them in place, one GEMM per row block (each
-      // has its own stride), bfloat16 from the copy in one GEMM.
-      if constexpr (kIsFloat) {
-        for (int64_t i0 = qf; i0 < T_q;) {
-          const int64_t r = i0 / kBlock, i1 = std::min(T_q, (r + 1) * kBlock);
-          gemm(true, false, D, m, i1 - i0, 1.0f, x_rows + (i0 - qa) * ldx, ldx, p_bh + L.row_offset(i0) + k0,
-               L.stride(r), i0 == qf ? 0.0f : 1.0f, ct.data(), m);
-          i0 = i1;
+      // Cᵀ (D × m) accumulates the group's query heads in order: the first one's first GEMM
+      // overwrites it (beta 0), every later GEMM adds (beta 1).
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t bh = kv * group + g;
+        const scalar_t* p_bh = P.at(bh);
+        // float32 copies of P's column strip [k0, k1): the rows [qa, qf) that cross the diagonal
+        // (zeros above it), and for bfloat16 all of [qa, T_q). ((rows - qa) × m), contiguous.
+        const int64_t copied = kIsFloat ? qf : T_q;
+        p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>((copied - qa) * m)));
+        for (int64_t i = qa; i < copied; ++i) {
+          const int64_t valid = std::min(m, L.o + i + 1 - k0);
+          float* dst = p_buf.data() + (i - qa) * m;
+          to_float(p_bh + L.row_offset(i) + k0, dst, valid);
+          std::fill(dst + valid, dst + m, 0.0f);
         }
-      } else {
-        gemm(true, false, D, m, T_q - qf, 1.0f, x_rows + (qf - qa) * ldx, ldx, p_buf.data() + (qf - qa) * m, m,
-             0.0f, ct.data(), m);
+        int64_t ldx;
+        const float* x_rows = float_rows(X.at(bh), X.ld, qa, T_q, D, x_buf, ldx);  // row qa first
+        // Computed transposed, Cᵀ (D × m) = X[qa:T_q]ᵀ · strip, so that the strip is B of the GEMM,
+        // read row by row: MKL is ~25% faster this way than with its transpose as A. The queries
+        // [qf, T_q) see the whole block: float32 reads them in place, one GEMM per row block (each
+        // has its own stride), bfloat16 from the copy in one GEMM.
+        if constexpr (kIsFloat) {
+          for (int64_t i0 = qf; i0 < T_q;) {
+            const int64_t r = i0 / kBlock, i1 = std::min(T_q, (r + 1) * kBlock);
+            gemm(true, false, D, m, i1 - i0, 1.0f, x_rows + (i0 - qa) * ldx, ldx, p_bh + L.row_offset(i0) + k0,
+                 L.stride(r), g == 0 && i0 == qf ? 0.0f : 1.0f, ct.data(), m);
+            i0 = i1;
+          }
+        } else {
+          gemm(true, false, D, m, T_q - qf, 1.0f, x_rows + (qf - qa) * ldx, ldx, p_buf.data() + (qf - qa) * m, m,
+               g == 0 ? 0.0f : 1.0f, ct.data(), m);
+        }
+        // The queries [qa, qf) cross the diagonal: strip columns [s0, s1) are zero above query
+        // first_query(k0 + s0).
+        for (int64_t s0 = 0; s0 < m; s0 += kStrip) {
+          const int64_t s1 = std::min(m, s0 + kStrip), first = std::max(qa, first_query(L, k0 + s0));
+          if (first >= qf) continue;
+          gemm(true, false, D, s1 - s0, qf - first, 1.0f, x_rows + (first - qa) * ldx, ldx,
+               p_buf.data() + (first - qa) * m + s0, m, 1.0f, ct.data() + s0, m);
+        }
       }
-      // The queries [qa, qf) cross the diagonal: strip columns [s0, s1) are zero above query
-      // first_query(k0 + s0).
-      for (int64_t s0 = 0; s0 < m; s0 += kStrip) {
-        const int64_t s1 = std::min(m, s0 + kStrip), first = std::max(qa, first_query(L, k0 + s0));
-        if (first >= qf) continue;
-        gemm(true, false, D, s1 - s0, qf - first, 1.0f, x_rows + (first - qa) * ldx, ldx,
-             p_buf.data() + (first - qa) * m + s0, m, 1.0f, ct.data() + s0, m);
-      }
-      scalar_t* c = C.at(bh) + k0 * C.ld;
+      scalar_t* c = C.at(kv) + k0 * C.ld;
       if constexpr (kIsFloat) {
         at::vec::transpose_mxn<float>(ct.data(), m, c, C.ld, static_cast<int>(D), static_cast<int>(m));
       } else {
@@ -232,64 +248,75 @@ void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
   });
 }
 
-// Shared argument checks of the (packed matrix, rows) products: x (B, H, T_x, D), p packed for
-// (T_q, T_k), one of which is T_x.
+// Shared argument checks of the (packed matrix, rows) products: x (B, H or H_kv, T_x, D), p packed
+// (B, H, N) for (T_q, T_k), T_x one of them. nn's x is the key/value side (`x_grouped`: H_kv heads
+// dividing p's H), tn's the query side (p's H).
 void check_matrix_rows(const at::Tensor& p, const at::Tensor& x, int64_t T_q, int64_t T_k, const char* op,
-                       const char* x_dims) {
+                       const char* x_dims, bool x_grouped) {
   check_rank4(x, op, "x", x_dims);
   check_packed(p, T_q, T_k, op, "p");
   check_same_dtype_device(x, p, op, "x", "p");
-  TORCH_CHECK(x.size(0) == p.size(0) && x.size(1) == p.size(1), op, ": x has shape ", x.sizes(), " but p has shape ",
-              p.sizes(), "; x must be ", x_dims, " with p's B and H");
+  TORCH_CHECK(x.size(0) == p.size(0) && (x_grouped || x.size(1) == p.size(1)), op, ": x has shape ", x.sizes(),
+              " but p has shape ", p.sizes(), "; x must be ", x_dims, " with p's B", x_grouped ? "" : " and H");
+  if (x_grouped) check_kv_heads(p.size(1), x.size(1), op, "x", "p");
   check_blas_size(CausalLayout::roundup(T_k), op, "T_k rounded up to 64");
   check_blas_size(x.size(3), op, "D");
 }
+
+// G, the query heads per key/value head (the checks above made H_kv divide H; H = H_kv = 0 is empty).
+int64_t group_size(int64_t H, int64_t H_kv) { return H_kv > 0 ? H / H_kv : 1; }
 
 }  // namespace
 
 at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   constexpr const char* op = "fastgpt::causal_matmul_nt";
   check_rank4(a, op, "a", "(B, H, T_q, D)");
-  check_rank4(b, op, "b", "(B, H, T_k, D)");
+  check_rank4(b, op, "b", "(B, H_kv, T_k, D)");
   check_dtype(a, op, "a");
   check_same_dtype_device(b, a, op, "b", "a");
-  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1) && a.size(3) == b.size(3), op, ": b has shape ",
-              b.sizes(), " but a has shape ", a.sizes(), "; a (B, H, T_q, D) and b (B, H, T_k, D) must share B, H and D");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(3) == b.size(3), op, ": b has shape ", b.sizes(), " but a has shape ",
+              a.sizes(), "; a (B, H, T_q, D) and b (B, H_kv, T_k, D) must share B and D");
+  check_kv_heads(a.size(1), b.size(1), op, "b", "a");
   const CausalLayout L(a.size(2), b.size(2));
   check_lengths(L.T_q, L.T_k, op);
   check_blas_size(CausalLayout::roundup(L.T_k), op, "T_k rounded up to 64");
   check_blas_size(a.size(3), op, "D");
   const auto ra = rows_readable(a), rb = rows_readable(b);
-  at::Tensor out = empty_causal(a.size(0), a.size(1), L.N, a.options());
+  at::Tensor out = empty_causal(a.size(0), a.size(1), L.N, a.options());  // (B, H, N)
   if (out.numel() == 0) return out;
   if (a.size(3) == 0) return out.zero_();
-  if (a.scalar_type() == at::kFloat) matmul_nt_kernel<float>(ra, rb, L, out);
-  else matmul_nt_kernel<c10::BFloat16>(ra, rb, L, out);
+  const int64_t group = group_size(a.size(1), b.size(1));
+  if (a.scalar_type() == at::kFloat) matmul_nt_kernel<float>(ra, rb, L, group, out);
+  else matmul_nt_kernel<c10::BFloat16>(ra, rb, L, group, out);
   return out;
 }
 
 at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x, int64_t T_q) {
   constexpr const char* op = "fastgpt::causal_matmul_nn";
-  check_matrix_rows(p, x, T_q, x.dim() == 4 ? x.size(2) : 0, op, "(B, H, T_k, D)");
+  check_matrix_rows(p, x, T_q, x.dim() == 4 ? x.size(2) : 0, op, "(B, H_kv, T_k, D)", true);
   const CausalLayout L(T_q, x.size(2));
   const auto rp = packed_readable(p), rx = rows_readable(x);
-  at::Tensor out = at::empty({x.size(0), x.size(1), T_q, x.size(3)}, x.options());
+  at::Tensor out = at::empty({p.size(0), p.size(1), T_q, x.size(3)}, x.options());  // (B, H, T_q, D)
   if (out.numel() == 0) return out;
-  if (p.scalar_type() == at::kFloat) matmul_nn_kernel<float>(rp, rx, L, out);
-  else matmul_nn_kernel<c10::BFloat16>(rp, rx, L, out);
+  const int64_t group = group_size(p.size(1), x.size(1));
+  if (p.scalar_type() == at::kFloat) matmul_nn_kernel<float>(rp, rx, L, group, out);
+  else matmul_nn_kernel<c10::BFloat16>(rp, rx, L, group, out);
   return out;
 }
 
-at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_k) {
+at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_k, std::optional<int64_t> kv_heads) {
   constexpr const char* op = "fastgpt::causal_matmul_tn";
-  check_matrix_rows(p, x, x.dim() == 4 ? x.size(2) : 0, T_k, op, "(B, H, T_q, D)");
+  check_matrix_rows(p, x, x.dim() == 4 ? x.size(2) : 0, T_k, op, "(B, H, T_q, D)", false);
+  const int64_t H = x.size(1), H_kv = kv_heads.value_or(H);
+  check_kv_heads(H, H_kv, op, "the output (kv_heads)", "x");
   const CausalLayout L(x.size(2), T_k);
   const auto rp = packed_readable(p), rx = rows_readable(x);
-  at::Tensor out = at::empty({x.size(0), x.size(1), T_k, x.size(3)}, x.options());
+  at::Tensor out = at::empty({x.size(0), H_kv, T_k, x.size(3)}, x.options());  // (B, H_kv, T_k, D)
   if (out.numel() == 0) return out;
-  if (L.T_q == 0) return out.zero_();  // no query sees any key
-  if (p.scalar_type() == at::kFloat) matmul_tn_kernel<float>(rp, rx, L, out);
-  else matmul_tn_kernel<c10::BFloat16>(rp, rx, L, out);
+  if (L.T_q == 0 || H == 0) return out.zero_();  // no query sees any key
+  const int64_t group = group_size(H, H_kv);
+  if (p.scalar_type() == at::kFloat) matmul_tn_kernel<float>(rp, rx, L, group, out);
+  else matmul_tn_kernel<c10::BFloat16>(rp, rx, L, group, out);
   return out;
 }
 

@@ -51,15 +51,20 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
 // the device (autograd's gradients of the packed outputs normally arrive contiguous).
 at::Tensor packed_contiguous(const at::Tensor& p) { return p.contiguous(); }
 
-// tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H, T_k, D) -> packed (B, H, N).
+// Grouped-query attention: the key/value side (b of nt, x of nn, tn's output) has H_kv heads dividing
+// H; the kernels read or write head h / (H / H_kv) for query head h (no copy per query head).
+
+// tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H_kv, T_k, D) -> packed (B, H, N).
 at::Tensor causal_matmul_nt(const at::Tensor& a_in, const at::Tensor& b_in) {
   constexpr const char* op = "causal_matmul_nt";
   check_rank4(a_in, op, "a", "(B, H, T_q, D)");
   check_cuda(a_in, op, "a");
   check_dtype(a_in, op, "a");
   check_same_dtype_device(b_in, a_in, op, "b", "a");
-  const int64_t B = a_in.size(0), H = a_in.size(1), T_q = a_in.size(2), D = a_in.size(3), T_k = b_in.size(2);
-  check_rows(b_in, B, H, T_k, op, "b", "T_k");
+  const int64_t B = a_in.size(0), H = a_in.size(1), T_q = a_in.size(2), D = a_in.size(3);
+  TORCH_CHECK(b_in.dim() == 4, op, ": b must have 4 dims (B, H_kv, T_k, D); got shape ", b_in.sizes());
+  const int64_t T_k = b_in.size(2), H_kv = b_in.size(1);
+  check_kv_rows(b_in, B, H, T_k, op, "b", "T_k", "a");
   TORCH_CHECK(b_in.size(3) == D, op, ": b has head dim ", b_in.size(3), " but a has ", D, "; they must match");
   check_lengths(T_q, T_k, op);
   const c10::cuda::CUDAGuard guard(a_in.device());
@@ -69,44 +74,56 @@ at::Tensor causal_matmul_nt(const at::Tensor& a_in, const at::Tensor& b_in) {
   dispatch_dtype(a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     launch_causal_matmul_nt<T>(data<T>(a), row_strides(a), data<T>(b), row_strides(b), mutable_data<T>(out), B, H,
-                               T_q, T_k, D, stream);
+                               H_kv, T_q, T_k, D, stream);
   });
   return out;
 }
 
-// tril_o(p) · x (nn, x (B, H, T_k, D) -> (B, H, T_q, D)) or tril_o(p)ᵀ · x (tn, x (B, H, T_q, D)
-// -> (B, H, T_k, D)); p packed (B, H, N).
-at::Tensor packed_times_rows(const at::Tensor& p_in, const at::Tensor& x_in, int64_t T_q, int64_t T_k,
-                             bool transposed) {
-  const char* op = transposed ? "causal_matmul_tn" : "causal_matmul_nn";
+// tril_o(p) · x: p packed (B, H, N), x (B, H_kv, T_k, D) -> (B, H, T_q, D).
+at::Tensor causal_matmul_nn(const at::Tensor& p_in, const at::Tensor& x_in, int64_t T_q) {
+  constexpr const char* op = "causal_matmul_nn";
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must have 4 dims (B, H_kv, T_k, D); got shape ", x_in.sizes());
+  const int64_t T_k = x_in.size(2);  // tril_o(p) (T_q, T_k) · x (T_k, D)
   check_cuda(p_in, op, "p");
   check_packed(p_in, T_q, T_k, op, "p");
   check_same_dtype_device(x_in, p_in, op, "x", "p");
-  const int64_t B = p_in.size(0), H = p_in.size(1);
-  check_rows(x_in, B, H, transposed ? T_q : T_k, op, "x", transposed ? "T_q" : "T_k");
-  const int64_t D = x_in.size(3);
+  const int64_t B = p_in.size(0), H = p_in.size(1), H_kv = x_in.size(1), D = x_in.size(3);
+  check_kv_rows(x_in, B, H, T_k, op, "x", "T_k", "p");
   const c10::cuda::CUDAGuard guard(p_in.device());
   const at::Tensor p = packed_contiguous(p_in), x = unit_stride_rows(x_in);
-  at::Tensor out = at::empty({B, H, transposed ? T_k : T_q, D}, x.options());
+  at::Tensor out = at::empty({B, H, T_q, D}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(p.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    (transposed ? launch_causal_matmul_tn<T> : launch_causal_matmul_nn<T>)(
-        data<T>(p), data<T>(x), row_strides(x), mutable_data<T>(out), B, H, T_q, T_k, D, stream, false);
+    launch_causal_matmul_nn<T>(data<T>(p), data<T>(x), row_strides(x), mutable_data<T>(out), B, H, H_kv, T_q, T_k,
+                               D, stream);
   });
   return out;
 }
 
-at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x, int64_t T_q) {
-  // T_k is x's: tril_o(p) (T_q, T_k) · x (T_k, D)
-  TORCH_CHECK(x.dim() == 4, "causal_matmul_nn: x must have 4 dims (B, H, T_k, D); got shape ", x.sizes());
-  return packed_times_rows(p, x, T_q, x.size(2), false);
-}
-
-at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_k) {
-  // T_q is x's: tril_o(p)ᵀ (T_k, T_q) · x (T_q, D)
-  TORCH_CHECK(x.dim() == 4, "causal_matmul_tn: x must have 4 dims (B, H, T_q, D); got shape ", x.sizes());
-  return packed_times_rows(p, x, x.size(2), T_k, true);
+// tril_o(p)ᵀ · x summed over each group of H / H_kv query heads: p packed (B, H, N), x (B, H, T_q, D)
+// -> (B, H_kv, T_k, D), H_kv = kv_heads or H. One block per output tile sums its group in order.
+at::Tensor causal_matmul_tn(const at::Tensor& p_in, const at::Tensor& x_in, int64_t T_k,
+                            std::optional<int64_t> kv_heads) {
+  constexpr const char* op = "causal_matmul_tn";
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must have 4 dims (B, H, T_q, D); got shape ", x_in.sizes());
+  const int64_t T_q = x_in.size(2);  // tril_o(p)ᵀ (T_k, T_q) · x (T_q, D)
+  check_cuda(p_in, op, "p");
+  check_packed(p_in, T_q, T_k, op, "p");
+  check_same_dtype_device(x_in, p_in, op, "x", "p");
+  const int64_t B = p_in.size(0), H = p_in.size(1), D = x_in.size(3), H_kv = kv_heads.value_or(H);
+  check_rows(x_in, B, H, T_q, op, "x", "T_q");
+  check_kv_heads(H, H_kv, op, "the output (kv_heads)", "x");
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const at::Tensor p = packed_contiguous(p_in), x = unit_stride_rows(x_in);
+  at::Tensor out = at::empty({B, H_kv, T_k, D}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(p.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launch_causal_matmul_tn<T>(data<T>(p), data<T>(x), row_strides(x), mutable_data<T>(out), B, H, H_kv, T_q, T_k,
+                               D, stream);
+  });
+  return out;
 }
 
 // dropout(softmax(scale · scores, causal)): packed -> packed.

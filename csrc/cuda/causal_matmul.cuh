@@ -4,7 +4,10 @@
 //   nn:  O = tril_o(P) · X       P packed, X (T_k, D)       -> (T_q, D)   K loop: row block's width only
 //   tn:  O = tril_o(P)ᵀ · X      P packed, X (T_q, D)       -> (T_k, D)   K loop: row blocks that see the tile
 //
-// per (b, h); query i sees keys j ≤ o + i, o = T_k - T_q. One block of 128 threads computes one 64×64
+// per (b, h); query i sees keys j ≤ o + i, o = T_k - T_q. Grouped-query attention: B of nt and X of
+// nn have H_kv heads (H_kv dividing H), and query head h reads head h / G, G = H / H_kv, in place;
+// tn's output has H_kv heads, each the sum over its G query heads, which one block accumulates in
+// order in its registers (no atomics: the same bits on every run). One block of 128 threads computes one 64×64
 // output tile, staging 64×32 (or 32×64) operand tiles through shared memory with zero fill (tails of
 // T and D, and the causal mask on P, so nothing above the diagonal is ever read). The products run
 // on tensor cores through `nvcuda::wmma` (16×16×16, float accumulators) for fp16/bf16, or as SIMT
@@ -146,12 +149,14 @@ using Accumulator = typename std::conditional<kTensorCores, WmmaAccumulator<T, k
 constexpr size_t kCausalMatmulDynamicShared = 0;
 
 // S = tril_o(A · Bᵀ) into the packed layout. grid.x walks the lower tile list: row block r has
-// W_r / 64 tiles, every one holding at least one visible element; grid.y is (b, h) - bh0.
+// W_r / 64 tiles, every one holding at least one visible element; grid.y is (b, h) - bh0, h the
+// query head (of `heads`), which reads B's head h / group.
 // Writes all N elements of each (b, h): zeros above the diagonal and in the padding.
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
     causal_matmul_nt_kernel(const T* __restrict__ a, RowStrides sa, const T* __restrict__ b, RowStrides sb,
-                            T* __restrict__ out, int64_t heads, int64_t bh0, int64_t T_q, int64_t T_k, int64_t D) {
+                            T* __restrict__ out, int64_t heads, int64_t group, int64_t bh0, int64_t T_q, int64_t T_k,
+                            int64_t D) {
   using namespace causal_matmul_detail;
   using Tiles = SharedTiles<T, false, false>;
   FASTGPT_SHARED(Tiles, smem, 1);
@@ -167,7 +172,7 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   const int64_t rows = layout.rows(r), W = layout.stride(r);
   const int64_t i0 = r * kTileM, j0 = tile * kTileN, o = layout.o;
   const T* a_rows = a + bi * sa.b + hi * sa.h + i0 * sa.t;  // A rows i0.., B rows j0..
-  const T* b_rows = b + bi * sb.b + hi * sb.h + j0 * sb.t;
+  const T* b_rows = b + bi * sb.b + hi / group * sb.h + j0 * sb.t;  // B's head: the query head's group
   const T zero = from_float<T>(0.0f);
 
   Accumulator<T, kTensorCores, false, false> acc;
@@ -192,12 +197,13 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   }
 }
 
-// O = tril_o(P) · X, one 64-row block × 64 columns of D per block: grid.x = (row block, D tile).
+// O = tril_o(P) · X, one 64-row block × 64 columns of D per block: grid.x = (row block, D tile),
+// grid.y = (b, query head h) - bh0; X's head is h / group.
 // The K loop stops at w_r, the keys the block's last row sees; P is read only where j ≤ o + i.
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
     causal_matmul_nn_kernel(const T* __restrict__ p, const T* __restrict__ x, RowStrides sx, T* __restrict__ out,
-                            int64_t heads, int64_t bh0, int64_t T_q, int64_t T_k, int64_t D) {
+                            int64_t heads, int64_t group, int64_t bh0, int64_t T_q, int64_t T_k, int64_t D) {
   using namespace causal_matmul_detail;
   using Tiles = SharedTiles<T, false, true>;
   FASTGPT_SHARED(Tiles, smem, 1);
@@ -209,7 +215,7 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   const int64_t rows = layout.rows(r), W = layout.stride(r), visible = layout.width(r);
   const int64_t i0 = r * kTileM, o = layout.o;
   const T* p_rows = p + bh * layout.N + layout.start(r);  // row m at p_rows[m · W]
-  const T* x_rows = x + bi * sx.b + hi * sx.h + n0;
+  const T* x_rows = x + bi * sx.b + hi / group * sx.h + n0;  // X's head: the query head's group
   const T zero = from_float<T>(0.0f);
 
   Accumulator<T, kTensorCores, false, true> acc;
@@ -234,49 +240,58 @@ __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
   }
 }
 
-// O = tril_o(P)ᵀ · X, one 64-key tile × 64 columns of D per block: grid.x = (key tile, D tile).
-// The K loop runs over the rows that see the tile's keys: row blocks from the first row
-// i = j0 - o on, 32-row chunks that see none of them skipped. P is read only where j ≤ o + i.
+// O = Σ_g tril_o(P_g)ᵀ · X_g over the `group` query heads g of one key/value head, one 64-key tile
+// × 64 columns of D per block: grid.x = (key tile, D tile), grid.y = (b, key/value head) - bh0.
+// The block runs the group's query heads one after another into the same accumulators (a fixed
+// summation order, no atomics); for each, the K loop runs over the rows that see the tile's keys:
+// row blocks from the first row i = j0 - o on, 32-row chunks that see none of them skipped. P is
+// read only where j ≤ o + i.
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(causal_matmul_detail::kThreads)
     causal_matmul_tn_kernel(const T* __restrict__ p, const T* __restrict__ x, RowStrides sx, T* __restrict__ out,
-                            int64_t heads, int64_t bh0, int64_t T_q, int64_t T_k, int64_t D) {
+                            int64_t kv_heads, int64_t group, int64_t bh0, int64_t T_q, int64_t T_k, int64_t D) {
   using namespace causal_matmul_detail;
   using Tiles = SharedTiles<T, true, true>;
   FASTGPT_SHARED(Tiles, smem, 1);
   Tiles& s = smem[0];
   const CausalLayout layout(T_q, T_k);
-  const int64_t bh = bh0 + blockIdx.y, bi = bh / heads, hi = bh % heads;
+  const int64_t bkv = bh0 + blockIdx.y, bi = bkv / kv_heads, kvh = bkv % kv_heads;
   const int64_t d_tiles = (D + kTileN - 1) / kTileN;
   const int64_t j0 = blockIdx.x / d_tiles * kTileM, n0 = blockIdx.x % d_tiles * kTileN;
   const int64_t o = layout.o;
   const int64_t first_row = j0 - o > 0 ? j0 - o : 0;  // the first query that sees key j0
-  const T* p_bh = p + bh * layout.N;
-  const T* x_rows = x + bi * sx.b + hi * sx.h + n0;
   const T zero = from_float<T>(0.0f);
+
+  const int64_t r_first = first_row / kTileM, start_first = layout.start(r_first);
+  // The group's first query head, kvh·group of batch bi (flat (b, h) index bkv·group); each step
+  // of the loop below moves both pointers on by one query head.
+  const T* p_bh = p + bkv * group * layout.N;
+  const T* x_rows = x + bi * sx.b + kvh * group * sx.h + n0;
 
   Accumulator<T, kTensorCores, true, true> acc;
   acc.zero();
-  int64_t r = first_row / kTileM, start = layout.start(r);
-  for (; r < layout.R; start += layout.rows(r) * layout.stride(r), ++r) {
-    const int64_t rows = layout.rows(r), W = layout.stride(r), i0 = r * kTileM;
-    for (int64_t k0 = 0; k0 < rows; k0 += kTileK) {
-      const int64_t last = (k0 + kTileK < rows ? k0 + kTileK : rows) - 1;
-      if (o + i0 + last < j0) continue;  // no row of this chunk sees the tile (uniform over the block)
-      fill_tile<kTileK, kTileM>(s.a, Tiles::lda, [&](int k, int m) {
-        return k0 + k < rows && j0 + m <= o + i0 + k0 + k ? p_bh[start + (k0 + k) * W + j0 + m] : zero;
-      });
-      fill_tile<kTileK, kTileN>(s.b, Tiles::ldb, [&](int k, int n) {
-        return k0 + k < rows && n0 + n < D ? x_rows[(i0 + k0 + k) * sx.t + n] : zero;
-      });
-      __syncthreads();
-      acc.step(s);
-      __syncthreads();
+  for (int64_t g = 0; g < group; ++g, p_bh += layout.N, x_rows += sx.h) {
+    int64_t r = r_first, start = start_first;
+    for (; r < layout.R; start += layout.rows(r) * layout.stride(r), ++r) {
+      const int64_t rows = layout.rows(r), W = layout.stride(r), i0 = r * kTileM;
+      for (int64_t k0 = 0; k0 < rows; k0 += kTileK) {
+        const int64_t last = (k0 + kTileK < rows ? k0 + kTileK : rows) - 1;
+        if (o + i0 + last < j0) continue;  // no row of this chunk sees the tile (uniform over the block)
+        fill_tile<kTileK, kTileM>(s.a, Tiles::lda, [&](int k, int m) {
+          return k0 + k < rows && j0 + m <= o + i0 + k0 + k ? p_bh[start + (k0 + k) * W + j0 + m] : zero;
+        });
+        fill_tile<kTileK, kTileN>(s.b, Tiles::ldb, [&](int k, int n) {
+          return k0 + k < rows && n0 + n < D ? x_rows[(i0 + k0 + k) * sx.t + n] : zero;
+        });
+        __syncthreads();
+        acc.step(s);
+        __syncthreads();
+      }
     }
   }
   acc.store(s);
   __syncthreads();
-  T* out_rows = out + (bh * T_k + j0) * D + n0;
+  T* out_rows = out + (bkv * T_k + j0) * D + n0;
   for (int e = threadIdx.x; e < kTileM * kTileN; e += kThreads) {
     const int m = e / kTileN, n = e % kTileN;
     if (j0 + m < T_k && n0 + n < D) out_rows[m * D + n] = from_float<T>(s.c[m * Tiles::ldc + n]);
@@ -299,63 +314,79 @@ void launch_heads(int64_t batch_heads, int64_t grid_x, bool force_simt, Launch l
 
 }  // namespace causal_matmul_detail
 
-// The launchers: raw pointers, no torch. a, b, x: (B, H, T, D) with unit stride over D and the
-// given strides; p and the nt output: packed (B, H, N) contiguous; the nn/tn outputs: (B, H, T, D)
-// contiguous. Asynchronous on `stream`; they check nothing (the torch binding does).
+// The launchers: raw pointers, no torch. a, b, x: (B, heads or kv_heads, T, D) with unit stride
+// over D and the given strides; p and the nt output: packed (B, heads, N) contiguous; the nn/tn
+// outputs: (B, heads or kv_heads, T, D) contiguous. `heads` counts the query heads, `kv_heads` the
+// key/value heads (grouped-query attention; = heads without it), which must divide `heads`.
+// Asynchronous on `stream`; they check nothing (the torch binding does).
+namespace causal_matmul_detail {
+// G, the query heads per key/value head; kv_heads = 0 only with heads = 0, where nothing launches.
+inline int64_t group_size(int64_t heads, int64_t kv_heads) { return kv_heads > 0 ? heads / kv_heads : 1; }
+}  // namespace causal_matmul_detail
+
+// S (B, heads, N) = tril_o(a · bᵀ), a (B, heads, T_q, D), b (B, kv_heads, T_k, D).
 template <typename T>
 void launch_causal_matmul_nt(const T* a, RowStrides sa, const T* b, RowStrides sb, T* out, int64_t batch,
-                             int64_t heads, int64_t T_q, int64_t T_k, int64_t D, cudaStream_t stream,
-                             bool force_simt = false) {
+                             int64_t heads, int64_t kv_heads, int64_t T_q, int64_t T_k, int64_t D,
+                             cudaStream_t stream, bool force_simt = false) {
   using namespace causal_matmul_detail;
   const CausalLayout layout(T_q, T_k);
+  const int64_t group = group_size(heads, kv_heads);
   int64_t tiles = 0;
   for (int64_t r = 0; r < layout.R; ++r) tiles += layout.stride(r) / kTileN;
   launch_heads<T>(batch * heads, tiles, force_simt, [&](dim3 grid, int64_t bh0, auto has_wmma, bool simt) {
     if constexpr (decltype(has_wmma)::value) {
       if (!simt) {
         launch(causal_matmul_nt_kernel<T, true>, grid, dim3(kThreads), kCausalMatmulDynamicShared, stream, a, sa, b,
-               sb, out, heads, bh0, T_q, T_k, D);
+               sb, out, heads, group, bh0, T_q, T_k, D);
         return;
       }
     }
     launch(causal_matmul_nt_kernel<T, false>, grid, dim3(kThreads), kCausalMatmulDynamicShared, stream, a, sa, b, sb,
-           out, heads, bh0, T_q, T_k, D);
+           out, heads, group, bh0, T_q, T_k, D);
   });
 }
 
+// out (B, heads, T_q, D) = tril_o(p) · x, p (B, heads, N), x (B, kv_heads, T_k, D).
 template <typename T>
 void launch_causal_matmul_nn(const T* p, const T* x, RowStrides sx, T* out, int64_t batch, int64_t heads,
-                             int64_t T_q, int64_t T_k, int64_t D, cudaStream_t stream, bool force_simt = false) {
+                             int64_t kv_heads, int64_t T_q, int64_t T_k, int64_t D, cudaStream_t stream,
+                             bool force_simt = false) {
   using namespace causal_matmul_detail;
   const int64_t grid_x = CausalLayout(T_q, T_k).R * ((D + kTileN - 1) / kTileN);
+  const int64_t group = group_size(heads, kv_heads);
   launch_heads<T>(batch * heads, grid_x, force_simt, [&](dim3 grid, int64_t bh0, auto has_wmma, bool simt) {
     if constexpr (decltype(has_wmma)::value) {
       if (!simt) {
         launch(causal_matmul_nn_kernel<T, true>, grid, dim3(kThreads), kCausalMatmulDynamicShared, stream, p, x, sx,
-               out, heads, bh0, T_q, T_k, D);
+               out, heads, group, bh0, T_q, T_k, D);
         return;
       }
     }
     launch(causal_matmul_nn_kernel<T, false>, grid, dim3(kThreads), kCausalMatmulDynamicShared, stream, p, x, sx, out,
-           heads, bh0, T_q, T_k, D);
+           heads, group, bh0, T_q, T_k, D);
   });
 }
 
+// out (B, kv_heads, T_k, D) = Σ over each group of heads / kv_heads query heads of tril_o(p)ᵀ · x,
+// p (B, heads, N), x (B, heads, T_q, D): one block per (b, key/value head, output tile).
 template <typename T>
 void launch_causal_matmul_tn(const T* p, const T* x, RowStrides sx, T* out, int64_t batch, int64_t heads,
-                             int64_t T_q, int64_t T_k, int64_t D, cudaStream_t stream, bool force_simt = false) {
+                             int64_t kv_heads, int64_t T_q, int64_t T_k, int64_t D, cudaStream_t stream,
+                             bool force_simt = false) {
   using namespace causal_matmul_detail;
   const int64_t grid_x = (T_k + kTileM - 1) / kTileM * ((D + kTileN - 1) / kTileN);
-  launch_heads<T>(batch * heads, grid_x, force_simt, [&](dim3 grid, int64_t bh0, auto has_wmma, bool simt) {
+  const int64_t group = group_size(heads, kv_heads);
+  launch_heads<T>(batch * kv_heads, grid_x, force_simt, [&](dim3 grid, int64_t bh0, auto has_wmma, bool simt) {
     if constexpr (decltype(has_wmma)::value) {
       if (!simt) {
         launch(causal_matmul_tn_kernel<T, true>, grid, dim3(kThreads), kCausalMatmulDynamicShared, stream, p, x, sx,
-               out, heads, bh0, T_q, T_k, D);
+               out, kv_heads, group, bh0, T_q, T_k, D);
         return;
       }
     }
     launch(causal_matmul_tn_kernel<T, false>, grid, dim3(kThreads), kCausalMatmulDynamicShared, stream, p, x, sx, out,
-           heads, bh0, T_q, T_k, D);
+           kv_heads, group, bh0, T_q, T_k, D);
   });
 }
 

@@ -11,13 +11,15 @@
 namespace fastgpt::cuda {
 
 // The launchers instantiate their kernels: tensor-core and SIMT variants for 16-bit, SIMT for fp32.
+// Grouped-query attention is no separate variant: the group size is a kernel argument (1 without
+// it), so these kernels are the ones both kinds of call run.
 #define FASTGPT_INSTANTIATE_MATMULS(T)                                                                           \
   template void launch_causal_matmul_nt<T>(const T*, RowStrides, const T*, RowStrides, T*, int64_t, int64_t,    \
-                                           int64_t, int64_t, int64_t, cudaStream_t, bool);                      \
+                                           int64_t, int64_t, int64_t, int64_t, cudaStream_t, bool);             \
   template void launch_causal_matmul_nn<T>(const T*, const T*, RowStrides, T*, int64_t, int64_t, int64_t,       \
-                                           int64_t, int64_t, cudaStream_t, bool);                               \
+                                           int64_t, int64_t, int64_t, cudaStream_t, bool);                      \
   template void launch_causal_matmul_tn<T>(const T*, const T*, RowStrides, T*, int64_t, int64_t, int64_t,       \
-                                           int64_t, int64_t, cudaStream_t, bool);
+                                           int64_t, int64_t, int64_t, cudaStream_t, bool);
 // The softmax launchers instantiate both row ownerships (warp per row, block per row).
 #define FASTGPT_INSTANTIATE_SOFTMAX(T)                                                                           \
   template void launch_causal_softmax<T>(const T*, T*, int64_t, int64_t, int64_t, float, double, uint64_t,      \

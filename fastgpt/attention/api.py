@@ -3,8 +3,14 @@
     out = causal_attention(q, k, v, dropout_p=0.0, scale=None, backend="auto")
 
     q:    (B, H, T_q, D), any strides (views of a fused qkv projection are fine)
-    k, v: (B, H, T_k, D), T_k >= T_q
+    k, v: (B, H_kv, T_k, D), T_k >= T_q, H_kv dividing H
     out:  (B, H, T_q, D)
+
+Grouped-query attention (H_kv < H; multi-query at H_kv = 1): the query heads come in H_kv groups
+of G = H / H_kv consecutive heads, and query head h reads key/value head h // G:
+
+    query heads   0 1 2 3 4 5        H = 6, H_kv = 2, G = 3
+    k, v heads    0 0 0 1 1 1
 
 With T_q == T_k (training), query i attends to keys 0..i (the causal mask, diagonal included):
 
@@ -57,11 +63,14 @@ def validate_inputs(q, k, v, dropout_p: float, scale: Optional[float]) -> None:
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, T, D); got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dims (B, H, T, D); got {t.dim()} dims with shape {_shape(t)}")
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or k.shape[2] < q.shape[2]:
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.shape[2] < q.shape[2]:
         raise ValueError(f"k has shape {_shape(k)} but q has shape {_shape(q)}: q (B, H, T_q, D) and "
-                         f"k, v (B, H, T_k, D) must share B, H and D, with T_k >= T_q")
+                         f"k, v (B, H_kv, T_k, D) must share B and D, with T_k >= T_q")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"k has {k.shape[1]} heads and q {q.shape[1]}: the key/value heads H_kv must divide the "
+                         f"query heads H (each group of H / H_kv query heads shares one key/value head)")
     if v.shape != k.shape:
-        raise ValueError(f"v has shape {_shape(v)} but k has shape {_shape(k)}: k and v must share (B, H, T_k, D)")
+        raise ValueError(f"v has shape {_shape(v)} but k has shape {_shape(k)}: k and v must share (B, H_kv, T_k, D)")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}: q, k and v must share one dtype")
@@ -80,21 +89,21 @@ def validate_inputs(q, k, v, dropout_p: float, scale: Optional[float]) -> None:
 
 
 def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto",
-                   T_k: Optional[int] = None) -> Backend:
+                   T_k: Optional[int] = None, kv_heads: Optional[int] = None) -> Backend:
     """The backend that `causal_attention` runs for this call; never a silent substitute.
 
     A named backend that cannot run raises (RuntimeError when it is unavailable in this process,
     ValueError when it does not support the call). "auto" takes the first backend of the
     device's preference list for the kind of call (registry.call_kind: with dropout, over a KV
     cache when T_k, the keys' length, exceeds q's T_q, or plain) that can run it, and logs its
-    choice once per kind of call. T_k=None means T_k = T_q.
+    choice once per kind of call. T_k=None means T_k = T_q; kv_heads=None means H_kv = H.
     """
     if backend != "auto":
         chosen = get_backend(backend)
         reason = chosen.unavailable_reason(q.device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} is not available on device {q.device}: {reason}")
-        reason = chosen.unsupported_reason(q, dropout_p)
+        reason = chosen.call_refusal(q, dropout_p, kv_heads)
         if reason is not None:
             raise ValueError(f"backend={backend!r} does not support this call: {reason}")
         return chosen
@@ -103,7 +112,7 @@ def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto
     kind = call_kind(q.shape[2], q.shape[2] if T_k is None else T_k, dropout_p)
     for name in auto_order(q.device, kind):
         candidate = get_backend(name)
-        reason = candidate.refusal(q, dropout_p)
+        reason = candidate.refusal(q, dropout_p, kv_heads)
         if reason is None:
             key = (q.device.type, q.dtype, kind, name)
             if key not in _announced:
@@ -139,7 +148,7 @@ def causal_attention(
         (B, H, T_q, D) tensor, same dtype and device as q.
     """
     validate_inputs(q, k, v, dropout_p, scale)
-    chosen = select_backend(q, dropout_p, backend, T_k=k.shape[2])
+    chosen = select_backend(q, dropout_p, backend, T_k=k.shape[2], kv_heads=k.shape[1])
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return chosen.fn(q, k, v, float(dropout_p), float(scale))

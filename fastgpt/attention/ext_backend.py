@@ -5,8 +5,11 @@
     out = P · v                                 causal_matmul_nn    (B, H, T_q, D), zero tiles skipped
 
 q has T_q <= T_k rows, k and v T_k (a KV-cache decode step: T_q = 1); query i sees keys
-j <= T_k - T_q + i. The backward is the same ops (see fastgpt/ext/ops.py): dP = tril_o(dO·vᵀ),
-dv = Pᵀ·dO, the fused softmax backward, dq = dS·k, dk = dSᵀ·q. The T_q × T_k matrices are
+j <= T_k - T_q + i. Grouped-query attention: k and v have H_kv heads dividing q's H, and the
+matmuls read head h // (H / H_kv) for query head h in place (no copy of k or v per query head);
+P and its dropout mask stay per query head. The backward is the same ops (see fastgpt/ext/ops.py):
+dP = tril_o(dO·vᵀ), dv = Pᵀ·dO, the fused softmax backward, dq = dS·k, dk = dSᵀ·q, where dk and dv
+sum each group of query heads in a fixed order (no atomics). The T_q × T_k matrices are
 materialised, once each, in the packed layout (fastgpt/ext/layout.py: the causal part only, ~52% of
 T² at T = 2048), at about half the work of the naive math; the dropout mask is regenerated, never stored.
 
@@ -34,8 +37,9 @@ def ext_attention(
     seed: Optional[int] = None,
     offset: int = 0,
 ) -> torch.Tensor:
-    """Causal attention through the ext ops.  q (B, H, T_q, D), k, v (B, H, T_k, D) -> (B, H, T_q, D),
-    T_q <= T_k, the diagonal aligned bottom-right (the last query sees every key).
+    """Causal attention through the ext ops.  q (B, H, T_q, D), k, v (B, H_kv, T_k, D) -> (B, H, T_q, D),
+    T_q <= T_k, the diagonal aligned bottom-right (the last query sees every key); H_kv divides H and
+    query head h reads key/value head h // (H / H_kv).
 
     With dropout, `seed` and `offset` pick the mask (fastgpt.ext.dropout_keep_mask gives it, dense
     (B, H, T_q, T_k)); seed=None draws a seed from torch's default CPU generator, so
@@ -46,7 +50,7 @@ def ext_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     T_q, T_k = q.shape[2], k.shape[2]
-    s = ops.causal_matmul_nt(q, k)  # packed (B, H, N)
+    s = ops.causal_matmul_nt(q, k)  # packed (B, H, N): one causal matrix per query head
     if seed is None and dropout_p > 0.0:  # only a dropout call consumes randomness, as nn.Dropout does
         # The seed stays a tensor up to an opaque op: torch.compile sees no data-dependent int
         p = ops.causal_softmax_seeded(s, T_q, T_k, scale, dropout_p, ops.draw_seed(), offset)  # packed
@@ -101,5 +105,6 @@ register_backend(Backend(
     unavailable_reason=_unavailable_reason,
     unsupported_reason=_unsupported_reason,
     empty_cache=_empty_cache,
+    grouped_query=True,
     prepare=_prepare,
 ))

@@ -1,8 +1,9 @@
 """The backend registry: the one place that knows which attention implementations exist.
 
 A backend is a function `fn(q, k, v, dropout_p, scale) -> out`, q and out (B, H, T_q, D), k and v
-(B, H, T_k, D) with T_k >= T_q and the causal diagonal aligned bottom-right (see api.py), over
-tensors that the API has already validated, plus two questions it answers about itself: can it run on this
+(B, H_kv, T_k, D) with T_k >= T_q, H_kv dividing H (H_kv < H only where the backend says it takes
+grouped-query calls) and the causal diagonal aligned bottom-right (see api.py), over tensors that
+the API has already validated, plus two questions it answers about itself: can it run on this
 device in this process, and can it run this particular call. Both answers are a reason string (or
 None), so that an error can say exactly why a backend was refused.
 
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-# (q, k, v, dropout_p, scale) -> out; q, out (B, H, T_q, D), k, v (B, H, T_k, D), T_k >= T_q
+# (q, k, v, dropout_p, scale) -> out; q, out (B, H, T_q, D), k, v (B, H_kv, T_k, D), T_k >= T_q
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 
 
@@ -50,14 +51,25 @@ class Backend:
     # True where the backend runs as an emulation rather than as a kernel (Triton's interpreter on
     # CPU): correct, but its speed means nothing, so benchmarks do not time it.
     emulated: Callable[[torch.device], bool] = lambda device: False
+    # Whether the backend takes grouped-query calls, k and v with H_kv < H heads (reading the shared
+    # head, never a copy per query head); one that does not is refused such calls by name.
+    grouped_query: bool = False
     # Loads what the backend's calls need on `device` (a library to build, ops to register) before
     # torch.compile traces them: that loading is Python dynamo should not trace. Called by the
     # trainer before torch.compile; a backend that loads nothing keeps the no-op.
     prepare: Callable[[torch.device], None] = _nothing_to_prepare
 
-    def refusal(self, q: torch.Tensor, dropout_p: float) -> Optional[str]:
+    def call_refusal(self, q: torch.Tensor, dropout_p: float, kv_heads: Optional[int] = None) -> Optional[str]:
+        """Why this backend does not support this call (q, dropout, H_kv key/value heads; None:
+        as many as q has), or None."""
+        H = q.shape[1]
+        if kv_heads is not None and kv_heads != H and not self.grouped_query:
+            return f"grouped-query attention (H={H} query heads over H_kv={kv_heads}) is not supported"
+        return self.unsupported_reason(q, dropout_p)
+
+    def refusal(self, q: torch.Tensor, dropout_p: float, kv_heads: Optional[int] = None) -> Optional[str]:
         """Why this backend cannot run this call here (unavailable, or unsupported), or None."""
-        return self.unavailable_reason(q.device) or self.unsupported_reason(q, dropout_p)
+        return self.unavailable_reason(q.device) or self.call_refusal(q, dropout_p, kv_heads)
 
 
 # The kinds of call that `backend="auto"` orders separately (call_kind picks one).

@@ -24,21 +24,24 @@ def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
         # is_causal with a scale <= 0 gives NaN rows on CPU (the masked -inf times the scale: -inf·0,
         # -inf·-0.5); q scaled first gives the same weights, and the mask meets a positive scale
         q, scale = q * scale, 1.0
+    # grouped-query: PyTorch reads the shared key/value head itself (query head h -> h // G)
+    kwargs = dict(dropout_p=dropout_p, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     if T_q == T_k:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
     if T_q == 1:
         # decoding: the one query is the newest token and sees every key, so there is nothing to
         # mask; a bias would only add its construction and a slower masked kernel to every token
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
     # imported here: torch.nn.attention.bias imports triton, which `import fastgpt` must not
     from torch.nn.attention.bias import causal_lower_right
 
     mask = causal_lower_right(T_q, T_k)  # query i sees keys <= T_k - T_q + i
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
 register_backend(Backend(
     name="sdpa",
     fn=_sdpa_backend,
     description="torch.nn.functional.scaled_dot_product_attention (is_causal, or the lower-right causal bias when T_q < T_k)",
+    grouped_query=True,
 ))

@@ -48,12 +48,26 @@ def check_packed(name: str, p, T_q, T_k) -> None:
                          f"N = {n} (fastgpt/ext/layout.py)")
 
 
-def check_matrix_rows(p, x, T_q, T_k, x_dims: str) -> None:
+def check_kv_heads(H: int, H_kv, kv_name: str, q_name: str) -> None:
+    """Grouped-query attention: the H_kv key/value heads must divide the H query heads (query head h
+    reads key/value head h // (H / H_kv)); H_kv == H is plain multi-head attention."""
+    if isinstance(H_kv, bool) or not isinstance(H_kv, (int, torch.SymInt)):
+        raise ValueError(f"{kv_name} must be an int number of key/value heads; got {H_kv!r}")
+    if H_kv != H and (H_kv < 1 or H % H_kv != 0):
+        raise ValueError(f"{kv_name} has {H_kv} heads and {q_name} has {H}: the key/value heads H_kv must divide "
+                         f"the query heads H (query head h reads key/value head h // (H / H_kv))")
+
+
+def check_matrix_rows(p, x, T_q, T_k, x_dims: str, x_grouped: bool) -> None:
+    """p packed (B, H, N) for (T_q, T_k), x (B, H_kv, T, D) with H_kv dividing H where `x_grouped`
+    (nn's key/value operand), else (B, H, T, D)."""
     check_packed("p", p, T_q, T_k)
     check_same("x", x, "p", p)
-    if x.shape[:2] != p.shape[:2]:
+    if x.shape[0] != p.shape[0] or (not x_grouped and x.shape[1] != p.shape[1]):
         raise ValueError(f"x has shape {tuple(x.shape)} but p has shape {tuple(p.shape)}; "
-                         f"x must be {x_dims} with p's B and H")
+                         f"x must be {x_dims} with p's B{'' if x_grouped else ' and H'}")
+    if x_grouped:
+        check_kv_heads(p.shape[1], x.shape[1], "x", "p")
 
 
 def check_softmax_args(scale, dropout_p, seed, offset) -> None:

@@ -8,10 +8,15 @@ the first use of an op does (fastgpt/ext/__init__.py).
 
 Causal matrices are packed (B, H, N) tensors (fastgpt/ext/layout.py, csrc/causal_layout.h):
 T_q <= T_k, o = T_k - T_q, query i sees keys j <= o + i (the diagonal aligned bottom-right).
+Grouped-query attention: the key/value side has H_kv heads, H_kv dividing H, and query head h
+reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head attention).
 
-    causal_matmul_nt(a, b)        tril_o(a · bᵀ)    (B,H,T_q,D) × (B,H,T_k,D) -> packed
-    causal_matmul_nn(p, x, T_q)   tril_o(p) · x     packed × (B,H,T_k,D) -> (B,H,T_q,D)
-    causal_matmul_tn(p, x, T_k)   tril_o(p)ᵀ · x    packed × (B,H,T_q,D) -> (B,H,T_k,D)
+    causal_matmul_nt(a, b)        tril_o(a · bᵀ)    (B,H,T_q,D) × (B,H_kv,T_k,D) -> packed (B,H,N)
+    causal_matmul_nn(p, x, T_q)   tril_o(p) · x     packed (B,H,N) × (B,H_kv,T_k,D) -> (B,H,T_q,D)
+    causal_matmul_tn(p, x, T_k, kv_heads=None)
+                                  tril_o(p)ᵀ · x    packed (B,H,N) × (B,H,T_q,D) -> (B,H_kv,T_k,D),
+                                                    each group of G query heads summed in a fixed
+                                                    order (kv_heads=None: H_kv = H)
     causal_softmax(scores, T_q, T_k, scale, dropout_p, seed, offset)
                                   dropout(softmax(scale · scores, causal))   packed -> packed
     causal_softmax_seeded(...)    the same with the seed a 0-dim int64 tensor (draw_seed()), for
@@ -23,7 +28,8 @@ T_q <= T_k, o = T_k - T_q, query i sees keys j <= o + i (the diagonal aligned bo
 
 A packed output is written everywhere (zeros above the diagonal and in the padding); a packed input
 is read at j <= o + i only. The gradients are the same ops again: d tril_o(a·bᵀ) = (tril_o(g)·b,
-tril_o(g)ᵀ·a), and so on, so the backward skips the same tiles as the forward. The softmax's backward
+tril_o(g)ᵀ·a), and so on, so the backward skips the same tiles as the forward; the gradient of a
+shared key/value head is tn's sum over its group (never atomics: bit-equal on every run). The softmax's backward
 is causal_softmax_backward (from its output P) without dropout, causal_softmax_dropout_backward (P
 recomputed from the scores, the mask regenerated from (seed, offset), never stored) with it.
 """
@@ -36,6 +42,7 @@ import torch
 
 from fastgpt.ext import build, layout
 from fastgpt.ext.checks import (
+    check_kv_heads,
     check_matrix_rows,
     check_packed,
     check_same,
@@ -79,29 +86,36 @@ def draw_seed() -> torch.Tensor:
 # ---- public wrappers --------------------------------------------------------------------------------
 
 def causal_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H, T_k, D) -> packed (B, H, N); never computed above the diagonal."""
+    """tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H_kv, T_k, D) with H_kv dividing H -> packed (B, H, N);
+    query head h reads b's head h // (H / H_kv). Never computed above the diagonal."""
     check_tensor("a", a, "(B, H, T_q, D)")
-    check_tensor("b", b, "(B, H, T_k, D)")
+    check_tensor("b", b, "(B, H_kv, T_k, D)")
     check_same("b", b, "a", a)
-    if a.shape[:2] != b.shape[:2] or a.shape[3] != b.shape[3]:
+    if a.shape[0] != b.shape[0] or a.shape[3] != b.shape[3]:
         raise ValueError(f"b has shape {tuple(b.shape)} but a has shape {tuple(a.shape)}; "
-                         "a (B, H, T_q, D) and b (B, H, T_k, D) must share B, H and D")
+                         "a (B, H, T_q, D) and b (B, H_kv, T_k, D) must share B and D")
+    check_kv_heads(a.shape[1], b.shape[1], "b", "a")
     layout.check_lengths(a.shape[2], b.shape[2])
     return _ops.causal_matmul_nt(a, b)
 
 
 def causal_matmul_nn(p: torch.Tensor, x: torch.Tensor, T_q: int) -> torch.Tensor:
-    """tril_o(p) · x: p packed for (T_q, T_k), x (B, H, T_k, D) -> (B, H, T_q, D)."""
-    check_tensor("x", x, "(B, H, T_k, D)")
-    check_matrix_rows(p, x, T_q, x.shape[2], "(B, H, T_k, D)")
+    """tril_o(p) · x: p packed (B, H, N) for (T_q, T_k), x (B, H_kv, T_k, D) with H_kv dividing H ->
+    (B, H, T_q, D); query head h reads x's head h // (H / H_kv)."""
+    check_tensor("x", x, "(B, H_kv, T_k, D)")
+    check_matrix_rows(p, x, T_q, x.shape[2], "(B, H_kv, T_k, D)", x_grouped=True)
     return _ops.causal_matmul_nn(p, x, T_q)
 
 
-def causal_matmul_tn(p: torch.Tensor, x: torch.Tensor, T_k: int) -> torch.Tensor:
-    """tril_o(p)ᵀ · x: p packed for (T_q, T_k), x (B, H, T_q, D) -> (B, H, T_k, D)."""
+def causal_matmul_tn(p: torch.Tensor, x: torch.Tensor, T_k: int, kv_heads: Optional[int] = None) -> torch.Tensor:
+    """tril_o(p)ᵀ · x summed over each group of G = H / kv_heads query heads: p packed (B, H, N) for
+    (T_q, T_k), x (B, H, T_q, D) -> (B, kv_heads, T_k, D); output head j sums query heads
+    [j·G, (j + 1)·G), in that order. kv_heads=None means H (no sum)."""
     check_tensor("x", x, "(B, H, T_q, D)")
-    check_matrix_rows(p, x, x.shape[2], T_k, "(B, H, T_q, D)")
-    return _ops.causal_matmul_tn(p, x, T_k)
+    check_matrix_rows(p, x, x.shape[2], T_k, "(B, H, T_q, D)", x_grouped=False)
+    if kv_heads is not None:
+        check_kv_heads(x.shape[1], kv_heads, "kv_heads", "x")
+    return _ops.causal_matmul_tn(p, x, T_k, kv_heads)
 
 
 def causal_softmax(scores: torch.Tensor, T_q: int, T_k: int, scale: float, dropout_p: float = 0.0, seed: int = 0,
@@ -159,25 +173,30 @@ def _setup_save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:2])  # T_q and T_k are read off their shapes in the backward
 
 
-def _backward_nt(ctx, grad):  # out = tril_o(a·bᵀ), a (T_q rows), b (T_k rows)
+# Grouped-query shapes: a, p, grad of nt and nn have H heads, b and x of nn H_kv. A key/value head
+# serves G query heads, so its gradient sums theirs: tn with kv_heads = H_kv does that sum.
+
+def _backward_nt(ctx, grad):  # out = tril_o(a·bᵀ) (B,H,N), a (B,H,T_q,D), b (B,H_kv,T_k,D)
     a, b = ctx.saved_tensors
-    da = _ops.causal_matmul_nn(grad, b, a.shape[2]) if ctx.needs_input_grad[0] else None  # tril_o(g)·b
-    db = _ops.causal_matmul_tn(grad, a, b.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(g)ᵀ·a
+    da = _ops.causal_matmul_nn(grad, b, a.shape[2]) if ctx.needs_input_grad[0] else None  # tril_o(g)·b (B,H,T_q,D)
+    db = (_ops.causal_matmul_tn(grad, a, b.shape[2], b.shape[1])  # Σ_group tril_o(g)ᵀ·a (B,H_kv,T_k,D)
+          if ctx.needs_input_grad[1] else None)
     return da, db
 
 
-def _backward_nn(ctx, grad):  # out = tril_o(p)·x, x (T_k rows), grad (T_q rows)
+def _backward_nn(ctx, grad):  # out = tril_o(p)·x (B,H,T_q,D), p (B,H,N), x (B,H_kv,T_k,D)
     p, x = ctx.saved_tensors
-    dp = _ops.causal_matmul_nt(grad, x) if ctx.needs_input_grad[0] else None  # tril_o(g·xᵀ)
-    dx = _ops.causal_matmul_tn(p, grad, x.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(p)ᵀ·g
+    dp = _ops.causal_matmul_nt(grad, x) if ctx.needs_input_grad[0] else None  # tril_o(g·xᵀ) (B,H,N)
+    dx = (_ops.causal_matmul_tn(p, grad, x.shape[2], x.shape[1])  # Σ_group tril_o(p)ᵀ·g (B,H_kv,T_k,D)
+          if ctx.needs_input_grad[1] else None)
     return dp, dx, None
 
 
-def _backward_tn(ctx, grad):  # out = tril_o(p)ᵀ·x, x (T_q rows), grad (T_k rows)
+def _backward_tn(ctx, grad):  # out = Σ_group tril_o(p)ᵀ·x (B,H_kv,T_k,D), p (B,H,N), x (B,H,T_q,D)
     p, x = ctx.saved_tensors
-    dp = _ops.causal_matmul_nt(x, grad) if ctx.needs_input_grad[0] else None  # tril_o(x·gᵀ)
-    dx = _ops.causal_matmul_nn(p, grad, x.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(p)·g
-    return dp, dx, None
+    dp = _ops.causal_matmul_nt(x, grad) if ctx.needs_input_grad[0] else None  # tril_o(x·gᵀ) (B,H,N)
+    dx = _ops.causal_matmul_nn(p, grad, x.shape[2]) if ctx.needs_input_grad[1] else None  # tril_o(p)·g (B,H,T_q,D)
+    return dp, dx, None, None
 
 
 def _setup_softmax(ctx, inputs, output):
@@ -228,24 +247,34 @@ def _fake_packed(p, T_q, T_k):
     return p.new_empty(p.shape)
 
 
-def _fake_nt(a, b):
+def _fake_kv_heads(H, H_kv, kv_name, q_name):
+    if H_kv != H and (H_kv < 1 or H % H_kv != 0):
+        raise RuntimeError(f"fastgpt ops: {kv_name} has {H_kv} heads and {q_name} has {H}: the key/value heads "
+                           "H_kv must divide the query heads H")
+
+
+def _fake_nt(a, b):  # a (B, H, T_q, D), b (B, H_kv, T_k, D) -> (B, H, N)
     _fake_check_same(a, b)
+    _fake_kv_heads(a.shape[1], b.shape[1], "b", "a")
     B, H, T_q, _ = a.shape
     return a.new_empty((B, H, layout.packed_size(T_q, b.shape[2])))
 
 
-def _fake_nn(p, x, T_q):
+def _fake_nn(p, x, T_q):  # p (B, H, N), x (B, H_kv, T_k, D) -> (B, H, T_q, D)
     _fake_check_same(p, x)
     _fake_packed(p, T_q, x.shape[2])
-    B, H, _, D = x.shape
-    return x.new_empty((B, H, T_q, D))
+    _fake_kv_heads(p.shape[1], x.shape[1], "x", "p")
+    B, H, _ = p.shape
+    return x.new_empty((B, H, T_q, x.shape[3]))
 
 
-def _fake_tn(p, x, T_k):
+def _fake_tn(p, x, T_k, kv_heads=None):  # p (B, H, N), x (B, H, T_q, D) -> (B, H_kv, T_k, D)
     _fake_check_same(p, x)
     _fake_packed(p, x.shape[2], T_k)
     B, H, _, D = x.shape
-    return x.new_empty((B, H, T_k, D))
+    H_kv = H if kv_heads is None else kv_heads
+    _fake_kv_heads(H, H_kv, "the output (kv_heads)", "x")
+    return x.new_empty((B, H_kv, T_k, D))
 
 
 def _fake_softmax(scores, T_q, T_k, scale, dropout_p, seed, offset):

@@ -1,0 +1,246 @@
+"""fastgpt inside Hugging Face transformers: tiny random-weight GPT-2 and Llama (grouped-query) models
+built from configs, nothing downloaded, against transformers' own `sdpa` implementation.
+
+Parity follows fastgpt.parity's rule at the model level: the logits and every parameter's gradient
+of the fastgpt model in float32 may be off the float64 `sdpa` model by at most 2× (logits) and 3×
+(gradients) the error of the float32 `sdpa` model, plus the float32 floor. The weights are drawn
+at unit-ish scale (initializer_range 0.2), the floors' assumption, so that the floors do not
+dominate; the upstream gradient is one fixed random tensor, zero at padded positions.
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0",
+                                   reason='transformers 5.x is not installed: pip install "fastgpt[hf]"')
+
+import fastgpt  # noqa: E402
+import fastgpt.integrations.transformers as fastgpt_hf  # noqa: E402
+from fastgpt.parity import assess  # noqa: E402
+
+VOCAB = 61
+BACKENDS = ["naive", "sdpa", "auto"]
+
+
+def llama_config(**overrides):
+    # 4 query heads over 2 key/value heads of 16: grouped-query attention, G = 2
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    initializer_range=0.2, bos_token_id=0, eos_token_id=None, pad_token_id=0,
+                                    **overrides)
+
+
+def gpt2_config(**overrides):
+    overrides = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **overrides}
+    return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                   initializer_range=0.2, bos_token_id=0, eos_token_id=None, pad_token_id=0,
+                                   **overrides)
+
+
+MODELS = {
+    "llama": (transformers.LlamaForCausalLM, llama_config),
+    "gpt2": (transformers.GPT2LMHeadModel, gpt2_config),
+}
+
+
+def build(kind: str, attn_implementation: str, seed: int = 0, **overrides):
+    """The `kind` model with seed's weights: the same weights whatever the implementation. Each
+    model gets its own config: from_config writes the implementation into the config it is given."""
+    cls, config = MODELS[kind]
+    torch.manual_seed(seed)
+    return cls._from_config(copy.deepcopy(config(**overrides)), attn_implementation=attn_implementation)
+
+
+def logits_and_grads(model, input_ids, dout, attention_mask=None, dtype=torch.float32):
+    """{'out': logits, 'd<param>': its gradient} of one forward and backward from dout."""
+    model = model.to(dtype)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids, attention_mask=attention_mask).logits
+    logits.backward(dout.to(dtype))
+    return {"out": logits.detach(), **{f"d{n}": p.grad for n, p in model.named_parameters()}}
+
+
+def tokens(B, T, seed=1):
+    return torch.randint(1, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_logits_and_gradients_match_transformers_sdpa(kind, backend):
+    name = fastgpt_hf.register(backend)
+    B, T = 3, 19
+    input_ids = tokens(B, T)
+    dout = torch.randn(B, T, VOCAB, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    # GPT-2 scaling 1/(D**0.5 · (layer + 1)): the model's `scaling`, not the default, must reach the kernel
+    overrides = {"gpt2": {"scale_attn_by_inverse_layer_idx": True}}.get(kind, {})
+    got = logits_and_grads(build(kind, name, **overrides), input_ids, dout)
+    oracle = logits_and_grads(build(kind, "sdpa", **overrides), input_ids, dout, dtype=torch.float64)
+    same_dtype = logits_and_grads(build(kind, "sdpa", **overrides), input_ids, dout)
+    result = assess(got, oracle, same_dtype, torch.float32)
+    assert result.ok, result.explain()
+
+
+def test_gpt2_through_the_triton_kernels():
+    # one small case: on CPU Triton runs in its interpreter (slow), and it takes no grouped-query call yet
+    if "triton" not in fastgpt.available_backends("cpu"):
+        pytest.skip("the triton backend cannot run on CPU tensors here (TRITON_INTERPRET=1 is not set)")
+    test_logits_and_gradients_match_transformers_sdpa("gpt2", "triton")
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_padded_batch_is_exact_at_every_real_token(kind):
+    # left padding (as generation pads), right padding (as training batches), none, and all three
+    # in one batch: one call per distinct run of real tokens
+    name = fastgpt_hf.register("sdpa")
+    B, T = 3, 17
+    input_ids = tokens(B, T)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[1, 11:] = 0
+    real = mask.bool()[..., None]
+    dout = torch.randn(B, T, VOCAB, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * real
+    got = logits_and_grads(build(kind, name), input_ids, dout, mask)
+    oracle = logits_and_grads(build(kind, "sdpa"), input_ids, dout, mask, dtype=torch.float64)
+    same_dtype = logits_and_grads(build(kind, "sdpa"), input_ids, dout, mask)
+    for results in (got, oracle, same_dtype):  # padded positions' logits are left out (zeros here)
+        results["out"] = results["out"] * real
+    result = assess(got, oracle, same_dtype, torch.float32)
+    assert result.ok, result.explain()
+
+
+@pytest.mark.parametrize("backend", ["naive", "auto"])
+@pytest.mark.parametrize("kind", MODELS)
+def test_cached_greedy_generation_gives_the_same_tokens(kind, backend):
+    name = fastgpt_hf.register(backend)
+    prompt = tokens(2, 7)
+    settings = dict(max_new_tokens=12, do_sample=False, use_cache=True)
+    expected = build(kind, "sdpa").eval().generate(prompt, **settings)
+    assert torch.equal(build(kind, name).eval().generate(prompt, **settings), expected)
+    # a left-padded batch, as batched generation pads a short prompt: decode steps over its cache
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    expected = build(kind, "sdpa").eval().generate(prompt, attention_mask=mask, **settings)
+    assert torch.equal(build(kind, name).eval().generate(prompt, attention_mask=mask, **settings), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")  # 5.24's new name `cache` is not in 5.17
+@pytest.mark.parametrize("kind", MODELS)
+def test_several_new_tokens_over_a_cache_align_bottom_right(kind):
+    # T_q = 5 new queries over T_k = 16 keys (prefill of 11, then 5 at once): the last 5 rows of the
+    # full forward's logits
+    name = fastgpt_hf.register("naive")
+    model = build(kind, name).eval()
+    input_ids = tokens(2, 16)
+    with torch.no_grad():
+        full = model(input_ids).logits
+        cache = model(input_ids[:, :11], use_cache=True).past_key_values
+        step = model(input_ids[:, 11:], past_key_values=cache, use_cache=True).logits
+    assert (step - full[:, 11:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_training_steps_with_attention_dropout(kind, monkeypatch):
+    name = fastgpt_hf.register("auto")
+    dropout = {"llama": {"attention_dropout": 0.1}, "gpt2": {"attn_pdrop": 0.1}}[kind]
+    model = build(kind, name, **dropout)
+    seen = []
+    causal_attention = fastgpt_hf.causal_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return causal_attention(*args, **kwargs)
+
+    monkeypatch.setattr(fastgpt_hf, "causal_attention", recording)
+    input_ids = tokens(4, 24)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    model.train()
+    for _ in range(4):
+        loss = model(input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert set(seen) == {0.1}  # the model's attention dropout, in training
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids).logits, model(input_ids).logits)  # dropout draws
+        model.eval()
+        seen.clear()
+        assert torch.equal(model(input_ids).logits, model(input_ids).logits)
+    assert set(seen) == {0.0}
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_output_attentions_is_refused(kind):
+    model = build(kind, fastgpt_hf.register("sdpa"))
+    with pytest.raises(ValueError, match=r"does not return attention weights \(output_attentions=True\)"):
+        model(tokens(1, 5), output_attentions=True)
+
+
+def test_padding_between_real_tokens_is_refused():
+    model = build("llama", fastgpt_hf.register("sdpa"))
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match=r"attention_mask row 0 has padding between real tokens \(11011\); .* takes "
+                                         r"left or right padding"):
+        model(tokens(2, 5), attention_mask=mask)
+
+
+def test_a_non_causal_model_is_refused():
+    name = fastgpt_hf.register("sdpa")
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)
+    model = transformers.BertModel._from_config(config, attn_implementation=name)
+    with pytest.raises(ValueError, match=r"computes plain causal attention only; this model asked for another mask "
+                                         r"\(bidirectional_mask_function"):
+        model(tokens(1, 5))
+    # and a causal model's layer called as non-causal
+    layer = build("llama", name).model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match=r"LlamaAttention is not causal \(is_causal=False"):
+        fastgpt_hf.attention(layer, q, k, k, None, is_causal=False, name=name)
+
+
+def test_a_static_cache_and_a_prepared_4d_mask_are_refused():
+    model = build("llama", fastgpt_hf.register("sdpa")).eval()
+    with pytest.raises(ValueError, match=r"needs the newest query to be the newest key; .* static, preallocated cache"):
+        model.generate(tokens(1, 5), max_new_tokens=2, do_sample=False, cache_implementation="static")
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match=r"an attention_mask of shape \(1, 1, 5, 5\) that its mask function did not"):
+        model(tokens(1, 5), attention_mask=mask)
+
+
+def test_arguments_that_change_the_math_are_refused():
+    name = fastgpt_hf.register("sdpa")
+    layer = build("llama", name).model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match=r"does not support logit soft-capping \(softcap=30.0\)"):
+        fastgpt_hf.attention(layer, q, k, k, None, softcap=30.0, name=name)
+    out, weights = fastgpt_hf.attention(layer, q, k, k, None, sliding_window=None, name=name)  # None: absent
+    assert out.shape == (1, 3, 4, 16) and weights is None
+
+
+def test_register_names():
+    assert fastgpt_hf.register() == "fastgpt"
+    assert fastgpt_hf.register("naive") == "fastgpt_naive"
+    assert fastgpt_hf.register("sdpa", name="mine") == "mine"
+    assert transformers.AttentionInterface._global_mapping["mine"].keywords["backend"] == "sdpa"
+    with pytest.raises(ValueError, match="backend='nope' is not a known attention backend"):
+        fastgpt_hf.register("nope")
+    with pytest.raises(ValueError, match="name='sdpa' is already an attention implementation of transformers"):
+        fastgpt_hf.register(name="sdpa")
+    with pytest.raises(ValueError, match="transformers reads a name with '/' as a Hub kernel"):
+        fastgpt_hf.register(name="org/kernel")
+
+
+def test_import_fastgpt_does_not_import_transformers():
+    code = "import sys, fastgpt, fastgpt.integrations; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # without transformers, the integration says how to get it
+    code = "import sys; sys.modules['transformers'] = None; import fastgpt.integrations.transformers"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'pip install "fastgpt[hf]"' in proc.stderr
