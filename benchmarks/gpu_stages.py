@@ -184,7 +184,7 @@ def _parity_tasks(ctx: StageContext) -> list[tuple]:
     """(backend, dtype, device, parity shapes, dropout shapes) per task, the slowest first."""
     from fastgpt.attention import available_backends
     from fastgpt.dropout_check import DROPOUT_SHAPES, MASKED_BACKENDS
-    from fastgpt.parity import PARITY_SHAPES
+    from fastgpt.parity import ALL_SHAPES, PARITY_SHAPES
 
     if ctx.dry_run:  # the CPU backends in fp32 on a few shapes (square, decode, a few queries); Triton's
         # interpreter is slow: its two smallest shapes, no dropout
@@ -199,11 +199,11 @@ def _parity_tasks(ctx: StageContext) -> list[tuple]:
             if backend == "triton":
                 # Triton compiles (and autotunes) a kernel per head dim, on the CPU: one task per
                 # head dim, so the workers compile in parallel
-                for D in sorted({s[-1] for s in PARITY_SHAPES}):
-                    tasks.append((backend, dtype, "cuda", [s for s in PARITY_SHAPES if s[-1] == D], []))
+                for D in sorted({s[-1] for s in ALL_SHAPES}):
+                    tasks.append((backend, dtype, "cuda", [s for s in ALL_SHAPES if s[-1] == D], []))
                 tasks.append((backend, dtype, "cuda", [], dropout))
             else:
-                tasks.append((backend, dtype, "cuda", PARITY_SHAPES, dropout))
+                tasks.append((backend, dtype, "cuda", ALL_SHAPES, dropout))
     return sorted(tasks, key=lambda t: t[0] != "triton")
 
 

@@ -153,7 +153,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
     from fastgpt.attention import available_backends, backend_names, get_backend
-    from fastgpt.parity import DTYPE_NAMES, GQA_SHAPES, PARITY_SHAPES, check_parity, make_qkv, shape_id
+    from fastgpt.parity import ALL_SHAPES, DTYPE_NAMES, check_parity, make_qkv, shape_id
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -177,7 +177,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
             continue
         for dtype_name in dtype_names:
             dtype = DTYPE_NAMES[dtype_name]
-            for shape in PARITY_SHAPES + GQA_SHAPES:
+            for shape in ALL_SHAPES:
                 q, k, _ = make_qkv(shape, dtype, device)
                 reason = backend.call_refusal(q, 0.0, k.shape[1])
                 if reason is not None:

@@ -26,8 +26,10 @@ from fastgpt.attention.naive import future_mask, naive_attention
 from fastgpt.parity import ParityResult, compare, forward_backward, make_qkv
 
 MASKED_BACKENDS = ("triton", "ext")
-# (B, H, T_q, T_k, D): training (square) and a KV-cache step, odd lengths, as PARITY_SHAPES
-DROPOUT_SHAPES = [(2, 3, 100, 100, 64), (2, 2, 37, 100, 32)]
+# (B, H, T_q, T_k, D): training (square) and a KV-cache step, odd lengths, as PARITY_SHAPES; then
+# grouped-query (B, H, H_kv, T_q, T_k, D), 3 query heads per key/value head, whose dK and dV sum a
+# group of differently masked heads
+DROPOUT_SHAPES = [(2, 3, 100, 100, 64), (2, 2, 37, 100, 32), (2, 6, 2, 50, 64, 128)]
 DROPOUT_P = 0.2
 
 

@@ -1,6 +1,6 @@
 """Parity against the float64 reference: one shape list, one tolerance rule, one harness.
 
-`fastgpt parity` and the test suite both read PARITY_SHAPES and the rule from here, so the
+`fastgpt parity` and the test suite both read the shape lists and the rule from here, so the
 promise a user checks on their GPU is the promise CI checks on CPU.
 
 The rule (flash-attention's convention): code run in dtype X may be off the float64 reference by
@@ -62,6 +62,19 @@ GQA_SHAPES: list[tuple[int, int, int, int, int, int]] = [
     (2, 8, 1, 13, 100, 64),
     (2, 6, 2, 97, 100, 80),
 ]
+# Head dims off the common list, padded inside the Triton kernels (to 64, 128 and 256), up to its
+# widest, 256: square, fewer queries than keys, and grouped-query. Small T: Triton runs interpreted.
+HEAD_DIM_SHAPES: list[tuple[int, ...]] = [
+    (2, 2, 37, 37, 40),
+    (1, 3, 33, 33, 59),
+    (2, 2, 5, 70, 111),
+    (1, 2, 50, 50, 160),
+    (2, 4, 2, 17, 40, 192),
+    (1, 2, 29, 29, 256),
+    (1, 4, 1, 3, 50, 256),
+]
+# Every shape `fastgpt parity` checks.
+ALL_SHAPES: list[tuple[int, ...]] = PARITY_SHAPES + GQA_SHAPES + HEAD_DIM_SHAPES
 # The square ones as (B, H, T, D), for tests of pieces that only exist for T_q == T_k.
 SQUARE_SHAPES: list[tuple[int, int, int, int]] = [(B, H, T_q, D) for B, H, T_q, T_k, D in PARITY_SHAPES if T_q == T_k]
 OUTPUT_FACTOR = 2.0

@@ -29,9 +29,16 @@ thousands and B·H is far below the number of SMs; here T_k <= block_size = 256 
 per program, each program's work is below a kernel launch's latency, and a second (reduction)
 launch would cost more than it saves. It stays the next step for long contexts.
 
+Grouped-query attention (k and v with H_kv heads, H_kv dividing H): query head h reads key/value
+head h // GROUP, GROUP = H / H_kv, straight from k and v; nothing is copied per query head. GROUP
+is left to Triton's specialisation: GROUP = 1 (multi-head attention) arrives as a compile-time
+constant, so the multi-head kernels carry no trace of grouping (the group loop of dK/dV runs once
+and folds away), and a grouped model compiles one more variant of each kernel.
+
 Dropout acts on the normalised weights, softmax(s)·keep/(1-p): the normaliser l_i sums the weights
 before dropout, and only the accumulation into acc sees the keep mask. The mask is a pure function of
-(seed, b·H+h, query index i, key index), so the backward regenerates it and nothing is stored.
+(seed, b·H+h, query index i, key index), h the query head, so the backward regenerates it and
+nothing is stored.
 """
 
 import triton
@@ -135,28 +142,29 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one compiled variant for every length
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one variant for every length (GROUP: see the header)
 def _attn_fwd(Q, K, V, Out, LSE, Seed,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
-              H, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
+              H, GROUP, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(T_Q, BLOCK_M), H, B). Q, Out: (B, H, T_Q, HEAD_DIM), K, V: (B, H, T_K, HEAD_DIM),
-    T_K >= T_Q, any strides; LSE: (B, H, T_Q) fp32 contiguous, base-2 log-sum-exp of the scaled
-    scores; Seed: one int64."""
+    """Grid (cdiv(T_Q, BLOCK_M), H, B). Q, Out: (B, H, T_Q, HEAD_DIM), K, V: (B, H / GROUP, T_K,
+    HEAD_DIM), T_K >= T_Q, any strides; LSE: (B, H, T_Q) fp32 contiguous, base-2 log-sum-exp of the
+    scaled scores; Seed: one int64."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
     off_bh = off_z * H + off_h
+    off_hkv = off_h // GROUP  # the key/value head this query head shares
     # 64-bit slice offsets: B·H·T·D may exceed 2³¹ elements
     Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    K_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    V_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
     O_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)

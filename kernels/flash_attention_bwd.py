@@ -21,6 +21,10 @@ T_q) the same walks shift by o: key j is seen by the queries i >= j - o, so a ke
 band starts at query block floor(max(j0 - o, 0) / BLOCK_M) and the queries from j0 + BLOCK_N - o
 (rounded up to a query block) on see the whole key block. Any BLOCK_M, BLOCK_N work.
 
+Grouped-query attention (GROUP = H / H_kv query heads per key/value head): dQ reads the shared
+k, v head in place; dK and dV of a key/value head are sums over its GROUP query heads, and one
+dK/dV program walks all of them, query head after query head, into the same registers.
+
 Every output element is written by exactly one program and summed in a fixed order, so the
 backward is deterministic (bit-equal across runs) without atomics. The price is computing
 q·kᵀ and dO·vᵀ twice (once per kernel): 7 matmuls of T²·D per slice in place of 5.
@@ -97,31 +101,27 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one compiled variant for every length
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one variant for every length (GROUP: see the header)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
                    stride_vz, stride_vh, stride_vn, stride_vk,
                    stride_doz, stride_doh, stride_dom, stride_dok,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
-                   H, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
+                   H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(T_K, BLOCK_N), H, B). DK and DV (B, H, T_K, HEAD_DIM) share one layout (stride_dk*)."""
+    """Grid (cdiv(T_K, BLOCK_N), H / GROUP, B). Q, DO: (B, H, T_Q, HEAD_DIM); K, V and DK, DV
+    (B, H / GROUP, T_K, HEAD_DIM), DK and DV sharing one layout (stride_dk*)."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    off_h = tl.program_id(1)
+    off_hkv = tl.program_id(1)
     off_z = tl.program_id(2)
-    off_bh = off_z * H + off_h
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-    LSE_base = LSE + off_bh.to(tl.int64) * T_Q
-    Delta_base = Delta + off_bh.to(tl.int64) * T_Q
+    K_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    V_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
     k = _load_tile(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
                    offs_n, offs_d, T_K, HEAD_DIM, True, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
     v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
@@ -138,21 +138,30 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
     lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
     mid = tl.minimum(tl.maximum(start_n + BLOCK_N - offset, 0), T_Q)
     mid = ((mid + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
-                                  stride_qm, stride_qk, stride_dom, stride_dok,
-                                  off_bh, start_n, offs_n, offs_d, lo, mid, T_Q, offset, qk_scale, dropout_p,
-                                  dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
-                                  stride_qm, stride_qk, stride_dom, stride_dok,
-                                  off_bh, start_n, offs_n, offs_d, mid, T_Q, T_Q, offset, qk_scale, dropout_p,
-                                  dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
+    for g in range(0, GROUP):  # the query heads sharing k and v, in order: a fixed summation order
+        off_h = off_hkv * GROUP + g
+        off_bh = off_z * H + off_h
+        Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+        DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+        LSE_base = LSE + off_bh.to(tl.int64) * T_Q
+        Delta_base = Delta + off_bh.to(tl.int64) * T_Q
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                                      stride_qm, stride_qk, stride_dom, stride_dok,
+                                      off_bh, start_n, offs_n, offs_d, lo, mid, T_Q, offset, qk_scale, dropout_p,
+                                      dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT,
+                                      DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                                      stride_qm, stride_qk, stride_dom, stride_dok,
+                                      off_bh, start_n, offs_n, offs_d, mid, T_Q, T_Q, offset, qk_scale, dropout_p,
+                                      dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT,
+                                      DOT_PRECISION)
     dk = dk * scale  # S = scale·q·kᵀ
 
     out_offs = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk
     out_mask = offs_n[:, None] < T_K
     if PAD_D:
         out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
-    slice_off = off_z.to(tl.int64) * stride_dkz + off_h.to(tl.int64) * stride_dkh
+    slice_off = off_z.to(tl.int64) * stride_dkz + off_hkv.to(tl.int64) * stride_dkh
     tl.store(DK + slice_off + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + slice_off + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
@@ -188,18 +197,18 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one compiled variant for every length
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one variant for every length (GROUP: see the header)
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
                  stride_vz, stride_vh, stride_vn, stride_vk,
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
-                 H, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
+                 H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(T_Q, BLOCK_M), H, B)."""
+    """Grid (cdiv(T_Q, BLOCK_M), H, B). K, V: (B, H / GROUP, T_K, HEAD_DIM)."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
@@ -208,9 +217,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offset = T_K - T_Q  # query i sits at key position offset + i
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    off_hkv = off_h // GROUP  # the key/value head this query head shares
     Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    K_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    V_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    K_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    V_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
     DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
     q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                    offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 # cache's decode step) with configs of its own; see the header of flash_attention.py.
 KERNELS = ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq")
 DECODE_MAX_QUERIES = 16
-HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # supported; padded to 16, 32, 64, 128 inside the kernels
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # every D between them; padded to a power of two inside the kernels
+# What `fastgpt check` compiles: every padded width, and each shipped list (64, 128, 256) also with
+# padding (registers follow the padded width; padding adds the column masks). Interpreter parity
+# runs the odd ones (40, 59, 111, 160, 192, 256). A D that is no multiple of 8 in 16-bit (59, 111)
+# also makes the GPT's strides no multiple of 16 bytes: scalar loads, more registers, and up to
+# a few hundred bytes of spills in the widest configs (measured at D=59): slower, still correct.
+CHECKED_HEAD_DIMS = (16, 32, 48, 64, 96, 128, 160, 256)
 
 
 @dataclass(frozen=True)
@@ -50,27 +56,38 @@ INTERPRETER_CONFIGS: dict[str, KernelConfig] = {
 PREPROCESS_BLOCK_M = 64  # Δ = rowsum(dO∘out): memory-bound, one config everywhere
 
 # The autotuner's candidates per kernel, compute capability (major·10) and head-dim class (padded
-# head dim <= 64, or 128). Chosen from a wider sweep by `fastgpt check`: on sm_80 the register file
-# is the limit (mma.sync keeps both fp32 tiles in registers, and dropout's Philox adds ~40
+# head dim <= 64, 128 or 256). Chosen from a wider sweep by `fastgpt check`: on sm_80 the register
+# file is the limit (mma.sync keeps both fp32 tiles in registers, and dropout's Philox adds ~40
 # registers), so the D=128 backward needs 8 warps or thin blocks; e.g. fwd M128/N64 with 4 warps
-# spills 1 KB at D=64, and dK/dV M64/N64 with 4 warps spills at every head dim.
+# spills 1 KB at D=64, and dK/dV M64/N64 with 4 warps spills at every head dim. At D=256 a dK/dV
+# program holds four (BLOCK_N, 256) tiles (k, v, and fp32 dK, dV): 32 keys on 8 warps is the most
+# that does not spill (N64 spills 144-680 bytes, 4 warps 132-236), and the forward's fp32
+# accumulator allows 64 queries on 8 warps on sm_80 (M128 spills ~600 bytes there, not on sm_90).
 SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
-        80: {64: [C(128, 64, 8, 3), C(64, 64, 4, 3)], 128: [C(128, 64, 8, 4), C(64, 32, 4, 3)]},
-        90: {64: [C(128, 64, 8, 3), C(64, 128, 4, 3)], 128: [C(128, 64, 8, 3), C(64, 64, 4, 3)]},
+        80: {64: [C(128, 64, 8, 3), C(64, 64, 4, 3)], 128: [C(128, 64, 8, 4), C(64, 32, 4, 3)],
+             256: [C(64, 32, 8, 2), C(32, 64, 4, 2)]},
+        90: {64: [C(128, 64, 8, 3), C(64, 128, 4, 3)], 128: [C(128, 64, 8, 3), C(64, 64, 4, 3)],
+             256: [C(128, 32, 8, 2), C(64, 32, 8, 2)]},
     },
     # one 16-row query block (the smallest tl.dot tile), wide key blocks: decoding is memory-bound
     "fwd_decode": {
-        80: {64: [C(16, 64, 4, 2), C(16, 128, 4, 2)], 128: [C(16, 64, 4, 2), C(16, 32, 4, 2)]},
-        90: {64: [C(16, 64, 4, 2), C(16, 128, 8, 2)], 128: [C(16, 64, 4, 2), C(16, 32, 4, 2)]},
+        80: {64: [C(16, 64, 4, 2), C(16, 128, 4, 2)], 128: [C(16, 64, 4, 2), C(16, 32, 4, 2)],
+             256: [C(16, 32, 4, 2), C(16, 64, 8, 2)]},
+        90: {64: [C(16, 64, 4, 2), C(16, 128, 8, 2)], 128: [C(16, 64, 4, 2), C(16, 32, 4, 2)],
+             256: [C(16, 32, 4, 2), C(16, 64, 8, 2)]},
     },
     "bwd_dkdv": {
-        80: {64: [C(32, 64, 4, 2), C(32, 128, 8, 2)], 128: [C(32, 64, 8, 2), C(16, 64, 8, 2)]},
-        90: {64: [C(32, 128, 8, 2), C(32, 64, 4, 2)], 128: [C(32, 128, 8, 2), C(32, 64, 8, 2)]},
+        80: {64: [C(32, 64, 4, 2), C(32, 128, 8, 2)], 128: [C(32, 64, 8, 2), C(16, 64, 8, 2)],
+             256: [C(16, 32, 8, 2), C(32, 32, 8, 2)]},
+        90: {64: [C(32, 128, 8, 2), C(32, 64, 4, 2)], 128: [C(32, 128, 8, 2), C(32, 64, 8, 2)],
+             256: [C(16, 32, 8, 2), C(32, 32, 8, 2)]},
     },
     "bwd_dq": {
-        80: {64: [C(64, 32, 4, 2), C(128, 32, 8, 2)], 128: [C(64, 32, 8, 2), C(64, 16, 4, 2)]},
-        90: {64: [C(128, 32, 8, 2), C(128, 64, 8, 2)], 128: [C(128, 32, 8, 2), C(64, 32, 8, 2)]},
+        80: {64: [C(64, 32, 4, 2), C(128, 32, 8, 2)], 128: [C(64, 32, 8, 2), C(64, 16, 4, 2)],
+             256: [C(32, 32, 8, 2), C(64, 32, 8, 2)]},
+        90: {64: [C(128, 32, 8, 2), C(128, 64, 8, 2)], 128: [C(128, 32, 8, 2), C(64, 32, 8, 2)],
+             256: [C(64, 16, 8, 2)]},
     },
 }
 
@@ -82,23 +99,46 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 # 8-warp configs that do not. Dropout drawing eight keys per Philox call, interleaved into the
 # tile, cost a few more: fwd M32/N16/w4 and decode M16/N64/w4 at D=48 on sm_80, fwd M128/N128/w8/s3
 # (16-bit) and dK/dV M16/N32/w4 on sm_90 spilled 8-24 bytes with dropout and were replaced.)
+# From D=160 on, where ptxas holds a kernel at 128 registers (8 warps, often) the wide fp32 tiles
+# spill 8-64 bytes: fwd M32/N16/w8, dQ M32/N16/w8 and dK/dV M16/N16/w8 on sm_80, fwd and dQ with 8
+# warps on sm_90; those lists are short. (16-bit dQ M32/N32/w8 on sm_90 spills 24 bytes at D=160.)
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
-        80: {64: [C(32, 16, 8, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)]},
-        90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)]},
+        80: {64: [C(32, 16, 8, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)],
+             256: [C(16, 16, 4, 2)]},
+        90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)],
+             256: [C(16, 16, 4, 2)]},
     },
     "fwd_decode": {
-        80: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 8, 2)]},
-        90: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 16, 4, 2), C(16, 32, 8, 2)]},
+        80: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 8, 2)],
+             256: [C(16, 16, 4, 2), C(16, 32, 8, 2)]},
+        90: {64: [C(16, 32, 4, 2), C(16, 64, 8, 2)], 128: [C(16, 16, 4, 2), C(16, 32, 8, 2)],
+             256: [C(16, 16, 4, 2), C(16, 32, 8, 2)]},
     },
     "bwd_dkdv": {
-        80: {64: [C(16, 32, 8, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)]},
-        90: {64: [C(16, 16, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
+        80: {64: [C(16, 32, 8, 2), C(16, 16, 4, 2)], 128: [C(16, 16, 4, 2)], 256: [C(16, 32, 8, 2), C(16, 16, 4, 2)]},
+        90: {64: [C(16, 16, 4, 2), C(16, 32, 8, 2)], 128: [C(16, 32, 8, 2), C(16, 16, 4, 2)],
+             256: [C(16, 32, 8, 2)]},
     },
     "bwd_dq": {
-        80: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2)]},
-        90: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(32, 16, 8, 2)]},
+        80: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2)], 256: [C(16, 16, 4, 2)]},
+        90: {64: [C(32, 16, 4, 2), C(32, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(32, 16, 8, 2)],
+             256: [C(16, 16, 4, 2), C(16, 16, 8, 2)]},
     },
+}
+
+
+# The grouped-query dK/dV (GROUP > 1: a loop over the group's query heads around both of its
+# loops) holds a few more registers than with GROUP = 1; where a list above spills with it, it
+# gets its own: (arch, fp32 inputs, head-dim class) -> configs. Every other kernel and list is the
+# same for both.
+GROUPED_DKDV: dict[tuple[int, bool, int], list[KernelConfig]] = {
+    (80, False, 64): [C(16, 64, 8, 2)],
+    (90, False, 128): [C(32, 32, 8, 2), C(16, 64, 8, 2)],
+    (80, True, 64): [C(16, 16, 8, 2)],
+    (80, True, 128): [C(16, 16, 8, 2)],
+    (80, True, 256): [C(16, 16, 8, 2)],
+    (90, True, 128): [C(16, 16, 8, 2)],
 }
 
 
@@ -117,8 +157,14 @@ def keep(kernel: str, config: KernelConfig) -> bool:
     return kernel != "fwd_decode" or config.block_m == DECODE_MAX_QUERIES
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The tile width a head dim runs at: the next power of two (tl.arange's lengths are powers of two)."""
+    return 1 << (head_dim - 1).bit_length()
+
+
 def head_dim_class(head_dim_pad: int) -> int:
-    return 64 if head_dim_pad <= 64 else 128
+    """Which shipped list a padded head dim uses: 64 (16-64), 128 or 256."""
+    return 64 if head_dim_pad <= 64 else head_dim_pad
 
 
 def dot_precision(fp32_inputs: bool) -> str:
@@ -135,7 +181,12 @@ def arch_of(capability: tuple[int, int]) -> int:
     return 80 if major == 8 else 90
 
 
-def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool = False) -> list[KernelConfig]:
-    """The autotuner's candidates for `kernel` on a GPU of this compute capability."""
-    shipped = SHIPPED_FP32 if fp32 else SHIPPED
-    return [c for c in shipped[kernel][arch_of(capability)][head_dim_class(head_dim_pad)] if keep(kernel, c)]
+def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool = False,
+            grouped: bool = False) -> list[KernelConfig]:
+    """The autotuner's candidates for `kernel` on a GPU of this compute capability; `grouped`: for
+    a grouped-query call (fewer key/value heads than query heads)."""
+    arch, head_dims = arch_of(capability), head_dim_class(head_dim_pad)
+    shipped = (SHIPPED_FP32 if fp32 else SHIPPED)[kernel][arch][head_dims]
+    if grouped and kernel == "bwd_dkdv":
+        shipped = GROUPED_DKDV.get((arch, fp32, head_dims), shipped)
+    return [c for c in shipped if keep(kernel, c)]

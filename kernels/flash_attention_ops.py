@@ -7,8 +7,9 @@
 
 This module imports triton; fastgpt.attention.triton_backend imports it only on first use.
 
-Shapes: q, out, dout, dq (B, H, T_q, D); k, v, dk, dv (B, H, T_k, D), T_k >= T_q, the causal
-diagonal bottom-right. Layouts: q, k, v and dout may have any strides (strides go to the kernels,
+Shapes: q, out, dout, dq (B, H, T_q, D); k, v, dk, dv (B, H_kv, T_k, D), T_k >= T_q, the causal
+diagonal bottom-right; H_kv divides H (grouped-query attention: query head h reads key/value head
+h // (H / H_kv) inside the kernels, and dk, dv sum over each group there). Layouts: q, k, v and dout may have any strides (strides go to the kernels,
 nothing is copied). out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory, the layout the
 GPT's head merge `y.transpose(1, 2).reshape(B, T, C)` reads without a copy. lse is (B, H, T_q)
 fp32 contiguous. A forward with T_q <= DECODE_MAX_QUERIES (decoding) launches the "fwd_decode"
@@ -54,17 +55,17 @@ def check_offsets(*tensors: torch.Tensor) -> None:
                              f"attention kernels address at most 2**31 - 1 within a slice")
 
 
-# (kernel, capability, head_dim_pad, fp32, seq_bucket) -> its autotuner, made on first use
+# (kernel, capability, head_dim_pad, fp32, grouped, seq_bucket) -> its autotuner, made on first use
 _TUNERS: dict[tuple, triton.runtime.Autotuner] = {}
 
 
-def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, seq_bucket: int):
+def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, grouped: bool, seq_bucket: int):
     """The autotuned launcher of `kernel` for one GPU architecture, head dim and sequence-length
     bucket (the next power of two of T_k). One autotuner per bucket, not a tuning run per T: sampling
     grows T_k one token at a time. The autotuners share the jit function, hence its compiled kernels."""
-    key = (kernel, capability, head_dim_pad, fp32, seq_bucket)
+    key = (kernel, capability, head_dim_pad, fp32, grouped, seq_bucket)
     if key not in _TUNERS:
-        candidates = cfg.configs(kernel, capability, head_dim_pad, fp32)
+        candidates = cfg.configs(kernel, capability, head_dim_pad, fp32, grouped)
         configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
         _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
     return _TUNERS[key]
@@ -72,53 +73,55 @@ def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bo
 
 def tuned_configs() -> dict[str, str]:
     """The config each autotuner picked so far in this process, for reports:
-    {"fwd D=64 dropout=False T<=4096 fp32=False": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}."""
+    {"fwd D=64 dropout=False T<=4096 fp32=False": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."};
+    grouped-query calls' picks are marked " grouped"."""
     picks = {}
-    for (kernel, _, _, fp32, seq_bucket), tuner in _TUNERS.items():
+    for (kernel, _, _, fp32, grouped, seq_bucket), tuner in _TUNERS.items():
         for tuning_key, config in tuner.cache.items():
             head_dim, dropout = tuning_key[0], tuning_key[1]
-            picks[f"{kernel} D={head_dim} dropout={dropout} T<={seq_bucket} fp32={fp32}"] = str(config)
+            label = f"{kernel} D={head_dim} dropout={dropout} T<={seq_bucket} fp32={fp32}" + (" grouped" if grouped else "")
+            picks[label] = str(config)
     return picks
 
 
-def _launcher(kernel: str, q: torch.Tensor, T_k: int, head_dim_pad: int):
+def _launcher(kernel: str, q: torch.Tensor, k: torch.Tensor, head_dim_pad: int):
     """(launchable kernel, extra launch kwargs): a fixed config in the interpreter, autotuning on a GPU."""
     if INTERPRETING or q.device.type != "cuda":
         c = cfg.INTERPRETER_CONFIGS[kernel]
         return wrap_triton(_KERNELS[kernel]), {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}
     capability = torch.cuda.get_device_capability(q.device)
-    seq_bucket = triton.next_power_of_2(T_k)
-    fp32 = q.dtype == torch.float32
-    return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, seq_bucket)), {}
+    seq_bucket = triton.next_power_of_2(k.shape[2])
+    fp32, grouped = q.dtype == torch.float32, k.shape[1] < q.shape[1]
+    return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, grouped, seq_bucket)), {}
 
 
 def _head_dims(D: int) -> dict:
-    return {"HEAD_DIM": D, "HEAD_DIM_PAD": triton.next_power_of_2(D)}
+    return {"HEAD_DIM": D, "HEAD_DIM_PAD": cfg.padded_head_dim(D)}
 
 
 def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
-    """q (B, H, T_q, D), k, v (B, H, T_k, D) -> out (B, H, T_q, D), lse (B, H, T_q) fp32 (base-2
+    """q (B, H, T_q, D), k, v (B, H_kv, T_k, D) -> out (B, H, T_q, D), lse (B, H, T_q) fp32 (base-2
     log-sum-exp)."""
     B, H, T_q, D = q.shape
-    T_k = k.shape[2]
+    H_kv, T_k = k.shape[1], k.shape[2]
     out = _empty_bthd(q)
     lse = torch.empty((B, H, T_q), device=q.device, dtype=torch.float32)
     dims = _head_dims(D)
-    kernel, launch = _launcher("fwd_decode" if T_q <= cfg.DECODE_MAX_QUERIES else "fwd", q, T_k, dims["HEAD_DIM_PAD"])
+    kernel, launch = _launcher("fwd_decode" if T_q <= cfg.DECODE_MAX_QUERIES else "fwd", q, k, dims["HEAD_DIM_PAD"])
     dropout = dropout_p > 0.0
     kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
         q, k, v, out, lse, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
+        H, H // H_kv, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
         **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **launch,
     )
     return out, lse
 
 
 def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
-    """-> dq (B, H, T_q, D), dk, dv (B, H, T_k, D), in the dtype of q."""
+    """-> dq (B, H, T_q, D), dk, dv (B, H_kv, T_k, D), in the dtype of q."""
     B, H, T_q, D = q.shape
-    T_k = k.shape[2]
+    H_kv, T_k = k.shape[1], k.shape[2]
     check_offsets(dout)
     dims = _head_dims(D)
     delta = torch.empty_like(lse)
@@ -127,15 +130,15 @@ def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropo
     )
     dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(k)
     common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32))
-    scalars = (H, T_q, T_k, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p))
+    scalars = (H, H // H_kv, T_q, T_k, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p))
 
-    kernel, launch = _launcher("bwd_dkdv", q, T_k, dims["HEAD_DIM_PAD"])
-    kernel[lambda meta: (triton.cdiv(T_k, meta["BLOCK_N"]), H, B)](
+    kernel, launch = _launcher("bwd_dkdv", q, k, dims["HEAD_DIM_PAD"])
+    kernel[lambda meta: (triton.cdiv(T_k, meta["BLOCK_N"]), H_kv, B)](  # one program per key/value head
         q, k, v, dout, dk, dv, lse, delta, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         *scalars, **common, **launch,
     )
-    kernel, launch = _launcher("bwd_dq", q, T_k, dims["HEAD_DIM_PAD"])
+    kernel, launch = _launcher("bwd_dq", q, k, dims["HEAD_DIM_PAD"])
     kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
         q, k, v, dout, dq, lse, delta, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
@@ -234,7 +237,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional
 
 
 def triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    """The `triton` backend: q (B, H, T_q, D), k, v (B, H, T_k, D), already validated -> out (B, H, T_q, D)."""
+    """The `triton` backend: q (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated -> out (B, H, T_q, D)."""
     check_offsets(q, k, v)
     seed = None
     if dropout_p > 0.0:

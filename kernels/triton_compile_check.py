@@ -45,7 +45,7 @@ from typing import Optional
 
 from fastgpt import compile_check
 from fastgpt.kernels import flash_attention_configs as cfg
-from fastgpt.kernels.flash_attention_configs import HEAD_DIMS
+from fastgpt.kernels.flash_attention_configs import CHECKED_HEAD_DIMS, MAX_HEAD_DIM, MIN_HEAD_DIM
 
 DTYPES = ("fp16", "bf16", "fp32")
 # A representative GPT call: q, k, v are views of one (B, T, 3, H, D) buffer, outputs (B, T, H, D).
@@ -60,6 +60,7 @@ class Job:
     head_dim: int
     dropout: bool
     config: cfg.KernelConfig
+    grouped: bool = False  # the grouped-query variant (GROUP > 1, a runtime value) instead of GROUP = 1
 
 
 @dataclass
@@ -101,7 +102,8 @@ def _example_args(job: Job) -> dict:
     qkv = (T * 3 * H * D, D, 3 * H * D, 1)  # strides of a (B, H, T, D) view of (B, T, 3, H, D)
     bthd = (T * H * D, D, H * D, 1)  # out, dout, dq, dk, dv
     layouts = {"q": qkv, "k": qkv, "v": qkv}
-    args = {"H": H, "T": T, "T_Q": T, "T_K": T}  # lengths are never specialised: any values do
+    # lengths and H are never specialised: any values do; GROUP = 1 is (a constexpr), 4 stands for any other
+    args = {"H": H, "GROUP": 4 if job.grouped else 1, "T": T, "T_Q": T, "T_K": T}
     stride_names = [n for n in _kernel_fn(job.kernel).arg_names if n.startswith("stride_")]
     for i, name in enumerate(stride_names):
         args[name] = layouts.get(name[len("stride_"):-1], bthd)[i % 4]
@@ -113,7 +115,7 @@ def _source(job: Job):
 
     fn = _kernel_fn(job.kernel)
     element = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[job.dtype]
-    constexprs = {"HEAD_DIM": job.head_dim, "HEAD_DIM_PAD": 1 << (job.head_dim - 1).bit_length()}
+    constexprs = {"HEAD_DIM": job.head_dim, "HEAD_DIM_PAD": cfg.padded_head_dim(job.head_dim)}
     if job.kernel == "bwd_preprocess":
         constexprs["BLOCK_M"] = job.config.block_m
     else:
@@ -197,18 +199,29 @@ def philox_rounds_per_weight(job: Job, ptx: str) -> float:
     return high_multiplies / 2 / (LOOP_COPIES * weights_per_thread)
 
 
+# The grouped-query variant of dK/dV, the kernel grouping changes most (a loop over the group's
+# query heads around both of its loops), at the widest head dim of each shipped list. Grouped fwd
+# and dQ differ from GROUP = 1 by one integer division; not compiled here, to keep the check's time.
+GROUPED_HEAD_DIMS = (64, 128, 256)
+
+
 def jobs(archs, dtypes, head_dims) -> list[Job]:
-    """Every shipped config of every kernel, for each arch, dtype, head dim and dropout setting."""
+    """Every shipped config of every kernel, for each arch, dtype, head dim and dropout setting; and
+    the grouped dK/dV at the GROUPED_HEAD_DIMS among head_dims."""
     out = []
     for arch in archs:
         for dtype in dtypes:
             for D in head_dims:
-                pad = 1 << (D - 1).bit_length()
+                pad = cfg.padded_head_dim(D)
                 out.append(Job("bwd_preprocess", arch, dtype, D, False,
                                cfg.KernelConfig(cfg.PREPROCESS_BLOCK_M, 0, 4, 1)))
                 for kernel in cfg.KERNELS:
                     for config in cfg.configs(kernel, (arch // 10, 0), pad, fp32=dtype == "fp32"):
                         out += [Job(kernel, arch, dtype, D, dropout, config) for dropout in (False, True)]
+                if D in GROUPED_HEAD_DIMS:
+                    for config in cfg.configs("bwd_dkdv", (arch // 10, 0), pad, dtype == "fp32", grouped=True):
+                        out += [Job("bwd_dkdv", arch, dtype, D, dropout, config, grouped=True) for dropout in (False, True)]
+
     return out
 
 
@@ -219,7 +232,7 @@ def table(results: list[Result], full: bool) -> str:
     for r in results:
         j = r.job
         inputs = "fp32" if j.dtype == "fp32" else "16-bit"
-        key = (j.kernel, f"sm_{j.arch}", inputs, str(j.config))
+        key = (j.kernel + ("/gqa" if j.grouped else ""), f"sm_{j.arch}", inputs, str(j.config))
         if full:
             key += (j.dtype, str(j.head_dim), "on" if j.dropout else "off")
         rows.setdefault(key, []).append(r)
@@ -238,7 +251,9 @@ def table(results: list[Result], full: bool) -> str:
 def add_options(parser: argparse.ArgumentParser) -> None:
     """This check's own options (besides --arch, which both checks take)."""
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default: all three)")
-    parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIMS, help="(repeatable; default: all)")
+    parser.add_argument("--head-dim", type=int, action="append", choices=range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1),
+                        metavar="D", help=f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM} (repeatable; default: "
+                                          f"{', '.join(map(str, CHECKED_HEAD_DIMS))})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--full", action="store_true", help="one row per dtype and dropout setting too")
 
@@ -260,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # the child writes to the same file descriptor
         return subprocess.run(command, env=env).returncode
 
-    todo = jobs(args.arch or compile_check.ARCHS, args.dtype or list(DTYPES), args.head_dim or HEAD_DIMS)
+    todo = jobs(args.arch or compile_check.ARCHS, args.dtype or list(DTYPES), args.head_dim or CHECKED_HEAD_DIMS)
     start = time.perf_counter()
     if args.jobs > 1:
         import multiprocessing

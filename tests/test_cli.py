@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fastgpt.cli import main
-from fastgpt.parity import GQA_SHAPES, PARITY_SHAPES
+from fastgpt.parity import ALL_SHAPES
 
 SMALL_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
              "--eval-iters", "2", "--eval-interval", "10", "--no-progress", "--no-decay-lr"]
@@ -99,7 +99,7 @@ def test_parity_command_passes_for_cpu_backends():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # both take grouped-query calls: every shape, grouped-query ones included, checked and passed
-    assert proc.stdout.count(" ok") == 2 * (len(PARITY_SHAPES) + len(GQA_SHAPES)) and "all passed" in proc.stdout
+    assert proc.stdout.count(" ok") == 2 * len(ALL_SHAPES) and "all passed" in proc.stdout
 
 
 def test_check_command_runs_the_triton_then_the_cuda_compile_check(capfd):

@@ -10,9 +10,10 @@ from fastgpt.attention import available_backends
 SHAPE = (2, 2, 37, 100, 32)  # fewer queries than keys: the bottom-right diagonal too
 
 
+@pytest.mark.parametrize("shape", [SHAPE, (2, 6, 2, 21, 30, 16)], ids=["mha", "gqa"])  # 3 heads per k/v head
 @pytest.mark.parametrize("backend", [b for b in dropout_check.MASKED_BACKENDS if b in available_backends("cpu")])
-def test_the_fused_backends_pass(backend):
-    result = dropout_check.check_dropout(backend, SHAPE, torch.float32)
+def test_the_fused_backends_pass(backend, shape):
+    result = dropout_check.check_dropout(backend, shape, torch.float32)
     assert result.ok, result.as_dict()
     assert abs(result.kept_fraction - 0.8) <= result.kept_limit
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastgpt import causal_attention
-from fastgpt.attention import available_backends, get_backend, naive_attention, select_backend
+from fastgpt.attention import Backend, backend_names, get_backend, naive_attention, register_backend, select_backend
 from fastgpt.attention.naive import future_mask
 from fastgpt.model import GPT, ModelConfig
 from fastgpt.parity import GQA_SHAPES, check_parity, make_qkv, shape_id, unpack_shape
@@ -45,12 +45,14 @@ def test_heads_that_do_not_divide_are_refused_by_name():
         causal_attention(q, k, k)
 
 
-def test_a_backend_without_grouped_query_refuses_by_name_and_auto_moves_on():
+def test_every_backend_takes_grouped_query_calls_and_one_without_refuses_by_name():
+    assert all(get_backend(name).grouped_query for name in backend_names())
     q, k, v = make_qkv((2, 6, 2, 9, 9, 16), torch.float32, "cpu")
-    refusing = [b for b in available_backends("cpu") if not get_backend(b).grouped_query]
-    for name in refusing:
-        with pytest.raises(ValueError, match=r"grouped-query attention \(H=6 query heads over H_kv=2\) is not supported"):
-            causal_attention(q, k, v, backend=name)
+    # a user's backend registered without grouped_query (the registry is restored after each test)
+    register_backend(Backend(name="_per_head_test_backend", fn=lambda *a: pytest.fail("must not run"),
+                             description="test only"))
+    with pytest.raises(ValueError, match=r"grouped-query attention \(H=6 query heads over H_kv=2\) is not supported"):
+        causal_attention(q, k, v, backend="_per_head_test_backend")
     chosen = select_backend(q, kv_heads=2)
     assert chosen.grouped_query
     ref = naive_attention(q.double(), k.double(), v.double())

@@ -20,10 +20,11 @@ transformers = pytest.importorskip("transformers", minversion="5.0",
 
 import fastgpt  # noqa: E402
 import fastgpt.integrations.transformers as fastgpt_hf  # noqa: E402
+from fastgpt.attention import get_backend  # noqa: E402
 from fastgpt.parity import assess  # noqa: E402
 
 VOCAB = 61
-BACKENDS = ["naive", "sdpa", "auto"]
+BACKENDS = ["naive", "sdpa", "ext", "auto"]
 
 
 def llama_config(**overrides):
@@ -71,6 +72,8 @@ def tokens(B, T, seed=1):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", MODELS)
 def test_logits_and_gradients_match_transformers_sdpa(kind, backend):
+    if backend != "auto" and backend not in fastgpt.available_backends("cpu"):
+        pytest.skip(f"{backend} cannot run on CPU here: {get_backend(backend).unavailable_reason(torch.device('cpu'))}")
     name = fastgpt_hf.register(backend)
     B, T = 3, 19
     input_ids = tokens(B, T)
@@ -84,11 +87,12 @@ def test_logits_and_gradients_match_transformers_sdpa(kind, backend):
     assert result.ok, result.explain()
 
 
-def test_gpt2_through_the_triton_kernels():
-    # one small case: on CPU Triton runs in its interpreter (slow), and it takes no grouped-query call yet
+@pytest.mark.parametrize("kind", MODELS)
+def test_the_triton_kernels_in_gpt2_and_grouped_query_llama(kind):
+    # separate: on CPU Triton runs in its interpreter (slow)
     if "triton" not in fastgpt.available_backends("cpu"):
         pytest.skip("the triton backend cannot run on CPU tensors here (TRITON_INTERPRET=1 is not set)")
-    test_logits_and_gradients_match_transformers_sdpa("gpt2", "triton")
+    test_logits_and_gradients_match_transformers_sdpa(kind, "triton")
 
 
 @pytest.mark.parametrize("kind", MODELS)

@@ -1,12 +1,13 @@
 """The Triton attention backend against the float64 reference, in the interpreter on CPU (or
-compiled, on a GPU): parity over PARITY_SHAPES, dropout with the kernel's own mask, determinism,
-memory, errors. bfloat16 is left to the GPU: the interpreter computes it wrongly."""
+compiled, on a GPU): parity over PARITY_SHAPES, GQA_SHAPES and HEAD_DIM_SHAPES, dropout with the
+kernel's own mask, determinism, memory, errors. bfloat16 is left to the GPU: the interpreter computes it wrongly."""
 
 import pytest
 import torch
 
 from fastgpt.attention import causal_attention, naive_attention
-from fastgpt.parity import PARITY_SHAPES, check_parity, compare, forward_backward, make_qkv, shape_id
+from fastgpt.parity import (GQA_SHAPES, HEAD_DIM_SHAPES, PARITY_SHAPES, check_parity, compare, forward_backward,
+                            make_qkv, shape_id)
 
 flash_ops = pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
@@ -24,6 +25,20 @@ def triton_attn(q, k, v, dropout_p=0.0, scale=None):
 def test_parity_with_float64_reference(shape, dtype):
     result = check_parity("triton", shape, dtype, DEVICE)
     assert result.ok, f"{shape} {dtype}: errors {result.errors} over limits {result.limits}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GQA_SHAPES + HEAD_DIM_SHAPES, ids=shape_id)
+def test_grouped_query_and_wide_or_odd_head_dims_match_the_reference(shape, dtype):
+    result = check_parity("triton", shape, dtype, DEVICE)
+    assert result.ok, f"{shape} {dtype}: errors {result.errors} over limits {result.limits}"
+
+
+@pytest.mark.parametrize("D", [8, 15, 257, 320])
+def test_head_dims_outside_16_to_256_are_refused_by_name(D):
+    q = torch.zeros(1, 2, 4, D, device=DEVICE)
+    with pytest.raises(ValueError, match=f"head dim D={D} is not supported: the Triton kernels take 16 <= D <= 256"):
+        triton_attn(q, q, q)
 
 
 def assert_matches_reference(kernel_fn, reference_fn, q, k, v, dout):
@@ -66,7 +81,7 @@ def _shipped_block_shapes():
     """Each distinct set of (kernel, BLOCK_M, BLOCK_N) the GPU lists ship, by position in the lists."""
     combos = set()
     for shipped in (cfg.SHIPPED, cfg.SHIPPED_FP32):
-        for arch, dclass in [(a, d) for a in (80, 90) for d in (64, 128)]:
+        for arch, dclass in [(a, d) for a in (80, 90) for d in (64, 128, 256)]:
             lists = [shipped[kernel][arch][dclass] for kernel in cfg.KERNELS]
             for i in range(max(map(len, lists))):
                 combos.add(tuple((kernel, c.block_m, c.block_n)
@@ -186,3 +201,42 @@ def test_output_layout_is_bthd():
     out = triton_attn(q, k, v)
     assert out.shape == q.shape
     assert out.transpose(1, 2).is_contiguous()
+
+
+def test_grouped_query_dropout_uses_one_mask_per_query_head():
+    # 6 query heads over 2 key/value heads, fewer queries than keys: the kernels' mask is drawn per
+    # query head (b·H + h), so heads sharing k and v still drop different weights
+    p = 0.3
+    q, k, v = make_qkv((2, 6, 2, 37, 50, 32), torch.float32, DEVICE, seed=9)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    with flash_ops.record_dropout_seeds() as seeds:
+
+        def reference(a, b, c):
+            keep = flash_ops.dropout_keep_mask(seeds[0], a.shape, p, b.shape[2])  # (B, H, T_q, T_k)
+            assert not torch.equal(keep[:, 0], keep[:, 1])  # two query heads of one group
+            return naive_attention(a, b, c, p, keep_mask=keep)
+
+        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p), reference, q, k, v, dout)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_grouped_query_backward_is_bit_equal_and_sums_the_group(dropout_p):
+    # dK, dV of a shared head sum its query heads' gradients in a fixed order: repeated backwards
+    # are bit-equal, and they equal the sum over the heads of the same call on copied k and v
+    shape = (2, 6, 2, 45, 45, 32)
+    q, k, v = (t.detach().requires_grad_(True) for t in make_qkv(shape, torch.float32, DEVICE, seed=11))
+    torch.manual_seed(0)
+    out = triton_attn(q, k, v, dropout_p)
+    dout = torch.randn_like(out)
+    grads = [torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) for _ in range(3)]
+    for later in grads[1:]:
+        for a, b in zip(grads[0], later):
+            assert torch.equal(a, b)
+    k_rep, v_rep = (t.detach().repeat_interleave(3, dim=1).requires_grad_(True) for t in (k, v))
+    torch.manual_seed(0)  # the same seed, so the same mask: it depends on the query head only
+    out_rep = triton_attn(q, k_rep, v_rep, dropout_p)
+    assert torch.allclose(out_rep, out, atol=1e-6, rtol=0)
+    dk_rep, dv_rep = torch.autograd.grad(out_rep, (k_rep, v_rep), dout)
+    B, _, T, D = k.shape
+    assert torch.allclose(dk_rep.view(B, 2, 3, T, D).sum(2), grads[0][1], atol=1e-5, rtol=0)
+    assert torch.allclose(dv_rep.view(B, 2, 3, T, D).sum(2), grads[0][2], atol=1e-5, rtol=0)

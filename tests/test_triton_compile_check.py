@@ -23,16 +23,23 @@ def _compiler_env():
 
 
 def test_jobs_cover_every_kernel_arch_dtype_head_dim_and_dropout():
-    jobs = triton_compile_check.jobs([80, 90], list(triton_compile_check.DTYPES), triton_compile_check.HEAD_DIMS)
+    jobs = triton_compile_check.jobs([80, 90], list(triton_compile_check.DTYPES), cfg.CHECKED_HEAD_DIMS)
+    # every padded width a head dim can run at is compiled, with and without the padding masks
+    assert {cfg.padded_head_dim(D) for D in cfg.CHECKED_HEAD_DIMS} == {16, 32, 64, 128, 256}
+    assert any(D != cfg.padded_head_dim(D) for D in cfg.CHECKED_HEAD_DIMS if D > 128)
     for kernel in cfg.KERNELS:
         for arch in (80, 90):
             for dtype in ("fp16", "bf16", "fp32"):
-                for D in (16, 32, 48, 64, 80, 96, 128):
-                    shipped = cfg.configs(kernel, (arch // 10, 0), 1 << (D - 1).bit_length(), fp32=dtype == "fp32")
+                for D in cfg.CHECKED_HEAD_DIMS:
                     for dropout in (False, True):
-                        checked = [j.config for j in jobs if (j.kernel, j.arch, j.dtype, j.head_dim, j.dropout)
-                                   == (kernel, arch, dtype, D, dropout)]
-                        assert checked == shipped, (kernel, arch, dtype, D, dropout)
+                        for grouped in (False, True):
+                            checked = [j.config for j in jobs if (j.kernel, j.arch, j.dtype, j.head_dim, j.dropout,
+                                                                  j.grouped) == (kernel, arch, dtype, D, dropout, grouped)]
+                            # grouped-query (GROUP > 1): dK/dV, which loops over the group, at each list's widest D
+                            wanted = not grouped or (kernel == "bwd_dkdv" and D in triton_compile_check.GROUPED_HEAD_DIMS)
+                            shipped = cfg.configs(kernel, (arch // 10, 0), cfg.padded_head_dim(D), dtype == "fp32", grouped)
+                            assert checked == (shipped if wanted else []), (kernel, arch, dtype, D, dropout, grouped)
+    assert {cfg.padded_head_dim(D) for D in triton_compile_check.GROUPED_HEAD_DIMS} == {64, 128, 256}
 
 
 def test_a_spilling_config_fails_the_check():

@@ -18,9 +18,7 @@ from typing import Optional
 import torch
 
 from fastgpt.attention.registry import Backend, register_backend
-from fastgpt.kernels.flash_attention_configs import HEAD_DIMS  # plain Python: imports no triton
-
-SUPPORTED_HEAD_DIMS = HEAD_DIMS
+from fastgpt.kernels.flash_attention_configs import MAX_HEAD_DIM, MIN_HEAD_DIM  # plain Python: no triton
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -50,8 +48,9 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
         return f"dtype {str(q.dtype).removeprefix('torch.')} is not supported; supported: {names}"
     D = q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        return f"head dim D={D} is not supported; supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        return (f"head dim D={D} is not supported: the Triton kernels take {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM} "
+                f"(tl.dot's smallest tile is 16 wide; above {MAX_HEAD_DIM} the tiles outgrow the registers)")
     B, H = q.shape[0], q.shape[1]
     if max(B, H) > 65535:  # they index the grid's y and z dimensions
         return f"B={B} and H={H} must each be at most 65535 (CUDA's grid limit in y and z)"
@@ -73,4 +72,5 @@ register_backend(Backend(
     unavailable_reason=unavailable_reason,
     unsupported_reason=unsupported_reason,
     emulated=lambda device: device.type == "cpu" and interpreting(),
+    grouped_query=True,
 ))
