@@ -250,11 +250,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(generate_markdown(result))
         files = write_results(result, out_dir, "generate")
         pngs = plot_generate(result, out_dir)
+    elif args.profile:
+        from fastgpt.benchmarks.train_profile import profile_markdown, run_train_profile
+
+        if args.backends is not None and len(args.backends) != 1:
+            raise ValueError(f"--profile runs one attention backend; --backends names {len(args.backends)}: "
+                             f"{' '.join(args.backends)}")
+        preset = args.preset or "cpu"
+        result = run_train_profile(preset, args.device or "auto", max_iters=args.steps, data=args.data,
+                                   dtype=args.dtype or "fp32", backend=args.backends[0] if args.backends else None)
+        print(profile_markdown(result))
+        files = write_results(result, out_dir, f"train_profile_{preset}")
+        pngs = []
     else:
         from fastgpt.benchmarks.train import run_train_benchmark
 
         preset = args.preset or "cpu"
-        result = run_train_benchmark(preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
+        result = run_train_benchmark(preset, args.device or "auto", steps=args.steps or 5, reps=args.reps or 3,
                                      backends=args.backends, data=args.data, peak_flops=args.peak_flops,
                                      progress=not args.no_progress, dtype=args.dtype or "fp32")
         print(train_markdown(result))
@@ -346,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "random weights)")
     bench.add_argument("--linear", nargs="+", default=None, choices=["auto", "torch", "skinny"],
                        help="generate: kernels of the linear layers (default: torch skinny; fastgpt/linear.py)")
-    bench.add_argument("--steps", type=_at_least_one, default=5, help="train: steps per timed repetition")
+    bench.add_argument("--steps", type=_at_least_one, default=None,
+                       help="train: steps per timed repetition (default 5); with --profile, the run's iterations "
+                            "(default: the preset's max_iters)")
+    bench.add_argument("--profile", action="store_true",
+                       help="train: profile one whole run (fastgpt train's loop) per phase: data, forward, backward, "
+                            "optimizer, evaluate, checkpoint, finish, the rest of the loop; and the top ops")
     bench.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="train: the autocast dtype of the steps, as `fastgpt train --dtype` (default fp32); "
                             "attention: the one dtype of the sweep (bf16 is --dtypes bfloat16)")
