@@ -3,7 +3,8 @@
 For each cell (T, mode, dropout, dtype) the backends available on the device run interleaved
 (A B A B ...) on the same inputs, after each was checked against the float64 reference at that
 T, D and dtype (the parity rule of fastgpt/parity.py). B·T is held constant across the sweep so
-every cell processes the same number of tokens.
+every cell processes the same number of tokens. On CPU a GEMM probe of each dtype opens the run
+(benchmarks/gemm_probe.py) and every timed cell carries its rate as a fraction of it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from fastgpt.attention import available_backends, causal_attention, get_backend
 from fastgpt.benchmarks.common import attention_flops, environment, memory_method, peak_memory_bytes
+from fastgpt.benchmarks.gemm_probe import GEMM_N, fraction_of_gemm, probe_gemms
 from fastgpt.timing import summarize, time_interleaved
 from fastgpt.parity import check_parity
 
@@ -40,6 +42,7 @@ class AttentionSweep:
     # min(T, validate_max_T): the float64 T×T matrices of a long T outgrow the device's memory.
     validate_max_T: Optional[int] = None
     kv_heads: Optional[int] = None  # grouped-query: key/value heads, dividing n_head; None: n_head
+    gemm_n: int = GEMM_N  # the CPU GEMM probe's matrix size (benchmarks/gemm_probe.py)
 
     @classmethod
     def default(cls, device: str) -> "AttentionSweep":
@@ -51,7 +54,7 @@ class AttentionSweep:
     @classmethod
     def smoke(cls, device: str) -> "AttentionSweep":
         """A few seconds' worth: for CI, checking the harness end to end, not the speed."""
-        return cls(device, [16, 48], 96, 2, 16, ["float32"], reps=2, warmup=1)
+        return cls(device, [16, 48], 96, 2, 16, ["float32"], reps=2, warmup=1, gemm_n=128)
 
 
 def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callable[[], Any]:
@@ -73,8 +76,9 @@ def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callabl
 
 
 def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dict[str, Any]:
-    """Runs the sweep; returns {"environment", "sweep", "records"} with one record per
-    (backend, cell), a `status` of "ok" or the reason it has no figures."""
+    """Runs the sweep; returns {"environment", "sweep", "gemm_probe", "records"} with one record per
+    (backend, cell), a `status` of "ok" or the reason it has no figures. gemm_probe holds, on CPU,
+    the torch.mm rate of each dtype of the sweep, measured before the first cell ({} on CUDA)."""
     if sweep.kv_heads is not None and sweep.n_head % sweep.kv_heads != 0:
         raise ValueError(f"kv_heads={sweep.kv_heads} must divide the sweep's n_head={sweep.n_head}")
     device = torch.device(sweep.device)
@@ -82,6 +86,8 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
     if "naive" not in names:
         names = ["naive", *names]  # the baseline every speed-up is quoted against
     env = environment(device)
+    # before the cells, while the machine is in the state the cells will find it
+    gemm = probe_gemms(sweep.dtypes, device, sweep.gemm_n) if device.type == "cpu" else {}
     cells = [(dtype, T, mode, p) for dtype in sweep.dtypes for T in sweep.seq_lens for mode in sweep.modes for p in sweep.dropouts]
     validated: dict[tuple, Optional[str]] = {}  # (backend, T, dtype) -> None if it passed, else why not
     records = []
@@ -132,10 +138,13 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
                 stats = summarize(times[name])
                 record.update(stats)
                 record["tflops"] = flops / stats["median_s"] / 1e12
+                if dtype_name in gemm:
+                    record["gemm_tflops"] = gemm[dtype_name]["gflops"] / 1e3
+                    record["fraction_of_gemm"] = fraction_of_gemm(flops / stats["median_s"], gemm[dtype_name])
                 record["tokens_per_s"] = B * T / stats["median_s"]
                 record["speedup_vs_naive"] = naive_median / stats["median_s"] if naive_median else None
                 record["peak_memory_bytes"] = peak_memory_bytes(calls[name], device)
             records.append(record)
         del q, k, v, dout, calls
     bar.close()
-    return {"environment": env, "sweep": asdict(sweep), "records": records}
+    return {"environment": env, "sweep": asdict(sweep), "gemm_probe": gemm, "records": records}

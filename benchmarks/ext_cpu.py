@@ -8,8 +8,9 @@ shapes (SHAPES: the lecture model's 6 heads of 64 at T = 256, and at T = 1024) w
 `generate` calls it), which `backend="auto"` orders apart. The providers run interleaved in one
 process (ext, naive, sdpa, ext, ...; fastgpt.timing.time_interleaved), so a background load that
 comes and goes hits all of them alike; the table gives medians and the p20-p80 spread, the FLOPs
-are fastgpt.benchmarks.common.attention_flops. The load average is printed because the dev machines
-are shared: a busy machine inflates absolute times more than the ratios.
+are fastgpt.benchmarks.common.attention_flops, and ext's rate is also given as a fraction of the fp32
+GEMM probe taken at the start (benchmarks/gemm_probe.py). The load average is printed because the
+dev machines are shared: a busy machine inflates absolute times more than the ratios.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from fastgpt.attention import causal_attention
 from fastgpt.benchmarks.common import attention_flops, load_average, print_cpu_environment
+from fastgpt.benchmarks.gemm_probe import fraction_of_gemm, probe_gemm, probe_line
 from fastgpt.timing import summarize, time_interleaved
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
@@ -52,6 +54,8 @@ def main(argv=None):
 
     device = torch.device("cpu")
     env = print_cpu_environment()
+    gemm = probe_gemm("float32", device)
+    print(probe_line({"float32": gemm}))
 
     rows = []
     for B, H, T, D in SHAPES:
@@ -66,6 +70,8 @@ def main(argv=None):
             rows.append({
                 "mode": "forward+backward", "shape": [B, H, T, T, D], "dropout": dropout_p, "stats_s": stats,
                 "ext_gflops": attention_flops(B, H, T, D, "forward+backward") / med["ext"] / 1e9,
+                "ext_fraction_of_gemm": fraction_of_gemm(attention_flops(B, H, T, D, "forward+backward") / med["ext"],
+                                                         gemm),
                 "sdpa_over_ext": med["sdpa"] / med["ext"], "naive_over_ext": med["naive"] / med["ext"],
                 "raw_s": times,
             })
@@ -80,6 +86,7 @@ def main(argv=None):
         med = {p: s["median_s"] for p, s in stats.items()}
         rows.append({"mode": "decode forward", "shape": [B, H, T_q, T_k, D], "dropout": 0.0, "stats_s": stats,
                      "ext_gflops": None,  # a few MFLOP: the call's overhead, not its math, sets the time
+                     "ext_fraction_of_gemm": None,
                      "sdpa_over_ext": med["sdpa"] / med["ext"], "naive_over_ext": med["naive"] / med["ext"],
                      "raw_s": times})
         print(f"  done decode B={B} H={H} T_q={T_q} T_k={T_k} D={D}", flush=True)
@@ -87,18 +94,19 @@ def main(argv=None):
     print(f"load_average_end: {env['load_average_end']}\n")
 
     print("| call | shape (B, H, T_q, T_k, D) | dropout | ext ms (p20-p80) | naive ms | sdpa ms | sdpa/ext | naive/ext "
-          "| ext GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ext GFLOP/s | ext % of GEMM |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         digits = 1 if r["mode"] == "forward+backward" else 3
         cells = [f"{s['median_s'] * 1e3:.{digits}f} ({s['p20_s'] * 1e3:.{digits}f}-{s['p80_s'] * 1e3:.{digits}f})"
                  for s in (r["stats_s"][p] for p in PROVIDERS)]
         print(f"| {r['mode']} | {', '.join(map(str, r['shape']))} | {r['dropout']} | {' | '.join(cells)} | "
               f"{r['sdpa_over_ext']:.2f}x | {r['naive_over_ext']:.2f}x | "
-              f"{'-' if r['ext_gflops'] is None else format(r['ext_gflops'], '.0f')} |")
+              f"{'-' if r['ext_gflops'] is None else format(r['ext_gflops'], '.0f')} | "
+              f"{'-' if r['ext_fraction_of_gemm'] is None else format(r['ext_fraction_of_gemm'], '.0%')} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+            json.dump({"environment": env, "gemm_probe": {"float32": gemm}, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

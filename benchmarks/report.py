@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fastgpt.benchmarks.gemm_probe import probe_line
+
 
 def write_results(result: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
     """<name>.json (everything) and <name>.csv (one tidy row per record, environment repeated)."""
@@ -44,17 +46,22 @@ def environment_line(result: dict[str, Any]) -> str:
 
 def attention_markdown(result: dict[str, Any]) -> str:
     """One table per (dtype, mode, dropout): a row per T; per backend the median ms (p20-p80),
-    the speed-up over naive, TFLOP/s and peak memory."""
+    the speed-up over naive, TFLOP/s, the fraction of the GEMM probe's rate (CPU) and peak memory."""
     records = result["records"]
     backends = list(dict.fromkeys(r["backend"] for r in records))
     # CPUs reach GFLOP/s, GPUs TFLOP/s: print the unit that gives readable numbers
     on_gpu = not result["environment"]["device"].startswith("CPU")
     unit, per_tflop = ("TFLOP/s", 1.0) if on_gpu else ("GFLOP/s", 1e3)
     lines = [f"Machine: {environment_line(result)}", ""]
+    gemm = result.get("gemm_probe") or {}
+    if gemm:
+        lines += [probe_line(gemm), ""]
     notes = {}
     groups = list(dict.fromkeys((r["dtype"], r["mode"], r["dropout"]) for r in records))
     for dtype, mode, dropout in groups:
-        lines.append(f"**{mode}, dropout {dropout}, {dtype}** (median ms [p20–p80] · × naive · {unit} · peak MiB)")
+        of_gemm = " · % of GEMM" if dtype in gemm else ""
+        lines.append(f"**{mode}, dropout {dropout}, {dtype}** (median ms [p20–p80] · × naive · {unit}{of_gemm} · "
+                     "peak MiB)")
         lines.append("")
         lines.append("| T | B | " + " | ".join(backends) + " |")
         lines.append("|---|---|" + "---|" * len(backends))
@@ -70,8 +77,9 @@ def attention_markdown(result: dict[str, Any]) -> str:
                     cells.append("n/a")
                 else:
                     speedup = f"{r['speedup_vs_naive']:.2f}×" if r.get("speedup_vs_naive") else "–"
+                    fraction = f" · {100 * r['fraction_of_gemm']:.0f}%" if of_gemm else ""
                     cells.append(f"{_ms(r['median_s'])} [{_ms(r['p20_s'])}–{_ms(r['p80_s'])}] · {speedup} · "
-                                 f"{r['tflops'] * per_tflop:.3g} · {_mib(r.get('peak_memory_bytes'))}")
+                                 f"{r['tflops'] * per_tflop:.3g}{fraction} · {_mib(r.get('peak_memory_bytes'))}")
             B = next(r["B"] for r in rows if r["T"] == T)
             lines.append(f"| {T} | {B} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -83,15 +91,23 @@ def attention_markdown(result: dict[str, Any]) -> str:
 
 
 def train_markdown(result: dict[str, Any]) -> str:
-    lines = [f"Machine: {environment_line(result)}", "",
-             f"**training step, preset `{result['preset']}`** ({result['reps']} interleaved reps of "
-             f"{result['steps_per_rep']} steps; median [p20–p80])", "",
-             "| backend | s/step | tokens/s | peak MiB | MFU |", "|---|---|---|---|---|"]
+    """A row per backend: s/step, tokens/s, the training FLOP rate (and its fraction of the GEMM
+    probe's, on CPU), peak memory, MFU against a known peak."""
+    gemm = result.get("gemm_probe") or {}
+    lines = [f"Machine: {environment_line(result)}", ""]
+    if gemm:
+        lines += [probe_line(gemm), ""]
+    lines += [f"**training step, preset `{result['preset']}`, dtype {result.get('dtype', 'fp32')}** "
+              f"({result['reps']} interleaved reps of {result['steps_per_rep']} steps; median [p20–p80])", "",
+              "| backend | s/step | tokens/s | GFLOP/s (% of GEMM) | peak MiB | MFU |", "|---|---|---|---|---|---|"]
     for r in result["records"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | n/a: {r['status']} | | | |")
+            lines.append(f"| {r['backend']} | n/a: {r['status']} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}% (estimate)" if r.get("mfu") is not None else "– (no known peak)"
+        rate = f"{r['gflops']:.3g}" if r.get("gflops") is not None else "–"
+        if r.get("fraction_of_gemm") is not None:
+            rate += f" ({100 * r['fraction_of_gemm']:.0f}%)"
         lines.append(f"| {r['backend']} | {r['median_s']:.4f} [{r['p20_s']:.4f}–{r['p80_s']:.4f}] | "
-                     f"{r['tokens_per_s']:,.0f} | {_mib(r['peak_memory_bytes'])} | {mfu} |")
+                     f"{r['tokens_per_s']:,.0f} | {rate} | {_mib(r['peak_memory_bytes'])} | {mfu} |")
     return "\n".join(lines)

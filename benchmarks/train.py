@@ -3,6 +3,9 @@
 One model serves every backend: between timed runs it swaps the attention kernel with
 `set_attention_backend` (which changes no weight), so the backends see the same parameters and
 batches, interleaved A B A B ...
+
+On CPU the run opens with a GEMM probe of the autocast dtype (benchmarks/gemm_probe.py): each
+backend's training FLOP rate (fastgpt/flops.py's count) is reported as a fraction of it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from tqdm import tqdm
 from fastgpt.attention import available_backends, get_backend
 from fastgpt.benchmarks.attention import NOT_TIMED
 from fastgpt.benchmarks.common import environment, memory_method, peak_memory_bytes
+from fastgpt.benchmarks.gemm_probe import GEMM_N, fraction_of_gemm, probe_gemm
 from fastgpt.timing import summarize, time_interleaved
 from fastgpt.config import DTYPES, make_configs
 from fastgpt.data import CharDataset
@@ -26,15 +30,17 @@ from fastgpt.train import Trainer
 def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3, warmup: int = 1,
                         backends: Optional[list[str]] = None, data: Optional[str] = None,
                         peak_flops: Optional[float] = None, progress: bool = True, dtype: str = "fp32",
-                        overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                        overrides: Optional[dict[str, Any]] = None, gemm_n: int = GEMM_N) -> dict[str, Any]:
     """Training steps of `preset` (with `overrides` of its fields) per backend, interleaved; `dtype`
-    is the autocast dtype, as `fastgpt train --dtype`."""
+    is the autocast dtype, as `fastgpt train --dtype`; gemm_n the CPU GEMM probe's size."""
     model_config, train_config = make_configs(preset, {**(overrides or {}), "device": device, "data": data,
                                                        "progress": False, "dtype": dtype})
     trainer = Trainer(model_config, train_config, CharDataset.load(data))
     dev = trainer.device
     names = backends or available_backends(dev)
     env = environment(dev)
+    dtype_name = str(DTYPES[dtype]).removeprefix("torch.")
+    gemm = probe_gemm(dtype_name, dev, gemm_n) if dev.type == "cpu" else None
     records, calls = [], {}
     # what the attention receives: autocast's dtype
     probe = torch.empty(1, model_config.n_head, model_config.block_size, model_config.n_embd // model_config.n_head,
@@ -72,7 +78,9 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
             "tokens_per_s": tokens_per_step / stats["median_s"],
             "peak_memory_bytes": memory, "memory_method": memory_method(dev),
             "mfu": flops / stats["median_s"] / peak if peak else None,
+            "gflops": flops / stats["median_s"] / 1e9,
+            "fraction_of_gemm": fraction_of_gemm(flops / stats["median_s"], gemm) if gemm else None,
             "params": num_parameters(trainer.model),
         })
     return {"environment": env, "preset": preset, "dtype": dtype, "steps_per_rep": steps, "reps": reps,
-            "records": records}
+            "gemm_probe": {dtype_name: gemm} if gemm else {}, "records": records}

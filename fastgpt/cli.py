@@ -231,6 +231,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens", "kv_heads"):
             if getattr(args, name) is not None:
                 setattr(sweep, name, getattr(args, name))
+        if args.dtype is not None:
+            if args.dtypes is not None:
+                raise ValueError(f"--dtype {args.dtype} and --dtypes {' '.join(args.dtypes)} both name the sweep's "
+                                 "dtypes: give one of them")
+            sweep.dtypes = [str(DTYPES[args.dtype]).removeprefix("torch.")]
         result = run_attention_benchmark(sweep, progress=not args.no_progress)
         print(attention_markdown(result))
         files = write_results(result, out_dir, "attention")
@@ -245,13 +250,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(generate_markdown(result))
         files = write_results(result, out_dir, "generate")
         pngs = plot_generate(result, out_dir)
+    elif args.profile:
+        from fastgpt.benchmarks.train_profile import profile_markdown, run_train_profile
+
+        if args.backends is not None and len(args.backends) != 1:
+            raise ValueError(f"--profile runs one attention backend; --backends names {len(args.backends)}: "
+                             f"{' '.join(args.backends)}")
+        preset = args.preset or "cpu"
+        result = run_train_profile(preset, args.device or "auto", max_iters=args.steps, data=args.data,
+                                   dtype=args.dtype or "fp32", backend=args.backends[0] if args.backends else None)
+        print(profile_markdown(result))
+        files = write_results(result, out_dir, f"train_profile_{preset}")
+        pngs = []
     else:
         from fastgpt.benchmarks.train import run_train_benchmark
 
         preset = args.preset or "cpu"
-        result = run_train_benchmark(preset, args.device or "auto", steps=args.steps, reps=args.reps or 3,
+        result = run_train_benchmark(preset, args.device or "auto", steps=args.steps or 5, reps=args.reps or 3,
                                      backends=args.backends, data=args.data, peak_flops=args.peak_flops,
-                                     progress=not args.no_progress, dtype=args.dtype)
+                                     progress=not args.no_progress, dtype=args.dtype or "fp32")
         print(train_markdown(result))
         files = write_results(result, out_dir, f"train_{preset}")
         pngs = []
@@ -341,9 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "random weights)")
     bench.add_argument("--linear", nargs="+", default=None, choices=["auto", "torch", "skinny"],
                        help="generate: kernels of the linear layers (default: torch skinny; fastgpt/linear.py)")
-    bench.add_argument("--steps", type=_at_least_one, default=5, help="train: steps per timed repetition")
-    bench.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                       help="train: the autocast dtype of the steps, as `fastgpt train --dtype` (default fp32)")
+    bench.add_argument("--steps", type=_at_least_one, default=None,
+                       help="train: steps per timed repetition (default 5); with --profile, the run's iterations "
+                            "(default: the preset's max_iters)")
+    bench.add_argument("--profile", action="store_true",
+                       help="train: profile one whole run (fastgpt train's loop) per phase: data, forward, backward, "
+                            "optimizer, evaluate, checkpoint, finish, the rest of the loop; and the top ops")
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="train: the autocast dtype of the steps, as `fastgpt train --dtype` (default fp32); "
+                            "attention: the one dtype of the sweep (bf16 is --dtypes bfloat16)")
     bench.add_argument("--data", default=None, help="train: corpus path")
     bench.add_argument("--peak-flops", type=_positive, default=None, help="train: the device's peak FLOP/s for MFU")
     bench.set_defaults(func=cmd_bench)

@@ -44,7 +44,12 @@ from fastgpt.data import CharDataset, CharTokenizer
 from fastgpt.flops import device_peak_flops, training_flops_per_step
 from fastgpt.metrics_log import METRICS_NAME, MetricsLog
 from fastgpt.model import GPT, ModelConfig, build_model, num_parameters
+from fastgpt.phase_timer import PhaseTimer
 from fastgpt.progress import Progress
+
+# The phases of a run that Trainer.phases times when enabled (`fastgpt bench train --profile`);
+# outside them: the loop itself, the progress display, the loss read-outs, the metrics log.
+PHASES = ("data", "forward", "backward", "optimizer", "evaluate", "checkpoint", "finish")
 
 LOSS_CURVE_NAME = "loss_curve.png"
 RUN_OUTPUTS = (CHECKPOINT_NAME, METRICS_NAME, LOSS_CURVE_NAME)  # the files a run writes in out_dir
@@ -142,6 +147,7 @@ class Trainer:
         self.saved_iter: Optional[int] = None  # the iteration the checkpoint in out_dir holds, if this run has one
         self.elapsed_s = 0.0  # wall time of the run so far, evaluations included, across resumes
         self.out_dir = Path(cfg.out_dir)
+        self.phases = PhaseTimer(self.device)  # off: a profile turns it on (fastgpt/benchmarks/train_profile.py)
 
     @property
     def is_main(self) -> bool:
@@ -169,24 +175,27 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for j in range(self.micro_steps):
             micro = self.rank + j * self.world_size  # which micro-batch of the global batch
-            generator = torch.Generator().manual_seed(batch_seed(cfg.seed, self.iter, micro, cfg.gradient_accumulation_steps))
-            x, y = self.dataset.get_batch("train", cfg.batch_size, self.model_config.block_size, generator, self.device)
+            with self.phases("data"):
+                generator = torch.Generator().manual_seed(batch_seed(cfg.seed, self.iter, micro, cfg.gradient_accumulation_steps))
+                x, y = self.dataset.get_batch("train", cfg.batch_size, self.model_config.block_size, generator, self.device)
             # Gradients are averaged over the processes once, after the last micro-batch: the
             # earlier ones only accumulate locally.
             last = j == self.micro_steps - 1
             sync = self.train_model.no_sync() if isinstance(self.train_model, DistributedDataParallel) and not last \
                 else contextlib.nullcontext()
             with sync:
-                with self.autocast():
+                with self.phases("forward"), self.autocast():
                     _, loss = self.train_model(x, y)
-                # / micro_steps here and DDP's mean over the processes: the mean over the global batch
-                self.scaler.scale(loss / self.micro_steps).backward()
+                with self.phases("backward"):
+                    # / micro_steps here and DDP's mean over the processes: the mean over the global batch
+                    self.scaler.scale(loss / self.micro_steps).backward()
             total += loss.detach().float()
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.phases("optimizer"):
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.iter += 1
         return total / self.micro_steps
 
@@ -195,6 +204,10 @@ class Trainer:
         """Mean loss over eval_iters batches of each split, in eval mode (no dropout). The batches
         come from a generator reseeded each time, so every evaluation scores the same windows and
         the training RNG streams are left untouched. Rank 0 alone evaluates, with no collective."""
+        with self.phases("evaluate"):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         cfg = self.train_config
         self.eval_model.eval()
         losses = {}
@@ -254,12 +267,13 @@ class Trainer:
     def save(self) -> Path:
         """Writes the checkpoint from rank 0; every process calls it, and waits until it is written."""
         path = self.out_dir / CHECKPOINT_NAME
-        state = self.checkpoint_state()
-        with interrupts_deferred():  # a Ctrl-C mid-write stops the run once the file and saved_iter agree
-            if self.is_main:
-                save_checkpoint(state, path)
-            self.saved_iter = self.iter
-        distributed.barrier()
+        with self.phases("checkpoint"):
+            state = self.checkpoint_state()
+            with interrupts_deferred():  # a Ctrl-C mid-write stops the run once the file and saved_iter agree
+                if self.is_main:
+                    save_checkpoint(state, path)
+                self.saved_iter = self.iter
+            distributed.barrier()
         return path
 
     def resume_hint(self) -> str:
@@ -341,7 +355,8 @@ class Trainer:
             metrics = self._on_rank0(lambda: MetricsLog.start(self.out_dir / METRICS_NAME, self.saved_iter))
             self._train(policy, metrics)
             if self.is_main:
-                self._finish(metrics)
+                with self.phases("finish"):
+                    self._finish(metrics)
         finally:
             if lock is not None:
                 lock.release()

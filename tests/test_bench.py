@@ -7,6 +7,7 @@ import pytest
 
 from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
 from fastgpt.benchmarks.common import attention_flops
+from fastgpt.benchmarks.gemm_probe import fraction_of_gemm, gemm_flops, probe_gemm
 from fastgpt.timing import percentile
 from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_results
 from fastgpt.benchmarks.train import run_train_benchmark
@@ -26,6 +27,17 @@ def test_percentile():
     assert percentile([1, 2], 20) == pytest.approx(1.2)
 
 
+def test_gemm_probe_measures_one_square_product():
+    probe = probe_gemm("float32", "cpu", n=64, reps=3)
+    assert (probe["dtype"], probe["n"], probe["reps"]) == ("float32", 64, 3)
+    assert probe["p20_s"] <= probe["median_s"] <= probe["p80_s"]
+    assert probe["gflops"] == pytest.approx(gemm_flops(64) / probe["median_s"] / 1e9)
+    assert gemm_flops(64) == 2 * 64 ** 3
+    assert fraction_of_gemm(probe["gflops"] * 0.5e9, probe) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="n >= 1 and reps >= 1; got n=0"):
+        probe_gemm("float32", "cpu", n=0)
+
+
 def test_attention_benchmark_smoke(tmp_path):
     sweep = AttentionSweep.smoke("cpu")
     sweep.backends = ["naive", "sdpa"]
@@ -39,13 +51,35 @@ def test_attention_benchmark_smoke(tmp_path):
         assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
         assert r["peak_memory_bytes"] is not None and r["peak_memory_bytes"] >= 0
         assert r["B"] * r["T"] <= sweep.tokens
-    assert {"device", "torch", "commit", "timestamp"} <= set(result["environment"])
+        # the cell's rate against the GEMM probe of the same run and dtype
+        assert r["gemm_tflops"] == result["gemm_probe"]["float32"]["gflops"] / 1e3
+        assert r["fraction_of_gemm"] == pytest.approx(r["tflops"] / r["gemm_tflops"])
+    assert result["gemm_probe"]["float32"]["n"] == sweep.gemm_n
+    assert {"device", "torch", "commit", "timestamp", "cpu_threads"} <= set(result["environment"])
 
     files = write_results(result, tmp_path, "attention")
     assert json.loads(files["json"].read_text())["records"] == records
-    assert len(files["csv"].read_text().splitlines()) == len(records) + 1
+    csv_lines = files["csv"].read_text().splitlines()
+    assert len(csv_lines) == len(records) + 1
+    assert {"fraction_of_gemm", "gemm_tflops", "env_device", "env_torch", "env_cpu_threads"} <= set(csv_lines[0].split(","))
     table = attention_markdown(result)
     assert "| T | B | naive | sdpa |" in table and "forward+backward, dropout 0.2" in table
+    assert "GEMM probe (torch.mm, n = 128, median of 5, this run): float32 " in table
+    first = next(r for r in records if r["backend"] == "sdpa")
+    assert f"{first['tflops'] * 1e3:.3g} · {100 * first['fraction_of_gemm']:.0f}% · " in table
+
+
+def test_attention_bench_dtype_flag_runs_bf16_with_its_own_probe(tmp_path, capsys):
+    assert main(["bench", "attention", "--smoke", "--dtype", "bf16", "--backends", "naive", "sdpa", "--modes",
+                 "forward+backward", "--dropouts", "0", "--seq-lens", "16", "--out-dir", str(tmp_path),
+                 "--no-progress"]) == 0
+    assert "**forward+backward, dropout 0.0, bfloat16** (median ms [p20–p80] · × naive · GFLOP/s · % of GEMM" \
+        in capsys.readouterr().out
+    result = json.loads((tmp_path / "attention.json").read_text())
+    assert list(result["gemm_probe"]) == ["bfloat16"]
+    assert all(r["status"] == "ok" and r["dtype"] == "bfloat16" and r["fraction_of_gemm"] > 0 for r in result["records"])
+    assert main(["bench", "attention", "--smoke", "--dtype", "bf16", "--dtypes", "float32"]) == 2
+    assert "--dtype bf16 and --dtypes float32 both name the sweep's dtypes" in capsys.readouterr().err
 
 
 def test_bench_cli_writes_table_files_and_plot(tmp_path, capsys):
@@ -56,14 +90,18 @@ def test_bench_cli_writes_table_files_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_train_benchmark_smoke(small_corpus):
+@pytest.mark.parametrize("dtype, probed", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_train_benchmark_smoke(small_corpus, dtype, probed):
     result = run_train_benchmark("cpu", "cpu", steps=1, reps=2, warmup=0, backends=["naive", "sdpa"],
-                                 data=str(small_corpus), progress=False)
+                                 data=str(small_corpus), progress=False, dtype=dtype, gemm_n=64)
     assert [r["backend"] for r in result["records"]] == ["naive", "sdpa"]
+    assert list(result["gemm_probe"]) == [probed] and result["dtype"] == dtype
     for r in result["records"]:
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 and math.isfinite(r["median_s"])
         assert r["mfu"] is None  # no known peak for a CPU
-    assert "| naive |" in train_markdown(result)
+        assert r["fraction_of_gemm"] == pytest.approx(r["gflops"] / result["gemm_probe"][probed]["gflops"])
+    table = train_markdown(result)
+    assert "| naive |" in table and f"dtype {dtype}" in table and f"this run): {probed} " in table
 
 
 def test_cpu_peak_memory_sees_matrices_a_buffer_pool_would_hide():
