@@ -22,8 +22,8 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # every D between them; padded to a power 
 # What `fastgpt check` compiles: every padded width, and each shipped list (64, 128, 256) also with
 # padding (registers follow the padded width; padding adds the column masks). Interpreter parity
 # runs the odd ones (40, 59, 111, 160, 192, 256). A D that is no multiple of 8 in 16-bit (59, 111)
-# also makes the GPT's strides no multiple of 16 bytes: scalar loads, more registers, and up to
-# a few hundred bytes of spills in the widest configs (measured at D=59): slower, still correct.
+# also makes the GPT's strides no multiple of 16 bytes: scalar loads and more registers, which can
+# spill in the widest configs (`fastgpt check --head-dim 59` shows where): slower, still correct.
 CHECKED_HEAD_DIMS = (16, 32, 48, 64, 96, 128, 160, 256)
 
 

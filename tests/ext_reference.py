@@ -95,3 +95,16 @@ def _dout(reference, inputs, seed):
 def assert_within(errors: dict, limits: dict, what: str) -> None:
     result = ParityResult(errors, limits)
     assert result.ok, f"{what}: {result.explain()}"
+
+
+def assert_same_at_one_thread(run):
+    """run() -> list of tensors: bit-equal at one thread and at torch's thread count (the kernels
+    split work by cost, never by result: no sum may depend on where a thread's share ends)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, run()):
+        assert torch.equal(a, b)

@@ -20,7 +20,7 @@ from fastgpt.attention.ext_backend import ext_attention
 from fastgpt.dropout_check import check_dropout
 from fastgpt.ext import layout
 from fastgpt.parity import GQA_SHAPES, check_parity, make_qkv, shape_id, unpack_shape
-from ext_reference import assert_within, op_parity, random_packed, ref_matmul_nn, ref_matmul_nt, ref_matmul_tn
+from ext_reference import assert_same_at_one_thread, assert_within, op_parity, random_packed, ref_matmul_nn, ref_matmul_nt, ref_matmul_tn
 
 DTYPES = [torch.float32, torch.bfloat16]
 ops = torch.ops.fastgpt
@@ -130,14 +130,7 @@ def test_results_do_not_depend_on_the_thread_count():
         out = ext_attention(q, k, v, 0.1, seed=11)
         return [out, *torch.autograd.grad(out, (q, k, v), dout)]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, run()):
-        assert torch.equal(a, b)
+    assert_same_at_one_thread(run)
 
 
 # ---- dropout: the mask stays per query head -----------------------------------------------------------

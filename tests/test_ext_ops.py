@@ -10,6 +10,7 @@ import fastgpt.ext as ext
 from fastgpt.ext import layout
 from fastgpt.parity import SQUARE_SHAPES, make_qkv
 from ext_reference import (
+    assert_same_at_one_thread,
     assert_within,
     future_mask,
     op_parity,
@@ -238,14 +239,8 @@ def test_results_do_not_depend_on_the_thread_count():
         s = ext.causal_matmul_nt(q, k)
         p = ext.causal_softmax(s, 150, 200, 0.2, 0.2, 11)
         return [s, p, ext.causal_matmul_nn(p, v, 150), ext.causal_matmul_tn(p, q, 200)]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, run()):
-        assert torch.equal(a, b)
+
+    assert_same_at_one_thread(run)
 
 
 # ---- bad input: the Python wrappers and the C++ checks ------------------------------------------------
