@@ -248,11 +248,18 @@ def table(results: list[Result], full: bool) -> str:
     return compile_check.render_table(lines)
 
 
+def _head_dim(text: str) -> int:
+    """--head-dim's type: an int within the kernels' range, or an error that names the range."""
+    D = int(text)
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise argparse.ArgumentTypeError(f"{D} is outside the Triton kernels' head dims, {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    return D
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """This check's own options (besides --arch, which both checks take)."""
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default: all three)")
-    parser.add_argument("--head-dim", type=int, action="append", choices=range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1),
-                        metavar="D", help=f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM} (repeatable; default: "
+    parser.add_argument("--head-dim", type=_head_dim, action="append", metavar="D", help=f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM} (repeatable; default: "
                                           f"{', '.join(map(str, CHECKED_HEAD_DIMS))})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--full", action="store_true", help="one row per dtype and dropout setting too")

@@ -72,3 +72,9 @@ def test_static_check_passes_for_every_shipped_config():
         block_m, block_n, warps = (int(x[1:]) for x in row[3].split("/")[:3])  # M128/N64/w8/s3
         weights_per_thread = block_m * block_n / (32 * warps)
         assert 0.5 < float(row[-2]) <= 10 / min(8, weights_per_thread), row
+
+
+def test_a_head_dim_outside_the_kernels_range_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        triton_compile_check.main(["--head-dim", "300"])
+    assert "300 is outside the Triton kernels' head dims, 16..256" in capsys.readouterr().err
