@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
+from fastgpt.cpu_features import bf16_matrix_units
 from fastgpt.timing import summarize, time_interleaved
 
 GEMM_N = 1024  # (n, n) @ (n, n): large enough to run at the BLAS's full rate on a few CPU cores, 2·n³ = 2.1 GFLOP
@@ -34,7 +35,8 @@ def probe_gemm(dtype_name: str, device: torch.device | str = "cpu", n: int = GEM
                reps: int = GEMM_REPS) -> dict[str, Any]:
     """torch.mm of two (n, n) random matrices of `dtype_name` ("float32", "bfloat16", ...) on
     `device`, `reps` timed runs after a warm-up: {"dtype", "n", "reps", "median_s", "p20_s",
-    "p80_s", "gflops"} with gflops from the median."""
+    "p80_s", "gflops"} with gflops from the median; a bfloat16 probe on CPU adds "matrix_units",
+    the CPU's bf16 instructions (fastgpt/cpu_features.py; None: its torch.mm runs in software)."""
     if n < 1 or reps < 1:
         raise ValueError(f"the GEMM probe needs n >= 1 and reps >= 1; got n={n}, reps={reps}")
     device = torch.device(device)
@@ -42,7 +44,10 @@ def probe_gemm(dtype_name: str, device: torch.device | str = "cpu", n: int = GEM
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
     stats = summarize(time_interleaved({"mm": lambda: torch.mm(a, b)}, device, reps, warmup=1)["mm"])
-    return {"dtype": dtype_name, "n": n, "reps": reps, **stats, "gflops": gemm_flops(n) / stats["median_s"] / 1e9}
+    probe = {"dtype": dtype_name, "n": n, "reps": reps, **stats, "gflops": gemm_flops(n) / stats["median_s"] / 1e9}
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        probe["matrix_units"] = bf16_matrix_units()
+    return probe
 
 
 def probe_gemms(dtype_names: Iterable[str], device: torch.device | str = "cpu", n: int = GEMM_N,
@@ -62,4 +67,9 @@ def probe_line(probes: dict[str, dict[str, Any]]) -> str:
         return ""
     first = next(iter(probes.values()))
     rates = ", ".join(f"{name} {p['gflops']:.0f} GFLOP/s" for name, p in probes.items())
-    return f"GEMM probe (torch.mm, n = {first['n']}, median of {first['reps']}, this run): {rates}"
+    line = f"GEMM probe (torch.mm, n = {first['n']}, median of {first['reps']}, this run): {rates}"
+    if any("matrix_units" in p and p["matrix_units"] is None for p in probes.values()):
+        # Then a bf16 cell's "% of GEMM" is against a software loop and can pass 100% many times.
+        line += (" (this CPU has no bfloat16 matrix instructions, AMX or AVX512-BF16: its bf16 torch.mm runs in "
+                 "software, and the bf16 cells' % of GEMM is against that)")
+    return line

@@ -40,6 +40,7 @@ from fastgpt.attention import select_backend
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from fastgpt.checkpoint_policy import CheckpointPolicy
 from fastgpt.config import ARCHITECTURE_FIELDS, DTYPES, TrainConfig, split_fields
+from fastgpt.cpu_features import bf16_cpu_warning
 from fastgpt.data import CharDataset, CharTokenizer
 from fastgpt.flops import device_peak_flops, training_flops_per_step
 from fastgpt.metrics_log import METRICS_NAME, MetricsLog
@@ -368,6 +369,8 @@ class Trainer:
         backend = self.attention_backend()
         if self.is_main:
             print(self._describe(backend))
+            if self.device.type == "cpu" and self.autocast_dtype == torch.bfloat16 and (warning := bf16_cpu_warning()):
+                print(f"fastgpt: warning: --dtype bf16: {warning}")
         run_start = time.perf_counter() - self.elapsed_s
         loss = None
         with self._progress() as progress:

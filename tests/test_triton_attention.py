@@ -78,16 +78,17 @@ def test_dropout_matches_reference_with_the_kernels_mask(shape, dtype):
 
 
 def _shipped_block_shapes():
-    """Each distinct set of (kernel, BLOCK_M, BLOCK_N) the GPU lists ship, by position in the lists."""
-    combos = set()
-    for shipped in (cfg.SHIPPED, cfg.SHIPPED_FP32):
-        for arch, dclass in [(a, d) for a in (80, 90) for d in (64, 128, 256)]:
-            lists = [shipped[kernel][arch][dclass] for kernel in cfg.KERNELS]
-            for i in range(max(map(len, lists))):
-                combos.add(tuple((kernel, c.block_m, c.block_n)
-                                 for kernel, configs in zip(cfg.KERNELS, lists)
-                                 for c in [configs[min(i, len(configs) - 1)]]))
-    return sorted(combos)
+    """Every (BLOCK_M, BLOCK_N) that the GPU lists ship for each kernel, dealt into as few runs as
+    the kernel with the most of them needs: run i takes each kernel's i-th pair, or its largest
+    (the interpreter's time grows with the number of blocks). The kernels of one call are separate
+    launches that share no block logic (the backward reads only the forward's per-row
+    log-sum-exp), so every pair needs one run, not every combination of them."""
+    per_kernel = {
+        kernel: sorted({(c.block_m, c.block_n) for shipped in (cfg.SHIPPED, cfg.SHIPPED_FP32)
+                        for arch in (80, 90) for dclass in (64, 128, 256) for c in shipped[kernel][arch][dclass]})
+        for kernel in cfg.KERNELS}
+    runs = max(map(len, per_kernel.values()))
+    return [tuple((kernel, *pairs[min(i, len(pairs) - 1)]) for kernel, pairs in per_kernel.items()) for i in range(runs)]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuner runs every shipped config anyway")

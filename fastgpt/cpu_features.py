@@ -1,0 +1,38 @@
+"""What this CPU has for bfloat16 matrix products, and the warning when it has nothing.
+
+bfloat16 is fast on a CPU only through its matrix instructions: AMX tiles (Intel Sapphire Rapids
+and later) or AVX512-BF16 dot products. Without them (an AVX2 CPU, e.g. an AMD EPYC before Zen 4)
+PyTorch's bf16 GEMM runs a reference loop: measured on a 2-core AVX2 EPYC (2026-12-02, quiet),
+torch.mm at n = 512 ran 45-97x slower in bf16 than in fp32 (1 and 2 threads) and F.linear at the
+`cpu` preset's shapes (768 x 128 by 512 x 128) 12-16x (docs/benchmarks.md).
+The `ext` attention converts bf16 tiles to fp32 for its products, so it is unaffected; the linear
+layers under bf16 autocast are not, and a bf16 training run on such a CPU is many times slower
+than fp32. fastgpt warns rather than silently switching dtypes: the user asked for bf16.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def bf16_matrix_units() -> Optional[str]:
+    """The bfloat16 matrix instructions this CPU has, best first ("AMX", "AVX512-BF16"), or None.
+    Read from PyTorch's own CPU detection (torch.cpu's private checks: the cpuinfo flags its
+    kernels dispatch on; there is no public API for them)."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return None
+
+
+def bf16_cpu_warning() -> Optional[str]:
+    """A one-line warning for bf16 work on this CPU, or None where bf16 has matrix units."""
+    if bf16_matrix_units() is not None:
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f"this CPU ({capability}) has no bfloat16 matrix instructions (AMX or AVX512-BF16): PyTorch's "
+            f"bf16 matrix products run in software, many times slower than fp32 (45-97x for torch.mm at n = 512 "
+            f"on a 2-core AVX2 EPYC); --dtype fp32 is the fast path here")
