@@ -1,0 +1,66 @@
+"""ExtAttention (fastgpt/ext/attention_function.py): the eager one-node path of ext_attention gives
+the very bits of the per-op path that torch.compile traces, forward and every gradient, and costs
+fewer autograd nodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgpt.attention import ext_backend
+from fastgpt.attention.ext_backend import ext_attention
+
+pytest.importorskip("fastgpt.ext.ops")  # builds or loads the extension
+
+# (B, H, H_kv, T_q, T_k, D): multi-head; grouped with fewer queries than keys; one decode row
+SHAPES = [(2, 3, 3, 17, 17, 16), (2, 4, 2, 5, 70, 8), (1, 6, 2, 1, 9, 32)]
+
+
+def _leaves(shape, dtype, seed=0):
+    B, H, H_kv, T_q, T_k, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T_q, D, generator=g)
+    k, v = (torch.randn(B, H_kv, T_k, D, generator=g) for _ in range(2))
+    dout = torch.randn(B, H, T_q, D, generator=g).to(dtype)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], dout
+
+
+def _run(fn, leaves, dout):
+    out = fn(*leaves)
+    out.backward(dout)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dropout_p, seed", [(0.0, None), (0.3, 1234), (0.3, None)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hkv{}Tq{}Tk{}D{}".format(*s))
+def test_one_node_path_is_bit_equal_to_the_per_op_path(shape, dtype, dropout_p, seed):
+    results = []
+    for fn in (ext_attention, ext_backend._attention_per_op):
+        leaves, dout = _leaves(shape, dtype)
+        torch.manual_seed(7)  # seed=None: both paths draw the same seed from torch's generator
+        results.append(_run(lambda q, k, v: fn(q, k, v, dropout_p, 0.3, seed=seed, offset=0) if fn is ext_attention
+                            else fn(q, k, v, dropout_p, 0.3, seed, 0), leaves, dout))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert torch.equal(got, want), (name, (got.float() - want.float()).abs().max().item())
+
+
+def test_one_node_and_only_the_gradients_asked_for():
+    leaves, dout = _leaves(SHAPES[0], torch.float32)
+    q, k, v = leaves
+    k.requires_grad_(False)
+    out = ext_attention(q, k, v)
+    assert type(out.grad_fn).__name__ == "ExtAttentionBackward"
+    assert out.grad_fn.next_functions[0][0] is not None  # q's accumulator; the ops are not nodes of their own
+    out.backward(dout)
+    assert q.grad is not None and v.grad is not None and k.grad is None
+
+
+def test_a_second_derivative_is_refused():
+    leaves, dout = _leaves(SHAPES[0], torch.float32)
+    out = ext_attention(*leaves)
+    (dq,) = torch.autograd.grad(out, leaves[0], dout, create_graph=True)
+    # dq is off the graph (once_differentiable): differentiating it raises, never a wrong number
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        dq.sum().backward()
