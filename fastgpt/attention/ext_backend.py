@@ -10,7 +10,7 @@ matmuls read head h // (H / H_kv) for query head h in place (no copy of k or v p
 P and its dropout mask stay per query head. The backward is the same ops (see fastgpt/ext/ops.py):
 dP = tril_o(dO·vᵀ), dv = Pᵀ·dO, the fused softmax backward, dq = dS·k, dk = dSᵀ·q, where dk and dv
 sum each group of query heads in a fixed order (no atomics). Eagerly the call is one autograd node
-over those op calls (fastgpt/ext/attention_function.py: 4-5% off a `cpu`-preset training step);
+over those op calls (fastgpt/ext/attention_function.py: about 4% off a `cpu`-preset training step);
 under torch.compile each op is its own node, with its own formula. The T_q × T_k matrices are
 materialised, once each, in the packed layout (fastgpt/ext/layout.py: the causal part only, ~52% of
 T² at T = 2048), at about half the work of the naive math; the dropout mask is regenerated, never stored.
