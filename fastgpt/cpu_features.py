@@ -34,5 +34,4 @@ def bf16_cpu_warning() -> Optional[str]:
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     return (f"this CPU ({capability}) has no bfloat16 matrix instructions (AMX or AVX512-BF16): PyTorch's "
-            f"bf16 matrix products run in software, many times slower than fp32 (45-97x for torch.mm at n = 512 "
-            f"on a 2-core AVX2 EPYC); --dtype fp32 is the fast path here")
+            f"bf16 matrix products run in software, many times slower than fp32; --dtype fp32 is the fast path here")

@@ -35,12 +35,13 @@ def _run(fn, leaves, dout):
 @pytest.mark.parametrize("dropout_p, seed", [(0.0, None), (0.3, 1234), (0.3, None)])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hkv{}Tq{}Tk{}D{}".format(*s))
 def test_one_node_path_is_bit_equal_to_the_per_op_path(shape, dtype, dropout_p, seed):
+    one_node = lambda q, k, v: ext_attention(q, k, v, dropout_p, 0.3, seed=seed)  # noqa: E731
+    per_op = lambda q, k, v: ext_backend._attention_per_op(q, k, v, dropout_p, 0.3, seed, 0)  # noqa: E731
     results = []
-    for fn in (ext_attention, ext_backend._attention_per_op):
+    for fn in (one_node, per_op):
         leaves, dout = _leaves(shape, dtype)
         torch.manual_seed(7)  # seed=None: both paths draw the same seed from torch's generator
-        results.append(_run(lambda q, k, v: fn(q, k, v, dropout_p, 0.3, seed=seed, offset=0) if fn is ext_attention
-                            else fn(q, k, v, dropout_p, 0.3, seed, 0), leaves, dout))
+        results.append(_run(fn, leaves, dout))
     for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
         assert got.shape == want.shape and got.dtype == want.dtype, name
         assert torch.equal(got, want), (name, (got.float() - want.float()).abs().max().item())
