@@ -44,6 +44,13 @@ def environment_line(result: dict[str, Any]) -> str:
             f"python {env['python']}, commit {env['commit']}, {env['timestamp']}")
 
 
+# What cpu_bf16_products (fastgpt/ext/ops.py) says, in a table note's words.
+EXT_BF16_PRODUCTS = {
+    "AMX": "AMX-BF16 tiles (csrc/cpu/amx_matmul.cpp: oneDNN's brgemm through ATen, float32 accumulation)",
+    "float32 tiles": "float32 GEMMs over tiles converted from bfloat16 (this CPU has no AMX-BF16, or FASTGPT_CPU_AMX=0)",
+}
+
+
 def attention_markdown(result: dict[str, Any]) -> str:
     """One table per (dtype, mode, dropout): a row per T; per backend the median ms (p20-p80),
     the speed-up over naive, TFLOP/s, the fraction of the GEMM probe's rate (CPU) and peak memory."""
@@ -85,6 +92,8 @@ def attention_markdown(result: dict[str, Any]) -> str:
         lines.append("")
     for name, why in notes.items():
         lines.append(f"- `{name}` n/a: {why}")
+    for path in dict.fromkeys(r["ext_bf16_products"] for r in records if "ext_bf16_products" in r):
+        lines.append(f"- `ext` bfloat16 matmuls ran on {EXT_BF16_PRODUCTS[path]}")
     if records:
         lines.append(f"- memory: {records[0]['memory_method']}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "causal_ops.h"
+#include "cpu/amx_matmul.h"
 
 // The instruction set the CPU kernels were compiled for: the build passes -DCPU_CAPABILITY=AVX512,
 // AVX2 or DEFAULT, the same macro that sizes ATen's Vectorized.
@@ -42,6 +43,9 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // N of the packed layout (causal_layout.h), for the test that holds fastgpt/ext/layout.py to it.
   m.def("causal_packed_size(int T_q, int T_k) -> int", &fastgpt::cpu::causal_packed_size);
+  // Whether the CPU kernels' bfloat16 products of head dim D run on AMX here (cpu/amx_matmul.h),
+  // rather than as float32 GEMMs on converted tiles: which path a bfloat16 benchmark timed.
+  m.def("cpu_bf16_uses_amx(int head_dim) -> bool", &fastgpt::cpu::amx::usable);
   // Frees the CPU kernels' cache of causal-matrix buffers (no tensors: one kernel for all keys).
   m.def("empty_cache() -> ()", &fastgpt::cpu::empty_cache);
 }

@@ -9,7 +9,7 @@ from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
 from fastgpt.benchmarks.common import attention_flops
 from fastgpt.benchmarks.gemm_probe import fraction_of_gemm, gemm_flops, probe_gemm
 from fastgpt.timing import percentile
-from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_results
+from fastgpt.benchmarks.report import EXT_BF16_PRODUCTS, attention_markdown, train_markdown, write_results
 from fastgpt.benchmarks.train import run_train_benchmark
 from fastgpt.cli import main
 
@@ -80,6 +80,20 @@ def test_attention_bench_dtype_flag_runs_bf16_with_its_own_probe(tmp_path, capsy
     assert all(r["status"] == "ok" and r["dtype"] == "bfloat16" and r["fraction_of_gemm"] > 0 for r in result["records"])
     assert main(["bench", "attention", "--smoke", "--dtype", "bf16", "--dtypes", "float32"]) == 2
     assert "--dtype bf16 and --dtypes float32 both name the sweep's dtypes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_attention_bench_says_where_ext_bf16_ran(tmp_path, capsys, monkeypatch, amx):
+    """An ext bfloat16 cell on CPU records which kernels it timed; FASTGPT_CPU_AMX=0 forces the float32 tiles."""
+    from fastgpt.cpu_features import bf16_matrix_units
+
+    monkeypatch.setenv("FASTGPT_CPU_AMX", amx)
+    assert main(["bench", "attention", "--smoke", "--dtype", "bf16", "--backends", "ext", "--modes", "forward",
+                 "--dropouts", "0", "--seq-lens", "16", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    expected = "AMX" if amx == "1" and bf16_matrix_units() == "AMX" else "float32 tiles"
+    records = json.loads((tmp_path / "attention.json").read_text())["records"]
+    assert [r["ext_bf16_products"] for r in records if r["backend"] == "ext"] == [expected]
+    assert f"- `ext` bfloat16 matmuls ran on {EXT_BF16_PRODUCTS[expected]}" in capsys.readouterr().out
 
 
 def test_bench_cli_writes_table_files_and_plot(tmp_path, capsys):

@@ -23,6 +23,7 @@
 #include "../causal_layout.h"
 #include "../causal_ops.h"
 #include "../checks.h"
+#include "amx_matmul.h"
 #include "common.h"
 
 #include <ATen/cpu/vec/vec.h>
@@ -43,18 +44,6 @@ constexpr int64_t kStrip = 32;
 
 // Work (multiply-adds) below which a thread is not worth waking: ~20 µs at 50 GFLOP/s.
 constexpr double kMinCostPerThread = 5e5;
-
-// Cost of item (bh, block) of a block loop, prefix-summed per head so that parallel_for_balanced
-// can find equal shares of a triangle.
-template <typename BlockCost>
-auto head_prefix_cost(int64_t nb, const BlockCost& block_cost) {
-  std::vector<double> prefix(nb + 1, 0.0);
-  for (int64_t i = 0; i < nb; ++i) prefix[i + 1] = prefix[i] + block_cost(i);
-  const double per_head = prefix[nb];
-  return [prefix = std::move(prefix), per_head, nb](int64_t item) {
-    return static_cast<double>(item / nb) * per_head + prefix[item % nb];
-  };
-}
 
 // dst (m×m, ld m) = src's square tile with the entries above its diagonal zeroed; in float32.
 template <typename scalar_t>
@@ -287,6 +276,7 @@ at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   if (a.size(3) == 0) return out.zero_();
   const int64_t group = group_size(a.size(1), b.size(1));
   if (a.scalar_type() == at::kFloat) matmul_nt_kernel<float>(ra, rb, L, group, out);
+  else if (amx::usable(a.size(3))) amx::matmul_nt(ra, rb, L, group, out);
   else matmul_nt_kernel<c10::BFloat16>(ra, rb, L, group, out);
   return out;
 }
@@ -300,6 +290,7 @@ at::Tensor causal_matmul_nn(const at::Tensor& p, const at::Tensor& x, int64_t T_
   if (out.numel() == 0) return out;
   const int64_t group = group_size(p.size(1), x.size(1));
   if (p.scalar_type() == at::kFloat) matmul_nn_kernel<float>(rp, rx, L, group, out);
+  else if (amx::usable(x.size(3))) amx::matmul_nn(rp, rx, L, group, out);
   else matmul_nn_kernel<c10::BFloat16>(rp, rx, L, group, out);
   return out;
 }
@@ -316,6 +307,7 @@ at::Tensor causal_matmul_tn(const at::Tensor& p, const at::Tensor& x, int64_t T_
   if (L.T_q == 0 || H == 0) return out.zero_();  // no query sees any key
   const int64_t group = group_size(H, H_kv);
   if (p.scalar_type() == at::kFloat) matmul_tn_kernel<float>(rp, rx, L, group, out);
+  else if (amx::usable(x.size(3))) amx::matmul_tn(rp, rx, L, group, out);
   else matmul_tn_kernel<c10::BFloat16>(rp, rx, L, group, out);
   return out;
 }

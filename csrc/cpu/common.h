@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
@@ -88,6 +89,18 @@ void parallel_for_balanced(int64_t n, const CumCost& cum, double min_cost, const
   });
 }
 
+// Cost of item (bh, block) of a block loop, prefix-summed per head so that parallel_for_balanced
+// can find equal shares of a triangle.
+template <typename BlockCost>
+auto head_prefix_cost(int64_t nb, const BlockCost& block_cost) {
+  std::vector<double> prefix(nb + 1, 0.0);
+  for (int64_t i = 0; i < nb; ++i) prefix[i + 1] = prefix[i] + block_cost(i);
+  const double per_head = prefix[nb];
+  return [prefix = std::move(prefix), per_head, nb](int64_t item) {
+    return static_cast<double>(item / nb) * per_head + prefix[item % nb];
+  };
+}
+
 // A packed causal matrix (B, H, N) to be filled by a kernel that writes every element (zeros above
 // the diagonal and in the padding); large ones are recycled by the buffer pool.
 inline at::Tensor empty_causal(int64_t B, int64_t H, int64_t N, const at::TensorOptions& options) {
@@ -145,14 +158,20 @@ Rows4<scalar_t> rows4(const at::Tensor& t) {
   return {static_cast<scalar_t*>(t.data_ptr()), t.size(1), t.stride(0), t.stride(1), ld};
 }
 
-// bfloat16 <-> float32 rows: the kernels compute in float32 on converted copies.
+// bfloat16 <-> float32 rows: the kernels compute in float32 on converted copies. Vectorised (ATen's
+// conversions: round to nearest even, as c10::BFloat16's); the ragged end scalar.
 inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  using BVec = at::vec::Vectorized<c10::BFloat16>;
+  int64_t i = 0;
+  for (; i + BVec::size() <= n; i += BVec::size()) {
+    const auto [lo, hi] = at::vec::convert_bfloat16_float(BVec::loadu(src + i));
+    lo.store(dst + i);
+    hi.store(dst + i + at::vec::Vectorized<float>::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
-}
+inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) { at::vec::convert(src, dst, n); }
 inline void from_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
 }  // namespace fastgpt::cpu

@@ -23,6 +23,7 @@ OPS = (
     "causal_matmul_tn",
     "causal_softmax",
     "causal_softmax_seeded",
+    "cpu_bf16_products",
     "draw_seed",
     "dropout_keep_mask",
     "empty_cache",

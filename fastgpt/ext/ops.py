@@ -161,6 +161,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return _ops.skinny_linear(x, weight, bias)
 
 
+def cpu_bf16_products(head_dim: int) -> str:
+    """Where the CPU kernels' bfloat16 matmuls of head dim `head_dim` run in this process: "AMX"
+    (csrc/cpu/amx_matmul.cpp: the CPU has AMX-BF16, head_dim is even, FASTGPT_CPU_AMX is not 0) or
+    "float32 tiles" (converted to float32 and through the float32 GEMM)."""
+    return "AMX" if _ops.cpu_bf16_uses_amx(head_dim) else "float32 tiles"
+
+
 def empty_cache() -> None:
     """Returns the CPU kernels' cached causal-matrix buffers to the OS (see csrc/cpu/buffer_pool.h;
     FASTGPT_EXT_CACHE_MB caps the cache, default 1024, 0 disables it)."""
