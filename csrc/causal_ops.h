@@ -34,6 +34,9 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
 at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& scores, int64_t T_q,
                                            int64_t T_k, double scale, double dropout_p, int64_t seed,
                                            int64_t offset);
+// x ∘ keep / (1 - p), the keep mask of row r of x's last dim drawn from the Philox stream at
+// (seed, offset), counter row r: the residual branches' dropout (cpu/dropout.cpp). Its own backward.
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.

@@ -39,6 +39,9 @@ TORCH_LIBRARY(fastgpt, m) {
         "float dropout_p, int seed, int offset) -> Tensor");
   // Testing hook: the dense (B, H, T_q, T_k) bool keep mask causal_softmax draws for (seed, offset).
   m.def("dropout_keep_mask(Tensor scores, int T_q, int T_k, float dropout_p, int seed, int offset) -> Tensor");
+  // x ∘ keep / (1 - p), the keep mask of each row of x's last dim from the Philox stream at
+  // (seed, offset): the residual branches' dropout. The gradient is the same op on grad.
+  m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
   // x (..., K) · weightᵀ + bias, weight (N, K), for x of few rows (decode): inference only.
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // N of the packed layout (causal_layout.h), for the test that holds fastgpt/ext/layout.py to it.
@@ -59,6 +62,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("causal_softmax_dropout_backward", &fastgpt::cpu::causal_softmax_dropout_backward);
   m.impl("dropout_keep_mask", &fastgpt::cpu::dropout_keep_mask);
   m.impl("skinny_linear", &fastgpt::cpu::skinny_linear);
+  m.impl("dropout", &fastgpt::cpu::dropout);
 }
 
 // `import fastgpt._C` (the ahead-of-time build) runs the registrations above; the module itself

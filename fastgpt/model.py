@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from fastgpt.attention import CausalSelfAttention
+from fastgpt.dropout import ResidualDropout
 from fastgpt.kv_cache import CACHE_POLICIES, KVCache, LayerKV, plan_step
 from fastgpt.linear import Linear, check_linear_kernel
 
@@ -158,7 +159,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = Linear(config.n_embd, 4 * config.n_embd)
         self.proj = Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = ResidualDropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.relu(self.fc(x))))

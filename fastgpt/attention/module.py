@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from fastgpt.attention.api import causal_attention
 from fastgpt.attention.registry import get_backend
+from fastgpt.dropout import ResidualDropout
 from fastgpt.linear import Linear
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.qkv = Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
         self.proj = Linear(n_embd, n_embd)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = ResidualDropout(dropout)
         self.set_backend(backend)
 
     def set_backend(self, name: str) -> None:

@@ -25,6 +25,7 @@ OPS = (
     "causal_softmax_seeded",
     "cpu_bf16_products",
     "draw_seed",
+    "dropout",
     "dropout_keep_mask",
     "empty_cache",
     "skinny_linear",

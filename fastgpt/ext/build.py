@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
-SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "cpu/causal_softmax.cpp", "cpu/skinny_linear.cpp")
+SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "cpu/causal_softmax.cpp", "cpu/skinny_linear.cpp",
+           "cpu/dropout.cpp")
 HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/amx_matmul.h",
            "cpu/dropout_cpu.h")
 # The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
@@ -109,7 +110,7 @@ ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "ca
 # Every op this source tree registers (registration.cpp): an ahead-of-time build that lacks one is
 # older than the Python side that calls it.
 REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear",
-                  "cpu_bf16_uses_amx")
+                  "cpu_bf16_uses_amx", "dropout")
 
 
 def ops_without_cuda_kernels() -> list[str]:

@@ -68,6 +68,9 @@ torch.library.define("fastgpt::causal_softmax_seeded_backward",
                      "int offset) -> Tensor")
 
 
+torch.library.define("fastgpt::dropout_seeded", "(Tensor x, float p, Tensor seed) -> Tensor")
+
+
 @torch.library.impl("fastgpt::causal_softmax_seeded", "CompositeExplicitAutograd")
 def _softmax_seeded(scores, T_q, T_k, scale, dropout_p, seed, offset):
     return _ops.causal_softmax(scores, T_q, T_k, scale, dropout_p, int(seed), offset)
@@ -81,6 +84,11 @@ def _softmax_seeded_backward(grad, scores, T_q, T_k, scale, dropout_p, seed, off
 def draw_seed() -> torch.Tensor:
     """A 0-dim int64 seed from torch's default CPU generator: torch.manual_seed makes it repeatable."""
     return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+@torch.library.impl("fastgpt::dropout_seeded", "CompositeExplicitAutograd")
+def _dropout_seeded(x, p, seed):
+    return _ops.dropout(x, p, int(seed), 0)
 
 
 # ---- public wrappers --------------------------------------------------------------------------------
@@ -159,6 +167,23 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     check_skinny_linear_args(x, weight, bias)
     return _ops.skinny_linear(x, weight, bias)
+
+
+def dropout(x: torch.Tensor, p: float, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x ∘ keep / (1 - p) for a CPU x (..., C) in float32 or bfloat16, the keep mask of each row of
+    the last dim drawn from the Philox stream of `seed` (a 0-dim int64 tensor; draw_seed() when None,
+    so torch.manual_seed makes it repeatable). The residual branches' dropout, at vector speed
+    (csrc/cpu/dropout.cpp); its gradient is the same mask applied to the gradient, never stored."""
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        shown = f"a {x.dtype} tensor on {x.device}" if isinstance(x, torch.Tensor) else repr(x)
+        raise ValueError(f"x must be a float32 or bfloat16 CPU tensor; got {shown}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim (each row of its last dim draws one row of the mask); got 0 dims")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1); got {p!r}")
+    seed = draw_seed() if seed is None else seed
+    check_seed_tensor(seed)
+    return _ops.dropout_seeded(x, float(p), seed)
 
 
 def cpu_bf16_products(head_dim: int) -> str:
@@ -303,6 +328,21 @@ def _fake_mask(scores, T_q, T_k, dropout_p, seed, offset):
     return scores.new_empty((scores.shape[0], scores.shape[1], T_q, T_k), dtype=torch.bool)
 
 
+def _fake_dropout(x, p, seed, offset=0):
+    return x.new_empty(x.shape)
+
+
+def _setup_dropout(ctx, inputs, output):
+    x, p, seed = inputs
+    ctx.p = p
+    ctx.save_for_backward(seed)
+
+
+def _backward_dropout(ctx, grad):  # y = x ∘ m: dx = grad ∘ m, the same mask from the same seed
+    (seed,) = ctx.saved_tensors
+    return _ops.dropout_seeded(grad, ctx.p, seed), None, None
+
+
 def _fake_skinny_linear(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -320,6 +360,8 @@ FAKES = {
     "causal_softmax_seeded_backward": _fake_softmax_dropout_backward,
     "dropout_keep_mask": _fake_mask,
     "skinny_linear": _fake_skinny_linear,
+    "dropout": _fake_dropout,
+    "dropout_seeded": _fake_dropout,
 }
 # (backward, setup_context); the ops not listed have no backward (their gradients are not needed).
 AUTOGRAD = {
@@ -328,6 +370,7 @@ AUTOGRAD = {
     "causal_matmul_tn": (_backward_tn, _setup_save_inputs),
     "causal_softmax": (_backward_softmax, _setup_softmax),
     "causal_softmax_seeded": (_backward_softmax_seeded, _setup_softmax_seeded),
+    "dropout_seeded": (_backward_dropout, _setup_dropout),
 }
 for _name, _fake in FAKES.items():
     torch.library.register_fake(f"fastgpt::{_name}")(_fake)
