@@ -98,6 +98,19 @@ def test_agrees_with_the_float32_tile_path(shape, monkeypatch):
 
 
 @needs_amx
+@pytest.mark.parametrize("shape", SHAPES[:6], ids=ids[:6])
+def test_keys_with_odd_row_strides(shape):
+    """nt packs keys as 32-bit words where their rows allow it, element by element where rows are
+    an odd number of elements apart: the same products either way."""
+    B, H, H_kv, T_q, T_k, D = shape
+    q, k, _ = operands(*shape)
+    q, k = q.bfloat16(), k.bfloat16()
+    k_odd = torch.empty(B, H_kv, T_k, D + 1, dtype=torch.bfloat16)[..., :D].copy_(k)
+    assert k_odd.stride(2) % 2 == 1
+    assert torch.equal(ops.causal_matmul_nt(q, k_odd), ops.causal_matmul_nt(q, k.contiguous()))
+
+
+@needs_amx
 def test_reads_no_entry_above_the_diagonal_and_writes_zeros_there():
     """NaN above the diagonal and in the padding of p must not reach nn or tn; nt writes zeros there."""
     from fastgpt.ext import layout

@@ -61,10 +61,16 @@ void interleave(const bf16* a, int64_t valid_a, const bf16* b, int64_t valid_b, 
 }
 
 // B of A·kᵀ for keys k (n ≤ 64 rows × D, ld): (D / 2) pair rows of 64, key j in column j, zero for j ≥ n.
+// Each key row is already D / 2 adjacent pairs: the packing is a transpose of 32-bit words, which
+// ATen's float transpose (16×16 AVX-512 blocks) does as moves, the bits untouched.
 void pack_transposed(const bf16* k, int64_t ld, int64_t n, int64_t D, uint32_t* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const bf16* row = k + j * ld;
-    for (int64_t q = 0; q < D / 2; ++q) out[q * kTile + j] = pair(row, 2 * q);
+  if (ld % 2 == 0 && reinterpret_cast<uintptr_t>(k) % alignof(float) == 0) {
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(k), ld / 2, reinterpret_cast<float*>(out), kTile,
+                                  static_cast<int>(n), static_cast<int>(D / 2));
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t q = 0; q < D / 2; ++q) out[q * kTile + j] = pair(k + j * ld, 2 * q);
+    }
   }
   for (int64_t q = 0; q < D / 2 && n < kTile; ++q) std::fill(out + q * kTile + n, out + (q + 1) * kTile, 0u);
 }

@@ -31,67 +31,79 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
 // Every loop below runs whole vectors; the ragged end of a row (L % 16 lanes) goes through the
-// same vector code with masked loads and stores, not a scalar exp per element.
+// same vector code with masked loads and stores, not a scalar exp per element. bfloat16 rows are
+// widened as they are loaded and rounded as they are stored (no float32 copy of a row), with the
+// same float32 math as float32 rows: the same results bit for bit as converting first.
 
-// out[0..L) = softmax(scale · s[0..L)), times mult when given.
-void softmax_row(const float* s, float* out, int64_t L, float scale, const float* mult) {
+// kW floats from x[0, n), n <= kW, zeros after n.
+inline Vec load_row(const float* x, int64_t n) { return Vec::loadu(x, n); }
+inline Vec load_row(const c10::BFloat16* x, int64_t n) {
+  Vec out;
+  if (n == kW) {
+    at::vec::load_fp32_from_bf16(x, out);
+  } else {
+    c10::BFloat16 part[kW] = {};
+    std::copy(x, x + n, part);
+    at::vec::load_fp32_from_bf16(part, out);
+  }
+  return out;
+}
+
+// x[0, n) = v's first n lanes (rounded to nearest even for bfloat16).
+inline void store_row(float* x, const Vec& v, int64_t n) { v.store(x, n); }
+inline void store_row(c10::BFloat16* x, const Vec& v, int64_t n) { at::vec::convert_float_bfloat16(v, v).store(x, n); }
+
+// out[0..L) = softmax(scale · s[0..L)), times mult when given. e: L floats for the exponentials
+// (out itself when out is float32).
+template <typename in_t, typename out_t>
+void softmax_row(const in_t* s, out_t* out, float* e, int64_t L, float scale, const float* mult) {
   const Vec vscale(scale), neg_inf(-std::numeric_limits<float>::infinity()), zero(0.0f);
   const int64_t full = L / kW * kW, tail = L - full;
   Vec vmax = neg_inf;
-  for (int64_t j = 0; j < full; j += kW) vmax = at::vec::maximum(vmax, Vec::loadu(s + j) * vscale);
-  if (tail > 0) vmax = at::vec::maximum(vmax, Vec::set(neg_inf, Vec::loadu(s + full, tail) * vscale, tail));
+  for (int64_t j = 0; j < full; j += kW) vmax = at::vec::maximum(vmax, load_row(s + j, kW) * vscale);
+  if (tail > 0) vmax = at::vec::maximum(vmax, Vec::set(neg_inf, load_row(s + full, tail) * vscale, tail));
   const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 
   const Vec vmx(mx);
   Vec vsum = zero;
   for (int64_t j = 0; j < full; j += kW) {
-    const Vec e = (Vec::loadu(s + j) * vscale - vmx).exp_u20();
-    e.store(out + j);
-    vsum += e;
+    const Vec x = (load_row(s + j, kW) * vscale - vmx).exp_u20();
+    x.store(e + j);
+    vsum += x;
   }
   if (tail > 0) {
-    const Vec e = Vec::set(zero, (Vec::loadu(s + full, tail) * vscale - vmx).exp_u20(), tail);
-    e.store(out + full, tail);
-    vsum += e;
+    const Vec x = Vec::set(zero, (load_row(s + full, tail) * vscale - vmx).exp_u20(), tail);
+    x.store(e + full, tail);
+    vsum += x;
   }
   const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
 
   const Vec vinv(1.0f / sum);
-  if (mult != nullptr) {
-    for (int64_t j = 0; j < full; j += kW) (Vec::loadu(out + j) * vinv * Vec::loadu(mult + j)).store(out + j);
-    if (tail > 0) (Vec::loadu(out + full, tail) * vinv * Vec::loadu(mult + full, tail)).store(out + full, tail);
-  } else {
-    for (int64_t j = 0; j < full; j += kW) (Vec::loadu(out + j) * vinv).store(out + j);
-    if (tail > 0) (Vec::loadu(out + full, tail) * vinv).store(out + full, tail);
+  for (int64_t j = 0; j < L; j += kW) {
+    const int64_t n = std::min(kW, L - j);
+    const Vec p = Vec::loadu(e + j, n) * vinv;
+    store_row(out + j, mult != nullptr ? p * Vec::loadu(mult + j, n) : p, n);
   }
 }
 
 // ds[0..L) = scale · p ∘ (dP - Σ dP ∘ p), dP = g ∘ mult (the forward's dropout applied to its
 // gradient) or g; p: the probabilities before dropout.
-void softmax_grad_row(const float* g, const float* p, float* ds, int64_t L, float scale, const float* mult) {
-  const int64_t full = L / kW * kW, tail = L - full;
+template <typename g_t, typename p_t, typename out_t>
+void softmax_grad_row(const g_t* g, const p_t* p, out_t* ds, int64_t L, float scale, const float* mult) {
   auto grad_times_mask = [&](int64_t j, int64_t n) {
-    Vec dp = Vec::loadu(g + j, n);
+    const Vec dp = load_row(g + j, n);
     return mult != nullptr ? dp * Vec::loadu(mult + j, n) : dp;
   };
-  Vec vacc(0.0f);
-  for (int64_t j = 0; j < full; j += kW) {
-    const Vec dp = grad_times_mask(j, kW);
-    dp.store(ds + j);
-    vacc = at::vec::fmadd(dp, Vec::loadu(p + j), vacc);
-  }
-  if (tail > 0) {  // masked loads are zero past the end, so the product adds nothing there
-    const Vec dp = grad_times_mask(full, tail);
-    dp.store(ds + full, tail);
-    vacc = at::vec::fmadd(dp, Vec::loadu(p + full, tail), vacc);
+  Vec vacc(0.0f);  // masked loads are zero past the end, so the tail's products add nothing
+  for (int64_t j = 0; j < L; j += kW) {
+    const int64_t n = std::min(kW, L - j);
+    vacc = at::vec::fmadd(grad_times_mask(j, n), load_row(p + j, n), vacc);
   }
   const float acc = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vacc);
   const Vec vacc_b(acc), vscale(scale);
-  for (int64_t j = 0; j < full; j += kW) {
-    ((Vec::loadu(ds + j) - vacc_b) * Vec::loadu(p + j) * vscale).store(ds + j);
-  }
-  if (tail > 0) {
-    ((Vec::loadu(ds + full, tail) - vacc_b) * Vec::loadu(p + full, tail) * vscale).store(ds + full, tail);
+  for (int64_t j = 0; j < L; j += kW) {
+    const int64_t n = std::min(kW, L - j);
+    store_row(ds + j, (grad_times_mask(j, n) - vacc_b) * load_row(p + j, n) * vscale, n);
   }
 }
 
@@ -132,8 +144,7 @@ void softmax_kernel(const at::Tensor& scores, const CausalLayout& L, at::Tensor&
   const int64_t rows = scores.size(0) * scores.size(1) * L.T_q;
   const auto S = packed3<scalar_t>(scores), O = packed3<scalar_t>(out);
   parallel_for_balanced(rows, RowCost{L.T_q, L.o}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> mult(ds.enabled ? L.T_k : 0), s_buf, o_buf;
-    if constexpr (!std::is_same_v<scalar_t, float>) s_buf.resize(L.T_k), o_buf.resize(L.T_k);
+    std::vector<float> mult(ds.enabled ? L.T_k : 0), e_buf(std::is_same_v<scalar_t, float> ? 0 : L.T_k);
     for (int64_t r = begin; r < end; ++r) {
       const PackedRow row = packed_row(L, r);
       const scalar_t* s = S.at(row.bh) + row.offset;
@@ -144,13 +155,9 @@ void softmax_kernel(const at::Tensor& scores, const CausalLayout& L, at::Tensor&
       }
       if (ds.enabled) dropout_multipliers(ds, static_cast<uint32_t>(r), row.length, mult.data());
       const float* m = ds.enabled ? mult.data() : nullptr;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        softmax_row(s, o, row.length, scale, m);
-      } else {
-        to_float(s, s_buf.data(), row.length);
-        softmax_row(s_buf.data(), o_buf.data(), row.length, scale, m);
-        from_float(o_buf.data(), o, row.length);
-      }
+      float* e;  // the exponentials: the output row itself in float32
+      if constexpr (std::is_same_v<scalar_t, float>) e = o; else e = e_buf.data();
+      softmax_row(s, o, e, row.length, scale, m);
       zero_fill(o + row.length, row.stride - row.length);
     }
   });
@@ -164,8 +171,7 @@ void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& saved, co
   const int64_t rows = saved.size(0) * saved.size(1) * L.T_q, T_k = L.T_k;
   const auto G = packed3<scalar_t>(grad), S = packed3<scalar_t>(saved), O = packed3<scalar_t>(out);
   parallel_for_balanced(rows, RowCost{L.T_q, L.o}, kMinCostPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> mult(ds.enabled ? T_k : 0), p_buf(T_k), g_buf, s_buf, o_buf;
-    if constexpr (!std::is_same_v<scalar_t, float>) g_buf.resize(T_k), s_buf.resize(T_k), o_buf.resize(T_k);
+    std::vector<float> mult(ds.enabled ? T_k : 0), p_buf(kRecompute ? T_k : 0);
     for (int64_t r = begin; r < end; ++r) {
       const PackedRow row = packed_row(L, r);
       const int64_t n = row.length;
@@ -179,23 +185,12 @@ void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& saved, co
       }
       if (ds.enabled) dropout_multipliers(ds, static_cast<uint32_t>(r), n, mult.data());
       const float* m = ds.enabled ? mult.data() : nullptr;
-      const float* g_f;
-      const float* s_f;
-      float* o_f;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        g_f = g, s_f = s, o_f = o;
+      if constexpr (kRecompute) {  // P from the scores, in float32, as the forward computed it
+        softmax_row(s, p_buf.data(), p_buf.data(), n, scale, nullptr);
+        softmax_grad_row(g, p_buf.data(), o, n, scale, m);
       } else {
-        to_float(g, g_buf.data(), n);
-        to_float(s, s_buf.data(), n);
-        g_f = g_buf.data(), s_f = s_buf.data(), o_f = o_buf.data();
+        softmax_grad_row(g, s, o, n, scale, m);  // s is the forward's output P
       }
-      const float* p = s_f;
-      if constexpr (kRecompute) {
-        softmax_row(s_f, p_buf.data(), n, scale, nullptr);
-        p = p_buf.data();
-      }
-      softmax_grad_row(g_f, p, o_f, n, scale, m);
-      if constexpr (!std::is_same_v<scalar_t, float>) from_float(o_buf.data(), o, n);
       zero_fill(o + n, row.stride - n);
     }
   });
