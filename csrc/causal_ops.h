@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace fastgpt::cpu {
 
@@ -37,6 +38,13 @@ at::Tensor causal_softmax_dropout_backward(const at::Tensor& grad, const at::Ten
 // x ∘ keep / (1 - p), the keep mask of row r of x's last dim drawn from the Philox stream at
 // (seed, offset), counter row r: the residual branches' dropout (cpu/dropout.cpp). Its own backward.
 at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset);
+// Fused (cpu/attention_fused.cpp), the composed ops' results bit for bit:
+// (P, S) = (causal_softmax(causal_matmul_nt(q, k), ...), S), S only with dropout (else empty).
+std::tuple<at::Tensor, at::Tensor> causal_attention_probs(const at::Tensor& q, const at::Tensor& k, double scale,
+                                                          double dropout_p, int64_t seed, int64_t offset);
+// dScores = the softmax's backward of causal_matmul_nt(dout, v), from saved = P (no dropout) or S.
+at::Tensor causal_attention_grad_scores(const at::Tensor& dout, const at::Tensor& v, const at::Tensor& saved,
+                                        double scale, double dropout_p, int64_t seed, int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.

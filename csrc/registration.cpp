@@ -37,6 +37,12 @@ TORCH_LIBRARY(fastgpt, m) {
   // With dropout, from the forward's scores: P recomputed, the keep mask regenerated.
   m.def("causal_softmax_dropout_backward(Tensor grad, Tensor scores, int T_q, int T_k, float scale, "
         "float dropout_p, int seed, int offset) -> Tensor");
+  // The nt product and the softmax (or its backward) fused per row block, for the eager attention
+  // on CPU: the composed ops' results bit for bit, without S or dP going through memory. S is
+  // returned (for the backward) only with dropout, else an empty tensor. saved: P, or S with dropout.
+  m.def("causal_attention_probs(Tensor q, Tensor k, float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("causal_attention_grad_scores(Tensor dout, Tensor v, Tensor saved, float scale, float dropout_p, int seed, "
+        "int offset) -> Tensor");
   // Testing hook: the dense (B, H, T_q, T_k) bool keep mask causal_softmax draws for (seed, offset).
   m.def("dropout_keep_mask(Tensor scores, int T_q, int T_k, float dropout_p, int seed, int offset) -> Tensor");
   // x ∘ keep / (1 - p), the keep mask of each row of x's last dim from the Philox stream at
@@ -63,6 +69,8 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("dropout_keep_mask", &fastgpt::cpu::dropout_keep_mask);
   m.impl("skinny_linear", &fastgpt::cpu::skinny_linear);
   m.impl("dropout", &fastgpt::cpu::dropout);
+  m.impl("causal_attention_probs", &fastgpt::cpu::causal_attention_probs);
+  m.impl("causal_attention_grad_scores", &fastgpt::cpu::causal_attention_grad_scores);
 }
 
 // `import fastgpt._C` (the ahead-of-time build) runs the registrations above; the module itself

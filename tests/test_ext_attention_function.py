@@ -12,8 +12,9 @@ from fastgpt.attention.ext_backend import ext_attention
 
 pytest.importorskip("fastgpt.ext.ops")  # builds or loads the extension
 
-# (B, H, H_kv, T_q, T_k, D): multi-head; grouped with fewer queries than keys; one decode row
-SHAPES = [(2, 3, 3, 17, 17, 16), (2, 4, 2, 5, 70, 8), (1, 6, 2, 1, 9, 32)]
+# (B, H, H_kv, T_q, T_k, D): multi-head; grouped with fewer queries than keys; one decode row;
+# three row blocks of the CPU kernels' fused ops (csrc/cpu/attention_fused.cpp)
+SHAPES = [(2, 3, 3, 17, 17, 16), (2, 4, 2, 5, 70, 8), (1, 6, 2, 1, 9, 32), (1, 2, 1, 150, 200, 64)]
 
 
 def _leaves(shape, dtype, seed=0):
@@ -31,10 +32,12 @@ def _run(fn, leaves, dout):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, amx", [(torch.float32, "1"), (torch.bfloat16, "1"), (torch.bfloat16, "0")],
+                         ids=["float32", "bfloat16", "bfloat16-float32-tiles"])
 @pytest.mark.parametrize("dropout_p, seed", [(0.0, None), (0.3, 1234), (0.3, None)])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hkv{}Tq{}Tk{}D{}".format(*s))
-def test_one_node_path_is_bit_equal_to_the_per_op_path(shape, dtype, dropout_p, seed):
+def test_one_node_path_is_bit_equal_to_the_per_op_path(shape, dtype, amx, dropout_p, seed, monkeypatch):
+    monkeypatch.setenv("FASTGPT_CPU_AMX", amx)  # bfloat16's products on AMX where the CPU has it, or float32 tiles
     one_node = lambda q, k, v: ext_attention(q, k, v, dropout_p, 0.3, seed=seed)  # noqa: E731
     per_op = lambda q, k, v: ext_backend._attention_per_op(q, k, v, dropout_p, 0.3, seed, 0)  # noqa: E731
     results = []

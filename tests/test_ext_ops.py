@@ -92,6 +92,10 @@ def test_opcheck(dtype, T_q, T_k):
         (ops.dropout_keep_mask, (pd, T_q, T_k, 0.25, 1234, 7)),
         (ops.causal_softmax_seeded, (p, T_q, T_k, 0.3, 0.25, torch.tensor(1234), 7)),
         (ops.causal_softmax_seeded_backward, (pd, pd, T_q, T_k, 0.3, 0.25, torch.tensor(1234), 7)),
+        (ops.causal_attention_probs, (q.detach(), k.detach(), 0.3, 0.0, 0, 0)),
+        (ops.causal_attention_probs, (q.detach(), k.detach(), 0.3, 0.25, 1234, 7)),
+        (ops.causal_attention_grad_scores, (q.detach(), v.detach(), pd, 0.3, 0.0, 0, 0)),
+        (ops.causal_attention_grad_scores, (q.detach(), v.detach(), pd, 0.3, 0.25, 1234, 7)),
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args)
@@ -306,6 +310,15 @@ CPP_BAD = [
      r"grad has dtype Float but scores has dtype BFloat16"),
     (lambda: ops.dropout_keep_mask(_t(1, 2, N55), 5, 70, 0.1, 0, 0), r"needs N = 640"),
     (lambda: ops.causal_packed_size(3, 2), r"causal_packed_size: T_q = 3 > T_k = 2"),
+    (lambda: ops.causal_attention_probs(_t(1, 2, 6, 4), _t(1, 2, 5, 4), 1.0, 0.0, 0, 0),
+     r"causal_attention_probs: T_q = 6 > T_k = 5"),
+    (lambda: ops.causal_attention_probs(_t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 1.0, 0, 0),
+     r"causal_attention_probs: dropout_p must be in \[0, 1\); got 1"),
+    (lambda: ops.causal_attention_grad_scores(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, N570), 1.0, 0.0, 0, 0),
+     r"causal_attention_grad_scores: saved \(the probabilities\) has 640 elements per \(b, h\) but \(T_q, T_k\) = "
+     r"\(5, 5\) needs N = 320"),
+    (lambda: ops.causal_attention_grad_scores(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(2, 2, N55), 1.0, 0.0, 0, 0),
+     r"saved has shape \[2, 2, 320\] but dout has shape \[1, 2, 5, 4\]"),
     # Tensors on two devices reach the CPU kernel only by redispatch here (the dispatcher picks the
     # other device's key first); the CUDA kernels run the same check.
     (lambda: ops.causal_matmul_nt.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),

@@ -116,10 +116,10 @@ bool usable(int64_t D) {
 
 // ---- tril_o(a · bᵀ) ----------------------------------------------------------------------------
 
-void matmul_nt(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, int64_t group, at::Tensor& out) {
+void matmul_nt(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, int64_t group,
+               const NtSink<c10::BFloat16>& sink) {
   const int64_t BH = a.size(0) * a.size(1), BH_kv = b.size(0) * b.size(1), D = a.size(3);
   const auto A = rows4<bf16>(a), Bm = rows4<bf16>(b);
-  const auto C = packed3<bf16>(out);
   const int64_t key_tiles = (L.T_k + kTile - 1) / kTile, tile_pairs = D / 2 * kTile;
 
   // Every key/value head's keys as B tiles of 64 keys, in order: (BH_kv, key_tiles, D / 2, 64).
@@ -144,11 +144,12 @@ void matmul_nt(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, 
         product(m, kTile, D, a_rows, A.ld, head_keys + k0 / kTile * tile_pairs, kTile, false, block.data() + k0, ldc);
       }
       // Rounded into the packed block row after row, zeros above the diagonal.
-      bf16* c = C.at(bh) + L.start(r);
+      bf16* c = sink.block(bh, r);
       for (int64_t i = 0; i < m; ++i) {
         from_float(block.data() + i * ldc, c + i * ldc, c0 + i + 1);
         zero_fill(c + i * ldc + c0 + i + 1, ldc - (c0 + i + 1));
       }
+      if (sink.done) sink.done(bh, r, c);
     }
     cpublas::brgemm_release();
   });

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "../causal_layout.h"
+#include "common.h"
 
 namespace fastgpt::cpu::amx {
 
@@ -19,8 +20,10 @@ namespace fastgpt::cpu::amx {
 // test or a benchmark can run the other path in the same process).
 bool usable(int64_t D);
 
-// a (B, H, T_q, D), b (B, H_kv, T_k, D), out packed (B, H, N); bfloat16, rows contiguous.
-void matmul_nt(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, int64_t group, at::Tensor& out);
+// a (B, H, T_q, D), b (B, H_kv, T_k, D); each row block of the packed (B, H, N) result goes
+// where `sink` says (common.h). bfloat16, rows contiguous.
+void matmul_nt(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, int64_t group,
+               const NtSink<c10::BFloat16>& sink);
 // p packed (B, H, N), x (B, H_kv, T_k, D), out (B, H, T_q, D).
 void matmul_nn(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, int64_t group, at::Tensor& out);
 // p packed (B, H, N), x (B, H, T_q, D), out (B, H_kv, T_k, D), each group of query heads summed in order.

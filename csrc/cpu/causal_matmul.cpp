@@ -25,6 +25,7 @@
 #include "../checks.h"
 #include "amx_matmul.h"
 #include "common.h"
+#include "nt_blocks.h"
 
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/zero.h>
@@ -74,10 +75,9 @@ const float* float_rows(const c10::BFloat16* m, int64_t ld, int64_t r0, int64_t 
 
 template <typename scalar_t>
 void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, int64_t group,
-                      at::Tensor& out) {
+                      const NtSink<scalar_t>& sink) {
   const int64_t BH = a.size(0) * a.size(1), D = a.size(3);
   const auto A = rows4<scalar_t>(a), Bm = rows4<scalar_t>(b);
-  const auto C = packed3<scalar_t>(out);
   // Block r computes its m rows against keys [0, width(r)) and writes stride(r) columns.
   auto cum = head_prefix_cost(L.R, [&](int64_t r) {
     return static_cast<double>(L.rows(r) * (L.width(r) * D + L.stride(r)));
@@ -90,7 +90,7 @@ void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayo
       int64_t lda, ldb;
       const float* a_rows = float_rows(A.at(bh), A.ld, r0, r0 + m, D, a_buf, lda);
       const float* b_rows = float_rows(Bm.at(bh / group), Bm.ld, 0, w, D, b_buf, ldb);  // the group's key head
-      scalar_t* c = C.at(bh) + L.start(r);
+      scalar_t* c = sink.block(bh, r);
       if constexpr (std::is_same_v<scalar_t, float>) {
         // Keys every row of the block sees: the full (m × c0) panel.
         gemm(false, true, m, c0, D, 1.0f, a_rows, lda, b_rows, ldb, 0.0f, c, ldc);
@@ -110,6 +110,7 @@ void matmul_nt_kernel(const at::Tensor& a, const at::Tensor& b, const CausalLayo
           zero_fill(c + i * ldc + c0 + i + 1, ldc - (c0 + i + 1));
         }
       }
+      if (sink.done) sink.done(bh, r, c);
     }
   });
 }
@@ -257,8 +258,7 @@ int64_t group_size(int64_t H, int64_t H_kv) { return H_kv > 0 ? H / H_kv : 1; }
 
 }  // namespace
 
-at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
-  constexpr const char* op = "fastgpt::causal_matmul_nt";
+CausalLayout check_nt_args(const at::Tensor& a, const at::Tensor& b, const char* op) {
   check_rank4(a, op, "a", "(B, H, T_q, D)");
   check_rank4(b, op, "b", "(B, H_kv, T_k, D)");
   check_dtype(a, op, "a");
@@ -270,14 +270,55 @@ at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   check_lengths(L.T_q, L.T_k, op);
   check_blas_size(CausalLayout::roundup(L.T_k), op, "T_k rounded up to 64");
   check_blas_size(a.size(3), op, "D");
+  return L;
+}
+
+namespace {
+template <typename scalar_t>
+void nt_blocks_impl(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, const NtSink<scalar_t>& sink) {
+  const int64_t BH = a.size(0) * a.size(1);
+  if (BH == 0 || L.T_q == 0) return;
+  if (a.size(3) == 0) {  // no products: every block is zero
+    for (int64_t item = 0; item < BH * L.R; ++item) {
+      const int64_t bh = item / L.R, r = item % L.R;
+      scalar_t* c = sink.block(bh, r);
+      zero_fill(c, L.rows(r) * L.stride(r));
+      if (sink.done) sink.done(bh, r, c);
+    }
+    return;
+  }
   const auto ra = rows_readable(a), rb = rows_readable(b);
+  const int64_t group = group_size(a.size(1), b.size(1));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    matmul_nt_kernel<float>(ra, rb, L, group, sink);
+  } else {
+    if (amx::usable(a.size(3))) amx::matmul_nt(ra, rb, L, group, sink);
+    else matmul_nt_kernel<c10::BFloat16>(ra, rb, L, group, sink);
+  }
+}
+}  // namespace
+
+namespace {
+template <typename scalar_t>
+void nt_into_packed(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, at::Tensor& out) {
+  const auto C = packed3<scalar_t>(out);
+  nt_blocks(a, b, L, NtSink<scalar_t>{[&](int64_t bh, int64_t r) { return C.at(bh) + L.start(r); }, nullptr});
+}
+}  // namespace
+
+void nt_blocks(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, const NtSink<float>& sink) {
+  nt_blocks_impl(a, b, L, sink);
+}
+void nt_blocks(const at::Tensor& a, const at::Tensor& b, const CausalLayout& L, const NtSink<c10::BFloat16>& sink) {
+  nt_blocks_impl(a, b, L, sink);
+}
+
+at::Tensor causal_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
+  const CausalLayout L = check_nt_args(a, b, "fastgpt::causal_matmul_nt");
   at::Tensor out = empty_causal(a.size(0), a.size(1), L.N, a.options());  // (B, H, N)
   if (out.numel() == 0) return out;
-  if (a.size(3) == 0) return out.zero_();
-  const int64_t group = group_size(a.size(1), b.size(1));
-  if (a.scalar_type() == at::kFloat) matmul_nt_kernel<float>(ra, rb, L, group, out);
-  else if (amx::usable(a.size(3))) amx::matmul_nt(ra, rb, L, group, out);
-  else matmul_nt_kernel<c10::BFloat16>(ra, rb, L, group, out);
+  if (a.scalar_type() == at::kFloat) nt_into_packed<float>(a, b, L, out);
+  else nt_into_packed<c10::BFloat16>(a, b, L, out);
   return out;
 }
 

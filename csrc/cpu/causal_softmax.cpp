@@ -10,8 +10,6 @@
 // recomputes P and regenerates the keep mask from the Philox stream (philox.h): neither the
 // probabilities before dropout nor the mask are ever stored.
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
@@ -23,89 +21,10 @@
 #include "../philox.h"
 #include "common.h"
 #include "dropout_cpu.h"
+#include "softmax_rows.h"
 
 namespace fastgpt::cpu {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
-
-// Every loop below runs whole vectors; the ragged end of a row (L % 16 lanes) goes through the
-// same vector code with masked loads and stores, not a scalar exp per element. bfloat16 rows are
-// widened as they are loaded and rounded as they are stored (no float32 copy of a row), with the
-// same float32 math as float32 rows: the same results bit for bit as converting first.
-
-// kW floats from x[0, n), n <= kW, zeros after n.
-inline Vec load_row(const float* x, int64_t n) { return Vec::loadu(x, n); }
-inline Vec load_row(const c10::BFloat16* x, int64_t n) {
-  Vec out;
-  if (n == kW) {
-    at::vec::load_fp32_from_bf16(x, out);
-  } else {
-    c10::BFloat16 part[kW] = {};
-    std::copy(x, x + n, part);
-    at::vec::load_fp32_from_bf16(part, out);
-  }
-  return out;
-}
-
-// x[0, n) = v's first n lanes (rounded to nearest even for bfloat16).
-inline void store_row(float* x, const Vec& v, int64_t n) { v.store(x, n); }
-inline void store_row(c10::BFloat16* x, const Vec& v, int64_t n) { at::vec::convert_float_bfloat16(v, v).store(x, n); }
-
-// out[0..L) = softmax(scale · s[0..L)), times mult when given. e: L floats for the exponentials
-// (out itself when out is float32).
-template <typename in_t, typename out_t>
-void softmax_row(const in_t* s, out_t* out, float* e, int64_t L, float scale, const float* mult) {
-  const Vec vscale(scale), neg_inf(-std::numeric_limits<float>::infinity()), zero(0.0f);
-  const int64_t full = L / kW * kW, tail = L - full;
-  Vec vmax = neg_inf;
-  for (int64_t j = 0; j < full; j += kW) vmax = at::vec::maximum(vmax, load_row(s + j, kW) * vscale);
-  if (tail > 0) vmax = at::vec::maximum(vmax, Vec::set(neg_inf, load_row(s + full, tail) * vscale, tail));
-  const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-
-  const Vec vmx(mx);
-  Vec vsum = zero;
-  for (int64_t j = 0; j < full; j += kW) {
-    const Vec x = (load_row(s + j, kW) * vscale - vmx).exp_u20();
-    x.store(e + j);
-    vsum += x;
-  }
-  if (tail > 0) {
-    const Vec x = Vec::set(zero, (load_row(s + full, tail) * vscale - vmx).exp_u20(), tail);
-    x.store(e + full, tail);
-    vsum += x;
-  }
-  const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-
-  const Vec vinv(1.0f / sum);
-  for (int64_t j = 0; j < L; j += kW) {
-    const int64_t n = std::min(kW, L - j);
-    const Vec p = Vec::loadu(e + j, n) * vinv;
-    store_row(out + j, mult != nullptr ? p * Vec::loadu(mult + j, n) : p, n);
-  }
-}
-
-// ds[0..L) = scale · p ∘ (dP - Σ dP ∘ p), dP = g ∘ mult (the forward's dropout applied to its
-// gradient) or g; p: the probabilities before dropout.
-template <typename g_t, typename p_t, typename out_t>
-void softmax_grad_row(const g_t* g, const p_t* p, out_t* ds, int64_t L, float scale, const float* mult) {
-  auto grad_times_mask = [&](int64_t j, int64_t n) {
-    const Vec dp = load_row(g + j, n);
-    return mult != nullptr ? dp * Vec::loadu(mult + j, n) : dp;
-  };
-  Vec vacc(0.0f);  // masked loads are zero past the end, so the tail's products add nothing
-  for (int64_t j = 0; j < L; j += kW) {
-    const int64_t n = std::min(kW, L - j);
-    vacc = at::vec::fmadd(grad_times_mask(j, n), load_row(p + j, n), vacc);
-  }
-  const float acc = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vacc);
-  const Vec vacc_b(acc), vscale(scale);
-  for (int64_t j = 0; j < L; j += kW) {
-    const int64_t n = std::min(kW, L - j);
-    store_row(ds + j, (grad_times_mask(j, n) - vacc_b) * load_row(p + j, n) * vscale, n);
-  }
-}
 
 // Row elements below which a thread is not worth waking: ~20 µs at ~1 ns per element.
 constexpr double kMinCostPerThread = 2e4;

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "buffer_pool.h"
@@ -100,6 +101,15 @@ auto head_prefix_cost(int64_t nb, const BlockCost& block_cost) {
     return static_cast<double>(item / nb) * per_head + prefix[item % nb];
   };
 }
+
+// Where an nt kernel (tril_o(a · bᵀ)) writes row block r of head bh, (rows(r) × stride(r))
+// row-major: the packed output itself, or a thread's scratch when a fused op consumes the rows at
+// once; and what runs on the rows once they are written (nothing for the plain op).
+template <typename scalar_t>
+struct NtSink {
+  std::function<scalar_t*(int64_t bh, int64_t r)> block;
+  std::function<void(int64_t bh, int64_t r, const scalar_t* rows)> done;
+};
 
 // A packed causal matrix (B, H, N) to be filled by a kernel that writes every element (zeros above
 // the diagonal and in the padding); large ones are recycled by the buffer pool.

@@ -18,6 +18,7 @@ from __future__ import annotations
 from fastgpt.ext.build import ExtensionUnavailable, unavailable_reason
 
 OPS = (
+    "causal_attention_probs",
     "causal_matmul_nn",
     "causal_matmul_nt",
     "causal_matmul_tn",

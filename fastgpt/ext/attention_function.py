@@ -9,17 +9,19 @@ training step.
 
 ExtAttention makes the call one node whose forward and backward run the very same op calls as the
 per-op formulas compose to (the chain rule written out once below), dispatched straight to their
-CPU or CUDA kernels (below the autograd key). The results are bit-equal to the per-op path
-(tests/test_ext_attention_function.py). Under torch.compile ext_attention keeps the per-op path.
+CPU or CUDA kernels (below the autograd key); on CPU two pairs of them are fused ops that make the
+same bits per row block without storing S (unless dropout needs it) or dP (csrc/cpu/attention_fused.cpp).
+The results are bit-equal to the per-op path (tests/test_ext_attention_function.py). Under torch.compile ext_attention keeps the per-op path.
 A second derivative raises (once_differentiable): P and S are computed off the graph.
 
-    forward   S = tril_o(q·kᵀ)            causal_matmul_nt
-              P = dropout(softmax(scale·S)) causal_softmax         (seed, offset) pick the mask
+    forward   S = tril_o(q·kᵀ)            causal_matmul_nt       } on CPU one op, causal_attention_probs,
+              P = dropout(softmax(scale·S)) causal_softmax         } per row block; (seed, offset) pick the mask
               out = P·v                    causal_matmul_nn
     backward  dP = tril_o(dO·vᵀ)           causal_matmul_nt
               dv = Σ_group tril_o(P)ᵀ·dO   causal_matmul_tn        (B, H_kv, T_k, D)
               dS = softmax'(dP)            causal_softmax_backward (from P) or _dropout_backward
-                                           (from S, P recomputed, the mask regenerated)
+                                           (from S, P recomputed, the mask regenerated); on CPU
+                                           dP and dS are one op, causal_attention_grad_scores
               dq = tril_o(dS)·k            causal_matmul_nn
               dk = Σ_group tril_o(dS)ᵀ·q   causal_matmul_tn
 """
@@ -45,8 +47,11 @@ class ExtAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale: float, dropout_p: float, seed: int, offset: int):
         T_q, T_k = q.shape[2], k.shape[2]
         with _kernels_directly():
-            s = ops.causal_matmul_nt(q, k)  # packed (B, H, N)
-            p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed, offset)  # packed (B, H, N)
+            if q.device.type == "cpu":  # nt and the softmax fused per row block; S is returned with dropout only
+                p, s = ops.causal_attention_probs(q, k, scale, dropout_p, seed, offset)  # packed (B, H, N)
+            else:
+                s = ops.causal_matmul_nt(q, k)  # packed (B, H, N)
+                p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed, offset)  # packed (B, H, N)
             out = ops.causal_matmul_nn(p, v, T_q)  # (B, H, T_q, D)
         # Without dropout the softmax's backward reads P; with it, the scores (P is recomputed
         # before dropout and the mask regenerated), while dv still needs the dropped P.
@@ -66,11 +71,15 @@ class ExtAttention(torch.autograd.Function):
             if need_v:
                 dv = _ops.causal_matmul_tn(p, dout, T_k, H_kv)
             if need_q or need_k:
-                dp = _ops.causal_matmul_nt(dout, v)
-                if dropout_p == 0.0:
-                    ds = _ops.causal_softmax_backward(dp, p, T_q, T_k, scale)
+                if dout.device.type == "cpu":  # nt and the softmax's backward fused: dP never stored
+                    saved = p if dropout_p == 0.0 else s
+                    ds = _ops.causal_attention_grad_scores(dout, v, saved, scale, dropout_p, seed, offset)
                 else:
-                    ds = _ops.causal_softmax_dropout_backward(dp, s, T_q, T_k, scale, dropout_p, seed, offset)
+                    dp = _ops.causal_matmul_nt(dout, v)
+                    if dropout_p == 0.0:
+                        ds = _ops.causal_softmax_backward(dp, p, T_q, T_k, scale)
+                    else:
+                        ds = _ops.causal_softmax_dropout_backward(dp, s, T_q, T_k, scale, dropout_p, seed, offset)
                 if need_q:
                     dq = _ops.causal_matmul_nn(ds, k, T_q)
                 if need_k:

@@ -39,8 +39,8 @@ CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "cpu/causal_softmax.cpp", "cpu/skinny_linear.cpp",
-           "cpu/dropout.cpp")
-HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/amx_matmul.h",
+           "cpu/dropout.cpp", "cpu/attention_fused.cpp")
+HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/amx_matmul.h", "cpu/softmax_rows.h", "cpu/nt_blocks.h",
            "cpu/dropout_cpu.h")
 # The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
 # is there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
@@ -110,7 +110,8 @@ ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "ca
 # Every op this source tree registers (registration.cpp): an ahead-of-time build that lacks one is
 # older than the Python side that calls it.
 REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear",
-                  "cpu_bf16_uses_amx", "dropout")
+                  "cpu_bf16_uses_amx", "dropout", "causal_attention_probs",
+                  "causal_attention_grad_scores")
 
 
 def ops_without_cuda_kernels() -> list[str]:

@@ -93,9 +93,7 @@ def _dropout_seeded(x, p, seed):
 
 # ---- public wrappers --------------------------------------------------------------------------------
 
-def causal_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H_kv, T_k, D) with H_kv dividing H -> packed (B, H, N);
-    query head h reads b's head h // (H / H_kv). Never computed above the diagonal."""
+def _check_nt(a: torch.Tensor, b: torch.Tensor) -> None:
     check_tensor("a", a, "(B, H, T_q, D)")
     check_tensor("b", b, "(B, H_kv, T_k, D)")
     check_same("b", b, "a", a)
@@ -104,7 +102,23 @@ def causal_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                          "a (B, H, T_q, D) and b (B, H_kv, T_k, D) must share B and D")
     check_kv_heads(a.shape[1], b.shape[1], "b", "a")
     layout.check_lengths(a.shape[2], b.shape[2])
+
+
+def causal_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tril_o(a · bᵀ): a (B, H, T_q, D), b (B, H_kv, T_k, D) with H_kv dividing H -> packed (B, H, N);
+    query head h reads b's head h // (H / H_kv). Never computed above the diagonal."""
+    _check_nt(a, b)
     return _ops.causal_matmul_nt(a, b)
+
+
+def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
+                           offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, S): P = causal_softmax(causal_matmul_nt(q, k), ..., scale, dropout_p, seed, offset) bit for bit,
+    computed per row block (CPU only: csrc/cpu/attention_fused.cpp); S = the scores, which the
+    dropout backward needs, with dropout_p > 0, else an empty tensor (never stored)."""
+    _check_nt(q, k)
+    check_softmax_args(scale, dropout_p, seed, offset)
+    return _ops.causal_attention_probs(q, k, float(scale), float(dropout_p), seed, offset)
 
 
 def causal_matmul_nn(p: torch.Tensor, x: torch.Tensor, T_q: int) -> torch.Tensor:
@@ -328,6 +342,19 @@ def _fake_mask(scores, T_q, T_k, dropout_p, seed, offset):
     return scores.new_empty((scores.shape[0], scores.shape[1], T_q, T_k), dtype=torch.bool)
 
 
+def _fake_attention_probs(q, k, scale, dropout_p, seed, offset):  # -> (P, S or empty)
+    _fake_check_same(q, k)
+    _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
+    B, H, T_q, _ = q.shape
+    probs = q.new_empty((B, H, layout.packed_size(T_q, k.shape[2])))
+    return probs, (probs.new_empty(probs.shape) if dropout_p > 0.0 else q.new_empty((0,)))
+
+
+def _fake_attention_grad_scores(dout, v, saved, scale, dropout_p, seed, offset):
+    _fake_check_same(dout, v, saved)
+    return _fake_packed(saved, dout.shape[2], v.shape[2])
+
+
 def _fake_dropout(x, p, seed, offset=0):
     return x.new_empty(x.shape)
 
@@ -361,6 +388,8 @@ FAKES = {
     "dropout_keep_mask": _fake_mask,
     "skinny_linear": _fake_skinny_linear,
     "dropout": _fake_dropout,
+    "causal_attention_probs": _fake_attention_probs,
+    "causal_attention_grad_scores": _fake_attention_grad_scores,
     "dropout_seeded": _fake_dropout,
 }
 # (backward, setup_context); the ops not listed have no backward (their gradients are not needed).
