@@ -10,8 +10,9 @@ training step.
 ExtAttention makes the call one node whose forward and backward run the very same op calls as the
 per-op formulas compose to (the chain rule written out once below), dispatched straight to their
 CPU or CUDA kernels (below the autograd key); on CPU two pairs of them are fused ops that make the
-same bits per row block without storing S (unless dropout needs it) or dP (csrc/cpu/attention_fused.cpp).
-The results are bit-equal to the per-op path (tests/test_ext_attention_function.py). Under torch.compile ext_attention keeps the per-op path.
+same bits per row block without storing S (unless dropout needs it) or dP
+(csrc/cpu/attention_fused.cpp). The results are bit-equal to the per-op path
+(tests/test_ext_attention_function.py). Under torch.compile ext_attention keeps the per-op path.
 A second derivative raises (once_differentiable): P and S are computed off the graph.
 
     forward   S = tril_o(q·kᵀ)            causal_matmul_nt       } on CPU one op, causal_attention_probs,
