@@ -46,6 +46,24 @@ struct Scratch {
     static thread_local Scratch s;
     return s;
   }
+  // Room for row block r's (rows × stride) products.
+  static scalar_t* block_of(const CausalLayout& L, int64_t r) {
+    auto& b = mine().block;
+    b.resize(static_cast<size_t>(L.rows(r) * L.stride(r)));
+    return b.data();
+  }
+  // Rows of up to T_k keys from here on; the multipliers only with dropout.
+  Scratch& rows_of(int64_t T_k, const DropoutStream& ds) {
+    row.resize(static_cast<size_t>(T_k));
+    if (ds.enabled) mult.resize(static_cast<size_t>(T_k));
+    return *this;
+  }
+  // The dropout multipliers of flat row `flat` (bh·T_q + query, causal_softmax's stream), or null.
+  const float* multipliers(const DropoutStream& ds, int64_t flat, int64_t length) {
+    if (!ds.enabled) return nullptr;
+    dropout_multipliers(ds, static_cast<uint32_t>(flat), length, mult.data());
+    return mult.data();
+  }
 };
 
 template <typename scalar_t>
@@ -56,25 +74,16 @@ void probs_kernel(const at::Tensor& q, const at::Tensor& k, const CausalLayout& 
   const auto S = keep_scores ? packed3<scalar_t>(scores) : Packed3<scalar_t>{};
   NtSink<scalar_t> sink;
   sink.block = [&](int64_t bh, int64_t r) -> scalar_t* {
-    if (keep_scores) return S.at(bh) + L.start(r);
-    auto& s = Scratch<scalar_t>::mine().block;
-    s.resize(static_cast<size_t>(L.rows(r) * L.stride(r)));
-    return s.data();
+    return keep_scores ? S.at(bh) + L.start(r) : Scratch<scalar_t>::block_of(L, r);
   };
   sink.done = [&](int64_t bh, int64_t r, const scalar_t* rows) {
-    auto& scratch = Scratch<scalar_t>::mine();
-    scratch.row.resize(static_cast<size_t>(L.T_k));
-    if (ds.enabled) scratch.mult.resize(static_cast<size_t>(L.T_k));
+    auto& scratch = Scratch<scalar_t>::mine().rows_of(L.T_k, ds);
     const int64_t r0 = r * kCausalBlock, ld = L.stride(r);
     scalar_t* p_blk = P.at(bh) + L.start(r);
     for (int64_t i = 0; i < L.rows(r); ++i) {
       const int64_t length = L.o + r0 + i + 1;  // keys the row sees
       scalar_t* p = p_blk + i * ld;
-      const float* mult = nullptr;
-      if (ds.enabled) {  // the flat row of causal_softmax's stream: bh·T_q + query
-        dropout_multipliers(ds, static_cast<uint32_t>(bh * L.T_q + r0 + i), length, scratch.mult.data());
-        mult = scratch.mult.data();
-      }
+      const float* mult = scratch.multipliers(ds, bh * L.T_q + r0 + i, length);
       float* e;  // the exponentials: the output row itself in float32
       if constexpr (std::is_same_v<scalar_t, float>) e = p; else e = scratch.row.data();
       softmax_row(rows + i * ld, p, e, length, scale, mult);
@@ -90,15 +99,9 @@ void grad_scores_kernel(const at::Tensor& dout, const at::Tensor& v, const at::T
                         float scale, const DropoutStream& ds, at::Tensor& grad_scores) {
   const auto Sv = packed3<scalar_t>(saved), G = packed3<scalar_t>(grad_scores);
   NtSink<scalar_t> sink;
-  sink.block = [&](int64_t, int64_t r) -> scalar_t* {
-    auto& s = Scratch<scalar_t>::mine().block;
-    s.resize(static_cast<size_t>(L.rows(r) * L.stride(r)));
-    return s.data();
-  };
+  sink.block = [&](int64_t, int64_t r) -> scalar_t* { return Scratch<scalar_t>::block_of(L, r); };
   sink.done = [&](int64_t bh, int64_t r, const scalar_t* dp_rows) {
-    auto& scratch = Scratch<scalar_t>::mine();
-    scratch.row.resize(static_cast<size_t>(L.T_k));
-    if (ds.enabled) scratch.mult.resize(static_cast<size_t>(L.T_k));
+    auto& scratch = Scratch<scalar_t>::mine().rows_of(L.T_k, ds);
     const int64_t r0 = r * kCausalBlock, ld = L.stride(r);
     const scalar_t* saved_blk = Sv.at(bh) + L.start(r);
     scalar_t* g_blk = G.at(bh) + L.start(r);
@@ -107,11 +110,7 @@ void grad_scores_kernel(const at::Tensor& dout, const at::Tensor& v, const at::T
       const scalar_t* dp = dp_rows + i * ld;
       const scalar_t* s = saved_blk + i * ld;
       scalar_t* out = g_blk + i * ld;
-      const float* mult = nullptr;
-      if (ds.enabled) {
-        dropout_multipliers(ds, static_cast<uint32_t>(bh * L.T_q + r0 + i), length, scratch.mult.data());
-        mult = scratch.mult.data();
-      }
+      const float* mult = scratch.multipliers(ds, bh * L.T_q + r0 + i, length);
       if constexpr (kRecompute) {  // P from the scores, in float32, as the forward computed it
         float* p = scratch.row.data();
         softmax_row(s, p, p, length, scale, nullptr);
