@@ -7,8 +7,9 @@ nt, softmax, nn; nt, tn, softmax_backward, nn, tn) at issue 17's two shapes, (B1
 and (B4, H6, T1024, D64), timing each op call with its inputs as the chain leaves them (the
 previous op's output, not a cache-warm repeat). bfloat16 runs twice, interleaved rep by rep: on
 the AMX tiles where the CPU has them (csrc/cpu/amx_matmul.cpp) and on float32 tiles
-(FASTGPT_CPU_AMX=0), so their ratio comes from one run. Medians per op; the matmuls' rate is
-2·(causal products)·D FLOPs each, the softmaxes have none.
+(FASTGPT_CPU_AMX=0), so their ratio comes from one run. Medians per op; each matmul counts half
+of attention_flops' causal forward (FlashAttention's convention, as every table here), the
+softmaxes none.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from fastgpt.benchmarks.common import print_cpu_environment
+from fastgpt.benchmarks.common import attention_flops, print_cpu_environment
 from fastgpt.timing import summarize
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
@@ -73,7 +74,7 @@ def run(shape, dtype_name: str, reps: int) -> dict:
             if rep >= 2:
                 samples[name].append(times)
     os.environ.pop("FASTGPT_CPU_AMX", None)
-    flops_per_product = 2.0 * B * H * (T * (T + 1) / 2) * D
+    flops_per_product = attention_flops(B, H, T, D, "forward") / 2  # the forward is two such products
     result = {"shape": shape, "dtype": dtype_name, "paths": {}}
     for name, runs in samples.items():
         if dtype == torch.bfloat16 and name == "AMX" and not torch.ops.fastgpt.cpu_bf16_uses_amx(D):

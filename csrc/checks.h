@@ -91,15 +91,19 @@ inline void check_blas_size(int64_t n, const char* op, const char* what) {
               "; the kernels support at most 2^31 - 1");
 }
 
-inline void check_softmax_args(const at::Tensor& scores, int64_t T_q, int64_t T_k, double scale, double dropout_p,
-                               const char* op, const char* name = "scores") {
-  check_packed(scores, T_q, T_k, op, name);
+// The softmax's scale and dropout over `rows` = B·H·T_q flat rows.
+inline void check_scale_dropout(double scale, double dropout_p, int64_t rows, const char* op) {
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1); got ", dropout_p);
   // The dropout stream counts rows in 32 bits (philox.h).
-  const int64_t rows = scores.size(0) * scores.size(1) * T_q;
   TORCH_CHECK(dropout_p == 0.0 || rows <= std::numeric_limits<uint32_t>::max(), op, ": B·H·T_q = ",
               rows, " rows; dropout supports at most 2^32 rows");
+}
+
+inline void check_softmax_args(const at::Tensor& scores, int64_t T_q, int64_t T_k, double scale, double dropout_p,
+                               const char* op, const char* name = "scores") {
+  check_packed(scores, T_q, T_k, op, name);
+  check_scale_dropout(scale, dropout_p, scores.size(0) * scores.size(1) * T_q, op);
 }
 
 

@@ -13,8 +13,6 @@
 
 #include <ATen/ops/empty.h>
 
-#include <cmath>
-#include <limits>
 #include <tuple>
 
 #include "../causal_layout.h"
@@ -28,13 +26,6 @@
 
 namespace fastgpt::cpu {
 namespace {
-
-void check_scale_dropout(double scale, double dropout_p, int64_t rows, const char* op) {
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1); got ", dropout_p);
-  TORCH_CHECK(dropout_p == 0.0 || rows <= std::numeric_limits<uint32_t>::max(), op, ": B·H·T_q = ", rows,
-              " rows; dropout supports at most 2^32 rows");
-}
 
 // A thread's scratch for one row block (rows × stride, at most 64 × roundup(T_k)) and one row of
 // float32 exponentials; reused across calls.
