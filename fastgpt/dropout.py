@@ -1,10 +1,9 @@
 """The residual branches' dropout: fastgpt.ext's vectorised Philox dropout for float32 and bfloat16
 CPU tensors, torch.nn.functional.dropout for everything else.
 
-Why: PyTorch's CPU dropout draws its mask one element at a time (bernoulli_ on one thread): 51 ms
-for one (64, 256, 384) activation on an Intel Xeon core, against 2.6 ms for fastgpt.ext.dropout
-on two. A shakespeare-char training step has 12 of them in the forward, a fifth of its bf16 step
-time. Same semantics (each element kept with probability 1 - p and scaled by 1 / (1 - p)), a
+Why: PyTorch's CPU dropout draws its mask one element at a time (bernoulli_), 13-15× slower than
+fastgpt.ext.dropout on a (64, 256, 384) activation (benchmarks/dropout_cpu.py; docs/benchmarks.md).
+A shakespeare-char training step has 12 of them in the forward: a fifth of its bf16 step time. Same semantics (each element kept with probability 1 - p and scaled by 1 / (1 - p)), a
 different random stream: the mask comes from a seed drawn from torch's default generator, so
 torch.manual_seed still makes a run repeatable. No parameters or buffers: checkpoints are those of
 nn.Dropout.
