@@ -144,10 +144,12 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
                 record["tokens_per_s"] = B * T / stats["median_s"]
                 record["speedup_vs_naive"] = naive_median / stats["median_s"] if naive_median else None
                 record["peak_memory_bytes"] = peak_memory_bytes(calls[name], device)
-                if name == "ext" and device.type == "cpu" and dtype == torch.bfloat16:
-                    from fastgpt.ext import cpu_bf16_products  # the library is loaded: ext just ran
+                if name == "ext" and device.type == "cpu":
+                    from fastgpt.ext import cpu_attention_kernels, cpu_bf16_products  # loaded: ext just ran
 
-                    record["ext_bf16_products"] = cpu_bf16_products(D)
+                    record["ext_cpu_kernels"] = cpu_attention_kernels(dtype, B * H_kv)
+                    if dtype == torch.bfloat16:
+                        record["ext_bf16_products"] = cpu_bf16_products(D)
             records.append(record)
         del q, k, v, dout, calls
     bar.close()

@@ -50,6 +50,12 @@ EXT_BF16_PRODUCTS = {
     "float32 tiles": "float32 GEMMs over tiles converted from bfloat16 (this CPU has no AMX-BF16, or FASTGPT_CPU_AMX=0)",
 }
 
+# What cpu_attention_kernels (fastgpt/ext/ops.py) says, in a table note's words.
+EXT_CPU_KERNELS = {
+    "flash": "flash kernels (csrc/cpu/attention_flash.cpp: no T×T matrix stored, P recomputed in the backward)",
+    "materialised": "materialised kernels (P stored: csrc/cpu/attention_fused.cpp and the causal matmuls)",
+}
+
 
 def attention_markdown(result: dict[str, Any]) -> str:
     """One table per (dtype, mode, dropout): a row per T; per backend the median ms (p20-p80),
@@ -92,6 +98,8 @@ def attention_markdown(result: dict[str, Any]) -> str:
         lines.append("")
     for name, why in notes.items():
         lines.append(f"- `{name}` n/a: {why}")
+    for dtype, kernels in dict.fromkeys((r["dtype"], r["ext_cpu_kernels"]) for r in records if "ext_cpu_kernels" in r):
+        lines.append(f"- `ext` {dtype} on CPU ran its {EXT_CPU_KERNELS[kernels]}")
     for path in dict.fromkeys(r["ext_bf16_products"] for r in records if "ext_bf16_products" in r):
         lines.append(f"- `ext` bfloat16 matmuls ran on {EXT_BF16_PRODUCTS[path]}")
     if records:

@@ -45,6 +45,14 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_probs(const at::Tensor& q, c
 // dScores = the softmax's backward of causal_matmul_nt(dout, v), from saved = P (no dropout) or S.
 at::Tensor causal_attention_grad_scores(const at::Tensor& dout, const at::Tensor& v, const at::Tensor& saved,
                                         double scale, double dropout_p, int64_t seed, int64_t offset);
+// Flash style, float32 (cpu/attention_flash.cpp): (out, lse) with lse (B, H, T_q) the rows' log-sum-exp
+// of scale · q·kᵀ, and the backward's (dq, dk, dv) from it; no T×T matrix stored.
+std::tuple<at::Tensor, at::Tensor> causal_attention_flash_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, double scale, double dropout_p,
+                                                                  int64_t seed, int64_t offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    double scale, double dropout_p, int64_t seed, int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.

@@ -43,6 +43,13 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("causal_attention_probs(Tensor q, Tensor k, float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def("causal_attention_grad_scores(Tensor dout, Tensor v, Tensor saved, float scale, float dropout_p, int seed, "
         "int offset) -> Tensor");
+  // The whole attention on CPU in float32, flash style (cpu/attention_flash.cpp): no T×T matrix is
+  // stored; the forward returns each row's log-sum-exp, from which the backward recomputes P. out,
+  // dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory. Dropout draws causal_softmax's mask.
+  m.def("causal_attention_flash_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed, "
+        "int offset) -> (Tensor, Tensor)");
+  m.def("causal_attention_flash_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, float scale, "
+        "float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)");
   // Testing hook: the dense (B, H, T_q, T_k) bool keep mask causal_softmax draws for (seed, offset).
   m.def("dropout_keep_mask(Tensor scores, int T_q, int T_k, float dropout_p, int seed, int offset) -> Tensor");
   // x ∘ keep / (1 - p), the keep mask of each row of x's last dim from the Philox stream at
@@ -71,6 +78,8 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("dropout", &fastgpt::cpu::dropout);
   m.impl("causal_attention_probs", &fastgpt::cpu::causal_attention_probs);
   m.impl("causal_attention_grad_scores", &fastgpt::cpu::causal_attention_grad_scores);
+  m.impl("causal_attention_flash_forward", &fastgpt::cpu::causal_attention_flash_forward);
+  m.impl("causal_attention_flash_backward", &fastgpt::cpu::causal_attention_flash_backward);
 }
 
 // `import fastgpt._C` (the ahead-of-time build) runs the registrations above; the module itself

@@ -9,7 +9,7 @@ from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
 from fastgpt.benchmarks.common import attention_flops
 from fastgpt.benchmarks.gemm_probe import fraction_of_gemm, gemm_flops, probe_gemm
 from fastgpt.timing import percentile
-from fastgpt.benchmarks.report import EXT_BF16_PRODUCTS, attention_markdown, train_markdown, write_results
+from fastgpt.benchmarks.report import EXT_BF16_PRODUCTS, EXT_CPU_KERNELS, attention_markdown, train_markdown, write_results
 from fastgpt.benchmarks.train import run_train_benchmark
 from fastgpt.cli import main
 
@@ -96,6 +96,21 @@ def test_attention_bench_says_where_ext_bf16_ran(tmp_path, capsys, monkeypatch, 
     assert f"- `ext` bfloat16 matmuls ran on {EXT_BF16_PRODUCTS[expected]}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flash", ["1", "0"])
+def test_attention_bench_says_which_cpu_kernels_ext_ran(tmp_path, capsys, monkeypatch, flash):
+    """An ext cell on CPU records its kernels: float32 runs flash unless FASTGPT_CPU_FLASH=0."""
+    import torch
+
+    monkeypatch.setenv("FASTGPT_CPU_FLASH", flash)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # flash whatever the smoke sweep's head count
+    assert main(["bench", "attention", "--smoke", "--backends", "ext", "--modes", "forward+backward",
+                 "--dropouts", "0", "--seq-lens", "16", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    expected = "flash" if flash == "1" else "materialised"
+    records = json.loads((tmp_path / "attention.json").read_text())["records"]
+    assert [r["ext_cpu_kernels"] for r in records if r["backend"] == "ext"] == [expected]
+    assert f"- `ext` float32 on CPU ran its {EXT_CPU_KERNELS[expected]}" in capsys.readouterr().out
+
+
 def test_bench_cli_writes_table_files_and_plot(tmp_path, capsys):
     assert main(["bench", "attention", "--smoke", "--backends", "naive", "sdpa", "--modes", "forward",
                  "--dropouts", "0", "--out-dir", str(tmp_path), "--no-progress"]) == 0
@@ -118,9 +133,11 @@ def test_train_benchmark_smoke(small_corpus, dtype, probed):
     assert "| naive |" in table and f"dtype {dtype}" in table and f"this run): {probed} " in table
 
 
-def test_cpu_peak_memory_sees_matrices_a_buffer_pool_would_hide():
-    # ext keeps freed T×T buffers in a pool; the measure must release it first, or a second call
-    # would look free. One (B, H, T, T) fp32 matrix here is 8 MiB; fwd+bwd needs several.
+def test_cpu_peak_memory_sees_matrices_a_buffer_pool_would_hide(monkeypatch):
+    # ext's materialised kernels keep freed T×T buffers in a pool; the measure must release it
+    # first, or a second call would look free. One (B, H, T, T) fp32 matrix here is 8 MiB; fwd+bwd
+    # needs several. (The float32 flash kernels store none: they are switched off here.)
+    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
     import torch
 
     from fastgpt.attention import causal_attention

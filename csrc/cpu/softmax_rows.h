@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -40,9 +41,11 @@ inline void store_row(float* x, const Vec& v, int64_t n) { v.store(x, n); }
 inline void store_row(c10::BFloat16* x, const Vec& v, int64_t n) { at::vec::convert_float_bfloat16(v, v).store(x, n); }
 
 // out[0..L) = softmax(scale · s[0..L)), times mult when given. e: L floats for the exponentials
-// (out itself when out is float32).
+// (out itself when out is float32). lse, when given, receives the row's log-sum-exp,
+// log Σ exp(scale · s): the flash kernels' backward recomputes the row from it.
 template <typename in_t, typename out_t>
-inline void softmax_row(const in_t* s, out_t* out, float* e, int64_t L, float scale, const float* mult) {
+inline void softmax_row(const in_t* s, out_t* out, float* e, int64_t L, float scale, const float* mult,
+                        float* lse = nullptr) {
   const Vec vscale(scale), neg_inf(-std::numeric_limits<float>::infinity()), zero(0.0f);
   const int64_t full = L / kW * kW, tail = L - full;
   Vec vmax = neg_inf;
@@ -63,6 +66,7 @@ inline void softmax_row(const in_t* s, out_t* out, float* e, int64_t L, float sc
     vsum += x;
   }
   const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  if (lse != nullptr) *lse = mx + std::log(sum);
 
   const Vec vinv(1.0f / sum);
   for (int64_t j = 0; j < L; j += kW) {

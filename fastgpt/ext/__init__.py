@@ -18,12 +18,15 @@ from __future__ import annotations
 from fastgpt.ext.build import ExtensionUnavailable, unavailable_reason
 
 OPS = (
+    "causal_attention_flash_backward",
+    "causal_attention_flash_forward",
     "causal_attention_probs",
     "causal_matmul_nn",
     "causal_matmul_nt",
     "causal_matmul_tn",
     "causal_softmax",
     "causal_softmax_seeded",
+    "cpu_attention_kernels",
     "cpu_bf16_products",
     "draw_seed",
     "dropout",

@@ -39,7 +39,7 @@ CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "cpu/causal_softmax.cpp", "cpu/skinny_linear.cpp",
-           "cpu/dropout.cpp", "cpu/attention_fused.cpp")
+           "cpu/dropout.cpp", "cpu/attention_fused.cpp", "cpu/attention_flash.cpp")
 HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/amx_matmul.h", "cpu/softmax_rows.h", "cpu/nt_blocks.h",
            "cpu/dropout_cpu.h")
 # The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
@@ -111,7 +111,7 @@ ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "ca
 # older than the Python side that calls it.
 REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear",
                   "cpu_bf16_uses_amx", "dropout", "causal_attention_probs",
-                  "causal_attention_grad_scores")
+                  "causal_attention_grad_scores", "causal_attention_flash_forward", "causal_attention_flash_backward")
 
 
 def ops_without_cuda_kernels() -> list[str]:

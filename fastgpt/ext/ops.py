@@ -36,6 +36,7 @@ recomputed from the scores, the mask regenerated from (seed, offset), never stor
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -119,6 +120,48 @@ def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, dropo
     _check_nt(q, k)
     check_softmax_args(scale, dropout_p, seed, offset)
     return _ops.causal_attention_probs(q, k, float(scale), float(dropout_p), seed, offset)
+
+
+def _check_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    _check_nt(q, k)
+    check_tensor("v", v, "(B, H_kv, T_k, D)")
+    check_same("v", v, "k", k)
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}; k and v must be "
+                         "(B, H_kv, T_k, D) alike")
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        raise ValueError(f"q is {q.dtype} on {q.device}; the flash kernels take float32 CPU tensors only")
+
+
+def causal_attention_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                   dropout_p: float = 0.0, seed: int = 0,
+                                   offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): the causal attention of q (B, H, T_q, D) over k, v (B, H_kv, T_k, D), float32 on
+    CPU, without storing any T×T matrix (csrc/cpu/attention_flash.cpp); lse (B, H, T_q) is each
+    row's log-sum-exp of scale · q·kᵀ, which the backward needs. Dropout draws causal_softmax's mask.
+    out is a (B, H, T_q, D) view of (B, T_q, H, D) memory."""
+    _check_flash(q, k, v)
+    check_softmax_args(scale, dropout_p, seed, offset)
+    return _ops.causal_attention_flash_forward(q, k, v, float(scale), float(dropout_p), seed, offset)
+
+
+def causal_attention_flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    lse: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
+                                    offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of causal_attention_flash_forward from its lse and the same arguments; the
+    probabilities are recomputed row block by row block, the dropout mask regenerated."""
+    _check_flash(q, k, v)
+    check_tensor("dout", dout, "(B, H, T_q, D)")
+    check_same("dout", dout, "q", q)
+    if dout.shape != q.shape:
+        raise ValueError(f"dout has shape {tuple(dout.shape)} but q has shape {tuple(q.shape)}; dout must be "
+                         "shaped like the forward's output")
+    B, H, T_q, _ = q.shape
+    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, T_q) or lse.dtype != torch.float32:
+        got = f"{tuple(lse.shape)} {lse.dtype}" if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be the forward's float32 (B, H, T_q) = {(B, H, T_q)}; got {got}")
+    check_softmax_args(scale, dropout_p, seed, offset)
+    return _ops.causal_attention_flash_backward(dout, q, k, v, lse, float(scale), float(dropout_p), seed, offset)
 
 
 def causal_matmul_nn(p: torch.Tensor, x: torch.Tensor, T_q: int) -> torch.Tensor:
@@ -205,6 +248,18 @@ def cpu_bf16_products(head_dim: int) -> str:
     (csrc/cpu/amx_matmul.cpp: the CPU has AMX-BF16, head_dim is even, FASTGPT_CPU_AMX is not 0) or
     "float32 tiles" (converted to float32 and through the float32 GEMM)."""
     return "AMX" if _ops.cpu_bf16_uses_amx(head_dim) else "float32 tiles"
+
+
+def cpu_attention_kernels(dtype: torch.dtype, kv_heads_total: int) -> str:
+    """Which kernels the eager ext attention runs on CPU tensors of `dtype` with B·H_kv =
+    `kv_heads_total` key/value heads: "flash" (csrc/cpu/attention_flash.cpp: float32, no T×T matrix
+    stored, the probabilities recomputed in the backward) or "materialised" (P stored: the fused
+    ops of csrc/cpu/attention_fused.cpp and the causal matmuls; bfloat16 always). The flash backward
+    gives each thread whole key/value heads, so it is taken only where there are at least as many
+    as threads; FASTGPT_CPU_FLASH=0 turns it off."""
+    if dtype != torch.float32 or os.environ.get("FASTGPT_CPU_FLASH", "1") == "0":
+        return "materialised"
+    return "flash" if kv_heads_total >= torch.get_num_threads() else "materialised"
 
 
 def empty_cache() -> None:
@@ -355,6 +410,26 @@ def _fake_attention_grad_scores(dout, v, saved, scale, dropout_p, seed, offset):
     return _fake_packed(saved, dout.shape[2], v.shape[2])
 
 
+def _heads_interleaved(like, B, H, T, D):  # (B, H, T, D) over (B, T, H, D) memory, as the kernels allocate
+    return like.new_empty((B, T, H, D)).transpose(1, 2)
+
+
+def _fake_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset):  # -> (out, lse)
+    _fake_check_same(q, k, v)
+    _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
+    B, H, T_q, D = q.shape
+    return _heads_interleaved(q, B, H, T_q, D), q.new_empty((B, H, T_q))
+
+
+def _fake_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset):  # -> (dq, dk, dv)
+    _fake_check_same(dout, q, k, v, lse)
+    _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
+    B, H, T_q, D = q.shape
+    H_kv, T_k = k.shape[1], k.shape[2]
+    return (_heads_interleaved(q, B, H, T_q, D), _heads_interleaved(q, B, H_kv, T_k, D),
+            _heads_interleaved(q, B, H_kv, T_k, D))
+
+
 def _fake_dropout(x, p, seed, offset=0):
     return x.new_empty(x.shape)
 
@@ -390,6 +465,8 @@ FAKES = {
     "dropout": _fake_dropout,
     "causal_attention_probs": _fake_attention_probs,
     "causal_attention_grad_scores": _fake_attention_grad_scores,
+    "causal_attention_flash_forward": _fake_attention_flash_forward,
+    "causal_attention_flash_backward": _fake_attention_flash_backward,
     "dropout_seeded": _fake_dropout,
 }
 # (backward, setup_context); the ops not listed have no backward (their gradients are not needed).

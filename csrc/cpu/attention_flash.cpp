@@ -1,0 +1,205 @@
+// CPU flash attention, float32: the whole causal attention in two ops that never store a T×T matrix.
+//
+//   causal_attention_flash_forward(q, k, v, ...)                -> (out, lse)
+//   causal_attention_flash_backward(dout, q, k, v, lse, ...)    -> (dq, dk, dv)
+//
+// Why: the materialised path (attention_fused.cpp and the causal matmuls) writes P and dS to memory
+// and reads them back four times: at (B16, H6, T256) 12.6 MB each way, ~90 MB per forward+backward,
+// a quarter of its time on a 2-core Xeon. Here a row block's scores, probabilities and gradients
+// live in a thread's (64 × T_k) scratch, in L2, from the GEMM that makes them to the GEMMs that
+// consume them. The price is one more product: the backward recomputes S = q·kᵀ and, from the
+// forward's log-sum-exp of each row, P = exp(scale·S - lse), instead of reading P.
+//
+// Row block r holds the m = rows(r) queries from r0 = 64·r and the keys [0, w), w = width(r); its
+// diagonal tile is computed whole and its entries above the diagonal set to zero before they reach
+// a product. The forward is parallel over (head, row block), like the materialised ops. The backward
+// is parallel over key/value heads: one thread owns a head's dk and dv (T_k × D, float32) and adds
+// every row block of its G query heads into them in a fixed order, so there are no atomics and the
+// results do not depend on the thread count.
+//
+// Dropout draws causal_softmax's keep mask (the same (seed, offset) stream, flat row bh·T_q + i),
+// so this path drops the same elements as the materialised one. The outputs are allocated
+// (B, T, H, D) in memory, returned as (B, H, T, D) views: the layer's transpose back to (B, T, C)
+// costs no copy, and neither do the gradients' on their way to the fused qkv projection.
+
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../causal_layout.h"
+#include "../causal_ops.h"
+#include "../checks.h"
+#include "../philox.h"
+#include "common.h"
+#include "dropout_cpu.h"
+#include "nt_blocks.h"
+#include "softmax_rows.h"
+
+namespace fastgpt::cpu {
+namespace {
+
+// Work (multiply-adds) below which a thread is not worth waking: ~20 µs at 50 GFLOP/s.
+constexpr double kMinCostPerThread = 5e5;
+
+// (B, H, T, D) whose memory is (B, T, H, D).
+at::Tensor empty_heads_interleaved(int64_t B, int64_t H, int64_t T, int64_t D, const at::TensorOptions& options) {
+  return at::empty({B, T, H, D}, options).transpose(1, 2);
+}
+
+// p[0..L) = exp(scale · s[0..L) - lse), the softmax row the forward computed; zeros in [L, n).
+inline void probs_from_lse_row(const float* s, float* p, int64_t L, int64_t n, float scale, float lse) {
+  const Vec vscale(scale), vlse(lse);
+  for (int64_t j = 0; j < L; j += kW) {
+    const int64_t c = std::min(kW, L - j);
+    (Vec::loadu(s + j, c) * vscale - vlse).exp_u20().store(p + j, c);
+  }
+  std::fill(p + L, p + n, 0.0f);
+}
+
+// The dropout multipliers of flat row `flat` into mult (resized), or null without dropout.
+const float* row_multipliers(const DropoutStream& ds, int64_t flat, int64_t length, std::vector<float>& mult) {
+  if (!ds.enabled) return nullptr;
+  mult.resize(static_cast<size_t>(length));
+  dropout_multipliers(ds, static_cast<uint32_t>(flat), length, mult.data());
+  return mult.data();
+}
+
+void flash_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const CausalLayout& L,
+                          float scale, const DropoutStream& ds, at::Tensor& out, at::Tensor& lse) {
+  const int64_t BH = q.size(0) * q.size(1), D = q.size(3), group = q.size(1) / k.size(1);
+  const auto Q = rows4<float>(q), K = rows4<float>(k), V = rows4<float>(v), O = rows4<float>(out);
+  float* lse_data = lse.data_ptr<float>();
+  auto cum = head_prefix_cost(L.R, [&](int64_t r) { return static_cast<double>(L.rows(r) * L.width(r) * (2 * D + 8)); });
+  parallel_for_balanced(BH * L.R, cum, kMinCostPerThread, [&](int64_t begin, int64_t end) {
+    std::vector<float> p_buf, mult;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / L.R, r = item % L.R, r0 = r * kCausalBlock, m = L.rows(r), w = L.width(r);
+      p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>(m * w)));
+      float* p = p_buf.data();  // (m × w): S, then P in place
+      gemm(false, true, m, w, D, 1.0f, Q.at(bh) + r0 * Q.ld, Q.ld, K.at(bh / group), K.ld, 0.0f, p, w);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t length = L.o + r0 + i + 1, flat = bh * L.T_q + r0 + i;
+        float* row = p + i * w;
+        softmax_row(row, row, row, length, scale, row_multipliers(ds, flat, length, mult), lse_data + flat);
+        std::fill(row + length, row + w, 0.0f);
+      }
+      gemm(false, false, m, D, w, 1.0f, p, w, V.at(bh / group), V.ld, 0.0f, O.at(bh) + r0 * O.ld, O.ld);
+    }
+  });
+}
+
+void flash_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& lse, const CausalLayout& L, float scale, const DropoutStream& ds,
+                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t BH_kv = k.size(0) * k.size(1), D = q.size(3), group = q.size(1) / k.size(1);
+  const auto Q = rows4<float>(q), K = rows4<float>(k), V = rows4<float>(v), dO = rows4<float>(dout);
+  const auto dQ = rows4<float>(dq), dK = rows4<float>(dk), dV = rows4<float>(dv);
+  const float* lse_data = lse.data_ptr<float>();
+  double per_head = 0.0;  // five products per row block, for each of the group's query heads
+  for (int64_t r = 0; r < L.R; ++r) per_head += static_cast<double>(group * L.rows(r) * L.width(r) * (5 * D + 16));
+  parallel_for_balanced(BH_kv, [per_head](int64_t i) { return static_cast<double>(i) * per_head; }, kMinCostPerThread,
+                        [&](int64_t begin, int64_t end) {
+    std::vector<float> p_buf, ds_buf, mult;
+    for (int64_t kv = begin; kv < end; ++kv) {
+      const float* k_h = K.at(kv);
+      const float* v_h = V.at(kv);
+      float* dk_h = dK.at(kv);
+      float* dv_h = dV.at(kv);
+      for (int64_t j = 0; j < L.T_k; ++j) {
+        zero_fill(dk_h + j * dK.ld, D);
+        zero_fill(dv_h + j * dV.ld, D);
+      }
+      for (int64_t bh = kv * group; bh < (kv + 1) * group; ++bh) {  // the group's query heads, in order
+        for (int64_t r = 0; r < L.R; ++r) {
+          const int64_t r0 = r * kCausalBlock, m = L.rows(r), w = L.width(r);
+          const float* q_r = Q.at(bh) + r0 * Q.ld;
+          const float* do_r = dO.at(bh) + r0 * dO.ld;
+          p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>(m * w)));
+          ds_buf.resize(p_buf.size());
+          float* p = p_buf.data();    // (m × w): S, then P, then P after dropout
+          float* dsc = ds_buf.data();  // (m × w): dP after dropout, then dS
+          gemm(false, true, m, w, D, 1.0f, q_r, Q.ld, k_h, K.ld, 0.0f, p, w);
+          gemm(false, true, m, w, D, 1.0f, do_r, dO.ld, v_h, V.ld, 0.0f, dsc, w);
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t length = L.o + r0 + i + 1, flat = bh * L.T_q + r0 + i;
+            float* p_row = p + i * w;
+            float* ds_row = dsc + i * w;
+            probs_from_lse_row(p_row, p_row, length, w, scale, lse_data[flat]);
+            const float* mlt = row_multipliers(ds, flat, length, mult);
+            softmax_grad_row(ds_row, p_row, ds_row, length, scale, mlt);
+            std::fill(ds_row + length, ds_row + w, 0.0f);
+            if (mlt != nullptr) {
+              for (int64_t j = 0; j < length; j += kW) {
+                const int64_t c = std::min(kW, length - j);
+                (Vec::loadu(p_row + j, c) * Vec::loadu(mlt + j, c)).store(p_row + j, c);
+              }
+            }
+          }
+          gemm(true, false, w, D, m, 1.0f, p, w, do_r, dO.ld, 1.0f, dv_h, dV.ld);                // dv += Pᵀ·dO
+          gemm(false, false, m, D, w, 1.0f, dsc, w, k_h, K.ld, 0.0f, dQ.at(bh) + r0 * dQ.ld, dQ.ld);  // dq = dS·k
+          gemm(true, false, w, D, m, 1.0f, dsc, w, q_r, Q.ld, 1.0f, dk_h, dK.ld);                 // dk += dSᵀ·q
+        }
+      }
+    }
+  });
+}
+
+// q (B, H, T_q, D), k and v (B, H_kv, T_k, D), float32 on the CPU.
+CausalLayout check_flash_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  const CausalLayout L = check_nt_args(q, k, op);
+  check_same_dtype_device(v, k, op, "v", "k");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v has shape ", v.sizes(), " but k has shape ", k.sizes(),
+              "; k and v must be (B, H_kv, T_k, D) alike");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, op, ": q has dtype ", q.scalar_type(),
+              "; the flash kernels are float32 only (bfloat16 runs causal_attention_probs and the causal matmuls)");
+  return L;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_flash_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, double scale, double dropout_p,
+                                                                  int64_t seed, int64_t offset) {
+  constexpr const char* op = "fastgpt::causal_attention_flash_forward";
+  const CausalLayout L = check_flash_args(q, k, v, op);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  check_scale_dropout(scale, dropout_p, B * H * L.T_q, op);
+  at::Tensor out = empty_heads_interleaved(B, H, L.T_q, D, q.options());
+  at::Tensor lse = at::empty({B, H, L.T_q}, q.options());
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const auto ds = make_dropout_stream(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), dropout_p);
+  flash_forward_kernel(rows_readable(q), rows_readable(k), rows_readable(v), L, static_cast<float>(scale), ds, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    double scale, double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "fastgpt::causal_attention_flash_backward";
+  const CausalLayout L = check_flash_args(q, k, v, op);
+  const int64_t B = q.size(0), H = q.size(1), H_kv = k.size(1), D = q.size(3);
+  check_scale_dropout(scale, dropout_p, B * H * L.T_q, op);
+  check_same_dtype_device(dout, q, op, "dout", "q");
+  TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout has shape ", dout.sizes(), " but q has shape ", q.sizes(),
+              "; dout must be shaped like the forward's output (B, H, T_q, D)");
+  check_same_dtype_device(lse, q, op, "lse", "q");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == L.T_q, op, ": lse has shape ",
+              lse.sizes(), "; it must be the forward's (B, H, T_q) = (", B, ", ", H, ", ", L.T_q, ")");
+  at::Tensor dq = empty_heads_interleaved(B, H, L.T_q, D, q.options());
+  at::Tensor dk = empty_heads_interleaved(B, H_kv, L.T_k, D, q.options());
+  at::Tensor dv = empty_heads_interleaved(B, H_kv, L.T_k, D, q.options());
+  if (B * H_kv == 0 || L.T_k == 0 || D == 0) return {dq, dk, dv};
+  if (L.T_q == 0) {  // no query sees any key
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const auto ds = make_dropout_stream(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), dropout_p);
+  flash_backward_kernel(rows_readable(dout), rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), L,
+                        static_cast<float>(scale), ds, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+}  // namespace fastgpt::cpu

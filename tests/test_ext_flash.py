@@ -1,0 +1,173 @@
+"""The CPU flash ops (csrc/cpu/attention_flash.cpp): float32 attention that stores no T×T matrix.
+Parity with the float64 reference, the same dropout mask as the materialised path, results that
+do not depend on the thread count or the input strides, which kernels the eager ext attention
+picks, and the errors of bad calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgpt.attention.ext_backend import ext_attention
+from fastgpt.attention.naive import naive_attention
+from fastgpt.parity import compare, make_qkv, shape_id
+
+ext_ops = pytest.importorskip("fastgpt.ext.ops")  # builds or loads the extension
+ops = torch.ops.fastgpt
+
+# (B, H, H_kv, T_q, T_k, D): one tile; grouped with fewer queries than keys; one decode row;
+# three row blocks, the last one ragged; an odd head dim
+SHAPES = [(2, 4, 4, 64, 64, 32), (2, 4, 2, 5, 70, 8), (1, 6, 2, 1, 9, 32), (1, 2, 1, 150, 200, 64), (2, 3, 3, 70, 70, 5)]
+
+
+@pytest.fixture
+def flash(monkeypatch):
+    """The eager ext attention on the flash kernels whatever the head count: one thread."""
+    monkeypatch.delenv("FASTGPT_CPU_FLASH", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _flash_op_pair(q, k, v, dout, scale, dropout_p=0.0, seed=0):
+    out, lse = ops.causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, 0)
+    return (out, *ops.causal_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, 0)), lse
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_parity_with_float64(shape, flash):
+    q, k, v = make_qkv(shape, torch.float32, "cpu")  # strided views of one fused qkv buffer
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert ext_ops.cpu_attention_kernels(torch.float32, k.shape[0] * k.shape[1]) == "flash"
+    result = compare(lambda q, k, v: ext_attention(q, k, v), naive_attention, (q, k, v), dout, torch.float32)
+    assert result.ok, result.explain()
+
+
+def test_the_log_sum_exp_is_each_rows():
+    B, H, H_kv, T_q, T_k, D = 2, 4, 2, 70, 90, 16
+    q, k, v = make_qkv((B, H, H_kv, T_q, T_k, D), torch.float64, "cpu")
+    scale = 0.3
+    _, lse = ops.causal_attention_flash_forward(q.float(), k.float(), v.float(), scale, 0.0, 0, 0)
+    scores = scale * q @ k.repeat_interleave(H // H_kv, dim=1).transpose(-1, -2)  # (B, H, T_q, T_k)
+    visible = torch.ones(T_q, T_k, dtype=torch.bool).tril(T_k - T_q)
+    want = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    assert lse.shape == (B, H, T_q) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=shape_id)
+def test_dropout_drops_what_the_materialised_path_drops(shape, monkeypatch):
+    """The same (seed, offset) stream as causal_softmax: the two paths agree to float32 rounding,
+    and both differ from the call without dropout (the mask did something)."""
+    q, k, v = make_qkv(shape, torch.float32, "cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    scale = q.shape[-1] ** -0.5
+    flash, _ = _flash_op_pair(q, k, v, dout, scale, 0.3, 1234)
+    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = ext_attention(*leaves, 0.3, scale, seed=1234)
+    out.backward(dout)
+    materialised = [out.detach(), *(t.grad for t in leaves)]
+    for name, got, want in zip(("out", "dq", "dk", "dv"), flash, materialised):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=name)
+    no_dropout, _ = _flash_op_pair(q, k, v, dout, scale)
+    assert (flash[0] - no_dropout[0]).abs().max() > 0.1
+
+
+def test_results_do_not_depend_on_threads_or_strides():
+    shape = (2, 6, 3, 150, 150, 32)
+    q, k, v = make_qkv(shape, torch.float32, "cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n, contiguous in ((1, False), (2, False), (2, True)):
+            torch.set_num_threads(n)
+            args = [t.contiguous() if contiguous else t for t in (q, k, v)]
+            runs.append(_flash_op_pair(*args, dout, 0.2, 0.1, 99)[0])
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for got, want in zip(run, runs[0]):
+            assert torch.equal(got, want)
+
+
+def test_outputs_are_heads_interleaved_views():
+    """out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory: the layer's transpose back to
+    (B, T, C) is free."""
+    q, k, v = make_qkv((2, 4, 2, 10, 20, 8), torch.float32, "cpu")
+    (out, dq, dk, dv), _ = _flash_op_pair(q, k, v, torch.randn(q.shape), 0.5)
+    for t in (out, dq, dk, dv):
+        assert t.transpose(1, 2).is_contiguous()
+
+
+def test_the_eager_attention_picks_its_kernels(monkeypatch):
+    monkeypatch.delenv("FASTGPT_CPU_FLASH", raising=False)
+    threads = torch.get_num_threads()
+    assert ext_ops.cpu_attention_kernels(torch.float32, threads) == "flash"
+    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads) == "materialised"
+    if threads > 1:  # fewer key/value heads than threads would leave threads idle in the backward
+        assert ext_ops.cpu_attention_kernels(torch.float32, threads - 1) == "materialised"
+    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
+    assert ext_ops.cpu_attention_kernels(torch.float32, threads) == "materialised"
+
+
+def test_only_the_gradients_asked_for_are_returned(flash):
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv((1, 2, 2, 9, 9, 4), torch.float32, "cpu"))
+    k.requires_grad_(False)
+    out = ext_attention(q, k, v)
+    out.backward(torch.randn(out.shape))
+    assert q.grad is not None and v.grad is not None and k.grad is None
+
+
+def test_opcheck():
+    q, k, v = make_qkv((2, 4, 2, 17, 70, 8), torch.float32, "cpu")
+    dout = torch.randn(q.shape)
+    for dropout_p, seed in ((0.0, 0), (0.25, 1234)):
+        _, lse = ops.causal_attention_flash_forward(q, k, v, 0.3, dropout_p, seed, 7)
+        torch.library.opcheck(ops.causal_attention_flash_forward.default, (q, k, v, 0.3, dropout_p, seed, 7))
+        torch.library.opcheck(ops.causal_attention_flash_backward.default,
+                              (dout, q, k, v, lse, 0.3, dropout_p, seed, 7))
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+BAD = [  # the checked Python wrappers
+    (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 4, dtype=torch.bfloat16), _t(1, 2, 5, 4, dtype=torch.bfloat16),
+                                                    _t(1, 2, 5, 4, dtype=torch.bfloat16), 1.0),
+     r"q is torch.bfloat16 on cpu; the flash kernels take float32 CPU tensors only"),
+    (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 6, 4), 1.0),
+     r"v has shape \(1, 2, 6, 4\) but k has shape \(1, 2, 5, 4\)"),
+    (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 1.0),
+     r"dropout_p must be a number in \[0, 1\); got 1.0"),
+    (lambda: ext_ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                     _t(1, 2, 4), 1.0),
+     r"lse must be the forward's float32 \(B, H, T_q\) = \(1, 2, 5\); got \(1, 2, 4\) torch.float32"),
+    (lambda: ext_ops.causal_attention_flash_backward(_t(1, 2, 4, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                     _t(1, 2, 5), 1.0),
+     r"dout has shape \(1, 2, 4, 4\) but q has shape \(1, 2, 5, 4\)"),
+]
+CPP_BAD = [  # the ops themselves, past the wrappers
+    (lambda: ops.causal_attention_flash_forward(_t(1, 2, 5, 4, dtype=torch.bfloat16), _t(1, 2, 5, 4, dtype=torch.bfloat16),
+                                                _t(1, 2, 5, 4, dtype=torch.bfloat16), 1.0, 0.0, 0, 0),
+     r"causal_attention_flash_forward: q has dtype BFloat16; the flash kernels are float32 only"),
+    (lambda: ops.causal_attention_flash_forward(_t(1, 2, 6, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 0.0, 0, 0),
+     r"causal_attention_flash_forward: T_q = 6 > T_k = 5"),
+    (lambda: ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 1, 5, 4), 1.0, 0.0, 0, 0),
+     r"v has shape \[1, 1, 5, 4\] but k has shape \[1, 2, 5, 4\]"),
+    (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                 _t(2, 2, 5), 1.0, 0.0, 0, 0),
+     r"lse has shape \[2, 2, 5\]; it must be the forward's \(B, H, T_q\) = \(1, 2, 5\)"),
+    (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                 _t(1, 2, 5), float("inf"), 0.0, 0, 0),
+     r"scale must be finite; got inf"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD + CPP_BAD)
+def test_bad_calls_say_what_is_wrong(call, message):
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        call()
