@@ -79,6 +79,12 @@ def run_train_profile(preset: str, device: str, max_iters: Optional[int] = None,
     with tempfile.TemporaryDirectory(prefix="fastgpt-profile-") as out_dir:
         model_config, train_config = make_configs(preset, {**values, "out_dir": out_dir})
         trainer = Trainer(model_config, train_config, CharDataset.load(data))
+        if trainer.attention_backend() == "ext":
+            # The first use of the ext library in an environment compiles it (15-45 s): that happens
+            # here, not inside the timed run's first evaluation.
+            from fastgpt.ext import load
+
+            load()
         trainer.phases.enabled = True
         start = time.perf_counter()
         trainer.run()
