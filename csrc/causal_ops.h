@@ -53,6 +53,12 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_flash_forward(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
     double scale, double dropout_p, int64_t seed, int64_t offset);
+// out of the two above as one differentiable op: its CPU kernel (no graph) and its autograd kernel,
+// a C++ node that saves lse and runs the flash backward (what the eager ext attention calls).
+at::Tensor causal_attention_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                  double dropout_p, int64_t seed, int64_t offset);
+at::Tensor causal_attention_flash_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                           double dropout_p, int64_t seed, int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.

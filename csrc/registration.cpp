@@ -50,6 +50,9 @@ TORCH_LIBRARY(fastgpt, m) {
         "int offset) -> (Tensor, Tensor)");
   m.def("causal_attention_flash_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, float scale, "
         "float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+  // The two as one differentiable op, its autograd node in C++ (below): what the eager ext calls.
+  m.def("causal_attention_flash(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed, int offset) "
+        "-> Tensor");
   // Testing hook: the dense (B, H, T_q, T_k) bool keep mask causal_softmax draws for (seed, offset).
   m.def("dropout_keep_mask(Tensor scores, int T_q, int T_k, float dropout_p, int seed, int offset) -> Tensor");
   // x ∘ keep / (1 - p), the keep mask of each row of x's last dim from the Philox stream at
@@ -80,6 +83,13 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("causal_attention_grad_scores", &fastgpt::cpu::causal_attention_grad_scores);
   m.impl("causal_attention_flash_forward", &fastgpt::cpu::causal_attention_flash_forward);
   m.impl("causal_attention_flash_backward", &fastgpt::cpu::causal_attention_flash_backward);
+  m.impl("causal_attention_flash", &fastgpt::cpu::causal_attention_flash);
+}
+
+// The one op whose gradient is a C++ autograd node rather than a torch.library formula registered
+// from Python (fastgpt/ext/ops.py): the eager CPU attention's, where Python per call showed.
+TORCH_LIBRARY_IMPL(fastgpt, Autograd, m) {
+  m.impl("causal_attention_flash", &fastgpt::cpu::causal_attention_flash_autograd);
 }
 
 // `import fastgpt._C` (the ahead-of-time build) runs the registrations above; the module itself

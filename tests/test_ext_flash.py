@@ -113,12 +113,28 @@ def test_the_eager_attention_picks_its_kernels(monkeypatch):
     assert ext_ops.cpu_attention_kernels(torch.float32, threads) == "materialised"
 
 
-def test_only_the_gradients_asked_for_are_returned(flash):
+def test_one_cpp_node_and_only_the_gradients_asked_for(flash):
     q, k, v = (t.detach().requires_grad_() for t in make_qkv((1, 2, 2, 9, 9, 4), torch.float32, "cpu"))
     k.requires_grad_(False)
     out = ext_attention(q, k, v)
+    assert "ExtFlashAttention" in out.grad_fn.name()  # the C++ node, no Python autograd.Function
     out.backward(torch.randn(out.shape))
     assert q.grad is not None and v.grad is not None and k.grad is None
+
+
+def test_a_second_derivative_is_refused(flash):
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv((1, 2, 2, 9, 9, 4), torch.float32, "cpu"))
+    out = ext_attention(q, k, v)
+    (dq,) = torch.autograd.grad(out, q, torch.randn(out.shape), create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # off the graph, never a wrong number
+        dq.sum().backward()
+
+
+def test_the_op_without_autograd_is_the_forward_op():
+    q, k, v = make_qkv((2, 4, 2, 17, 40, 8), torch.float32, "cpu")
+    with torch.no_grad():
+        out = ops.causal_attention_flash(q, k, v, 0.3, 0.2, 5, 1)
+    assert torch.equal(out, ops.causal_attention_flash_forward(q, k, v, 0.3, 0.2, 5, 1)[0])
 
 
 def test_opcheck():
@@ -129,6 +145,8 @@ def test_opcheck():
         torch.library.opcheck(ops.causal_attention_flash_forward.default, (q, k, v, 0.3, dropout_p, seed, 7))
         torch.library.opcheck(ops.causal_attention_flash_backward.default,
                               (dout, q, k, v, lse, 0.3, dropout_p, seed, 7))
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        torch.library.opcheck(ops.causal_attention_flash.default, (*leaves, 0.3, dropout_p, seed, 7))
 
 
 def _t(*shape, dtype=torch.float32):
@@ -164,6 +182,11 @@ CPP_BAD = [  # the ops themselves, past the wrappers
     (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
                                                  _t(1, 2, 5), float("inf"), 0.0, 0, 0),
      r"scale must be finite; got inf"),
+    (lambda: ops.causal_attention_flash(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4).to("meta"), 1.0, 0.0, 0, 0),
+     r"all tensors must share one device and dtype; got meta/torch.float32 and cpu/torch.float32"),
+    (lambda: ops.causal_attention_flash(_t(1, 2, 6, 4).requires_grad_(), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 0.0,
+                                        0, 0),
+     r"causal_attention_flash_forward: T_q = 6 > T_k = 5"),
 ]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from fastgpt.ext.build import ExtensionUnavailable, unavailable_reason
 
 OPS = (
+    "causal_attention_flash",
     "causal_attention_flash_backward",
     "causal_attention_flash_forward",
     "causal_attention_probs",

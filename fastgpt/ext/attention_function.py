@@ -15,11 +15,10 @@ same bits per row block without storing S (unless dropout needs it) or dP
 (tests/test_ext_attention_function.py). Under torch.compile ext_attention keeps the per-op path.
 A second derivative raises (once_differentiable): P and S are computed off the graph.
 
-On CPU in float32 (where ops.cpu_attention_kernels says "flash") the node runs two flash ops
-instead (csrc/cpu/attention_flash.cpp): the forward stores no T×T matrix, only each row's
-log-sum-exp, and the backward recomputes P from it and makes dq, dk and dv in one op. Same math and
-the same dropout mask, not the same bits (the sums run in another order); its parity with the
-float64 reference is tests/test_ext_flash.py's.
+On CPU in float32 (where ops.cpu_attention_kernels says "flash") ext_attention does not come here:
+it calls the flash op, causal_attention_flash, whose autograd node is C++ (csrc/cpu/attention_flash.cpp):
+no T×T matrix stored, P recomputed in the backward. Same math and the same dropout mask, not the
+same bits (the sums run in another order); its parity is tests/test_ext_flash.py's.
 
     forward   S = tril_o(q·kᵀ)            causal_matmul_nt       } on CPU one op, causal_attention_probs,
               P = dropout(softmax(scale·S)) causal_softmax         } per row block; (seed, offset) pick the mask
@@ -53,13 +52,6 @@ class ExtAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, dropout_p: float, seed: int, offset: int):
         T_q, T_k = q.shape[2], k.shape[2]
-        ctx.args = (scale, dropout_p, seed, offset)
-        ctx.flash = q.device.type == "cpu" and ops.cpu_attention_kernels(q.dtype, k.shape[0] * k.shape[1]) == "flash"
-        if ctx.flash:
-            with _kernels_directly():
-                out, lse = ops.causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset)
-            ctx.save_for_backward(q, k, v, lse)  # lse (B, H, T_q): P is recomputed from it
-            return out
         with _kernels_directly():
             if q.device.type == "cpu":  # nt and the softmax fused per row block; S is returned with dropout only
                 p, s = ops.causal_attention_probs(q, k, scale, dropout_p, seed, offset)  # packed (B, H, N)
@@ -70,16 +62,12 @@ class ExtAttention(torch.autograd.Function):
         # Without dropout the softmax's backward reads P; with it, the scores (P is recomputed
         # before dropout and the mask regenerated), while dv still needs the dropped P.
         ctx.save_for_backward(q, k, v, p, s if dropout_p > 0.0 else None)
+        ctx.args = (scale, dropout_p, seed, offset)
         return out
 
     @staticmethod
     @once_differentiable  # P and S were computed off the graph: a second derivative would be wrong
     def backward(ctx, dout):
-        if ctx.flash:  # one op makes all three gradients; those not asked for are dropped
-            q, k, v, lse = ctx.saved_tensors
-            with _kernels_directly():
-                grads = _ops.causal_attention_flash_backward(dout, q, k, v, lse, *ctx.args)
-            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None, None)
         q, k, v, p, s = ctx.saved_tensors
         scale, dropout_p, seed, offset = ctx.args
         T_q, T_k, H_kv = q.shape[2], k.shape[2], k.shape[1]

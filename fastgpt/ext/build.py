@@ -111,7 +111,8 @@ ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "ca
 # older than the Python side that calls it.
 REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear",
                   "cpu_bf16_uses_amx", "dropout", "causal_attention_probs",
-                  "causal_attention_grad_scores", "causal_attention_flash_forward", "causal_attention_flash_backward")
+                  "causal_attention_grad_scores", "causal_attention_flash_forward", "causal_attention_flash_backward",
+                  "causal_attention_flash")
 
 
 def ops_without_cuda_kernels() -> list[str]:

@@ -23,6 +23,12 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
                                   torch.compile: an int drawn at run time would break the graph
     dropout_keep_mask(scores, T_q, T_k, dropout_p, seed, offset)
                                   the dense (B,H,T_q,T_k) bool mask causal_softmax draws (testing hook)
+    causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset) -> (out, lse)
+    causal_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset) -> (dq, dk, dv)
+    causal_attention_flash(q, k, v, scale, dropout_p, seed, offset) -> out, the two as one op with
+                                  a C++ autograd node
+                                  the whole attention, float32 CPU, no T×T matrix stored: what the
+                                  eager ext attention runs there (cpu_attention_kernels says when)
     skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
                                   inference only (fastgpt/linear.py decides when the model uses it)
 
@@ -143,6 +149,16 @@ def causal_attention_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     _check_flash(q, k, v)
     check_softmax_args(scale, dropout_p, seed, offset)
     return _ops.causal_attention_flash_forward(q, k, v, float(scale), float(dropout_p), seed, offset)
+
+
+def causal_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                           seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """out of causal_attention_flash_forward as one differentiable op: its autograd node is C++
+    (csrc/cpu/attention_flash.cpp), which saves lse and runs the flash backward. What the eager ext
+    attention calls on CPU in float32 (fastgpt/attention/ext_backend.py)."""
+    _check_flash(q, k, v)
+    check_softmax_args(scale, dropout_p, seed, offset)
+    return _ops.causal_attention_flash(q, k, v, float(scale), float(dropout_p), seed, offset)
 
 
 def causal_attention_flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -421,6 +437,10 @@ def _fake_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset):  # -
     return _heads_interleaved(q, B, H, T_q, D), q.new_empty((B, H, T_q))
 
 
+def _fake_attention_flash(q, k, v, scale, dropout_p, seed, offset):
+    return _fake_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset)[0]
+
+
 def _fake_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset):  # -> (dq, dk, dv)
     _fake_check_same(dout, q, k, v, lse)
     _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
@@ -467,9 +487,11 @@ FAKES = {
     "causal_attention_grad_scores": _fake_attention_grad_scores,
     "causal_attention_flash_forward": _fake_attention_flash_forward,
     "causal_attention_flash_backward": _fake_attention_flash_backward,
+    "causal_attention_flash": _fake_attention_flash,
     "dropout_seeded": _fake_dropout,
 }
-# (backward, setup_context); the ops not listed have no backward (their gradients are not needed).
+# (backward, setup_context); the ops not listed have no backward (their gradients are not needed),
+# except causal_attention_flash, whose autograd node is C++ (csrc/registration.cpp).
 AUTOGRAD = {
     "causal_matmul_nt": (_backward_nt, _setup_save_inputs),
     "causal_matmul_nn": (_backward_nn, _setup_save_inputs),
