@@ -93,6 +93,22 @@ def test_results_do_not_depend_on_threads_or_strides():
             assert torch.equal(got, want)
 
 
+def test_an_expanded_upstream_gradient_and_an_empty_head_dim(flash):
+    """out.sum()'s gradient is a stride-0 expand of a scalar; D = 0 has nothing to multiply."""
+    leaves = [t.detach().requires_grad_() for t in make_qkv((2, 4, 2, 70, 70, 8), torch.float32, "cpu")]
+    ext_attention(*leaves).sum().backward()
+    want = [t.detach().clone().requires_grad_() for t in leaves]
+    ext_attention(*want).backward(torch.ones(2, 4, 70, 8))
+    for got, ref in zip(leaves, want):
+        assert torch.equal(got.grad, ref.grad)
+    q, k, v = (torch.zeros(1, 2, 5, 0) for _ in range(3))
+    out, lse = ops.causal_attention_flash_forward(q, k, v, 1.0, 0.0, 0, 0)
+    assert out.shape == (1, 2, 5, 0)
+    torch.testing.assert_close(lse, torch.arange(1, 6).log().expand(1, 2, 5))  # uniform over i + 1 keys
+    assert all(g.shape == t.shape for g, t in zip(ops.causal_attention_flash_backward(q, q, k, v, lse, 1.0, 0.0, 0, 0),
+                                                  (q, k, v)))
+
+
 def test_outputs_are_heads_interleaved_views():
     """out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory: the layer's transpose back to
     (B, T, C) is free."""
