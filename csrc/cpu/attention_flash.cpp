@@ -1,7 +1,9 @@
-// CPU flash attention, float32: the whole causal attention in two ops that never store a T×T matrix.
+// CPU flash attention, float32: the whole causal attention in two ops that never store a T×T matrix,
+// and the two as one differentiable op with a C++ autograd node (what the eager ext attention calls).
 //
 //   causal_attention_flash_forward(q, k, v, ...)                -> (out, lse)
 //   causal_attention_flash_backward(dout, q, k, v, lse, ...)    -> (dq, dk, dv)
+//   causal_attention_flash(q, k, v, ...)                        -> out
 //
 // Why: the materialised path (attention_fused.cpp and the causal matmuls) writes P and dS to memory
 // and reads them back four times: at (B16, H6, T256) 12.6 MB each way, ~90 MB per forward+backward,
@@ -12,7 +14,8 @@
 //
 // Row block r holds the m = rows(r) queries from r0 = 64·r and the keys [0, w), w = width(r); its
 // diagonal tile is computed whole and its entries above the diagonal set to zero before they reach
-// a product. The forward is parallel over (head, row block), like the materialised ops. The backward
+// a product (blocks of 32 or 128 rows, and skipping the tile's upper quarter, measured no faster:
+// docs/benchmarks.md). The forward is parallel over (head, row block), like the materialised ops. The backward
 // is parallel over key/value heads: one thread owns a head's dk and dv (T_k × D, float32) and adds
 // every row block of its G query heads into them in a fixed order, so there are no atomics and the
 // results do not depend on the thread count.

@@ -25,10 +25,10 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
                                   the dense (B,H,T_q,T_k) bool mask causal_softmax draws (testing hook)
     causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset) -> (out, lse)
     causal_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset) -> (dq, dk, dv)
-    causal_attention_flash(q, k, v, scale, dropout_p, seed, offset) -> out, the two as one op with
-                                  a C++ autograd node
-                                  the whole attention, float32 CPU, no T×T matrix stored: what the
-                                  eager ext attention runs there (cpu_attention_kernels says when)
+                                  the whole attention, float32 CPU, no T×T matrix stored
+    causal_attention_flash(q, k, v, scale, dropout_p, seed, offset) -> out
+                                  the two as one op with a C++ autograd node: what the eager ext
+                                  attention runs there (cpu_attention_kernels says when)
     skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
                                   inference only (fastgpt/linear.py decides when the model uses it)
 
