@@ -147,7 +147,7 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
                 if name == "ext" and device.type == "cpu":
                     from fastgpt.ext import cpu_attention_kernels, cpu_bf16_products  # loaded: ext just ran
 
-                    record["ext_cpu_kernels"] = cpu_attention_kernels(dtype, B * H_kv)
+                    record["ext_cpu_kernels"] = cpu_attention_kernels(dtype, B * H_kv, D)
                     if dtype == torch.bfloat16:
                         record["ext_bf16_products"] = cpu_bf16_products(D)
             records.append(record)

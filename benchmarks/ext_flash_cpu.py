@@ -54,7 +54,7 @@ def main() -> None:
             g = torch.Generator().manual_seed(T)
             q, k, v = (torch.randn(B, H, T, D, generator=g).requires_grad_() for _ in range(3))
             dout = torch.randn(B, H, T, D, generator=g)
-            assert ext.cpu_attention_kernels(torch.float32, B * H) == "flash", "fewer heads than threads"
+            assert ext.cpu_attention_kernels(torch.float32, B * H, D) == "flash", "fewer heads than threads"
             calls = {"flash": _call("ext", "1", q, k, v, dout), "materialised": _call("ext", "0", q, k, v, dout),
                      "sdpa": _call("sdpa", "1", q, k, v, dout)}
             stats = {name: summarize(t) for name, t in time_interleaved(calls, torch.device("cpu"), args.reps).items()}

@@ -132,7 +132,9 @@ def test_results_do_not_depend_on_the_thread_count():
 
 @needs_amx
 def test_attention_gradients_match_the_float32_tile_path(monkeypatch):
-    """The whole ext attention in bfloat16, forward and backward, on either path."""
+    """The whole ext attention in bfloat16, forward and backward, on either path: the materialised
+    kernels, whose products these are (the bfloat16 flash kernels: tests/test_ext_flash.py)."""
+    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
     g = torch.Generator().manual_seed(3)
     q, k, v, dout = (torch.randn(2, 4, 130, 64, generator=g).bfloat16() for _ in range(4))
 

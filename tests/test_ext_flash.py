@@ -1,7 +1,8 @@
-"""The CPU flash ops (csrc/cpu/attention_flash.cpp): float32 attention that stores no T×T matrix.
-Parity with the float64 reference, the same dropout mask as the materialised path, results that
-do not depend on the thread count or the input strides, which kernels the eager ext attention
-picks, and the errors of bad calls."""
+"""The CPU flash ops (csrc/cpu/attention_flash.cpp; bfloat16 on AMX: attention_flash_amx.cpp):
+attention that stores no T×T matrix. Parity with the float64 reference, the same dropout mask as
+the materialised path, results that do not depend on the thread count or the input strides, which
+kernels the eager ext attention picks, and the errors of bad calls. The bfloat16 cases run where the
+CPU has AMX-BF16 (cpu_bf16_products says so) and are skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ ops = torch.ops.fastgpt
 # (B, H, H_kv, T_q, T_k, D): one tile; grouped with fewer queries than keys; one decode row;
 # three row blocks, the last one ragged; an odd head dim
 SHAPES = [(2, 4, 4, 64, 64, 32), (2, 4, 2, 5, 70, 8), (1, 6, 2, 1, 9, 32), (1, 2, 1, 150, 200, 64), (2, 3, 3, 70, 70, 5)]
+# bfloat16 flash needs an even head dim; 160 is two column panels, the second 32 wide
+BF16_SHAPES = SHAPES[:4] + [(2, 3, 3, 70, 70, 6), (1, 2, 2, 130, 130, 160)]
+AMX = ext_ops.cpu_bf16_products(64) == "AMX"
+needs_amx = pytest.mark.skipif(not AMX, reason="bfloat16 flash runs on AMX-BF16; this CPU has none")
+DTYPE_SHAPES = [pytest.param(torch.float32, s, id=f"float32-{shape_id(s)}") for s in SHAPES] + [
+    pytest.param(torch.bfloat16, s, id=f"bfloat16-{shape_id(s)}", marks=needs_amx) for s in BF16_SHAPES]
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)]
 
 
 @pytest.fixture
@@ -35,33 +43,43 @@ def _flash_op_pair(q, k, v, dout, scale, dropout_p=0.0, seed=0):
     return (out, *ops.causal_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, 0)), lse
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_parity_with_float64(shape, flash):
-    q, k, v = make_qkv(shape, torch.float32, "cpu")  # strided views of one fused qkv buffer
+@pytest.mark.parametrize("dtype, shape", DTYPE_SHAPES)
+def test_parity_with_float64(dtype, shape, flash):
+    q, k, v = make_qkv(shape, dtype, "cpu")  # strided views of one fused qkv buffer
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert ext_ops.cpu_attention_kernels(torch.float32, k.shape[0] * k.shape[1]) == "flash"
-    result = compare(lambda q, k, v: ext_attention(q, k, v), naive_attention, (q, k, v), dout, torch.float32)
+    assert ext_ops.cpu_attention_kernels(dtype, k.shape[0] * k.shape[1], q.shape[-1]) == "flash"
+    result = compare(lambda q, k, v: ext_attention(q, k, v), naive_attention, (q, k, v), dout, dtype)
     assert result.ok, result.explain()
 
 
-def test_the_log_sum_exp_is_each_rows():
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-4, marks=needs_amx)])
+def test_the_log_sum_exp_is_each_rows(dtype, atol):
+    """lse is float32 in both dtypes: the scores are accumulated in float32 from the inputs as given."""
     B, H, H_kv, T_q, T_k, D = 2, 4, 2, 70, 90, 16
-    q, k, v = make_qkv((B, H, H_kv, T_q, T_k, D), torch.float64, "cpu")
+    q, k, v = make_qkv((B, H, H_kv, T_q, T_k, D), dtype, "cpu")
     scale = 0.3
-    _, lse = ops.causal_attention_flash_forward(q.float(), k.float(), v.float(), scale, 0.0, 0, 0)
+    _, lse = ops.causal_attention_flash_forward(q, k, v, scale, 0.0, 0, 0)
+    q, k = q.double(), k.double()
     scores = scale * q @ k.repeat_interleave(H // H_kv, dim=1).transpose(-1, -2)  # (B, H, T_q, T_k)
     visible = torch.ones(T_q, T_k, dtype=torch.bool).tril(T_k - T_q)
     want = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
     assert lse.shape == (B, H, T_q) and lse.dtype == torch.float32
-    torch.testing.assert_close(lse.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want, rtol=0, atol=atol)
 
 
+# How far the flash path may be from the materialised one with the same dropout mask: float32
+# rounding; in bfloat16, P and dS are rounded from differently ordered float32 sums (and the
+# forward's P before normalising), so one or two bfloat16 steps of the largest value.
+DROPOUT_AGREEMENT = [(torch.float32, 1e-5, 2e-5), pytest.param(torch.bfloat16, 2**-6, 2**-6, marks=needs_amx)]
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DROPOUT_AGREEMENT)
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=shape_id)
-def test_dropout_drops_what_the_materialised_path_drops(shape, monkeypatch):
-    """The same (seed, offset) stream as causal_softmax: the two paths agree to float32 rounding,
-    and both differ from the call without dropout (the mask did something)."""
-    q, k, v = make_qkv(shape, torch.float32, "cpu")
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+def test_dropout_drops_what_the_materialised_path_drops(shape, dtype, rtol, atol, monkeypatch):
+    """The same (seed, offset) stream as causal_softmax: the two paths agree to rounding, and both
+    differ from the call without dropout (the mask did something)."""
+    q, k, v = make_qkv(shape, dtype, "cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     scale = q.shape[-1] ** -0.5
     flash, _ = _flash_op_pair(q, k, v, dout, scale, 0.3, 1234)
     monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
@@ -70,15 +88,18 @@ def test_dropout_drops_what_the_materialised_path_drops(shape, monkeypatch):
     out.backward(dout)
     materialised = [out.detach(), *(t.grad for t in leaves)]
     for name, got, want in zip(("out", "dq", "dk", "dv"), flash, materialised):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=name)
+        assert got.dtype == want.dtype == dtype
+        peak = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * max(peak, 1.0), msg=name)
     no_dropout, _ = _flash_op_pair(q, k, v, dout, scale)
     assert (flash[0] - no_dropout[0]).abs().max() > 0.1
 
 
-def test_results_do_not_depend_on_threads_or_strides():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_do_not_depend_on_threads_or_strides(dtype):
     shape = (2, 6, 3, 150, 150, 32)
-    q, k, v = make_qkv(shape, torch.float32, "cpu")
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    q, k, v = make_qkv(shape, dtype, "cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     threads = torch.get_num_threads()
     try:
         runs = []
@@ -109,24 +130,32 @@ def test_an_expanded_upstream_gradient_and_an_empty_head_dim(flash):
                                                   (q, k, v)))
 
 
-def test_outputs_are_heads_interleaved_views():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outputs_are_heads_interleaved_views(dtype):
     """out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory: the layer's transpose back to
     (B, T, C) is free."""
-    q, k, v = make_qkv((2, 4, 2, 10, 20, 8), torch.float32, "cpu")
-    (out, dq, dk, dv), _ = _flash_op_pair(q, k, v, torch.randn(q.shape), 0.5)
+    q, k, v = make_qkv((2, 4, 2, 10, 20, 8), dtype, "cpu")
+    (out, dq, dk, dv), lse = _flash_op_pair(q, k, v, torch.randn(q.shape).to(dtype), 0.5)
     for t in (out, dq, dk, dv):
-        assert t.transpose(1, 2).is_contiguous()
+        assert t.dtype == dtype and t.transpose(1, 2).is_contiguous()
+    assert lse.dtype == torch.float32
 
 
 def test_the_eager_attention_picks_its_kernels(monkeypatch):
     monkeypatch.delenv("FASTGPT_CPU_FLASH", raising=False)
+    monkeypatch.delenv("FASTGPT_CPU_AMX", raising=False)
     threads = torch.get_num_threads()
-    assert ext_ops.cpu_attention_kernels(torch.float32, threads) == "flash"
-    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads) == "materialised"
+    assert ext_ops.cpu_attention_kernels(torch.float32, threads, 64) == "flash"
+    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads, 64) == ("flash" if AMX else "materialised")
+    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads, 5) == "materialised"  # AMX pairs rows of D
+    assert ext_ops.cpu_attention_kernels(torch.float16, threads, 64) == "materialised"
     if threads > 1:  # fewer key/value heads than threads would leave threads idle in the backward
-        assert ext_ops.cpu_attention_kernels(torch.float32, threads - 1) == "materialised"
+        assert ext_ops.cpu_attention_kernels(torch.float32, threads - 1, 64) == "materialised"
+    monkeypatch.setenv("FASTGPT_CPU_AMX", "0")
+    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads, 64) == "materialised"
+    assert ext_ops.cpu_attention_kernels(torch.float32, threads, 64) == "flash"
     monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
-    assert ext_ops.cpu_attention_kernels(torch.float32, threads) == "materialised"
+    assert ext_ops.cpu_attention_kernels(torch.float32, threads, 64) == "materialised"
 
 
 def test_one_cpp_node_and_only_the_gradients_asked_for(flash):
@@ -153,9 +182,10 @@ def test_the_op_without_autograd_is_the_forward_op():
     assert torch.equal(out, ops.causal_attention_flash_forward(q, k, v, 0.3, 0.2, 5, 1)[0])
 
 
-def test_opcheck():
-    q, k, v = make_qkv((2, 4, 2, 17, 70, 8), torch.float32, "cpu")
-    dout = torch.randn(q.shape)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    q, k, v = make_qkv((2, 4, 2, 17, 70, 8), dtype, "cpu")
+    dout = torch.randn(q.shape).to(dtype)
     for dropout_p, seed in ((0.0, 0), (0.25, 1234)):
         _, lse = ops.causal_attention_flash_forward(q, k, v, 0.3, dropout_p, seed, 7)
         torch.library.opcheck(ops.causal_attention_flash_forward.default, (q, k, v, 0.3, dropout_p, seed, 7))
@@ -170,9 +200,10 @@ def _t(*shape, dtype=torch.float32):
 
 
 BAD = [  # the checked Python wrappers
-    (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 4, dtype=torch.bfloat16), _t(1, 2, 5, 4, dtype=torch.bfloat16),
-                                                    _t(1, 2, 5, 4, dtype=torch.bfloat16), 1.0),
-     r"q is torch.bfloat16 on cpu; the flash kernels take float32 CPU tensors only"),
+    (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 5, dtype=torch.bfloat16), _t(1, 2, 5, 5, dtype=torch.bfloat16),
+                                                    _t(1, 2, 5, 5, dtype=torch.bfloat16), 1.0),
+     r"q is torch.bfloat16 on cpu with head dim 5; the flash kernels take CPU tensors in float32, or in bfloat16 "
+     r"where cpu_bf16_products\(head_dim\) is 'AMX'"),
     (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 6, 4), 1.0),
      r"v has shape \(1, 2, 6, 4\) but k has shape \(1, 2, 5, 4\)"),
     (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 1.0),
@@ -185,9 +216,13 @@ BAD = [  # the checked Python wrappers
      r"dout has shape \(1, 2, 4, 4\) but q has shape \(1, 2, 5, 4\)"),
 ]
 CPP_BAD = [  # the ops themselves, past the wrappers
-    (lambda: ops.causal_attention_flash_forward(_t(1, 2, 5, 4, dtype=torch.bfloat16), _t(1, 2, 5, 4, dtype=torch.bfloat16),
-                                                _t(1, 2, 5, 4, dtype=torch.bfloat16), 1.0, 0.0, 0, 0),
-     r"causal_attention_flash_forward: q has dtype BFloat16; the flash kernels are float32 only"),
+    (lambda: ops.causal_attention_flash_forward(_t(1, 2, 5, 5, dtype=torch.bfloat16), _t(1, 2, 5, 5, dtype=torch.bfloat16),
+                                                _t(1, 2, 5, 5, dtype=torch.bfloat16), 1.0, 0.0, 0, 0),
+     r"causal_attention_flash_forward: q has dtype BFloat16 and head dim 5; the flash kernels take float32, or "
+     r"bfloat16 where it runs on AMX"),
+    (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                 _t(1, 2, 5, dtype=torch.bfloat16), 1.0, 0.0, 0, 0),
+     r"causal_attention_flash_backward: lse is BFloat16 on cpu; it must be the forward's float32 log-sum-exp"),
     (lambda: ops.causal_attention_flash_forward(_t(1, 2, 6, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 0.0, 0, 0),
      r"causal_attention_flash_forward: T_q = 6 > T_k = 5"),
     (lambda: ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 1, 5, 4), 1.0, 0.0, 0, 0),

@@ -1,9 +1,5 @@
-// The bfloat16 causal matmuls on AMX (amx_matmul.h). The micro-kernel computes
-//
-//   C (M × N, float32) [+]= A (M × K, bfloat16, row-major, any ld) · B (K × N, bfloat16, VNNI)
-//
-// where B's VNNI layout pairs consecutive rows: element (k, n) at (k / 2)·2·ldb + 2·n + k % 2, and
-// ldb is at most 64 (the widest packed block; 16, 32, 48 or 64). So every product here has a B
+// The bfloat16 causal matmuls on AMX (amx_matmul.h), built from amx_tiles.h's product (B operand
+// in VNNI pairs, at most 64 columns per packed block) and packings. Every product here has a B
 // operand packed in 64-column blocks, and an A operand read in place where it can be:
 //
 //   nt  S = A·Bᵀ: A = the query rows in place; B = the key rows, packed once per call
@@ -21,89 +17,21 @@
 
 #include "amx_matmul.h"
 
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
-
 #include <cstdlib>
 #include <cstring>
 
-#include "common.h"
+#include "amx_tiles.h"
 
 namespace fastgpt::cpu::amx {
 namespace {
 
-using bf16 = c10::BFloat16;
 namespace cpublas = at::native::cpublas;
 
-constexpr int64_t kTile = 64;  // keys (nt, tn) or columns of D (nn) per packed B block: the widest ldb
 constexpr int64_t kBlock = kCausalBlock;
 constexpr int64_t kAhead = 8;  // pairs of P's rows prefetched ahead in tn
 
 // Work (multiply-adds) below which a thread is not worth waking; AMX is ~10x the float32 rate.
 constexpr double kMinCostPerThread = 5e6;
-
-inline int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
-
-inline uint32_t pair(const bf16* row, int64_t c) {  // the two bfloat16 at row[c], row[c + 1]
-  uint32_t v;
-  std::memcpy(&v, row + c, sizeof(v));
-  return v;
-}
-inline uint32_t bits(const bf16* row, int64_t c) { return row[c].x; }
-
-// VNNI pair row (ldb pairs): out[c] = (a[c], b[c]) for c < valid_a / valid_b, zero elsewhere;
-// a null row is all zero.
-void interleave(const bf16* a, int64_t valid_a, const bf16* b, int64_t valid_b, int64_t ldb, uint32_t* out) {
-  const int64_t both = std::min(valid_a, valid_b);
-  int64_t c = 0;
-  for (; c < both; ++c) out[c] = bits(a, c) | (bits(b, c) << 16);  // the hot loop: vectorised
-  for (; c < ldb; ++c) out[c] = (c < valid_a ? bits(a, c) : 0u) | ((c < valid_b ? bits(b, c) : 0u) << 16);
-}
-
-// B of A·kᵀ for keys k (n ≤ 64 rows × D, ld): (D / 2) pair rows of 64, key j in column j, zero for j ≥ n.
-// Each key row is already D / 2 adjacent pairs: the packing is a transpose of 32-bit words, which
-// ATen's float transpose (16×16 AVX-512 blocks) does as moves, the bits untouched.
-void pack_transposed(const bf16* k, int64_t ld, int64_t n, int64_t D, uint32_t* out) {
-  if (ld % 2 == 0 && reinterpret_cast<uintptr_t>(k) % alignof(float) == 0) {
-    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(k), ld / 2, reinterpret_cast<float*>(out), kTile,
-                                  static_cast<int>(n), static_cast<int>(D / 2));
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t q = 0; q < D / 2; ++q) out[q * kTile + j] = pair(k + j * ld, 2 * q);
-    }
-  }
-  for (int64_t q = 0; q < D / 2 && n < kTile; ++q) std::fill(out + q * kTile + n, out + (q + 1) * kTile, 0u);
-}
-
-// One product: C (m × n) [+]= A (m × k, lda) · B (VNNI, ldb).
-inline void product(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const uint32_t* b, int64_t ldb,
-                    bool accumulate, float* c, int64_t ldc) {
-  cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, reinterpret_cast<const bf16*>(b), c, /*is_vnni=*/true);
-}
-
-// The packed operands of one call: uint32 VNNI pairs from the buffer pool (large ones are recycled).
-struct Packed {
-  at::Tensor storage;
-  uint32_t* data;
-  explicit Packed(int64_t pairs)
-      : storage(BufferPool::instance().empty({pairs}, at::TensorOptions().dtype(at::kInt))),
-        data(reinterpret_cast<uint32_t*>(storage.data_ptr())) {}
-};
-
-// The B panels of D's columns: [d0, d0 + width) for d0 = 0, 64, ..., each ldb = width rounded up to 16.
-struct ColumnPanel {
-  int64_t d0, width, ldb, offset;  // offset: Σ ldb of the panels before it
-};
-std::vector<ColumnPanel> column_panels(int64_t D) {
-  std::vector<ColumnPanel> panels;
-  int64_t offset = 0;
-  for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-    const int64_t width = std::min(kTile, D - d0), ldb = round_up(width, 16);
-    panels.push_back({d0, width, ldb, offset});
-    offset += ldb;
-  }
-  return panels;
-}
 
 }  // namespace
 
@@ -162,21 +90,15 @@ void matmul_nn(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, 
   const auto P = packed3<bf16>(p);
   const auto X = rows4<bf16>(x), O = rows4<bf16>(out);
   const auto panels = column_panels(D);
-  const int64_t K_pad = round_up(L.T_k, kTile), width_pad = panels.back().offset + panels.back().ldb;
+  const int64_t K_pad = round_up(L.T_k, kTile), width_pad = panels_width(panels);
   const int64_t head_pairs = K_pad / 2 * width_pad;  // one head's panels, each (K_pad / 2, ldb) pairs
 
   // X's rows in VNNI pairs, per key/value head and column panel, zero past T_k and past D.
   Packed rows(BH_kv * head_pairs);
   at::parallel_for(0, BH_kv * (K_pad / 2), 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t kv = item / (K_pad / 2), q = item % (K_pad / 2), i = 2 * q;
-      const bf16* x_kv = X.at(kv);
-      const bf16* even = i < L.T_k ? x_kv + i * X.ld : nullptr;
-      const bf16* odd = i + 1 < L.T_k ? x_kv + (i + 1) * X.ld : nullptr;
-      for (const ColumnPanel& cp : panels) {
-        interleave(even ? even + cp.d0 : nullptr, even ? cp.width : 0, odd ? odd + cp.d0 : nullptr,
-                   odd ? cp.width : 0, cp.ldb, rows.data + kv * head_pairs + K_pad / 2 * cp.offset + q * cp.ldb);
-      }
+      const int64_t kv = item / (K_pad / 2);
+      pack_pair_row(X.at(kv), X.ld, L.T_k, item % (K_pad / 2), K_pad, panels, rows.data + kv * head_pairs);
     }
   });
 
@@ -226,21 +148,8 @@ void matmul_tn(const at::Tensor& p, const at::Tensor& x, const CausalLayout& L, 
   // Xᵀ per query head: (BH, D, ld_t), bfloat16 (A of the product is plain row-major).
   at::Tensor xt_storage = BufferPool::instance().empty({BH * D * ld_t}, x.options());
   bf16* xt = xt_storage.data_ptr<bf16>();
-  constexpr int64_t kT = 32;  // transpose_mxn's largest bfloat16 block
-  const int64_t q_blocks = ld_t / kT;
-  at::parallel_for(0, BH * q_blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / q_blocks, i0 = item % q_blocks * kT, n = std::clamp<int64_t>(T_q - i0, 0, kT);
-      bf16* dst = xt + bh * D * ld_t + i0;
-      for (int64_t d0 = 0; d0 < D; d0 += kT) {
-        const int64_t w = std::min(kT, D - d0);
-        if (n > 0) {
-          at::vec::transpose_mxn<bf16>(X.at(bh) + i0 * X.ld + d0, X.ld, dst + d0 * ld_t, ld_t, static_cast<int>(n),
-                                       static_cast<int>(w));
-        }
-        for (int64_t d = d0; d < d0 + w && n < kT; ++d) std::fill(dst + d * ld_t + n, dst + d * ld_t + kT, bf16(0.0f));
-      }
-    }
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) transpose_rows(X.at(bh), X.ld, T_q, D, xt + bh * D * ld_t, ld_t, ld_t);
   });
 
   const int64_t nb = (T_k + kBlock - 1) / kBlock;

@@ -37,6 +37,8 @@
 #include "../causal_ops.h"
 #include "../checks.h"
 #include "../philox.h"
+#include "amx_matmul.h"
+#include "attention_flash_amx.h"
 #include "common.h"
 #include "dropout_cpu.h"
 #include "nt_blocks.h"
@@ -51,24 +53,6 @@ constexpr double kMinCostPerThread = 5e5;
 // (B, H, T, D) whose memory is (B, T, H, D).
 at::Tensor empty_heads_interleaved(int64_t B, int64_t H, int64_t T, int64_t D, const at::TensorOptions& options) {
   return at::empty({B, T, H, D}, options).transpose(1, 2);
-}
-
-// p[0..L) = exp(scale · s[0..L) - lse), the softmax row the forward computed; zeros in [L, n).
-inline void probs_from_lse_row(const float* s, float* p, int64_t L, int64_t n, float scale, float lse) {
-  const Vec vscale(scale), vlse(lse);
-  for (int64_t j = 0; j < L; j += kW) {
-    const int64_t c = std::min(kW, L - j);
-    (Vec::loadu(s + j, c) * vscale - vlse).exp_u20().store(p + j, c);
-  }
-  std::fill(p + L, p + n, 0.0f);
-}
-
-// The dropout multipliers of flat row `flat` into mult (resized), or null without dropout.
-const float* row_multipliers(const DropoutStream& ds, int64_t flat, int64_t length, std::vector<float>& mult) {
-  if (!ds.enabled) return nullptr;
-  mult.resize(static_cast<size_t>(length));
-  dropout_multipliers(ds, static_cast<uint32_t>(flat), length, mult.data());
-  return mult.data();
 }
 
 void flash_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const CausalLayout& L,
@@ -158,8 +142,10 @@ CausalLayout check_flash_args(const at::Tensor& q, const at::Tensor& k, const at
   check_same_dtype_device(v, k, op, "v", "k");
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v has shape ", v.sizes(), " but k has shape ", k.sizes(),
               "; k and v must be (B, H_kv, T_k, D) alike");
-  TORCH_CHECK(q.scalar_type() == at::kFloat, op, ": q has dtype ", q.scalar_type(),
-              "; the flash kernels are float32 only (bfloat16 runs causal_attention_probs and the causal matmuls)");
+  const bool bf16_ok = q.scalar_type() == at::kBFloat16 && amx::usable(q.size(3));
+  TORCH_CHECK(q.scalar_type() == at::kFloat || bf16_ok, op, ": q has dtype ", q.scalar_type(), " and head dim ",
+              q.size(3), "; the flash kernels take float32, or bfloat16 where it runs on AMX (an AMX-BF16 CPU, an "
+              "even head dim, FASTGPT_CPU_AMX not 0); elsewhere bfloat16 runs causal_attention_probs and the causal matmuls");
   return L;
 }
 
@@ -173,10 +159,15 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_flash_forward(const at::Tens
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   check_scale_dropout(scale, dropout_p, B * H * L.T_q, op);
   at::Tensor out = empty_heads_interleaved(B, H, L.T_q, D, q.options());
-  at::Tensor lse = at::empty({B, H, L.T_q}, q.options());
+  at::Tensor lse = at::empty({B, H, L.T_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const auto ds = make_dropout_stream(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), dropout_p);
-  flash_forward_kernel(rows_readable(q), rows_readable(k), rows_readable(v), L, static_cast<float>(scale), ds, out, lse);
+  if (q.scalar_type() == at::kBFloat16) {
+    amx::flash_forward(rows_readable(q), rows_readable(k), rows_readable(v), L, static_cast<float>(scale), ds, out, lse);
+  } else {
+    flash_forward_kernel(rows_readable(q), rows_readable(k), rows_readable(v), L, static_cast<float>(scale), ds, out,
+                         lse);
+  }
   return {out, lse};
 }
 
@@ -190,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
   check_same_dtype_device(dout, q, op, "dout", "q");
   TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout has shape ", dout.sizes(), " but q has shape ", q.sizes(),
               "; dout must be shaped like the forward's output (B, H, T_q, D)");
-  check_same_dtype_device(lse, q, op, "lse", "q");
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat, op, ": lse is ", lse.scalar_type(),
+              " on ", lse.device(), "; it must be the forward's float32 log-sum-exp on ", q.device());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == L.T_q, op, ": lse has shape ",
               lse.sizes(), "; it must be the forward's (B, H, T_q) = (", B, ", ", H, ", ", L.T_q, ")");
   at::Tensor dq = empty_heads_interleaved(B, H, L.T_q, D, q.options());
@@ -203,8 +195,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
     return {dq, dk, dv};
   }
   const auto ds = make_dropout_stream(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), dropout_p);
-  flash_backward_kernel(rows_readable(dout), rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), L,
+  if (q.scalar_type() == at::kBFloat16) {
+    amx::flash_backward(rows_readable(dout), rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), L,
                         static_cast<float>(scale), ds, dq, dk, dv);
+  } else {
+    flash_backward_kernel(rows_readable(dout), rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(),
+                          L, static_cast<float>(scale), ds, dq, dk, dv);
+  }
   return {dq, dk, dv};
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../philox.h"
 
@@ -83,6 +84,14 @@ inline void dropout_multipliers(const DropoutStream& ds, uint32_t row, int64_t n
     dropout_multipliers_64(ds, row, static_cast<uint32_t>(c / 4), tail);
     std::memcpy(mult + c, tail, sizeof(float) * (n - c));
   }
+}
+
+// The dropout multipliers of flat row `flat` into mult (resized), or null without dropout.
+inline const float* row_multipliers(const DropoutStream& ds, int64_t flat, int64_t length, std::vector<float>& mult) {
+  if (!ds.enabled) return nullptr;
+  mult.resize(static_cast<size_t>(length));
+  dropout_multipliers(ds, static_cast<uint32_t>(flat), length, mult.data());
+  return mult.data();
 }
 
 }  // namespace fastgpt::cpu

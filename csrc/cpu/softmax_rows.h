@@ -97,4 +97,15 @@ inline void softmax_grad_row(const g_t* g, const p_t* p, out_t* ds, int64_t L, f
   }
 }
 
+// p[0..L) = exp(scale · s[0..L) - lse), the softmax row the forward computed from its
+// log-sum-exp (the flash kernels' backward); zeros in [L, n).
+inline void probs_from_lse_row(const float* s, float* p, int64_t L, int64_t n, float scale, float lse) {
+  const Vec vscale(scale), vlse(lse);
+  for (int64_t j = 0; j < L; j += kW) {
+    const int64_t c = std::min(kW, L - j);
+    (Vec::loadu(s + j, c) * vscale - vlse).exp_u20().store(p + j, c);
+  }
+  std::fill(p + L, p + n, 0.0f);
+}
+
 }  // namespace fastgpt::cpu

@@ -54,13 +54,13 @@ def ext_attention(
     if torch.compiler.is_compiling():
         return _attention_per_op(q, k, v, dropout_p, scale, seed, offset)
     # Eagerly: one autograd node over the same op calls (fastgpt/ext/attention_function.py), or
-    # on CPU in float32 the flash op with its C++ node (csrc/cpu/attention_flash.cpp)
+    # on CPU in float32 (and bfloat16 on AMX) the flash op with its C++ node (csrc/cpu/attention_flash.cpp)
     from fastgpt.ext.attention_function import ExtAttention
 
     if seed is None:  # only a dropout call consumes randomness, as nn.Dropout does
         seed = int(ops.draw_seed()) if dropout_p > 0.0 else 0  # the draw _attention_per_op makes
-    if q.device.type == "cpu" and ops.cpu_attention_kernels(q.dtype, k.shape[0] * k.shape[1]) == "flash":
-        # float32 on CPU: the flash kernels, no T×T matrix stored; the node is C++
+    if q.device.type == "cpu" and ops.cpu_attention_kernels(q.dtype, k.shape[0] * k.shape[1], q.shape[-1]) == "flash":
+        # the flash kernels, no T×T matrix stored; the node is C++
         return ops.causal_attention_flash(q, k, v, float(scale), float(dropout_p), seed, offset)
     return ExtAttention.apply(q, k, v, float(scale), float(dropout_p), seed, offset)
 

@@ -38,10 +38,12 @@ REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
 JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
-SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "cpu/causal_softmax.cpp", "cpu/skinny_linear.cpp",
-           "cpu/dropout.cpp", "cpu/attention_fused.cpp", "cpu/attention_flash.cpp")
-HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h", "cpu/common.h", "cpu/amx_matmul.h", "cpu/softmax_rows.h", "cpu/nt_blocks.h",
-           "cpu/dropout_cpu.h")
+SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "cpu/causal_softmax.cpp",
+           "cpu/skinny_linear.cpp", "cpu/dropout.cpp", "cpu/attention_fused.cpp", "cpu/attention_flash.cpp",
+           "cpu/attention_flash_amx.cpp")
+HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h",
+           "cpu/common.h", "cpu/amx_matmul.h", "cpu/amx_tiles.h", "cpu/attention_flash_amx.h", "cpu/softmax_rows.h",
+           "cpu/nt_blocks.h", "cpu/dropout_cpu.h")
 # The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
 # is there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
 # part of the build (it is the offline compile check's, fastgpt/ext/cuda_compile_check.py).

@@ -25,7 +25,8 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
                                   the dense (B,H,T_q,T_k) bool mask causal_softmax draws (testing hook)
     causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset) -> (out, lse)
     causal_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset) -> (dq, dk, dv)
-                                  the whole attention, float32 CPU, no T×T matrix stored
+                                  the whole attention on CPU, no T×T matrix stored: float32, or
+                                  bfloat16 on AMX (cpu_bf16_products)
     causal_attention_flash(q, k, v, scale, dropout_p, seed, offset) -> out
                                   the two as one op with a C++ autograd node: what the eager ext
                                   attention runs there (cpu_attention_kernels says when)
@@ -135,17 +136,20 @@ def _check_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}; k and v must be "
                          "(B, H_kv, T_k, D) alike")
-    if q.device.type != "cpu" or q.dtype != torch.float32:
-        raise ValueError(f"q is {q.dtype} on {q.device}; the flash kernels take float32 CPU tensors only")
+    if q.device.type != "cpu" or not (q.dtype == torch.float32 or (q.dtype == torch.bfloat16
+                                                                    and _ops.cpu_bf16_uses_amx(q.shape[-1]))):
+        raise ValueError(f"q is {q.dtype} on {q.device} with head dim {q.shape[-1]}; the flash kernels take CPU "
+                         "tensors in float32, or in bfloat16 where cpu_bf16_products(head_dim) is 'AMX'")
 
 
 def causal_attention_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                    dropout_p: float = 0.0, seed: int = 0,
                                    offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): the causal attention of q (B, H, T_q, D) over k, v (B, H_kv, T_k, D), float32 on
-    CPU, without storing any T×T matrix (csrc/cpu/attention_flash.cpp); lse (B, H, T_q) is each
-    row's log-sum-exp of scale · q·kᵀ, which the backward needs. Dropout draws causal_softmax's mask.
-    out is a (B, H, T_q, D) view of (B, T_q, H, D) memory."""
+    """(out, lse): the causal attention of q (B, H, T_q, D) over k, v (B, H_kv, T_k, D) on CPU, in
+    float32 (csrc/cpu/attention_flash.cpp) or in bfloat16 on AMX (csrc/cpu/attention_flash_amx.cpp),
+    without storing any T×T matrix; lse (B, H, T_q, float32) is each row's log-sum-exp of
+    scale · q·kᵀ, which the backward needs. Dropout draws causal_softmax's mask. out is a
+    (B, H, T_q, D) view of (B, T_q, H, D) memory."""
     _check_flash(q, k, v)
     check_softmax_args(scale, dropout_p, seed, offset)
     return _ops.causal_attention_flash_forward(q, k, v, float(scale), float(dropout_p), seed, offset)
@@ -266,14 +270,16 @@ def cpu_bf16_products(head_dim: int) -> str:
     return "AMX" if _ops.cpu_bf16_uses_amx(head_dim) else "float32 tiles"
 
 
-def cpu_attention_kernels(dtype: torch.dtype, kv_heads_total: int) -> str:
+def cpu_attention_kernels(dtype: torch.dtype, kv_heads_total: int, head_dim: int) -> str:
     """Which kernels the eager ext attention runs on CPU tensors of `dtype` with B·H_kv =
-    `kv_heads_total` key/value heads: "flash" (csrc/cpu/attention_flash.cpp: float32, no T×T matrix
-    stored, the probabilities recomputed in the backward) or "materialised" (P stored: the fused
-    ops of csrc/cpu/attention_fused.cpp and the causal matmuls; bfloat16 always). The flash backward
-    gives each thread whole key/value heads, so it is taken only where there are at least as many
-    as threads; FASTGPT_CPU_FLASH=0 turns it off."""
-    if dtype != torch.float32 or os.environ.get("FASTGPT_CPU_FLASH", "1") == "0":
+    `kv_heads_total` key/value heads of `head_dim`: "flash" (no T×T matrix stored, the
+    probabilities recomputed in the backward: csrc/cpu/attention_flash.cpp in float32,
+    csrc/cpu/attention_flash_amx.cpp in bfloat16 where cpu_bf16_products(head_dim) is "AMX") or
+    "materialised" (P stored: the fused ops of csrc/cpu/attention_fused.cpp and the causal matmuls).
+    The flash backward gives each thread whole key/value heads, so it is taken only where there are
+    at least as many as threads; FASTGPT_CPU_FLASH=0 turns it off."""
+    flash_dtype = dtype == torch.float32 or (dtype == torch.bfloat16 and _ops.cpu_bf16_uses_amx(head_dim))
+    if not flash_dtype or os.environ.get("FASTGPT_CPU_FLASH", "1") == "0":
         return "materialised"
     return "flash" if kv_heads_total >= torch.get_num_threads() else "materialised"
 
@@ -434,7 +440,7 @@ def _fake_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset):  # -
     _fake_check_same(q, k, v)
     _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
     B, H, T_q, D = q.shape
-    return _heads_interleaved(q, B, H, T_q, D), q.new_empty((B, H, T_q))
+    return _heads_interleaved(q, B, H, T_q, D), q.new_empty((B, H, T_q), dtype=torch.float32)
 
 
 def _fake_attention_flash(q, k, v, scale, dropout_p, seed, offset):
@@ -442,7 +448,7 @@ def _fake_attention_flash(q, k, v, scale, dropout_p, seed, offset):
 
 
 def _fake_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset):  # -> (dq, dk, dv)
-    _fake_check_same(dout, q, k, v, lse)
+    _fake_check_same(dout, q, k, v)
     _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
