@@ -130,6 +130,20 @@ def test_an_expanded_upstream_gradient_and_an_empty_head_dim(flash):
                                                   (q, k, v)))
 
 
+@needs_amx
+def test_both_bfloat16_roundings_give_the_same_bits(monkeypatch):
+    """The hot loops round with AVX512-BF16's instruction where the CPU has it, else with ATen's
+    integer rounding (FASTGPT_CPU_AVX512BF16=0 forces it): both round to nearest even."""
+    q, k, v = make_qkv((2, 4, 2, 100, 130, 32), torch.bfloat16, "cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    runs = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("FASTGPT_CPU_AVX512BF16", native)
+        runs.append(_flash_op_pair(q, k, v, dout, 0.2, 0.1, 5))
+    for got, want in zip((*runs[1][0], runs[1][1]), (*runs[0][0], runs[0][1])):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_outputs_are_heads_interleaved_views(dtype):
     """out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory: the layer's transpose back to
