@@ -46,13 +46,15 @@ def environment_line(result: dict[str, Any]) -> str:
 
 # What cpu_bf16_products (fastgpt/ext/ops.py) says, in a table note's words.
 EXT_BF16_PRODUCTS = {
-    "AMX": "AMX-BF16 tiles (csrc/cpu/amx_matmul.cpp: oneDNN's brgemm through ATen, float32 accumulation)",
+    "AMX": ("AMX-BF16 tiles (oneDNN's brgemm through ATen, float32 accumulation: csrc/cpu/attention_flash_amx.cpp "
+            "in the flash kernels, csrc/cpu/amx_matmul.cpp in the materialised ones)"),
     "float32 tiles": "float32 GEMMs over tiles converted from bfloat16 (this CPU has no AMX-BF16, or FASTGPT_CPU_AMX=0)",
 }
 
 # What cpu_attention_kernels (fastgpt/ext/ops.py) says, in a table note's words.
 EXT_CPU_KERNELS = {
-    "flash": "flash kernels (csrc/cpu/attention_flash.cpp: no T×T matrix stored, P recomputed in the backward)",
+    "flash": ("flash kernels (csrc/cpu/attention_flash.cpp, bfloat16 on AMX attention_flash_amx.cpp: no T×T matrix "
+              "stored, P recomputed in the backward)"),
     "materialised": "materialised kernels (P stored: csrc/cpu/attention_fused.cpp and the causal matmuls)",
 }
 

@@ -1,5 +1,6 @@
-// CPU flash attention, float32: the whole causal attention in two ops that never store a T×T matrix,
-// and the two as one differentiable op with a C++ autograd node (what the eager ext attention calls).
+// CPU flash attention: the whole causal attention in two ops that never store a T×T matrix, and the
+// two as one differentiable op with a C++ autograd node (what the eager ext attention calls). The
+// kernels here are float32; bfloat16 (where amx::usable(D)) runs attention_flash_amx.cpp's.
 //
 //   causal_attention_flash_forward(q, k, v, ...)                -> (out, lse)
 //   causal_attention_flash_backward(dout, q, k, v, lse, ...)    -> (dq, dk, dv)
