@@ -40,8 +40,9 @@ def _mib(n) -> str:
 
 def environment_line(result: dict[str, Any]) -> str:
     env = result["environment"]
+    kept = ", glibc malloc keeping freed memory (fastgpt/host_memory.py)" if env.get("keep_freed_memory") else ""
     return (f"{env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, triton {env['triton']}, "
-            f"python {env['python']}, commit {env['commit']}, {env['timestamp']}")
+            f"python {env['python']}, commit {env['commit']}, {env['timestamp']}{kept}")
 
 
 # What cpu_bf16_products (fastgpt/ext/ops.py) says, in a table note's words.

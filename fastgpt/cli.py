@@ -95,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if distributed.is_main():
                     print(f"fastgpt: preset {preset!r} (the default on this device; choose with --preset)")
             trainer = Trainer(*make_configs(preset, overrides))
+        if trainer.device.type == "cpu":
+            _keep_freed_memory(trainer.is_main)
         trainer.run(overwrite=args.overwrite)
     except KeyboardInterrupt:
         # Ctrl-C is how a run is stopped, not a failure to explain: one line, and where to pick up.
@@ -105,6 +107,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown()
     return 0
+
+
+def _keep_freed_memory(say: bool) -> bool:
+    """A CPU training run's process keeps freed memory for reuse (fastgpt/host_memory.py); whether it does."""
+    from fastgpt.host_memory import keep_freed_memory
+
+    note = keep_freed_memory()
+    if note and say:
+        print(note)
+    return note is not None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -252,6 +264,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         pngs = plot_generate(result, out_dir)
     elif args.profile:
         from fastgpt.benchmarks.train_profile import profile_markdown, run_train_profile
+        from fastgpt.train import resolve_device
+
+        kept = resolve_device(args.device or "auto").type == "cpu" and _keep_freed_memory(True)
 
         if args.backends is not None and len(args.backends) != 1:
             raise ValueError(f"--profile runs one attention backend; --backends names {len(args.backends)}: "
@@ -259,16 +274,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preset = args.preset or "cpu"
         result = run_train_profile(preset, args.device or "auto", max_iters=args.steps, data=args.data,
                                    dtype=args.dtype or "fp32", backend=args.backends[0] if args.backends else None)
+        result["environment"]["keep_freed_memory"] = kept
         print(profile_markdown(result))
         files = write_results(result, out_dir, f"train_profile_{preset}")
         pngs = []
     else:
         from fastgpt.benchmarks.train import run_train_benchmark
+        from fastgpt.train import resolve_device
 
+        kept = resolve_device(args.device or "auto").type == "cpu" and _keep_freed_memory(True)
         preset = args.preset or "cpu"
         result = run_train_benchmark(preset, args.device or "auto", steps=args.steps or 5, reps=args.reps or 3,
                                      backends=args.backends, data=args.data, peak_flops=args.peak_flops,
                                      progress=not args.no_progress, dtype=args.dtype or "fp32")
+        result["environment"]["keep_freed_memory"] = kept
         print(train_markdown(result))
         files = write_results(result, out_dir, f"train_{preset}")
         pngs = []

@@ -13,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The test process runs `fastgpt train` in-process many times: it keeps glibc's malloc as it is
+# (tests/test_host_memory.py checks the tuning in fresh processes and through a fake libc).
+os.environ.setdefault("FASTGPT_KEEP_FREED_MEMORY", "0")
 
 REPO = Path(__file__).resolve().parent.parent
 # CI and the developers' machines keep the corpus beside the checkout; FASTGPT_DATA overrides.
