@@ -1,6 +1,6 @@
 """ExtAttention (fastgpt/ext/attention_function.py): the eager one-node path of ext_attention gives
 the very bits of the per-op path that torch.compile traces, forward and every gradient, and costs
-fewer autograd nodes. In float32 on CPU the node runs the flash kernels by default, which sum in
+fewer autograd nodes. In float32 on CPU (bfloat16 on AMX) ext runs the flash kernels by default, which sum in
 another order (tests/test_ext_flash.py); here FASTGPT_CPU_FLASH=0 holds it to the materialised
 kernels, the ones that must match the per-op path bit for bit."""
 

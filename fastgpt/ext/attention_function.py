@@ -15,8 +15,9 @@ same bits per row block without storing S (unless dropout needs it) or dP
 (tests/test_ext_attention_function.py). Under torch.compile ext_attention keeps the per-op path.
 A second derivative raises (once_differentiable): P and S are computed off the graph.
 
-On CPU in float32 (where ops.cpu_attention_kernels says "flash") ext_attention does not come here:
-it calls the flash op, causal_attention_flash, whose autograd node is C++ (csrc/cpu/attention_flash.cpp):
+On CPU in float32, and in bfloat16 on AMX (where ops.cpu_attention_kernels says "flash"),
+ext_attention does not come here: it calls the flash op, causal_attention_flash, whose autograd
+node is C++ (csrc/cpu/attention_flash.cpp, attention_flash_amx.cpp):
 no T×T matrix stored, P recomputed in the backward. Same math and the same dropout mask, not the
 same bits (the sums run in another order); its parity is tests/test_ext_flash.py's.
 
