@@ -45,16 +45,17 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_probs(const at::Tensor& q, c
 // dScores = the softmax's backward of causal_matmul_nt(dout, v), from saved = P (no dropout) or S.
 at::Tensor causal_attention_grad_scores(const at::Tensor& dout, const at::Tensor& v, const at::Tensor& saved,
                                         double scale, double dropout_p, int64_t seed, int64_t offset);
-// Flash style, float32 (cpu/attention_flash.cpp): (out, lse) with lse (B, H, T_q) the rows' log-sum-exp
-// of scale · q·kᵀ, and the backward's (dq, dk, dv) from it; no T×T matrix stored.
+// Flash style, float32 or bfloat16 on AMX (cpu/attention_flash.cpp): (out, lse) with lse (B, H, T_q)
+// the rows' log-sum-exp of scale · q·kᵀ, and the backward's (dq, dk, dv) from out and lse; no T×T
+// matrix stored.
 std::tuple<at::Tensor, at::Tensor> causal_attention_flash_forward(const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& v, double scale, double dropout_p,
                                                                   int64_t seed, int64_t offset);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-    double scale, double dropout_p, int64_t seed, int64_t offset);
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, double dropout_p, int64_t seed, int64_t offset);
 // out of the two above as one differentiable op: its CPU kernel (no graph) and its autograd kernel,
-// a C++ node that saves lse and runs the flash backward (what the eager ext attention calls).
+// a C++ node that saves out and lse and runs the flash backward (what the eager ext attention calls).
 at::Tensor causal_attention_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                   double dropout_p, int64_t seed, int64_t offset);
 at::Tensor causal_attention_flash_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,

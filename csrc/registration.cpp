@@ -43,13 +43,14 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("causal_attention_probs(Tensor q, Tensor k, float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def("causal_attention_grad_scores(Tensor dout, Tensor v, Tensor saved, float scale, float dropout_p, int seed, "
         "int offset) -> Tensor");
-  // The whole attention on CPU in float32, flash style (cpu/attention_flash.cpp): no T×T matrix is
-  // stored; the forward returns each row's log-sum-exp, from which the backward recomputes P. out,
-  // dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory. Dropout draws causal_softmax's mask.
+  // The whole attention on CPU in float32 (bfloat16 on AMX), flash style (cpu/attention_flash.cpp): no
+  // T×T matrix is stored; the forward returns each row's log-sum-exp, from which the backward
+  // recomputes P, and takes out for each row's dO·out. out, dq, dk, dv are (B, H, T, D) views of
+  // (B, T, H, D) memory. Dropout draws causal_softmax's mask.
   m.def("causal_attention_flash_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed, "
         "int offset) -> (Tensor, Tensor)");
-  m.def("causal_attention_flash_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, float scale, "
-        "float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+  m.def("causal_attention_flash_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)");
   // The two as one differentiable op, its autograd node in C++ (below): what the eager ext calls.
   m.def("causal_attention_flash(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed, int offset) "
         "-> Tensor");

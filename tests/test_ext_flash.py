@@ -40,7 +40,7 @@ def flash(monkeypatch):
 
 def _flash_op_pair(q, k, v, dout, scale, dropout_p=0.0, seed=0):
     out, lse = ops.causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, 0)
-    return (out, *ops.causal_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, 0)), lse
+    return (out, *ops.causal_attention_flash_backward(dout, q, k, v, out, lse, scale, dropout_p, seed, 0)), lse
 
 
 @pytest.mark.parametrize("dtype, shape", DTYPE_SHAPES)
@@ -126,7 +126,7 @@ def test_an_expanded_upstream_gradient_and_an_empty_head_dim(flash):
     out, lse = ops.causal_attention_flash_forward(q, k, v, 1.0, 0.0, 0, 0)
     assert out.shape == (1, 2, 5, 0)
     torch.testing.assert_close(lse, torch.arange(1, 6).log().expand(1, 2, 5))  # uniform over i + 1 keys
-    assert all(g.shape == t.shape for g, t in zip(ops.causal_attention_flash_backward(q, q, k, v, lse, 1.0, 0.0, 0, 0),
+    assert all(g.shape == t.shape for g, t in zip(ops.causal_attention_flash_backward(q, q, k, v, out, lse, 1.0, 0.0, 0, 0),
                                                   (q, k, v)))
 
 
@@ -201,10 +201,10 @@ def test_opcheck(dtype):
     q, k, v = make_qkv((2, 4, 2, 17, 70, 8), dtype, "cpu")
     dout = torch.randn(q.shape).to(dtype)
     for dropout_p, seed in ((0.0, 0), (0.25, 1234)):
-        _, lse = ops.causal_attention_flash_forward(q, k, v, 0.3, dropout_p, seed, 7)
+        out, lse = ops.causal_attention_flash_forward(q, k, v, 0.3, dropout_p, seed, 7)
         torch.library.opcheck(ops.causal_attention_flash_forward.default, (q, k, v, 0.3, dropout_p, seed, 7))
         torch.library.opcheck(ops.causal_attention_flash_backward.default,
-                              (dout, q, k, v, lse, 0.3, dropout_p, seed, 7))
+                              (dout, q, k, v, out, lse, 0.3, dropout_p, seed, 7))
         leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
         torch.library.opcheck(ops.causal_attention_flash.default, (*leaves, 0.3, dropout_p, seed, 7))
 
@@ -223,11 +223,14 @@ BAD = [  # the checked Python wrappers
     (lambda: ext_ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 1.0),
      r"dropout_p must be a number in \[0, 1\); got 1.0"),
     (lambda: ext_ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
-                                                     _t(1, 2, 4), 1.0),
+                                                     _t(1, 2, 5, 4), _t(1, 2, 4), 1.0),
      r"lse must be the forward's float32 \(B, H, T_q\) = \(1, 2, 5\); got \(1, 2, 4\) torch.float32"),
     (lambda: ext_ops.causal_attention_flash_backward(_t(1, 2, 4, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
-                                                     _t(1, 2, 5), 1.0),
+                                                     _t(1, 2, 5, 4), _t(1, 2, 5), 1.0),
      r"dout has shape \(1, 2, 4, 4\) but q has shape \(1, 2, 5, 4\)"),
+    (lambda: ext_ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                     _t(1, 2, 5, 3), _t(1, 2, 5), 1.0),
+     r"out has shape \(1, 2, 5, 3\) but q has shape \(1, 2, 5, 4\); out must be shaped like the forward's output"),
 ]
 CPP_BAD = [  # the ops themselves, past the wrappers
     (lambda: ops.causal_attention_flash_forward(_t(1, 2, 5, 5, dtype=torch.bfloat16), _t(1, 2, 5, 5, dtype=torch.bfloat16),
@@ -235,18 +238,25 @@ CPP_BAD = [  # the ops themselves, past the wrappers
      r"causal_attention_flash_forward: q has dtype BFloat16 and head dim 5; the flash kernels take float32, or "
      r"bfloat16 where it runs on AMX"),
     (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
-                                                 _t(1, 2, 5, dtype=torch.bfloat16), 1.0, 0.0, 0, 0),
+                                                 _t(1, 2, 5, 4), _t(1, 2, 5, dtype=torch.bfloat16), 1.0, 0.0, 0, 0),
      r"causal_attention_flash_backward: lse is BFloat16 on cpu; it must be the forward's float32 log-sum-exp"),
     (lambda: ops.causal_attention_flash_forward(_t(1, 2, 6, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 0.0, 0, 0),
      r"causal_attention_flash_forward: T_q = 6 > T_k = 5"),
     (lambda: ops.causal_attention_flash_forward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 1, 5, 4), 1.0, 0.0, 0, 0),
      r"v has shape \[1, 1, 5, 4\] but k has shape \[1, 2, 5, 4\]"),
     (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
-                                                 _t(2, 2, 5), 1.0, 0.0, 0, 0),
+                                                 _t(1, 2, 5, 4), _t(2, 2, 5), 1.0, 0.0, 0, 0),
      r"lse has shape \[2, 2, 5\]; it must be the forward's \(B, H, T_q\) = \(1, 2, 5\)"),
     (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
-                                                 _t(1, 2, 5), float("inf"), 0.0, 0, 0),
+                                                 _t(1, 2, 5, 4), _t(1, 2, 5), float("inf"), 0.0, 0, 0),
      r"scale must be finite; got inf"),
+    (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                 _t(1, 2, 4, 4), _t(1, 2, 5), 1.0, 0.0, 0, 0),
+     r"causal_attention_flash_backward: out has shape \[1, 2, 4, 4\] but q has shape \[1, 2, 5, 4\]; out must be "
+     r"the forward's output"),
+    (lambda: ops.causal_attention_flash_backward(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4),
+                                                 _t(1, 2, 5, 4, dtype=torch.float64), _t(1, 2, 5), 1.0, 0.0, 0, 0),
+     r"causal_attention_flash_backward: out has dtype Double but q has dtype Float"),
     (lambda: ops.causal_attention_flash(_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4).to("meta"), 1.0, 0.0, 0, 0),
      r"all tensors must share one device and dtype; got meta/torch.float32 and cpu/torch.float32"),
     (lambda: ops.causal_attention_flash(_t(1, 2, 6, 4).requires_grad_(), _t(1, 2, 5, 4), _t(1, 2, 5, 4), 1.0, 0.0,

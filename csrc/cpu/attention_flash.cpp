@@ -3,7 +3,7 @@
 // kernels here are float32; bfloat16 (where amx::usable(D)) runs attention_flash_amx.cpp's.
 //
 //   causal_attention_flash_forward(q, k, v, ...)                -> (out, lse)
-//   causal_attention_flash_backward(dout, q, k, v, lse, ...)    -> (dq, dk, dv)
+//   causal_attention_flash_backward(dout, q, k, v, out, lse, ...) -> (dq, dk, dv)
 //   causal_attention_flash(q, k, v, ...)                        -> out
 //
 // Why: the materialised path (attention_fused.cpp and the causal matmuls) writes P and dS to memory
@@ -11,7 +11,9 @@
 // a quarter of its time on a 2-core Xeon. Here a row block's scores, probabilities and gradients
 // live in a thread's (64 × T_k) scratch, in L2, from the GEMM that makes them to the GEMMs that
 // consume them. The price is one more product: the backward recomputes S = q·kᵀ and, from the
-// forward's log-sum-exp of each row, P = exp(scale·S - lse), instead of reading P.
+// forward's log-sum-exp of each row, P = exp(scale·S - lse), instead of reading P. It takes each
+// row's Σ dP∘P, which dS needs before its first element, as dO·out (D products, before the loop),
+// so that P and dS are made in one pass.
 //
 // Row block r holds the m = rows(r) queries from r0 = 64·r and the keys [0, w), w = width(r); its
 // diagonal tile is computed whole and its entries above the diagonal set to zero before they reach
@@ -81,12 +83,13 @@ void flash_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 void flash_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& lse, const CausalLayout& L, float scale, const DropoutStream& ds,
-                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                           const at::Tensor& lse, const at::Tensor& delta, const CausalLayout& L, float scale,
+                           const DropoutStream& ds, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t BH_kv = k.size(0) * k.size(1), D = q.size(3), group = q.size(1) / k.size(1);
   const auto Q = rows4<float>(q), K = rows4<float>(k), V = rows4<float>(v), dO = rows4<float>(dout);
   const auto dQ = rows4<float>(dq), dK = rows4<float>(dk), dV = rows4<float>(dv);
   const float* lse_data = lse.data_ptr<float>();
+  const float* delta_data = delta.data_ptr<float>();
   double per_head = 0.0;  // five products per row block, for each of the group's query heads
   for (int64_t r = 0; r < L.R; ++r) per_head += static_cast<double>(group * L.rows(r) * L.width(r) * (5 * D + 16));
   parallel_for_balanced(BH_kv, [per_head](int64_t i) { return static_cast<double>(i) * per_head; }, kMinCostPerThread,
@@ -108,24 +111,14 @@ void flash_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
           const float* do_r = dO.at(bh) + r0 * dO.ld;
           p_buf.resize(std::max<size_t>(p_buf.size(), static_cast<size_t>(m * w)));
           ds_buf.resize(p_buf.size());
-          float* p = p_buf.data();    // (m × w): S, then P, then P after dropout
-          float* dsc = ds_buf.data();  // (m × w): dP after dropout, then dS
+          float* p = p_buf.data();    // (m × w): S, then P after dropout
+          float* dsc = ds_buf.data();  // (m × w): dP, then dS
           gemm(false, true, m, w, D, 1.0f, q_r, Q.ld, k_h, K.ld, 0.0f, p, w);
           gemm(false, true, m, w, D, 1.0f, do_r, dO.ld, v_h, V.ld, 0.0f, dsc, w);
           for (int64_t i = 0; i < m; ++i) {
             const int64_t length = L.o + r0 + i + 1, flat = bh * L.T_q + r0 + i;
-            float* p_row = p + i * w;
-            float* ds_row = dsc + i * w;
-            probs_from_lse_row(p_row, p_row, length, w, scale, lse_data[flat]);
-            const float* mlt = row_multipliers(ds, flat, length, mult);
-            softmax_grad_row(ds_row, p_row, ds_row, length, scale, mlt);
-            std::fill(ds_row + length, ds_row + w, 0.0f);
-            if (mlt != nullptr) {
-              for (int64_t j = 0; j < length; j += kW) {
-                const int64_t c = std::min(kW, length - j);
-                (Vec::loadu(p_row + j, c) * Vec::loadu(mlt + j, c)).store(p_row + j, c);
-              }
-            }
+            flash_grad_row(p + i * w, dsc + i * w, length, w, scale, lse_data[flat], delta_data[flat],
+                           row_multipliers(ds, flat, length, mult));
           }
           gemm(true, false, w, D, m, 1.0f, p, w, do_r, dO.ld, 1.0f, dv_h, dV.ld);                // dv += Pᵀ·dO
           gemm(false, false, m, D, w, 1.0f, dsc, w, k_h, K.ld, 0.0f, dQ.at(bh) + r0 * dQ.ld, dQ.ld);  // dq = dS·k
@@ -134,6 +127,33 @@ void flash_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
       }
     }
   });
+}
+
+// delta (B, H, T_q) float32: each query's dO·out, D products, which equals Σ_j dP_ij·P_ij over
+// its keys (with dropout too: out = (P∘mult)·v and dP = (dO·vᵀ)∘mult), the sum the softmax's
+// backward subtracts. The flash backward takes it from here instead of a pass over the keys.
+template <typename scalar_t>
+at::Tensor output_grad_dots(const at::Tensor& dout, const at::Tensor& out) {
+  const int64_t B = dout.size(0), H = dout.size(1), T_q = dout.size(2), D = dout.size(3);
+  const auto G = rows4<scalar_t>(dout), O = rows4<scalar_t>(out);
+  at::Tensor delta = at::empty({B, H, T_q}, dout.options().dtype(at::kFloat));
+  float* d = delta.data_ptr<float>();
+  const int64_t heads_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(T_q * D, 1));  // ~16k products
+  at::parallel_for(0, B * H, heads_per_task, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t i = 0; i < T_q; ++i) {
+        const scalar_t* g = G.at(bh) + i * G.ld;
+        const scalar_t* o = O.at(bh) + i * O.ld;
+        Vec acc(0.0f);  // load_row is zero past D
+        for (int64_t c = 0; c < D; c += kW) {
+          const int64_t n = std::min(kW, D - c);
+          acc = at::vec::fmadd(load_row(g + c, n), load_row(o + c, n), acc);
+        }
+        d[bh * T_q + i] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+      }
+    }
+  });
+  return delta;
 }
 
 // q (B, H, T_q, D), k and v (B, H_kv, T_k, D), float32 on the CPU.
@@ -173,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_flash_forward(const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-    double scale, double dropout_p, int64_t seed, int64_t offset) {
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, double dropout_p, int64_t seed, int64_t offset) {
   constexpr const char* op = "fastgpt::causal_attention_flash_backward";
   const CausalLayout L = check_flash_args(q, k, v, op);
   const int64_t B = q.size(0), H = q.size(1), H_kv = k.size(1), D = q.size(3);
@@ -182,6 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
   check_same_dtype_device(dout, q, op, "dout", "q");
   TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout has shape ", dout.sizes(), " but q has shape ", q.sizes(),
               "; dout must be shaped like the forward's output (B, H, T_q, D)");
+  check_same_dtype_device(out, q, op, "out", "q");
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out has shape ", out.sizes(), " but q has shape ", q.sizes(),
+              "; out must be the forward's output (B, H, T_q, D)");
   TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat, op, ": lse is ", lse.scalar_type(),
               " on ", lse.device(), "; it must be the forward's float32 log-sum-exp on ", q.device());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == L.T_q, op, ": lse has shape ",
@@ -196,12 +219,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
     return {dq, dk, dv};
   }
   const auto ds = make_dropout_stream(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), dropout_p);
+  const at::Tensor g = rows_readable(dout);
   if (q.scalar_type() == at::kBFloat16) {
-    amx::flash_backward(rows_readable(dout), rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), L,
+    const at::Tensor delta = output_grad_dots<c10::BFloat16>(g, rows_readable(out));
+    amx::flash_backward(g, rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), delta, L,
                         static_cast<float>(scale), ds, dq, dk, dv);
   } else {
-    flash_backward_kernel(rows_readable(dout), rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(),
-                          L, static_cast<float>(scale), ds, dq, dk, dv);
+    const at::Tensor delta = output_grad_dots<float>(g, rows_readable(out));
+    flash_backward_kernel(g, rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), delta, L,
+                          static_cast<float>(scale), ds, dq, dk, dv);
   }
   return {dq, dk, dv};
 }
@@ -221,13 +247,14 @@ std::tuple<at::Tensor, at::Tensor> dispatch_forward(const at::Tensor& q, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_backward(const at::Tensor& dout, const at::Tensor& q,
                                                                  const at::Tensor& k, const at::Tensor& v,
-                                                                 const at::Tensor& lse, double scale, double dropout_p,
-                                                                 int64_t seed, int64_t offset) {
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 double scale, double dropout_p, int64_t seed,
+                                                                 int64_t offset) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastgpt::causal_attention_flash_backward", "")
                              .typed<decltype(causal_attention_flash_backward)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(dout, q, k, v, lse, scale, dropout_p, seed, offset);
+  return op.call(dout, q, k, v, out, lse, scale, dropout_p, seed, offset);
 }
 
 // The autograd node of causal_attention_flash, in C++: an eager training step pays no Python per
@@ -238,7 +265,7 @@ class ExtFlashAttention : public torch::autograd::Function<ExtFlashAttention> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, double scale, double dropout_p, int64_t seed, int64_t offset) {
     auto [out, lse] = dispatch_forward(q, k, v, scale, dropout_p, seed, offset);
-    ctx->save_for_backward({q, k, v, lse});
+    ctx->save_for_backward({q, k, v, out, lse});  // out: the backward's delta = dO·out
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
@@ -254,9 +281,9 @@ class ExtFlashAttention : public torch::autograd::Function<ExtFlashAttention> {
     const auto& d = ctx->saved_data;
     at::Tensor dq, dk, dv;
     if (grads[0].defined()) {
-      std::tie(dq, dk, dv) = dispatch_backward(grads[0], saved[0], saved[1], saved[2], saved[3],
-                                                             d.at("scale").toDouble(), d.at("dropout_p").toDouble(),
-                                                             d.at("seed").toInt(), d.at("offset").toInt());
+      std::tie(dq, dk, dv) = dispatch_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                               d.at("scale").toDouble(), d.at("dropout_p").toDouble(),
+                                               d.at("seed").toInt(), d.at("offset").toInt());
     }
     auto asked = [&](int i, const at::Tensor& g) { return ctx->needs_input_grad(i) ? g : at::Tensor(); };
     return {asked(0, dq), asked(1, dk), asked(2, dv), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -7,9 +7,9 @@
 //   - each product is one micro-kernel call over all w keys (M = w): the B operand, at most 64
 //     columns wide, is the block's 64 queries, not a 64-key tile (amx_matmul.cpp's nt needs w / 64
 //     calls, and every call costs a kernel lookup and often a tile reconfiguration);
-//   - the softmax runs down the keys with a query per vector lane: the row maxima, sums and the
-//     backward's Σ dP∘P are kept per lane, never reduced across a vector, and the causal mask is a
-//     lane compare on the 64 keys the diagonal crosses;
+//   - the softmax runs down the keys with a query per vector lane: the row maxima and sums are kept
+//     per lane, never reduced across a vector, and the causal mask is a lane compare on the 64 keys
+//     the diagonal crosses;
 //   - two consecutive keys of P or dS are exactly one VNNI pair row of the next product's B.
 //
 // Row block r: queries [r0, r0 + m), m ≤ 64, keys [0, w), w = o + r0 + m, w2 = w rounded up to even.
@@ -20,7 +20,8 @@
 //                                 instead of w)
 //             outᵀ = vᵀ·Pᵀ        A = vᵀ (D × T_k, transposed once per call), B = the pairs
 //   backward  Sᵀ = k·qᵀ, dPᵀ = v·dOᵀ
-//             P = exp(scale·S - lse), delta = Σ dP∘P, dS = scale·P∘(dP - delta), per lane
+//             P = exp(scale·S - lse), dS = scale·P∘(dP - delta), per lane in one pass (delta =
+//                                 Σ dP∘P = dO·out per query, from the op)
 //             dv += Pᵀ·dO, dk += dSᵀ·q   A = Pᵀ, dSᵀ (w × 64, row-major), B = dO, q rows in VNNI pairs
 //             dqᵀ = kᵀ·dSᵀ           A = kᵀ (D × T_k, transposed once per head), B = dS's key pairs
 //
@@ -163,8 +164,8 @@ template <bool kDropout, class Cvt>
 #pragma GCC unroll 4
     for (int64_t c = 0; c < kLanes; ++c) {
       const float* s = st + j * kBlock + c * kW;
-      Vec a = at::vec::fmsub(Vec::loadu(s), vscale, mx[c]).exp_u20();
-      Vec b = odd ? at::vec::fmsub(Vec::loadu(s + kBlock), vscale, mx[c]).exp_u20() : zero;
+      Vec a = exp_nonpositive(at::vec::fmsub(Vec::loadu(s), vscale, mx[c]));
+      Vec b = odd ? exp_nonpositive(at::vec::fmsub(Vec::loadu(s + kBlock), vscale, mx[c])) : zero;
       if (j + 1 >= diag) {  // the diagonal's keys: only the lanes that see them
         a = lanes.keep(a, c, j, diag, zero);
         b = lanes.keep(b, c, j + 1, diag, zero);
@@ -184,31 +185,18 @@ template <bool kDropout, class Cvt>
   }
 }
 
-// The backward's rows of one row block, a query per lane: P = exp(scale·S - lse) in place of Sᵀ
-// and delta = Σ dP∘P down the keys, then dS = scale·P∘(dP - delta) into dst (row-major) and its
-// VNNI pairs, and P (times the dropout multipliers) into pt; the odd key's pair half is zero.
+// The backward's rows of one row block in one pass down the keys, a query per lane:
+// P = exp(scale·S - lse), dS = scale·P∘(dP - delta) into dst (row-major) and its VNNI pairs, and P
+// (times the dropout multipliers) into pt; delta (float[64]) is each query's Σ dP∘P, which the op
+// has as dO·out. The odd key's pair half is zero.
 template <bool kDropout, class Cvt>
-[[gnu::always_inline]] inline void backward_rows(float* st, const float* dpt, int64_t w, int64_t diag, float scale, const float* lse,
-                   const float* mult, const CausalLanes& lanes, bf16* pt, bf16* dst, uint32_t* ds_pairs) {
+[[gnu::always_inline]] inline void backward_rows(const float* st, const float* dpt, int64_t w, int64_t diag, float scale,
+                                                 const float* lse, const float* delta, const float* mult,
+                                                 const CausalLanes& lanes, bf16* pt, bf16* dst, uint32_t* ds_pairs) {
   const Vec vscale(scale), zero(0.0f);
-  Vec row_lse[kLanes], delta[kLanes];
+  Vec row_lse[kLanes], row_delta[kLanes];
 #pragma GCC unroll 4
-  for (int64_t c = 0; c < kLanes; ++c) row_lse[c] = Vec::loadu(lse + c * kW), delta[c] = zero;
-  auto grad = [&](int64_t e) {  // dP after dropout at element e of the key-major block
-    const Vec g = Vec::loadu(dpt + e);
-    if constexpr (kDropout) return g * Vec::loadu(mult + e);
-    return g;
-  };
-  for (int64_t j = 0; j < w; ++j) {
-#pragma GCC unroll 4
-    for (int64_t c = 0; c < kLanes; ++c) {
-      const int64_t e = j * kBlock + c * kW;
-      Vec p = at::vec::fmsub(Vec::loadu(st + e), vscale, row_lse[c]).exp_u20();
-      if (j >= diag) p = lanes.keep(p, c, j, diag, zero);
-      p.store(st + e);
-      delta[c] = at::vec::fmadd(grad(e), p, delta[c]);
-    }
-  }
+  for (int64_t c = 0; c < kLanes; ++c) row_lse[c] = Vec::loadu(lse + c * kW), row_delta[c] = Vec::loadu(delta + c * kW);
   for (int64_t j = 0; j < w; j += 2) {
     const int64_t keys = std::min<int64_t>(2, w - j);
 #pragma GCC unroll 4
@@ -216,14 +204,18 @@ template <bool kDropout, class Cvt>
       Vec d_s[2] = {zero, zero};
       for (int64_t t = 0; t < keys; ++t) {
         const int64_t e = (j + t) * kBlock + c * kW;
-        const Vec p = Vec::loadu(st + e);
-        d_s[t] = (grad(e) - delta[c]) * p * vscale;
-        Cvt::row(d_s[t], dst + e);
+        Vec p = exp_nonpositive(at::vec::fmsub(Vec::loadu(st + e), vscale, row_lse[c]));
+        if (j + t >= diag) p = lanes.keep(p, c, j + t, diag, zero);
+        Vec dp = Vec::loadu(dpt + e);
         if constexpr (kDropout) {
-          Cvt::row(p * Vec::loadu(mult + e), pt + e);
+          const Vec m = Vec::loadu(mult + e);
+          dp = dp * m;
+          Cvt::row(p * m, pt + e);
         } else {
           Cvt::row(p, pt + e);
         }
+        d_s[t] = (dp - row_delta[c]) * p * vscale;
+        Cvt::row(d_s[t], dst + e);
       }
       Cvt::pairs(d_s[0], d_s[1], ds_pairs + j / 2 * kBlock + c * kW);
     }
@@ -234,8 +226,8 @@ template <bool kDropout, class Cvt>
 // the function its intrinsics are inlined into.
 using ForwardSoftmax = void (*)(const float*, int64_t, int64_t, float, const float*, const CausalLanes&, uint32_t*,
                                 float*, float*);
-using BackwardRows = void (*)(float*, const float*, int64_t, int64_t, float, const float*, const float*,
-                              const CausalLanes&, bf16*, bf16*, uint32_t*);
+using BackwardRows = void (*)(const float*, const float*, int64_t, int64_t, float, const float*, const float*,
+                              const float*, const CausalLanes&, bf16*, bf16*, uint32_t*);
 template <bool kDropout>
 FASTGPT_BF16_TARGET void forward_softmax_native(const float* st, int64_t w, int64_t diag, float scale, const float* mult,
                                                 const CausalLanes& lanes, uint32_t* pairs, float* inv_sum, float* lse) {
@@ -247,15 +239,16 @@ void forward_softmax_soft(const float* st, int64_t w, int64_t diag, float scale,
   forward_softmax<kDropout, SoftBf16>(st, w, diag, scale, mult, lanes, pairs, inv_sum, lse);
 }
 template <bool kDropout>
-FASTGPT_BF16_TARGET void backward_rows_native(float* st, const float* dpt, int64_t w, int64_t diag, float scale,
-                                              const float* lse, const float* mult, const CausalLanes& lanes, bf16* pt,
-                                              bf16* dst, uint32_t* ds_pairs) {
-  backward_rows<kDropout, NativeBf16>(st, dpt, w, diag, scale, lse, mult, lanes, pt, dst, ds_pairs);
+FASTGPT_BF16_TARGET void backward_rows_native(const float* st, const float* dpt, int64_t w, int64_t diag, float scale,
+                                              const float* lse, const float* delta, const float* mult,
+                                              const CausalLanes& lanes, bf16* pt, bf16* dst, uint32_t* ds_pairs) {
+  backward_rows<kDropout, NativeBf16>(st, dpt, w, diag, scale, lse, delta, mult, lanes, pt, dst, ds_pairs);
 }
 template <bool kDropout>
-void backward_rows_soft(float* st, const float* dpt, int64_t w, int64_t diag, float scale, const float* lse,
-                        const float* mult, const CausalLanes& lanes, bf16* pt, bf16* dst, uint32_t* ds_pairs) {
-  backward_rows<kDropout, SoftBf16>(st, dpt, w, diag, scale, lse, mult, lanes, pt, dst, ds_pairs);
+void backward_rows_soft(const float* st, const float* dpt, int64_t w, int64_t diag, float scale, const float* lse,
+                        const float* delta, const float* mult, const CausalLanes& lanes, bf16* pt, bf16* dst,
+                        uint32_t* ds_pairs) {
+  backward_rows<kDropout, SoftBf16>(st, dpt, w, diag, scale, lse, delta, mult, lanes, pt, dst, ds_pairs);
 }
 ForwardSoftmax pick_forward_softmax(bool dropout) {
   if (native_bf16()) return dropout ? forward_softmax_native<true> : forward_softmax_native<false>;
@@ -309,12 +302,13 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 void flash_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& lse, const CausalLayout& L, float scale, const DropoutStream& ds, at::Tensor& dq,
-                    at::Tensor& dk, at::Tensor& dv) {
+                    const at::Tensor& lse, const at::Tensor& delta, const CausalLayout& L, float scale,
+                    const DropoutStream& ds, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t BH_kv = k.size(0) * k.size(1), D = q.size(3), group = q.size(1) / k.size(1);
   const auto Q = rows4<bf16>(q), K = rows4<bf16>(k), V = rows4<bf16>(v), dO = rows4<bf16>(dout);
   const auto dQ = rows4<bf16>(dq), dK = rows4<bf16>(dk), dV = rows4<bf16>(dv);
   const float* lse_data = lse.data_ptr<float>();
+  const float* delta_data = delta.data_ptr<float>();
   const auto panels = column_panels(D);
   const int64_t T_k = L.T_k, T_k2 = round_up(T_k, 2), width = panels_width(panels);
   const CausalLanes lanes;
@@ -352,10 +346,11 @@ void flash_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
           product(w, kTile, D, v_h, V.ld, dot.data(), kTile, false, dpt.data(), kBlock);   // dPᵀ
           if (ds.enabled) transposed_multipliers(ds, flat0, m, diag, w, mult_rows, mult);
 
-          alignas(64) float row_lse[kBlock];  // +inf past m: P = 0 in those lanes
+          alignas(64) float row_lse[kBlock], row_delta[kBlock];  // lse +inf past m: P = 0 in those lanes
           std::fill(std::copy(lse_data + flat0, lse_data + flat0 + m, row_lse), row_lse + kBlock,
                     std::numeric_limits<float>::infinity());
-          rows_of(st.data(), dpt.data(), w, diag, scale, row_lse, mult.data(), lanes, pt.data(), dst.data(),
+          std::fill(std::copy(delta_data + flat0, delta_data + flat0 + m, row_delta), row_delta + kBlock, 0.0f);
+          rows_of(st.data(), dpt.data(), w, diag, scale, row_lse, row_delta, mult.data(), lanes, pt.data(), dst.data(),
                   ds_pairs.data());
           for (const ColumnPanel& cp : panels) {
             const int64_t b_at = kBlock / 2 * cp.offset;

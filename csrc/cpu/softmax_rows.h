@@ -12,10 +12,38 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace fastgpt::cpu {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
+
+// exp(x) for a softmax's arguments, x <= 0 (scale·s minus the row's max or log-sum-exp; -inf
+// allowed): 2^n · 2^f with n = round(x·log2 e), 2^f by its degree-6 Taylor polynomial on
+// [-1/2, 1/2] (truncation error < 2e-7 relative), 2^n by vscalefps, which underflows to zero
+// without exp_u20's range checks: 11 instructions instead of ~20, the exponentials being a large
+// part of the flash kernels' work outside the products. Elsewhere (AVX2), exp_u20.
+inline Vec exp_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // max(-120, x): -inf becomes 2^-173, which scalef rounds to 0; NaN (the second operand) stays NaN
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-120.0f), x), _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^6 / 6!, ..., ln2, 1
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return x.exp_u20();
+#endif
+}
 
 // Every loop below runs whole vectors; the ragged end of a row (L % 16 lanes) goes through the
 // same vector code with masked loads and stores, not a scalar exp per element. bfloat16 rows are
@@ -56,12 +84,12 @@ inline void softmax_row(const in_t* s, out_t* out, float* e, int64_t L, float sc
   const Vec vmx(mx);
   Vec vsum = zero;
   for (int64_t j = 0; j < full; j += kW) {
-    const Vec x = (load_row(s + j, kW) * vscale - vmx).exp_u20();
+    const Vec x = exp_nonpositive(load_row(s + j, kW) * vscale - vmx);
     x.store(e + j);
     vsum += x;
   }
   if (tail > 0) {
-    const Vec x = Vec::set(zero, (load_row(s + full, tail) * vscale - vmx).exp_u20(), tail);
+    const Vec x = Vec::set(zero, exp_nonpositive(load_row(s + full, tail) * vscale - vmx), tail);
     x.store(e + full, tail);
     vsum += x;
   }
@@ -97,15 +125,28 @@ inline void softmax_grad_row(const g_t* g, const p_t* p, out_t* ds, int64_t L, f
   }
 }
 
-// p[0..L) = exp(scale · s[0..L) - lse), the softmax row the forward computed from its
-// log-sum-exp (the flash kernels' backward); zeros in [L, n).
-inline void probs_from_lse_row(const float* s, float* p, int64_t L, int64_t n, float scale, float lse) {
-  const Vec vscale(scale), vlse(lse);
+// One row of the flash backward (attention_flash.cpp), in one pass: from the forward's
+// log-sum-exp, P = exp(scale·s - lse); dS = scale · P ∘ (dP - delta), dP = g ∘ mult (the
+// forward's dropout applied to its gradient) or g, delta = Σ dP ∘ P, which the caller has as dO·out.
+// dS replaces g and P ∘ mult (what dv's product reads) replaces s; both are zero in [L, n).
+inline void flash_grad_row(float* s, float* g, int64_t L, int64_t n, float scale, float lse, float delta,
+                           const float* mult) {
+  const Vec vscale(scale), vlse(lse), vdelta(delta);
   for (int64_t j = 0; j < L; j += kW) {
     const int64_t c = std::min(kW, L - j);
-    (Vec::loadu(s + j, c) * vscale - vlse).exp_u20().store(p + j, c);
+    const Vec p = exp_nonpositive(Vec::loadu(s + j, c) * vscale - vlse);
+    Vec dp = Vec::loadu(g + j, c);
+    if (mult != nullptr) {
+      const Vec m = Vec::loadu(mult + j, c);
+      dp = dp * m;
+      (p * m).store(s + j, c);
+    } else {
+      p.store(s + j, c);
+    }
+    ((dp - vdelta) * p * vscale).store(g + j, c);
   }
-  std::fill(p + L, p + n, 0.0f);
+  std::fill(s + L, s + n, 0.0f);
+  std::fill(g + L, g + n, 0.0f);
 }
 
 }  // namespace fastgpt::cpu

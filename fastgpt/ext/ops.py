@@ -24,7 +24,7 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
     dropout_keep_mask(scores, T_q, T_k, dropout_p, seed, offset)
                                   the dense (B,H,T_q,T_k) bool mask causal_softmax draws (testing hook)
     causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset) -> (out, lse)
-    causal_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset) -> (dq, dk, dv)
+    causal_attention_flash_backward(dout, q, k, v, out, lse, scale, dropout_p, seed, offset) -> (dq, dk, dv)
                                   the whole attention on CPU, no T×T matrix stored: float32, or
                                   bfloat16 on AMX (cpu_bf16_products)
     causal_attention_flash(q, k, v, scale, dropout_p, seed, offset) -> out
@@ -158,7 +158,7 @@ def causal_attention_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def causal_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0,
                            seed: int = 0, offset: int = 0) -> torch.Tensor:
     """out of causal_attention_flash_forward as one differentiable op: its autograd node is C++
-    (csrc/cpu/attention_flash.cpp), which saves lse and runs the flash backward. What the eager ext
+    (csrc/cpu/attention_flash.cpp), which saves out and lse and runs the flash backward. What the eager ext
     attention calls on CPU in float32 (fastgpt/attention/ext_backend.py)."""
     _check_flash(q, k, v)
     check_softmax_args(scale, dropout_p, seed, offset)
@@ -166,22 +166,24 @@ def causal_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 
 def causal_attention_flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                    lse: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
-                                    offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of causal_attention_flash_forward from its lse and the same arguments; the
-    probabilities are recomputed row block by row block, the dropout mask regenerated."""
+                                    out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                                    seed: int = 0, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of causal_attention_flash_forward from its (out, lse) and the same arguments;
+    the probabilities are recomputed row block by row block, the dropout mask regenerated, and each
+    query's Σ dP∘P taken as dout·out."""
     _check_flash(q, k, v)
-    check_tensor("dout", dout, "(B, H, T_q, D)")
-    check_same("dout", dout, "q", q)
-    if dout.shape != q.shape:
-        raise ValueError(f"dout has shape {tuple(dout.shape)} but q has shape {tuple(q.shape)}; dout must be "
-                         "shaped like the forward's output")
+    for name, t in (("dout", dout), ("out", out)):
+        check_tensor(name, t, "(B, H, T_q, D)")
+        check_same(name, t, "q", q)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has shape {tuple(q.shape)}; {name} must be "
+                             "shaped like the forward's output")
     B, H, T_q, _ = q.shape
     if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, T_q) or lse.dtype != torch.float32:
         got = f"{tuple(lse.shape)} {lse.dtype}" if isinstance(lse, torch.Tensor) else type(lse).__name__
         raise ValueError(f"lse must be the forward's float32 (B, H, T_q) = {(B, H, T_q)}; got {got}")
     check_softmax_args(scale, dropout_p, seed, offset)
-    return _ops.causal_attention_flash_backward(dout, q, k, v, lse, float(scale), float(dropout_p), seed, offset)
+    return _ops.causal_attention_flash_backward(dout, q, k, v, out, lse, float(scale), float(dropout_p), seed, offset)
 
 
 def causal_matmul_nn(p: torch.Tensor, x: torch.Tensor, T_q: int) -> torch.Tensor:
@@ -447,8 +449,8 @@ def _fake_attention_flash(q, k, v, scale, dropout_p, seed, offset):
     return _fake_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset)[0]
 
 
-def _fake_attention_flash_backward(dout, q, k, v, lse, scale, dropout_p, seed, offset):  # -> (dq, dk, dv)
-    _fake_check_same(dout, q, k, v)
+def _fake_attention_flash_backward(dout, q, k, v, out, lse, scale, dropout_p, seed, offset):  # -> (dq, dk, dv)
+    _fake_check_same(dout, q, k, v, out)
     _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
