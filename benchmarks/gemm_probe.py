@@ -23,7 +23,11 @@ from fastgpt.cpu_features import bf16_matrix_units
 from fastgpt.timing import summarize, time_interleaved
 
 GEMM_N = 1024  # (n, n) @ (n, n): large enough to run at the BLAS's full rate on a few CPU cores, 2·n³ = 2.1 GFLOP
-GEMM_REPS = 5  # after one warm-up; the median is the figure
+# After two warm-ups; the median is the figure. 15, not 5: on a shared 2-core machine a burst of
+# another tenant's work once covered all of 5 reps (149 GFLOP/s against 320-360 before and after),
+# and every "% of GEMM" of that run read more than 100%.
+GEMM_REPS = 15
+GEMM_WARMUPS = 2
 
 
 def gemm_flops(n: int) -> float:
@@ -34,7 +38,7 @@ def gemm_flops(n: int) -> float:
 def probe_gemm(dtype_name: str, device: torch.device | str = "cpu", n: int = GEMM_N,
                reps: int = GEMM_REPS) -> dict[str, Any]:
     """torch.mm of two (n, n) random matrices of `dtype_name` ("float32", "bfloat16", ...) on
-    `device`, `reps` timed runs after a warm-up: {"dtype", "n", "reps", "median_s", "p20_s",
+    `device`, `reps` timed runs after GEMM_WARMUPS: {"dtype", "n", "reps", "median_s", "p20_s",
     "p80_s", "gflops"} with gflops from the median; a bfloat16 probe on CPU adds "matrix_units",
     the CPU's bf16 instructions (fastgpt/cpu_features.py; None: its torch.mm runs in software)."""
     if n < 1 or reps < 1:
@@ -43,7 +47,7 @@ def probe_gemm(dtype_name: str, device: torch.device | str = "cpu", n: int = GEM
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-    stats = summarize(time_interleaved({"mm": lambda: torch.mm(a, b)}, device, reps, warmup=1)["mm"])
+    stats = summarize(time_interleaved({"mm": lambda: torch.mm(a, b)}, device, reps, warmup=GEMM_WARMUPS)["mm"])
     probe = {"dtype": dtype_name, "n": n, "reps": reps, **stats, "gflops": gemm_flops(n) / stats["median_s"] / 1e9}
     if dtype == torch.bfloat16 and device.type == "cpu":
         probe["matrix_units"] = bf16_matrix_units()

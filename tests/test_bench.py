@@ -64,7 +64,7 @@ def test_attention_benchmark_smoke(tmp_path):
     assert {"fraction_of_gemm", "gemm_tflops", "env_device", "env_torch", "env_cpu_threads"} <= set(csv_lines[0].split(","))
     table = attention_markdown(result)
     assert "| T | B | naive | sdpa |" in table and "forward+backward, dropout 0.2" in table
-    assert "GEMM probe (torch.mm, n = 128, median of 5, this run): float32 " in table
+    assert "GEMM probe (torch.mm, n = 128, median of 15, this run): float32 " in table
     first = next(r for r in records if r["backend"] == "sdpa")
     assert f"{first['tflops'] * 1e3:.3g} · {100 * first['fraction_of_gemm']:.0f}% · " in table
 
