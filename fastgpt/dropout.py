@@ -12,20 +12,32 @@ nn.Dropout.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 EXT_DTYPES = (torch.float32, torch.bfloat16)
+log = logging.getLogger("fastgpt.dropout")
 
 
 @functools.lru_cache(maxsize=None)
 def ext_dropout_available() -> bool:
-    """Whether fastgpt.ext can run here (built or buildable); never compiles by itself."""
-    from fastgpt.ext import unavailable_reason
+    """Whether fastgpt.ext's dropout runs here: the library loads (built on first use in an
+    environment). A build that fails (a compiler error, an unusable cache) is logged once and the
+    residual dropout stays F.dropout: the attention backend the user chose is unaffected."""
+    from fastgpt.ext import ExtensionUnavailable, load, unavailable_reason
 
-    return unavailable_reason() is None
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            load()
+        except ExtensionUnavailable as e:
+            reason = str(e)
+    if reason is not None:
+        log.info("residual dropout: F.dropout (the C++ extension's kernel cannot run here: %s)", reason)
+    return reason is None
 
 
 class ResidualDropout(nn.Module):

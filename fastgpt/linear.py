@@ -111,14 +111,17 @@ def resolve_linear_kernel(name: str, model: nn.Module) -> tuple[str, Optional[st
         return name, None
     if device.type != "cpu":
         return "torch", f"the skinny kernel is CPU-only (device {device})"
-    from fastgpt.ext import unavailable_reason
+    from fastgpt.ext import ExtensionUnavailable, unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:
         return "torch", f"the C++ extension is unavailable: {reason}"
     if not any(isinstance(m, Linear) for m in model.modules()):
         return "torch", f"the model has no linear layers ({type(model).__name__})"
-    check_linear_kernel("skinny")
+    try:
+        check_linear_kernel("skinny")
+    except ExtensionUnavailable as e:  # found only by building: a compiler error, say
+        return "torch", f"the C++ extension is unavailable: {e}"
     seconds = time_one_row_pass(model)
     kernel = "skinny" if seconds["torch"] >= SKINNY_MIN_SPEEDUP * seconds["skinny"] else "torch"
     timings = ", ".join(f"{k} {seconds[k] * 1e3:.2f} ms" for k in LINEAR_KERNELS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -23,6 +24,7 @@ from fastgpt.parity import make_qkv
 def not_loaded(monkeypatch):
     """This process as if the extension had never been loaded, with the JIT build forced."""
     monkeypatch.setattr(build, "is_loaded", lambda: False)
+    monkeypatch.setattr(build, "_failure", None)
     monkeypatch.setenv("FASTGPT_EXT_BUILD", "jit")
 
 
@@ -69,8 +71,9 @@ def test_jit_build_announces_the_first_compile_and_caches_per_environment(not_lo
     assert kw["build_directory"].startswith(str(tmp_path)) and torch.__version__.split("+")[0] in kw["build_directory"]
     assert "-O3" in kw["extra_cflags"] and "-fopenmp" in kw["extra_cflags"]
     assert kw["is_python_module"] is False
-    # A library newer than the sources: no message (cpp_extension and ninja then do nothing).
-    (tmp_path / kw["build_directory"] / f"{build.JIT_NAME}.so").touch()
+    # A library newer than the sources: no message (cpp_extension and ninja then do nothing). A
+    # whole shared library stands in for it: an empty or truncated one is removed for ninja to relink.
+    shutil.copyfile(torch._C.__file__, tmp_path / kw["build_directory"] / f"{build.JIT_NAME}.so")
     build._jit_build()
     assert "compiling" not in capsys.readouterr().err
 

@@ -17,7 +17,8 @@ T² at T = 2048), at about half the work of the naive math; the dropout mask is 
 
 CPU kernels, and CUDA kernels of the same ops (csrc/cuda/) where torch is a CUDA build and nvcc
 compiled them. Importing this module loads nothing: the ops module (fastgpt/ext/ops.py, which loads
-the library) is imported on the first call, or by `prepare` before torch.compile traces one.
+the library) is imported on the first call, by `prepare` before torch.compile traces one, or when
+backend="auto" considers ext (`load_refusal`): a build that fails there is a reason to move on.
 """
 
 from __future__ import annotations
@@ -118,6 +119,22 @@ def _prepare(device: torch.device) -> None:
     load()  # builds or loads the library and registers the ops: Python that dynamo should not trace
 
 
+def _load_refusal(device: torch.device) -> Optional[str]:
+    """Why loading the library failed (a compiler error, another process's build past the time
+    limit), or None: backend="auto" then moves on. The failure is kept: later calls are refused
+    at once by _unavailable_reason."""
+    from fastgpt.ext import ExtensionUnavailable, build
+
+    if build.is_loaded():
+        return None
+    try:
+        build.load()  # the library, built on first use: what can fail
+        _prepare(device)  # the ops' autograd and fakes, as the first call registers them
+    except ExtensionUnavailable as e:
+        return str(e)
+    return _unavailable_reason(device)  # loaded: on CUDA the ops may still lack CUDA kernels
+
+
 register_backend(Backend(
     name="ext",
     fn=_ext_backend,
@@ -128,4 +145,5 @@ register_backend(Backend(
     empty_cache=_empty_cache,
     grouped_query=True,
     prepare=_prepare,
+    load_refusal=_load_refusal,
 ))

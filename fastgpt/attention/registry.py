@@ -5,7 +5,8 @@ A backend is a function `fn(q, k, v, dropout_p, scale) -> out`, q and out (B, H,
 grouped-query calls) and the causal diagonal aligned bottom-right (see api.py), over tensors that
 the API has already validated, plus two questions it answers about itself: can it run on this
 device in this process, and can it run this particular call. Both answers are a reason string (or
-None), so that an error can say exactly why a backend was refused.
+None), so that an error can say exactly why a backend was refused. A backend with something to load
+(a library to build) says a third reason when that fails, which `backend="auto"` asks last.
 
 Backends live in their own modules and register themselves on import (fastgpt/attention/__init__.py
 imports the built-in ones); the registry imports none of them. Each backend module is cheap to
@@ -14,10 +15,13 @@ import: heavy dependencies (triton, the C++ extension) load on its first call.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+log = logging.getLogger("fastgpt.attention")
 
 # (q, k, v, dropout_p, scale) -> out; q, out (B, H, T_q, D), k, v (B, H_kv, T_k, D), T_k >= T_q
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
@@ -32,6 +36,10 @@ def _supports_everything(q: torch.Tensor, dropout_p: float) -> Optional[str]:
 
 
 def _nothing_to_prepare(device: torch.device) -> None:
+    return None
+
+
+def _nothing_to_load(device: torch.device) -> Optional[str]:
     return None
 
 
@@ -58,6 +66,11 @@ class Backend:
     # torch.compile traces them: that loading is Python dynamo should not trace. Called by the
     # trainer before torch.compile; a backend that loads nothing keeps the no-op.
     prepare: Callable[[torch.device], None] = _nothing_to_prepare
+    # Loads what the backend's calls need on `device`, as `prepare` does, but returns why that
+    # failed (or None) instead of raising: what `refusal` asks last, so that backend="auto" passes
+    # over a backend whose library fails to build (a compiler error, found only by building) with
+    # the reason, where a call that names the backend raises it.
+    load_refusal: Callable[[torch.device], Optional[str]] = _nothing_to_load
 
     def call_refusal(self, q: torch.Tensor, dropout_p: float, kv_heads: Optional[int] = None) -> Optional[str]:
         """Why this backend does not support this call (q, dropout, H_kv key/value heads; None:
@@ -68,8 +81,28 @@ class Backend:
         return self.unsupported_reason(q, dropout_p)
 
     def refusal(self, q: torch.Tensor, dropout_p: float, kv_heads: Optional[int] = None) -> Optional[str]:
-        """Why this backend cannot run this call here (unavailable, or unsupported), or None."""
-        return self.unavailable_reason(q.device) or self.call_refusal(q, dropout_p, kv_heads)
+        """Why this backend cannot run this call here (unavailable, unsupported, or what it needs
+        failing to load), or None, and then it has loaded what the call needs: what backend="auto"
+        asks of each candidate. Refused by this process (not by the call), it says why once, in the log."""
+        reason = self.unavailable_reason(q.device)
+        if reason is None:
+            reason = self.call_refusal(q, dropout_p, kv_heads)
+            if reason is not None:
+                return reason  # this call's dtype or shape: no news about the environment
+            reason = self.load_refusal(q.device)
+        if reason is not None:
+            _say_unavailable_once(self.name, q.device, reason)
+        return reason
+
+
+_said: set[tuple[str, str, str]] = set()
+
+
+def _say_unavailable_once(name: str, device: torch.device, reason: str) -> None:
+    key = (name, device.type, reason)
+    if key not in _said:
+        _said.add(key)
+        log.info("attention backend %r cannot run on %s here: %s", name, device.type, reason)
 
 
 # The kinds of call that `backend="auto"` orders separately (call_kind picks one).
@@ -84,8 +117,8 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
         # Training shapes, forward + backward: ext skips the tiles above the diagonal and fuses the
         # softmax with its dropout, so it leads, by most with dropout (sdpa's CPU dropout runs the
-        # unfused math). Where ext cannot be built (no compiler/ninja) or the dtype is fp16/fp64,
-        # auto moves on.
+        # unfused math). Where ext cannot be built (no compiler/ninja, an unusable cache directory,
+        # a compile that failed) or the dtype is fp16/fp64, auto moves on.
         "plain": ("ext", "sdpa", "naive"),
         "dropout": ("ext", "sdpa", "naive"),
         # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny,

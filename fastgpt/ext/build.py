@@ -14,18 +14,30 @@ Which build is used:
   * otherwise a just-in-time build with torch.utils.cpp_extension and ninja, cached under
     ~/.cache/fastgpt (or $FASTGPT_CACHE_DIR) per torch version, Python version and instruction set,
     so only the first use in a given environment compiles.
-FASTGPT_EXT_BUILD=jit or =aot forces one of the two. A missing compiler or ninja is an error that
-says what to install; nothing falls back to another attention backend.
+FASTGPT_EXT_BUILD=jit or =aot forces one of the two. A missing compiler or ninja, or a cache
+directory that cannot be written, is an error that says what to do; nothing here falls back to
+another attention backend (backend="auto" moves on, saying why).
+
+Processes that build the same directory take turns on an flock of its `fastgpt-build.lock`: the
+kernel drops it when its holder dies however it dies (kill -9, the OOM killer, a gpu-report stage
+cut at its budget), so a killed build is taken over by the next process, and torch's own `lock`
+file, which a dead builder leaves behind and cpp_extension would wait on forever, is removed by
+the process holding the flock. A live build is waited for at most FASTGPT_EXT_BUILD_TIMEOUT seconds.
+A build that fails is not retried in the same process: unavailable_reason() says why from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import importlib
 import os
+import re
 import shutil
+import stat
+import struct
 import sys
 import threading
 import time
@@ -54,6 +66,13 @@ CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/elements.h", "cuda/causa
 CUDA_ARCHS = (80, 90)
 # The first-use message's estimate of a CPU build (the times measured are in csrc/README.md, "Build").
 COMPILE_SECONDS_ESTIMATE = 45
+# How long a process waits for another one's build of the same directory (FASTGPT_EXT_BUILD_TIMEOUT
+# overrides): long enough for a CUDA build; a builder that dies frees the lock at once, so only a
+# live but stuck one costs the whole wait.
+BUILD_WAIT_SECONDS = 900.0
+BUILD_LOCK = "fastgpt-build.lock"  # the flock's file in the build directory
+TORCH_BATON = "lock"  # what torch.utils.cpp_extension creates (O_EXCL) in it while building
+BUILD_LOG = "build-error.log"  # the compiler's full output of a failed build
 
 # Flags that make ATen's Vectorized<float> as wide as torch's own kernels on this CPU: the
 # CPU_CAPABILITY macros select ATen's vec512/vec256 headers, the -m flags let the compiler emit them.
@@ -67,10 +86,16 @@ _ISA_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 
 
 class ExtensionUnavailable(RuntimeError):
-    """The C++ extension cannot be built or loaded here; the message says what to install."""
+    """The C++ extension cannot be built or loaded here; the message (one line) says what to do.
+    `output` holds the compiler's full output when a compile failed, else ""."""
+
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
 
 
 _lock = threading.Lock()  # one build at a time: two threads' first calls would both run ninja
+_failure: Optional[str] = None  # why this process's build failed; not retried
 
 
 def cpu_capability() -> str:
@@ -158,6 +183,50 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastgpt"))
 
 
+def _cache_root_text() -> str:
+    """cache_root() as the user set it: which variable to change."""
+    if os.environ.get("FASTGPT_CACHE_DIR"):
+        return f"{cache_root()} ($FASTGPT_CACHE_DIR)"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return f"{cache_root()} ($XDG_CACHE_HOME/fastgpt)"
+    return f"{cache_root()} (~/.cache/fastgpt, from $HOME)"
+
+
+def cache_unusable_reason(directory: Path) -> Optional[str]:
+    """Why a build cannot write into `directory` (below cache_root()), or None; creates nothing.
+    The nearest part of the path that exists decides: it must be a directory this user can write."""
+    path = Path(directory)
+    while True:
+        try:
+            st = path.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if path == path.parent:
+                return None
+            path = path.parent
+        except OSError as e:
+            return _cache_refusal(f"{path}: {e.strerror}")
+    if not stat.S_ISDIR(st.st_mode):
+        return _cache_refusal(f"{path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+        return _cache_refusal(f"{path} is on a read-only file system" if read_only
+                              else f"{path} is not writable by this user")
+    return None
+
+
+def _cache_refusal(problem: str) -> str:
+    return (f"the C++ extension's build cache {_cache_root_text()} cannot be used: {problem}; set "
+            "FASTGPT_CACHE_DIR to a writable directory")
+
+
+def build_dir() -> Path:
+    """The directory the just-in-time build of this environment uses."""
+    capability = cpu_capability()
+    cuda = builds_cuda()
+    return cache_dir(capability, compile_flags(capability) + (["cuda", *cuda_flags()] if cuda else []))
+
+
 def cache_dir(capability: str, flags: list[str]) -> Path:
     root = cache_root()
     # One directory per environment that produces a different binary: two venvs never share one.
@@ -204,7 +273,7 @@ def jit_unavailable_reason() -> Optional[str]:
         if shutil.which("ninja") is None:
             return ("ninja is not installed; the ext backend compiles csrc/ on first use with "
                     "torch.utils.cpp_extension, which needs it: `pip install ninja`")
-    return None
+    return cache_unusable_reason(build_dir())
 
 
 def _aot_module():
@@ -240,6 +309,8 @@ def unavailable_reason() -> Optional[str]:
     """Why load() would fail in this process, or None. Does not compile anything."""
     if is_loaded():
         return None
+    if _failure is not None:
+        return _failure
     try:
         if _aot_module() is not None:
             return None
@@ -251,31 +322,126 @@ def unavailable_reason() -> Optional[str]:
 
 
 def _jit_build() -> None:
-    reason = jit_unavailable_reason()
-    if reason is not None:
-        raise ExtensionUnavailable(reason)
+    """Builds (where needed, under the directory's build lock) and loads the library; raises
+    ExtensionUnavailable with one line."""
     capability = cpu_capability()
     flags = compile_flags(capability)
     cuda = builds_cuda()
-    build_dir = cache_dir(capability, flags + (["cuda", *cuda_flags()] if cuda else []))
-    build_dir.mkdir(parents=True, exist_ok=True)
+    directory = build_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # what the cheap check could not see (a race, a full disk)
+        raise ExtensionUnavailable(_cache_refusal(f"creating {directory}: {e.strerror}")) from None
     inputs = (*SOURCES, *HEADERS, *((*CUDA_SOURCES, *CUDA_HEADERS) if cuda else ()))
     sources = [str(CSRC / s) for s in (*SOURCES, *(CUDA_SOURCES if cuda else ()))]
-    library = build_dir / f"{JIT_NAME}.so"
-    newest_source = max((CSRC / s).stat().st_mtime for s in inputs)
-    compiling = not library.is_file() or library.stat().st_mtime < newest_source
-    if compiling:
-        print(f"fastgpt: compiling the C++ extension (first use, ~{COMPILE_SECONDS_ESTIMATE} s) into {build_dir} ...",
-              file=sys.stderr, flush=True)
-    start = time.perf_counter()
+    library = directory / f"{JIT_NAME}.so"
     from torch.utils import cpp_extension
 
-    with _ninja_on_path():
-        cpp_extension.load(name=JIT_NAME, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                           extra_cuda_cflags=cuda_flags() if cuda else None,
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+    with _build_lock(directory):
+        if library.is_file() and not _library_is_whole(library):
+            library.unlink()  # a link cut short: loading it would crash the process (SIGBUS); ninja relinks
+        newest_source = max((CSRC / s).stat().st_mtime for s in inputs)
+        compiling = not library.is_file() or library.stat().st_mtime < newest_source
+        if compiling:
+            print(f"fastgpt: compiling the C++ extension (first use, ~{COMPILE_SECONDS_ESTIMATE} s) into {directory} ...",
+                  file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            with _ninja_on_path():
+                cpp_extension.load(name=JIT_NAME, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                   extra_cuda_cflags=cuda_flags() if cuda else None,
+                                   build_directory=str(directory), is_python_module=False, verbose=False)
+        except (RuntimeError, OSError) as e:  # cpp_extension's "Error building extension" holds the output
+            raise _build_failure(directory, str(e)) from None
     if compiling:
         print(f"fastgpt: compiled the C++ extension in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Holds the flock of `directory`'s BUILD_LOCK (waiting for another process's build, within
+    the time limit), with this pid written in it for the processes that wait."""
+    try:
+        fd = os.open(directory / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ExtensionUnavailable(_cache_refusal(f"creating {directory / BUILD_LOCK}: {e.strerror}")) from None
+    try:
+        _wait_for_flock(fd, directory)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Only a holder of the flock builds here, so a torch baton found now was left by a builder
+        # that died: cpp_extension would wait for it to disappear forever.
+        (directory / TORCH_BATON).unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # drops the flock; the file stays, as harmless as an empty one
+
+
+def build_wait_seconds() -> float:
+    """How long to wait for another process's build: $FASTGPT_EXT_BUILD_TIMEOUT or BUILD_WAIT_SECONDS."""
+    text = os.environ.get("FASTGPT_EXT_BUILD_TIMEOUT")
+    if not text:
+        return BUILD_WAIT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ExtensionUnavailable(f"FASTGPT_EXT_BUILD_TIMEOUT={text!r} must be a number of seconds >= 0")
+    return seconds
+
+
+def _wait_for_flock(fd: int, directory: Path) -> None:
+    limit = build_wait_seconds()
+    deadline = time.monotonic() + limit
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        if time.monotonic() >= deadline:
+            raise ExtensionUnavailable(
+                f"pid {holder} has been compiling the C++ extension into {directory} for longer than this process "
+                f"waits ({limit:.0f} s, FASTGPT_EXT_BUILD_TIMEOUT): let it finish, or end it, and run again")
+        if not announced:
+            print(f"fastgpt: waiting for pid {holder}, which is compiling the C++ extension into {directory} "
+                  f"(at most {limit:.0f} s; FASTGPT_EXT_BUILD_TIMEOUT sets the limit) ...", file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(0.1)
+
+
+def _library_is_whole(path: Path) -> bool:
+    """Whether the ELF file at `path` holds all its section headers, which the linker writes last
+    (a file that is not ELF, on a platform whose libraries are not, counts as whole)."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+    if header[:4] != b"\x7fELF":
+        return not sys.platform.startswith("linux")
+    if len(header) < 64 or header[4] != 2:  # ELFCLASS64: the only class torch ships for
+        return False
+    order = "<" if header[5] == 1 else ">"
+    (shoff,) = struct.unpack_from(order + "Q", header, 0x28)
+    shentsize, shnum = struct.unpack_from(order + "HH", header, 0x3A)
+    return path.stat().st_size >= shoff + shentsize * shnum
+
+
+def _build_failure(directory: Path, output: str) -> ExtensionUnavailable:
+    """One line for a failed build: the first error the compiler (or linker, or loader) gave, and
+    where its full output is kept."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"error\b", line, re.IGNORECASE)
+              and not line.startswith(("Error building extension", "FAILED:", "ninja:"))]
+    first = (errors or lines or ["no output"])[0][:300]
+    log = directory / BUILD_LOG
+    try:
+        log.write_text(output)
+        where = f"the full output is in {log}"
+    except OSError:
+        where = "set FASTGPT_CACHE_DIR to a writable directory to keep the full output"
+    return ExtensionUnavailable(f"building the C++ extension into {directory} failed: {first} ({where})", output)
 
 
 def load() -> str:
@@ -289,5 +455,13 @@ def load() -> str:
             return "aot"
         if os.environ.get("FASTGPT_EXT_BUILD") == "aot":
             raise ExtensionUnavailable(unavailable_reason())
-        _jit_build()
+        global _failure
+        reason = _failure or jit_unavailable_reason()  # the cheap reasons are asked again: they can change
+        if reason is not None:
+            raise ExtensionUnavailable(reason)
+        try:
+            _jit_build()
+        except ExtensionUnavailable as e:  # found only by building (or waiting): not tried again
+            _failure = str(e)
+            raise
         return "jit"
