@@ -31,6 +31,28 @@ This is the square mask's last T_q rows, so the same call gives the same answer 
 earlier queries were computed now or in a previous call. (`F.scaled_dot_product_attention`'s
 is_causal=True aligns top-left when T_q != T_k, which would hide the cache from the new token.)
 
+Non-finite inputs (NaN, +inf, -inf) anywhere in q, k or v go through softmax(scale·q·kᵀ)·v over
+each row's causal window as IEEE arithmetic takes them, the same in every backend:
+
+  - an output row is NaN (all of it) if its query row holds a NaN or an infinity, or a key row it
+    attends to holds a NaN; a NaN in a value row it attends to makes that column of it NaN;
+  - an infinity in a key enters the scores as IEEE says: a score of +inf or NaN (inf - inf,
+    inf·0) makes the row NaN; a score of -inf gives that key the weight 0, as the causal mask
+    does; an infinite value gives ±inf (or NaN) in its column of every row that attends to it;
+  - never a finite number, zeros included, where the formula gives NaN;
+  - other batch entries and key/value heads (with their query heads) are untouched: outputs and
+    gradients bit for bit what they are without the bad values. Within the (batch, key/value
+    head) slice, a bad query row changes its own output row only; a bad key or value row may
+    also turn rows that do not attend to it NaN (the products run over whole tiles, where a
+    masked weight 0 times NaN or inf is NaN, as in PyTorch's kernels), and dq, dk, dv may be
+    non-finite anywhere in the slice. A row whose every score is -inf (each key it sees holds an
+    infinity) is left unspecified (NaN, or zeros in sdpa on CPU).
+
+Finite float16 inputs stay finite where the formula in float64 is: the fused backends accumulate
+the scores in float32, and naive multiplies q by the scale before the product, so |q| near 1e4 at
+D = 64 does not overflow (naive runs the lecture's math in the input dtype: a scaled score beyond
+float16's 65504 would).
+
 Bad input is refused here, once, with an error naming the argument, the value and the limit, so
 that backends can assume well-formed tensors.
 """
@@ -145,7 +167,8 @@ def causal_attention(
         backend: a registered backend name ("naive", "sdpa", ...) or "auto".
 
     Returns:
-        (B, H, T_q, D) tensor, same dtype and device as q.
+        (B, H, T_q, D) tensor, same dtype and device as q. NaN and infinities in q, k or v
+        propagate row by row as the module docstring says ("Non-finite inputs"), in every backend.
     """
     validate_inputs(q, k, v, dropout_p, scale)
     chosen = select_backend(q, dropout_p, backend, T_k=k.shape[2], kv_heads=k.shape[1])

@@ -2,7 +2,7 @@
 
 Memory traffic per (b, h) slice with T_q = T_k = T, T×T weights materialised three times in the
 forward (T_q×T_k with fewer queries than keys):
-    att = q @ kᵀ · scale        # read 2·T·D, write T·T
+    att = (q · scale) @ kᵀ      # read 2·T·D, write T·T
     mask the future with -inf  # read T·T, write T·T
     softmax                    # read T·T, write T·T
     dropout                    # read T·T, write T·T (plus the mask)
@@ -51,7 +51,10 @@ def naive_attention(
         scale = D**-0.5
     q = q.view(B, H_kv, H // H_kv, T_q, D)  # (B, H_kv, G, T_q, D): the query heads of each group
     k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, H_kv, 1, T_k, D)
-    att = (q @ k.transpose(-2, -1)) * scale  # (B, H_kv, G, T_q, T_k)
+    # q scaled before the product, not the T_q×T_k scores after it: fewer multiplies, and in
+    # float16 a product that the scale would bring back into range (|q| near 1e4 at D = 64) does
+    # not overflow to inf first
+    att = (q * scale) @ k.transpose(-2, -1)  # (B, H_kv, G, T_q, T_k)
     att = att.masked_fill(future_mask(T_q, T_k, q.device), float("-inf"))
     att = F.softmax(att, dim=-1)
     if keep_mask is not None:

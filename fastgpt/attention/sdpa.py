@@ -27,16 +27,35 @@ def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
     # grouped-query: PyTorch reads the shared key/value head itself (query head h -> h // G)
     kwargs = dict(dropout_p=dropout_p, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     if T_q == T_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+        return _nan_query_rows_restored(out, q, dropout_p)
     if T_q == 1:
         # decoding: the one query is the newest token and sees every key, so there is nothing to
         # mask; a bias would only add its construction and a slower masked kernel to every token
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return _nan_query_rows_restored(out, q, dropout_p)
     # imported here: torch.nn.attention.bias imports triton, which `import fastgpt` must not
     from torch.nn.attention.bias import causal_lower_right
 
     mask = causal_lower_right(T_q, T_k)  # query i sees keys <= T_k - T_q + i
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+
+
+def _nan_query_rows_restored(out: torch.Tensor, q: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """`out` with NaN in every row whose query holds a NaN or an infinity, as api.py promises.
+
+    PyTorch's CPU flash kernel (no mask, no dropout; float32, bfloat16, float16) returns zeros for
+    such a row: its row maximum skips NaN scores, and a row whose maximum is -inf counts as fully
+    masked. q·0 summed over D is 0 for a finite row and NaN otherwise (never an overflow), and
+    x - 0 is x bit for bit. It costs a pass over q and one over the output (nothing in the
+    backward), only where that kernel runs.
+    """
+    if out.device.type != "cpu" or dropout_p > 0.0 or out.dtype == torch.float64:
+        # CPU dropout and float64 take PyTorch's math path, which propagates NaN itself; on CUDA
+        # other kernels run (tests/test_nonfinite.py runs there too on a GPU)
+        return out
+    nan_rows = (q.detach() * 0).sum(-1, keepdim=True)  # (B, H, T_q, 1): 0, or NaN where q's row is not finite
+    return out - nan_rows
 
 
 register_backend(Backend(
