@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from fastgpt.attention import available_backends, causal_attention, get_backend
-from fastgpt.benchmarks.common import attention_flops, environment, memory_method, peak_memory_bytes
+from fastgpt.benchmarks.common import (attention_flops, check_backend_names, environment, memory_method,
+                                       peak_memory_bytes)
 from fastgpt.benchmarks.gemm_probe import GEMM_N, fraction_of_gemm, probe_gemms
 from fastgpt.timing import summarize, time_interleaved
 from fastgpt.parity import check_parity
@@ -56,6 +57,18 @@ class AttentionSweep:
         """A few seconds' worth: for CI, checking the harness end to end, not the speed."""
         return cls(device, [16, 48], 96, 2, 16, ["float32"], reps=2, warmup=1, gemm_n=128)
 
+    def check(self) -> None:
+        """Refuses, before any work, a sweep that cannot run as asked; the messages name the flags
+        of `fastgpt bench attention` that set each field."""
+        if self.kv_heads is not None and self.n_head % self.kv_heads != 0:
+            raise ValueError(f"--kv-heads {self.kv_heads} must divide the sweep's {self.n_head} heads (query heads "
+                             "share each key/value head in equal groups)")
+        if self.tokens < max(self.seq_lens):
+            # B = tokens // T would round to zero: the long cells would not process --tokens tokens
+            raise ValueError(f"--tokens {self.tokens} is less than the longest --seq-lens {max(self.seq_lens)}: "
+                             "every cell processes B·T = --tokens tokens; raise --tokens or drop the longer lengths")
+        check_backend_names(self.backends, allow_auto=False)
+
 
 def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callable[[], Any]:
     def forward():
@@ -79,8 +92,7 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
     """Runs the sweep; returns {"environment", "sweep", "gemm_probe", "records"} with one record per
     (backend, cell), a `status` of "ok" or the reason it has no figures. gemm_probe holds, on CPU,
     the torch.mm rate of each dtype of the sweep, measured before the first cell ({} on CUDA)."""
-    if sweep.kv_heads is not None and sweep.n_head % sweep.kv_heads != 0:
-        raise ValueError(f"kv_heads={sweep.kv_heads} must divide the sweep's n_head={sweep.n_head}")
+    sweep.check()
     device = torch.device(sweep.device)
     names = sweep.backends or available_backends(device)
     if "naive" not in names:

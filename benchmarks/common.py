@@ -34,6 +34,19 @@ def attention_flops(B: int, H: int, T: int, D: int, mode: str) -> float:
     return forward * factors[mode]
 
 
+def check_backend_names(names: Optional[list[str]], allow_auto: bool, flag: str = "--backends") -> None:
+    """Refuses a name that is not a backend, and 'auto' where a benchmark times named backends."""
+    from fastgpt.attention import backend_names
+
+    known = backend_names()
+    choices = ", ".join(["auto", *known] if allow_auto else known)
+    for name in names or []:
+        if name in known or (allow_auto and name == "auto"):
+            continue
+        what = "chooses among the backends per call" if name == "auto" else "is not a backend"
+        raise ValueError(f"{flag} {name}: {name!r} {what}; this benchmark times: {choices}")
+
+
 def _rss_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
@@ -130,12 +143,12 @@ def environment(device: torch.device) -> dict[str, str]:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname_cores": str(os.cpu_count()),
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "absent"
+    # numpy beside triton: Triton's interpreter (the CPU runs) breaks on some numpy releases
+    for package in ("triton", "numpy"):
+        try:
+            env[package] = __import__(package).__version__
+        except ImportError:
+            env[package] = "absent"
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda or "unknown"
     return env

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastgpt.atomic_file import replace_atomically
+from fastgpt.benchmarks.report import prepare_out_dir
 
 # Stage name -> default budget in seconds, in the order they run: each stage may use what the
 # ones before it left behind (the built extension, Triton's compiled kernels on disk).
@@ -47,6 +48,10 @@ STAGES: dict[str, float] = {
 }
 REPORT_JSON, REPORT_MD, REPORT_LOG = "report.json", "report.md", "report.log"
 OUTPUT_TAIL_CHARS = 4000  # of a failed stage's output, kept in report.json
+# A stage past its budget gets SIGTERM, which the child turns into SystemExit so its `finally`
+# blocks run (torch releases the extension's build lock in one); whatever is left of its process
+# group this many seconds later gets SIGKILL.
+KILL_GRACE_S = 5.0
 
 
 def _stage_command(name: str, context_path: Path) -> list[str]:
@@ -74,7 +79,7 @@ def run_stage_in_child(name: str, context: dict[str, Any], work_dir: Path, log) 
             proc.wait(timeout=context["budget_s"])
             status = "ok" if proc.returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
-            _kill_session(proc)
+            ended_by = _end_session(proc, KILL_GRACE_S)
             status = "timeout"
         output.seek(0)
         text = output.read()
@@ -88,17 +93,36 @@ def run_stage_in_child(name: str, context: dict[str, Any], work_dir: Path, log) 
         entry["output_tail"] = text[-OUTPUT_TAIL_CHARS:]
         if status == "failed":
             entry["exit_code"] = proc.returncode
+        else:
+            entry["ended_by"] = ended_by
     return entry
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # none of the group is left
+        pass
+
+
+def _end_session(proc: subprocess.Popen, grace_s: float) -> str:
+    """Ends the stage's whole process group (the child, and its compilers and workers): SIGTERM,
+    then, once the child has exited or `grace_s` has passed, SIGKILL for whatever is left. Returns
+    what ended the child, for the report."""
     import signal
 
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _signal_group(proc.pid, signal.SIGTERM)
+    ended_by = f"SIGKILL ({grace_s:g} s after SIGTERM)"
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        # WNOWAIT: the exited child stays unreaped, so its id (the group's) cannot be reused before the SIGKILL
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            ended_by = "SIGTERM"
+            break
+        time.sleep(0.05)
+    _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
+    return ended_by
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
@@ -167,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ValueError(f"gpu-report needs a CUDA GPU and this torch ({torch.__version__}) sees none; "
                              "--dry-run runs the same stages on CPU with stand-ins")
-    out_dir = Path(args.out_dir)
+    out_dir = prepare_out_dir(args.out_dir)  # before the stages: a report that cannot be written is lost
     print(f"fastgpt gpu-report: {len(stages)} stages, {sum(budgets[s] for s in stages):.0f} s of budget"
           f"{' (dry run on CPU)' if args.dry_run else ''}; writing {out_dir / REPORT_JSON} after each", flush=True)
     command = " ".join(["fastgpt gpu-report --out-dir", str(out_dir), *(["--dry-run"] if args.dry_run else []),
@@ -179,6 +203,17 @@ def main(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (the budget's end) raises SystemExit, so the stage's `finally` blocks run: a build
+    cut short releases its lock rather than leaving it to hang the stages after it."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _run_stage_here(context_path: str) -> int:
     """The child's side: run one stage, writing its result file as it goes."""
     from fastgpt.benchmarks import gpu_stages
@@ -188,8 +223,14 @@ def _run_stage_here(context_path: str) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def child_main(argv: Optional[list[str]] = None) -> int:
+    """`python -m fastgpt.benchmarks.gpu_report --run-stage NAME --context PATH`: one stage."""
+    _exit_on_sigterm()
     child = argparse.ArgumentParser()
     child.add_argument("--run-stage", required=True)
     child.add_argument("--context", required=True)
-    sys.exit(_run_stage_here(child.parse_args().context))
+    return _run_stage_here(child.parse_args(argv).context)
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

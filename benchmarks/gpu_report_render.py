@@ -46,7 +46,8 @@ def _failure(stage: dict[str, Any]) -> list[str]:
         return []
     tail = stage.get("output_tail", "").rstrip()[-1500:]
     error = stage.get("result", {}).get("error")
-    return ["", f"**{stage['status']}**" + (f": {error}" if error else ""), "", "```", tail, "```"]
+    ended = f" at its {stage['budget_s']:g} s budget, ended by {stage['ended_by']}" if "ended_by" in stage else ""
+    return ["", f"**{stage['status']}**{ended}" + (f": {error}" if error else ""), "", "```", tail, "```"]
 
 
 def _environment(r: dict) -> list[str]:

@@ -133,7 +133,8 @@ def stage_build(ctx: StageContext) -> None:
         import fastgpt.ext
 
         kind = fastgpt.ext.load()
-    except Exception as e:  # the build's own message holds the compiler's output
+    except Exception as e:  # one line; the compiler's whole output rides along as e.output
+        ctx.save(build_output=getattr(e, "output", "")[-4000:])
         ctx.fail(f"{type(e).__name__}: {e}")
     ctx.save(kind=kind, seconds=round(time.perf_counter() - start, 1))
     if ctx.device.type == "cuda":

@@ -5,10 +5,30 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from fastgpt.benchmarks.gemm_probe import probe_line
+
+
+def prepare_out_dir(path, flag: str = "--out-dir") -> Path:
+    """The folder results go to, created and proven writable before the work that fills it: a
+    sweep of minutes is never run only to be lost to a folder that cannot take it."""
+    text = str(path)
+    if not text.strip():
+        raise ValueError(f"{flag} is empty: name the folder the results go to (it is created if missing)")
+    out_dir = Path(text)
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"{flag} {text}: a file is there, not a folder; name a folder (it is created if missing)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # a write, not a permission bit: root and read-only mounts too
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {text}: cannot create or write this folder ({e.strerror or e}); "
+                         "choose a folder you can write") from None
+    return out_dir
 
 
 def write_results(result: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:

@@ -1,12 +1,23 @@
-"""fastgpt: the GPT of "Let's build GPT" with its causal self-attention in swappable fused kernels."""
+"""fastgpt: the GPT of "Let's build GPT" with its causal self-attention in swappable fused kernels.
 
-from fastgpt.attention import (
-    CausalSelfAttention,
-    available_backends,
-    backend_names,
-    causal_attention,
-    select_backend,
-)
+The public names load on first use (PEP 562): `import fastgpt`, and the `fastgpt` command that
+starts with it, do not pay for torch until something needs it, so the command can answer Ctrl-C
+during that import in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastgpt.attention import (
+        CausalSelfAttention,
+        available_backends,
+        backend_names,
+        causal_attention,
+        select_backend,
+    )
 
 __version__ = "0.1.0"
 
@@ -17,3 +28,22 @@ __all__ = [
     "causal_attention",
     "select_backend",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        value = getattr(importlib.import_module("fastgpt.attention"), name)
+        globals()[name] = value  # the next lookup finds it without coming here
+        return value
+    if not name.startswith("_"):
+        # a submodule, as `import fastgpt; fastgpt.attention.registry` found it when this file imported it
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from fastgpt.config import DTYPES, PRESETS, TrainConfig
-from fastgpt.model import ModelConfig
+from fastgpt.atomic_file import interrupts_deferred, sigterm_raises, stop_status, stop_text
+
+# Nothing here imports torch: main() loads the library (_load_library), so that a Ctrl-C during
+# that import of a second or more is answered in one line like any other.
+if TYPE_CHECKING:
+    from fastgpt.config import DTYPES, PRESETS, TrainConfig
+    from fastgpt.model import ModelConfig
 
 
 def _at_least_one(text: str) -> int:
@@ -85,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if resume:
             trainer = Trainer.resume(overrides.pop("out_dir", "out"), overrides,
                                      allow_corpus_change=args.allow_corpus_change)
+            _refuse_nothing_to_train(trainer, "max_iters" in overrides)
             if trainer.is_main:
                 print(f"fastgpt: resuming at iteration {trainer.iter} of {trainer.train_config.max_iters}")
         else:
@@ -98,15 +105,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         if trainer.device.type == "cpu":
             _keep_freed_memory(trainer.is_main)
         trainer.run(overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        # Ctrl-C is how a run is stopped, not a failure to explain: one line, and where to pick up.
+    except KeyboardInterrupt as stop:
+        # Ctrl-C (or SIGTERM) is how a run is stopped, not a failure to explain: one line, and where to pick up.
         if distributed.is_main():
             where = trainer.resume_hint() if trainer is not None else "stopped before training began"
-            print(f"fastgpt train: interrupted; {where}", file=sys.stderr)
-        return 130  # 128 + SIGINT, the shell's convention
+            print(f"fastgpt train: {stop_text(stop)}; {where}", file=sys.stderr)
+        return stop_status(stop)  # 130 or 143: 128 + the signal's number, the shell's convention
     finally:
         distributed.teardown()
     return 0
+
+
+def _refuse_nothing_to_train(trainer, flag_given: bool) -> None:
+    """A resumed run must have steps left: one whose max_iters is not above its checkpoint's
+    iteration would print its start, train nothing and exit 0, as if it had done the work."""
+    it, max_iters, out_dir = trainer.iter, trainer.train_config.max_iters, trainer.out_dir
+    if max_iters > it:
+        return
+    setting = f"--max-iters {max_iters}" if flag_given else f"its max_iters {max_iters}"
+    if max_iters < it:
+        why = f"{setting} is below iteration {it}, which the checkpoint in {str(out_dir)!r} holds"
+    else:
+        why = f"the run in {str(out_dir)!r} already reached {setting} (its checkpoint holds iteration {it})"
+    raise ValueError(f"nothing to train: {why}; to train further, resume with a --max-iters above {it}")
 
 
 def _keep_freed_memory(say: bool) -> bool:
@@ -161,15 +182,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usable_device(name: str, flag: str = "--device"):
+    """The torch.device `name` names, if this torch can compute there; else one line saying why not."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{flag} {name}: not a device this torch knows ({str(e).splitlines()[0][:200]}); "
+                         "use --device cpu") from None
+    if device.type == "meta":
+        raise ValueError(f"{flag} {name}: the meta device holds shapes but no values, so nothing can be computed, "
+                         "compared or timed there; use --device cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:  # AssertionError, NotImplementedError, RuntimeError: a backend this build lacks
+        raise ValueError(f"{flag} {name}: this torch cannot compute there ({str(e).splitlines()[0][:200]}); "
+                         "use --device cpu") from None
+    return device
+
+
 def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
     from fastgpt.attention import available_backends, backend_names, get_backend
     from fastgpt.parity import ALL_SHAPES, DTYPE_NAMES, check_parity, make_qkv, shape_id
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    device = _usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     known = backend_names()
     for name in args.backends or []:
         if name not in known:
@@ -220,7 +261,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         description="Offline compile checks (no GPU needed): every shipped Triton config "
                     "(fastgpt.kernels.triton_compile_check), then every CUDA kernel of csrc/cuda/ with nvcc "
                     "(fastgpt.ext.cuda_compile_check), for sm_80 and sm_90: registers, spills, shared memory. "
-                    "Exit status 1 if anything spills, overflows shared memory or fails to compile.")
+                    "A Triton config that spills is reported as dropped at run time (on a GPU the autotuner "
+                    "drops a config that spills there); exit status 1 if a Triton call has no spill-free config "
+                    "left, a CUDA kernel spills, or anything overflows shared memory or fails to compile.")
     compile_check.add_arch_option(parser)
     triton_compile_check.add_options(parser)  # --dtype, --head-dim, --jobs, --full: the Triton check's only
     options = parser.parse_args(args.passthrough)
@@ -230,15 +273,43 @@ def cmd_check(args: argparse.Namespace) -> int:
     return max(triton_status, cuda_status)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from fastgpt.benchmarks.report import attention_markdown, train_markdown, write_results
+# The kinds of `fastgpt bench` that read each flag of one kind only: any other kind would ignore it.
+BENCH_FLAG_KINDS = {
+    "--smoke": ("attention", "generate"),
+    "--seq-lens": ("attention",), "--tokens": ("attention",), "--kv-heads": ("attention",),
+    "--dtypes": ("attention",), "--modes": ("attention",), "--dropouts": ("attention",),
+    "--reps": ("attention", "generate", "train"),
+    "--dtype": ("attention", "train", "train --profile"),
+    "--preset": ("generate", "train", "train --profile"),
+    "--linear": ("generate",),
+    "--steps": ("train", "train --profile"), "--data": ("train", "train --profile"),
+    "--peak-flops": ("train",),
+    "--profile": ("train",),
+}
 
-    out_dir = Path(args.out_dir)
+
+def _refuse_ignored_bench_flags(args: argparse.Namespace) -> None:
+    kind = "train --profile" if args.what == "train" and args.profile else args.what
+    for flag, kinds in BENCH_FLAG_KINDS.items():
+        given = getattr(args, flag[2:].replace("-", "_")) not in (None, False)
+        if given and kind not in kinds and not (flag == "--profile" and kind == "train --profile"):
+            raise ValueError(f"{flag} applies to bench {', '.join(kinds)}; bench {kind} would ignore it: drop it")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastgpt.benchmarks.common import check_backend_names
+    from fastgpt.benchmarks.report import attention_markdown, prepare_out_dir, train_markdown, write_results
+
+    # Every flag is checked, and the out-dir made and proven writable, before the work: a sweep of
+    # minutes is never run only to be refused or lost at the end.
+    _refuse_ignored_bench_flags(args)
+    if args.device not in (None, "auto"):
+        _usable_device(args.device)
     if args.what == "attention":
         from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
         from fastgpt.benchmarks.plots import plot_attention
 
-        device = args.device or ("cuda" if torch_cuda_available() else "cpu")
+        device = args.device if args.device not in (None, "auto") else ("cuda" if torch_cuda_available() else "cpu")
         sweep = AttentionSweep.smoke(device) if args.smoke else AttentionSweep.default(device)
         for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens", "kv_heads"):
             if getattr(args, name) is not None:
@@ -248,6 +319,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise ValueError(f"--dtype {args.dtype} and --dtypes {' '.join(args.dtypes)} both name the sweep's "
                                  "dtypes: give one of them")
             sweep.dtypes = [str(DTYPES[args.dtype]).removeprefix("torch.")]
+        sweep.check()
+        out_dir = prepare_out_dir(args.out_dir)
         result = run_attention_benchmark(sweep, progress=not args.no_progress)
         print(attention_markdown(result))
         files = write_results(result, out_dir, "attention")
@@ -256,8 +329,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fastgpt.benchmarks.generate import generate_markdown, run_generate_benchmark
         from fastgpt.benchmarks.plots import plot_generate
 
+        check_backend_names(args.backends, allow_auto=True)
+        out_dir = prepare_out_dir(args.out_dir)
+        device = {None: "cpu", "auto": "cuda" if torch_cuda_available() else "cpu"}.get(args.device, args.device)
         result = run_generate_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3,
-                                        args.device or "cpu", args.smoke, progress=not args.no_progress,
+                                        device, args.smoke, progress=not args.no_progress,
                                         linear=args.linear)
         print(generate_markdown(result))
         files = write_results(result, out_dir, "generate")
@@ -266,11 +342,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fastgpt.benchmarks.train_profile import profile_markdown, run_train_profile
         from fastgpt.train import resolve_device
 
-        kept = resolve_device(args.device or "auto").type == "cpu" and _keep_freed_memory(True)
-
         if args.backends is not None and len(args.backends) != 1:
             raise ValueError(f"--profile runs one attention backend; --backends names {len(args.backends)}: "
                              f"{' '.join(args.backends)}")
+        check_backend_names(args.backends, allow_auto=True)
+        out_dir = prepare_out_dir(args.out_dir)
+        kept = resolve_device(args.device or "auto").type == "cpu" and _keep_freed_memory(True)
         preset = args.preset or "cpu"
         result = run_train_profile(preset, args.device or "auto", max_iters=args.steps, data=args.data,
                                    dtype=args.dtype or "fp32", backend=args.backends[0] if args.backends else None)
@@ -282,6 +359,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fastgpt.benchmarks.train import run_train_benchmark
         from fastgpt.train import resolve_device
 
+        check_backend_names(args.backends, allow_auto=False)
+        out_dir = prepare_out_dir(args.out_dir)
         kept = resolve_device(args.device or "auto").type == "cpu" and _keep_freed_memory(True)
         preset = args.preset or "cpu"
         result = run_train_benchmark(preset, args.device or "auto", steps=args.steps or 5, reps=args.reps or 3,
@@ -308,6 +387,7 @@ def torch_cuda_available() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    _load_library()  # the presets and config fields that the flags list: torch is imported here
     parser = argparse.ArgumentParser(prog="fastgpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -400,7 +480,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_library() -> None:
+    """The configs, and with them torch: what the parser's choices and the commands need. Bound as
+    this module's globals here rather than at its top, so that main() can catch a Ctrl-C that
+    arrives during the import."""
+    global DTYPES, PRESETS, TrainConfig, ModelConfig
+    from fastgpt.config import DTYPES, PRESETS, TrainConfig
+    from fastgpt.model import ModelConfig
+
+
+# Errors of the user's files and disks that one line explains (a full or read-only disk, a missing
+# permission, a folder where a file belongs), wherever a command meets them.
+_ONE_LINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                              errno.ENOTDIR, errno.ENAMETOOLONG})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    with sigterm_raises():  # SIGTERM stops a command as Ctrl-C does: its cleanups run, its writes finish
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as stop:
+            # A stop before the command could say where it stood (while the library imports): one line.
+            print(f"fastgpt{f' {command}' if command else ''}: {stop_text(stop)}", file=sys.stderr)
+            return stop_status(stop)
+
+
+def _main(argv: list[str]) -> int:
     # Our own messages (which backend 'auto' picked) at INFO; other libraries' loggers untouched.
     log = logging.getLogger("fastgpt")
     if not log.handlers:
@@ -409,7 +516,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    parser = build_parser()
+    # A stop during these imports waits for them to end (a second or two): raised inside them, some
+    # third-party import code takes it for a failed optional import and goes on half-initialised.
+    with interrupts_deferred():
+        parser = build_parser()
     args, passthrough = parser.parse_known_args(argv)
     if passthrough and args.command != "check":
         parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
@@ -419,6 +529,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input from the user: one clear line, not a traceback.
         print(f"fastgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _ONE_LINE_ERRNOS:
+            raise  # not the user's to fix: the traceback is what a bug report needs
+        where = f"{e.filename!r}: " if e.filename else ""
+        print(f"fastgpt {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -78,6 +78,22 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"peak_tflops must be > 0 (or unset); got {self.peak_tflops}")
+        if not str(self.out_dir).strip():
+            # Path("") is the current folder: the run would scatter its files wherever it was started
+            raise ValueError(f"out_dir is empty ({str(self.out_dir)!r}): name the folder the run's checkpoint and "
+                             "metrics go to, e.g. --out-dir out")
+        if self.decay_lr:
+            self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """The warmup, then the cosine from learning_rate down to min_lr (fastgpt.train.learning_rate_at)."""
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}: the cosine decay "
+                             "would raise the rate; set --min-lr at most --learning-rate (or --no-decay-lr)")
+        if self.warmup_iters >= self.lr_decay_iters:
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be below lr_decay_iters={self.lr_decay_iters}: "
+                             "the cosine decay runs between them, so it would never run and the rate would drop "
+                             "to min_lr as the warmup ends; raise --lr-decay-iters or lower --warmup-iters")
 
     def check_world_size(self, world_size: int) -> int:
         """The micro-batches each of `world_size` processes runs per step."""
@@ -118,6 +134,11 @@ def make_configs(preset: str, overrides: dict[str, Any] | None = None) -> tuple[
     """The preset's configs with `overrides` ({field: value}) applied on top."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
+    if (overrides or {}).get("vocab_size") is not None:
+        # The trainer sets it from the corpus: a value given here would be ignored without a word.
+        raise ValueError(f"vocab_size={overrides['vocab_size']} (--vocab-size): a new run's vocabulary is its corpus's "
+                         "characters, counted when the corpus is read; drop --vocab-size (a --resume keeps its "
+                         "checkpoint's)")
     return split_fields({**PRESETS[preset], **(overrides or {})})
 
 

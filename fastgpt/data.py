@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,11 +34,25 @@ def resolve_corpus_path(path: Optional[str | os.PathLike] = None) -> Optional[Pa
     if path is None:
         return None
     path = Path(path).expanduser()
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist (from {source})") from None
+    except OSError as e:  # a folder on the way that cannot be entered, a symlink loop, a file used as a folder
+        raise ValueError(f"corpus {str(path)!r} cannot be reached ({e.strerror}) (from {source})") from None
+    if stat.S_ISDIR(mode):
         raise ValueError(f"corpus {str(path)!r} is a directory (from {source}); pass a UTF-8 text file")
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist (from {source})")
+    if not stat.S_ISREG(mode):
+        # /dev/null reads as empty, a FIFO blocks until a writer comes: neither is a corpus
+        raise ValueError(f"corpus {str(path)!r} is {_file_kind(mode)}, not a regular file (from {source}); "
+                         "pass a UTF-8 text file")
     return path
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def packaged_corpus() -> str:
@@ -54,6 +69,10 @@ def read_corpus(path: Optional[str | os.PathLike] = None, min_chars: int = 2) ->
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({e})") from None
+    except OSError as e:  # EACCES for a user the file's mode shuts out, EIO from a failing disk
+        raise ValueError(f"corpus file {str(path)!r} cannot be read ({e.strerror}); pass a file you can read") from None
+    if not text:
+        raise ValueError(f"corpus file {str(path)!r} is empty: it has 0 characters; at least {min_chars} are needed")
     if len(text) < min_chars:
         raise ValueError(f"corpus file {str(path)!r} has {len(text)} characters; at least {min_chars} are needed")
     return text

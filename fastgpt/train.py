@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -119,6 +122,9 @@ def compile_model(model: torch.nn.Module, backend: str) -> torch.nn.Module:
 class Trainer:
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Optional[CharDataset] = None):
         train_config.validate()
+        if train_config.data is not None:
+            # the checkpoint stores it: a resume from another directory must find the same file
+            train_config.data = os.path.abspath(train_config.data)
         self.train_config = cfg = train_config
         self.device = resolve_device(cfg.device)
         distributed.setup(self.device)  # under torchrun: join the process group (a no-op otherwise)
@@ -271,11 +277,28 @@ class Trainer:
         with self.phases("checkpoint"):
             state = self.checkpoint_state()
             with interrupts_deferred():  # a Ctrl-C mid-write stops the run once the file and saved_iter agree
-                if self.is_main:
-                    save_checkpoint(state, path)
+                self._on_rank0(lambda: self._written(path, lambda: save_checkpoint(state, path)))
                 self.saved_iter = self.iter
             distributed.barrier()
         return path
+
+    def _written(self, path: Path, write: Callable[[], T]) -> T:
+        """write(), which writes `path`; an OSError it raises (a full disk) becomes one RuntimeError
+        naming the file, what the checkpoint on disk still holds, and how to go on."""
+        try:
+            return write()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = f"no space left on the device holding {path} ({e.strerror})"
+                fix = "Free space there"
+            else:
+                what = f"cannot write {path} ({e.strerror or e})"
+                fix = "Fix that"
+            if self.saved_iter is None:
+                raise RuntimeError(f"{what}; no checkpoint was written. {fix}, then start the run again "
+                                   "(with --overwrite if it left files)") from None
+            raise RuntimeError(f"{what}; {self.out_dir / CHECKPOINT_NAME} still holds iteration {self.saved_iter}. "
+                               f"{fix}, then continue with: fastgpt train --resume --out-dir {self.out_dir}") from None
 
     def resume_hint(self) -> str:
         """What the checkpoint in out_dir holds and how to continue from it: for a run that stopped."""
@@ -296,6 +319,12 @@ class Trainer:
             if name in ARCHITECTURE_FIELDS and value != values.get(name):
                 raise ValueError(f"cannot change {name} from {values.get(name)!r} to {value!r} when resuming")
             values[name] = value
+        data = values.get("data")
+        if "data" not in (overrides or {}) and data and not os.path.isabs(data) and not os.path.exists(data):
+            # older checkpoints stored the path as given, relative to where that run was started
+            raise FileNotFoundError(f"the checkpoint's corpus path {data!r} is relative to the directory its run was "
+                                    f"started from, and there is no such file from {os.getcwd()!r}: pass --data "
+                                    "with the corpus's path")
         model_config, train_config = split_fields(values)
         trainer = cls(model_config, train_config, dataset)
         trainer._check_corpus(state, allow_corpus_change)
@@ -353,7 +382,8 @@ class Trainer:
         policy = CheckpointPolicy(self.out_dir, cfg.eval_interval, cfg.max_iters, self.saved_iter, RUN_OUTPUTS)
         lock = self._on_rank0(lambda: policy.claim(overwrite))  # None in the other processes
         try:
-            metrics = self._on_rank0(lambda: MetricsLog.start(self.out_dir / METRICS_NAME, self.saved_iter))
+            path = self.out_dir / METRICS_NAME
+            metrics = self._on_rank0(lambda: self._written(path, lambda: MetricsLog.start(path, self.saved_iter)))
             self._train(policy, metrics)
             if self.is_main:
                 with self.phases("finish"):
@@ -380,8 +410,8 @@ class Trainer:
                     step_loss = distributed.mean(loss).item() if loss is not None else None
                     losses = self._on_rank0(lambda: self._evaluate_finite(step_loss))  # None elsewhere
                     self.elapsed_s = time.perf_counter() - run_start
-                    if self.is_main:
-                        metrics.append(self._record(losses, step_loss, progress, backend))
+                    self._on_rank0(lambda: self._written(metrics.path, lambda: metrics.append(
+                        self._record(losses, step_loss, progress, backend))))
                     self.save()  # reached only with finite losses: a diverged run keeps its last good checkpoint
                     if self.is_main:
                         progress.write(f"step {self.iter}: train loss {losses['train']:.4f}, "
@@ -468,10 +498,17 @@ class Trainer:
 
     def _finish(self, metrics: MetricsLog) -> None:
         """Rank 0, after the last step: the loss curve, a summary line and a sample."""
-        from fastgpt.plots import plot_loss_curve  # matplotlib loads only when a run finishes
+        png = self.out_dir / LOSS_CURVE_NAME
+        try:
+            from fastgpt.plots import plot_loss_curve  # matplotlib loads only when a run finishes
 
-        png = plot_loss_curve(metrics.path, self.out_dir / LOSS_CURVE_NAME)
-        print(f"fastgpt: {self.iter} iterations in {self.elapsed_s:.1f} s; metrics {metrics.path}, loss curve {png}, "
+            plot_loss_curve(metrics.path, png)
+            curve = f"loss curve {png}"
+        except Exception as e:  # noqa: BLE001  the run is saved: a plot that fails must not fail it
+            print(f"fastgpt train: warning: could not draw {png} ({e}); the checkpoint and metrics are kept, and "
+                  "fastgpt.plots.plot_loss_curve draws it from the metrics", file=sys.stderr)
+            curve = "no loss curve"
+        print(f"fastgpt: {self.iter} iterations in {self.elapsed_s:.1f} s; metrics {metrics.path}, {curve}, "
               f"checkpoint {self.out_dir / CHECKPOINT_NAME}")
         if self.train_config.sample_tokens > 0:
             tokenizer = self.dataset.tokenizer

@@ -120,3 +120,57 @@ def test_a_directory_as_corpus_is_named_as_one(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTGPT_DATA", str(tmp_path))
     with pytest.raises(ValueError, match=r"is a directory \(from FASTGPT_DATA\)"):
         read_corpus()
+
+
+@pytest.mark.parametrize("special, kind", [("/dev/null", "a character device")])
+def test_a_special_file_is_named_for_what_it_is(special, kind):
+    with pytest.raises(ValueError, match=f"corpus '{special}' is {kind}, not a regular file \\(from --data\\); "
+                                         "pass a UTF-8 text file"):
+        read_corpus(special)
+
+
+def test_a_fifo_is_refused_without_reading_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # reading it would block until a writer came
+    with pytest.raises(ValueError, match="is a FIFO"):
+        read_corpus(fifo)
+
+
+def test_an_empty_corpus_says_it_is_empty(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"corpus file '{empty}' is empty"):
+        read_corpus(empty)
+
+
+def test_an_unreadable_corpus_says_so(tmp_path):
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("made unreadable through a non-root effective user, which needs root to set back")
+    # in a folder anyone may enter, so only the file's own mode stops the read
+    folder = tempfile.mkdtemp()
+    try:
+        os.chmod(folder, 0o755)
+        corpus = os.path.join(folder, "secret.txt")
+        with open(corpus, "w") as f:
+            f.write("To be, or not to be")
+        os.chmod(corpus, 0o600)
+        os.seteuid(65534)  # nobody: root reads any file whatever its mode
+        try:
+            with pytest.raises(ValueError, match=f"corpus file '{corpus}' cannot be read \\(Permission denied\\)"):
+                read_corpus(corpus)
+            # a folder that cannot be entered: the path cannot even be looked at
+            os.seteuid(0)
+            os.chmod(folder, 0o700)
+            os.seteuid(65534)
+            with pytest.raises(ValueError, match=f"corpus '{corpus}' cannot be reached \\(Permission denied\\)"):
+                read_corpus(corpus)
+        finally:
+            os.seteuid(0)
+    finally:
+        shutil.rmtree(folder)

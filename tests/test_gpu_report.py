@@ -69,3 +69,98 @@ def test_without_a_gpu_it_says_so_and_points_to_the_dry_run(tmp_path, capsys):
     assert main(["gpu-report", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "gpu-report needs a CUDA GPU" in err and "--dry-run" in err and "Traceback" not in err
+
+
+# A stand-in for the child of two stages: "environment" overruns its budget holding a lock it releases
+# in a `finally` (as torch's extension build holds its lock) and with a grandchild running (as ninja
+# and nvcc run under a build); "build" finishes at once.
+STAND_IN_STAGES = """
+import pathlib, subprocess, sys, time
+from fastgpt.benchmarks import gpu_report, gpu_stages
+
+def overrun(ctx):
+    grandchild = subprocess.Popen(["sleep", "300"])
+    lock = ctx.out_dir / "lock"
+    lock.write_text("held")
+    ctx.save(grandchild=grandchild.pid)
+    try:
+        time.sleep(300)
+    finally:
+        lock.unlink()
+
+def quick(ctx):
+    ctx.save(ran=True)
+
+gpu_stages.STAGE_FUNCTIONS.update(environment=overrun, build=quick)
+sys.exit(gpu_report.child_main(sys.argv[1:]))
+"""
+
+
+def _running(pid: int, within_s: float = 5.0) -> bool:
+    """Whether process `pid` still runs `within_s` after a kill was sent (a signal is delivered
+    asynchronously; a zombie, dead and not yet reaped, does not run)."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.02)
+
+
+def test_a_stage_cut_at_its_budget_runs_its_finally_and_its_children_die(tmp_path, monkeypatch):
+    import sys
+
+    from fastgpt.benchmarks import gpu_report
+
+    monkeypatch.setattr(gpu_report, "_stage_command", lambda name, context: [
+        sys.executable, "-c", STAND_IN_STAGES, "--run-stage", name, "--context", str(context)])
+    out = tmp_path / "report"
+    # 6 s: the stand-in imports fastgpt (torch) in about 2 before it starts the stage
+    assert main(["gpu-report", "--dry-run", "--out-dir", str(out), "--stages", "environment", "build",
+                 "--budget", "environment=6"]) == 1
+    first, second = strict_json(out / "report.json")["stages"]
+    assert (first["status"], first["ended_by"]) == ("timeout", "SIGTERM"), first
+    assert not (out / "lock").exists()  # released: the stages after it would have waited on it
+    assert not _running(first["result"]["grandchild"])
+    assert (second["name"], second["status"], second["result"]) == ("build", "ok", {"ran": True})
+    assert "**timeout** at its 6 s budget, ended by SIGTERM" in (out / "report.md").read_text()
+
+
+def test_a_stage_that_ignores_sigterm_is_killed_with_its_process_group(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from fastgpt.benchmarks.gpu_report import _end_session
+
+    pid_file = tmp_path / "grandchild"
+    code = ("import signal, subprocess, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"open({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '300']).pid))\n"
+            "time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    assert _end_session(proc, grace_s=0.5) == "SIGKILL (0.5 s after SIGTERM)"
+    assert proc.returncode == -9 and not _running(grandchild)
+
+
+def test_the_environment_stage_records_numpy(tmp_path):
+    import numpy
+
+    from fastgpt.benchmarks.gpu_stages import StageContext, stage_environment
+
+    ctx = StageContext(stage="environment", dry_run=True, budget_s=60, work_dir=tmp_path, out_dir=tmp_path,
+                       result_path=tmp_path / "environment.json")
+    stage_environment(ctx)
+    recorded = json.loads((tmp_path / "environment.json").read_text())
+    assert recorded["numpy"] == numpy.__version__ and recorded["triton"]

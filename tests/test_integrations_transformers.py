@@ -9,6 +9,7 @@ dominate; the upstream gradient is one fixed random tensor, zero at padded posit
 """
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -239,6 +240,18 @@ def test_register_names():
         fastgpt_hf.register(name="sdpa")
     with pytest.raises(ValueError, match="transformers reads a name with '/' as a Hub kernel"):
         fastgpt_hf.register(name="org/kernel")
+
+
+@pytest.mark.parametrize("name, says", [
+    ("", "name='' is empty: models look their attention up by this name"),
+    ("   ", "name='   ' holds whitespace"),
+    ("fast gpt", "name='fast gpt' holds whitespace"),
+    (3, "name=3 must be a string (or None for the default); got int"),
+    (b"fastgpt", "name=b'fastgpt' must be a string (or None for the default); got bytes"),
+])
+def test_register_refuses_hostile_names_for_what_they_are(name, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        fastgpt_hf.register(name=name)
 
 
 def test_import_fastgpt_does_not_import_transformers():

@@ -1,5 +1,6 @@
 import json
 import math
+import signal
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,15 @@ def make_trainer(corpus, out_dir, **overrides) -> Trainer:
 def fastgpt_process(argv: list, inject: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
     """`fastgpt ARGV` in a fresh Python process that first runs `inject` (the fault to inject)."""
     code = f"import sys\n{textwrap.dedent(inject)}\nfrom fastgpt.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """In a child before it runs: SIGINT back to its default disposition, where Python installs its
+    handler (KeyboardInterrupt). A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored,
+    and a child inherits that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def train_argv(corpus, out_dir, **overrides) -> list[str]:
@@ -92,7 +101,8 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(small_
 
 
 def test_save_checkpoint_replaces_atomically(tmp_path):
-    state = {"model": {"x": torch.ones(2)}, "model_config": {}, "train_config": {}, "vocab": "ab", "iter": 1}
+    state = {"model": {"x": torch.ones(2)}, "model_config": {"vocab_size": 2}, "train_config": {}, "vocab": "ab",
+             "iter": 1}
     save_checkpoint(state, tmp_path / "c.pt")
     save_checkpoint({**state, "model": {"x": torch.zeros(2)}}, tmp_path / "c.pt")
     assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["x"], torch.zeros(2))

@@ -2,6 +2,7 @@
 nothing, --preset on --resume, another corpus on --resume, files that are not fastgpt checkpoints."""
 
 import pathlib
+import re
 
 import pytest
 import torch
@@ -118,3 +119,42 @@ def test_a_file_that_is_not_a_fastgpt_checkpoint_is_one_clear_error(write, reaso
         assert reason in err and "not a fastgpt checkpoint" in err and "it was not loaded" in err, err
         assert "Traceback" not in err and "weights_only" not in err  # never an invitation to run the file's code
     assert not (tmp_path / "run" / "code_ran").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # the cosine runs from learning_rate to min_lr: above it, the "decay" raises the rate
+    (dict(decay_lr=True, learning_rate=1e-3, min_lr=5.0),
+     "min_lr=5.0 is above learning_rate=0.001: the cosine decay would raise the rate"),
+    # the warmup would end after the decay had: no cosine at all, then a drop to min_lr
+    (dict(decay_lr=True, warmup_iters=100, lr_decay_iters=50),
+     "warmup_iters=100 must be below lr_decay_iters=50"),
+    (dict(out_dir=""), "out_dir is empty"),
+    (dict(out_dir="  "), "out_dir is empty"),
+])
+def test_a_schedule_or_out_dir_that_cannot_mean_what_it_says_is_refused(overrides, message, small_corpus, tmp_path,
+                                                                      capsys, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # an empty out_dir would have written here
+    overrides = dict(overrides)
+    out_dir = overrides.pop("out_dir", tmp_path / "run")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_trainer(small_corpus, out_dir, **overrides)
+    assert main(train_argv(small_corpus, out_dir, **overrides)) == 2
+    assert message in capsys.readouterr().err
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "run").exists()
+
+
+def test_min_lr_is_free_when_the_rate_does_not_decay(small_corpus, tmp_path):
+    make_trainer(small_corpus, tmp_path, decay_lr=False, learning_rate=1e-3, min_lr=5.0)  # min_lr unused: no refusal
+
+
+def test_vocab_size_is_the_corpus_s_and_not_a_flag(small_corpus, tmp_path, capsys):
+    from fastgpt.config import make_configs
+
+    says = "vocab_size=100 (--vocab-size): a new run's vocabulary is its corpus's characters"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        make_configs("cpu", {"vocab_size": 100})
+    assert main(train_argv(small_corpus, tmp_path / "run", vocab_size=100)) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

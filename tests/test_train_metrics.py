@@ -80,6 +80,7 @@ def test_a_line_torn_by_a_kill_mid_append_does_not_block_resume(small_corpus, tm
 
 def test_a_damaged_line_before_the_last_is_refused_naming_it(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json_line({"iter": 0}) + "garbage\n" + json_line({"iter": 10}))
+    record = {"train_loss": 4.0, "val_loss": 4.1}
+    path.write_text(json_line({"iter": 0, **record}) + "garbage\n" + json_line({"iter": 10, **record}))
     with pytest.raises(ValueError, match="line 2 is not a metrics record"):
         read_records(path)

@@ -16,7 +16,16 @@ import torch
 import fastgpt.checkpoint
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.cli import main
-from test_train import fastgpt_process, make_trainer, train_argv
+from test_train import default_sigint, fastgpt_process, make_trainer, train_argv
+
+
+@pytest.fixture()
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever the suite was started
+    under: a shell starts background jobs (`cmd &`, nohup) with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def strict_records(path) -> list[dict]:
@@ -46,9 +55,7 @@ def test_ctrl_c_stops_in_one_line_naming_the_checkpoint(small_corpus, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "fastgpt", *train_argv(small_corpus, out, max_iters=100_000, eval_interval=5,
                                                          attention="naive")]
-    # SIGINT restored to its default: a shell starts background jobs with it ignored
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (out / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -98,7 +105,7 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_the_write_then_stops(small_co
 
 
 def test_an_interrupted_save_in_process_leaves_the_new_checkpoint_and_saved_iter_in_agreement(
-        small_corpus, tmp_path, monkeypatch):
+        small_corpus, tmp_path, monkeypatch, python_sigint):
     out = tmp_path / "run"
     trainer = make_trainer(small_corpus, out, attention="naive")
     trainer.save()

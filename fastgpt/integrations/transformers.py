@@ -97,7 +97,15 @@ def register(backend: str = "auto", name: Optional[str] = None) -> str:
         get_backend(backend)  # an unknown name fails here, listing the known ones
     if name is None:
         name = "fastgpt" if backend == "auto" else f"fastgpt_{backend}"
-    if not isinstance(name, str) or not name or any(part in name for part in ("/", "|", "flash")):
+    if not isinstance(name, str):
+        raise ValueError(f"name={name!r} must be a string (or None for the default); got {type(name).__name__}")
+    if not name:
+        raise ValueError("name='' is empty: models look their attention up by this name "
+                         "(attn_implementation=...); choose a plain name such as 'fastgpt'")
+    if any(c.isspace() for c in name):
+        raise ValueError(f"name={name!r} holds whitespace, which attn_implementation would have to repeat exactly; "
+                         "choose a plain name such as 'fastgpt'")
+    if any(part in name for part in ("/", "|", "flash")):
         raise ValueError(f"name={name!r}: transformers reads a name with '/' as a Hub kernel, '|' as a prefix and "
                          f"'flash' as flash attention; choose a plain name such as 'fastgpt'")
     if name not in _REGISTERED and (name == "eager" or name in AttentionInterface._global_mapping
