@@ -43,6 +43,35 @@ nothing is stored.
 
 import triton
 import triton.language as tl
+from triton import knobs
+
+# Whether these kernels run in Triton's interpreter (chosen when they are decorated, as the jit
+# decorator chooses). A compile-time constant: in the compiler the interpreter's branches vanish.
+INTERPRETED = tl.constexpr(knobs.runtime.interpret)
+
+
+class _LoopBound:
+    """A loop bound as a Python int, in the interpreter, where a scalar is a one-element array:
+    Triton 3.6's interpreter converts one with int() of the array, which numpy >= 2.4 refuses.
+    The kernels write `range(loop_bound(n) if INTERPRETED else n, ...)`: an expression, since the
+    interpreter turns every assigned value back into a tensor.
+
+    Wrapped in a constexpr, because the compiler takes no other callable in a kernel's source (it
+    never compiles the call: INTERPRETED is False there). A constexpr's repr goes into the
+    kernels' cache key, so it is fixed here: a function's repr holds its address, which would
+    change the key, and miss Triton's on-disk cache, in every new process."""
+
+    def __call__(self, x):
+        return x if isinstance(x, int) else x.handle.data.item()
+
+    def __repr__(self) -> str:
+        return "loop_bound"
+
+    def __deepcopy__(self, memo):  # Triton compares the copies it keeps of a kernel's globals
+        return self
+
+
+loop_bound = tl.constexpr(_LoopBound())
 
 
 @triton.jit
@@ -113,7 +142,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
     Off the diagonal every key is visible and in bounds (keys < first query position < T_k): no masks.
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(loop_bound(lo) if INTERPRETED else lo, loop_bound(hi) if INTERPRETED else hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if DROPOUT:  # first, before the tiles of the step are live: fewer registers at once

@@ -33,7 +33,7 @@ q·kᵀ and dO·vᵀ twice (once per kernel): 7 matmuls of T²·D per slice in p
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.flash_attention import _dropout_keep, _load_tile
+from fastgpt.kernels.flash_attention import INTERPRETED, _dropout_keep, _load_tile, loop_bound
 
 
 @triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T (here T = T_q)
@@ -72,7 +72,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
     enters is multiplied by a zero dO or q, so no row mask is needed off the diagonal.
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    for start_m in range(lo, hi, BLOCK_M):
+    for start_m in range(loop_bound(lo) if INTERPRETED else lo, loop_bound(hi) if INTERPRETED else hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if DROPOUT:
@@ -138,7 +138,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
     lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
     mid = tl.minimum(tl.maximum(start_n + BLOCK_N - offset, 0), T_Q)
     mid = ((mid + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    for g in range(0, GROUP):  # the query heads sharing k and v, in order: a fixed summation order
+    # the query heads sharing k and v, in order: a fixed summation order
+    for g in range(0, loop_bound(GROUP) if INTERPRETED else GROUP):
         off_h = off_hkv * GROUP + g
         off_bh = off_z * H + off_h
         Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
@@ -176,7 +177,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
     query i sits at key position offset + i.
     Off the diagonal every key is in bounds and visible: no masks."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(loop_bound(lo) if INTERPRETED else lo, loop_bound(hi) if INTERPRETED else hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if DROPOUT:

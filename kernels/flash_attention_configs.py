@@ -3,9 +3,14 @@ interpreter runs.
 
 On a GPU the launcher autotunes over `configs(kernel, capability, head_dim_pad, fp32)` (the shipped
 list for the architecture, head dim and input width, filtered by `keep`); under TRITON_INTERPRET=1 it runs `INTERPRETER_CONFIGS`
-only, since the interpreter measures nothing. `fastgpt check` (kernels/triton_compile_check.py) compiles every
-shipped config for sm_80 and sm_90 and fails on any register spill or shared-memory overflow, so a
-config belongs here only if it passes there.
+only, since the interpreter measures nothing. Before timing them, the autotuner compiles the
+candidates for the call at hand and drops those whose kernel spills registers there
+(`drop_spilling`): spills move with the ptxas each triton bundles, so a list that holds under one
+triton can spill under another. `fastgpt check` (kernels/triton_compile_check.py) compiles every
+shipped config for sm_80 and sm_90 with this machine's triton: a config that spills is reported as
+dropped at run time, and the check fails where a call would have no spill-free config left, or on
+a shared-memory overflow. The lists below are chosen so that none spills under the triton the
+README pins.
 
 Block names follow the kernels: BLOCK_M counts queries, BLOCK_N keys, in every kernel.
 """
@@ -13,6 +18,9 @@ Block names follow the kernels: BLOCK_M counts queries, BLOCK_N keys, in every k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+
+Candidate = TypeVar("Candidate")
 
 # "fwd_decode" is the forward kernel launched for few queries (T_q <= DECODE_MAX_QUERIES: a KV
 # cache's decode step) with configs of its own; see the header of flash_attention.py.
@@ -105,7 +113,7 @@ SHIPPED: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
     "fwd": {
         80: {64: [C(32, 16, 8, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 4, 2), C(16, 16, 8, 2)],
-             256: [C(16, 16, 4, 2)]},
+             256: [C(16, 16, 4, 2), C(16, 16, 8, 2)]},  # w4 spills 56 bytes at D=160 with dropout under triton 3.9
         90: {64: [C(32, 16, 4, 2), C(64, 32, 8, 2)], 128: [C(32, 16, 8, 2), C(16, 16, 4, 2)],
              256: [C(16, 16, 4, 2)]},
     },
@@ -133,13 +141,17 @@ SHIPPED_FP32: dict[str, dict[int, dict[int, list[KernelConfig]]]] = {
 # 16-bit M32/N64 at D=64 with dropout: 112-136 bytes; sm_90 M32/N128 and M32/N64 at D=128: 40-200;
 # fp32 4-warp and N32 tiles: 12-92), it gets its own: (arch, fp32 inputs, head-dim class) ->
 # configs. Every other kernel and list is the same for both.
+# A list of one config has nothing to fall back on where a triton's ptxas spills it: two of them
+# did, and got a second config that does not spill there (with dropout: fp32 sm_80 D=128 M16/N16/s2
+# 24 bytes under triton 3.6, where s3 spills none; sm_90 D=256 M16/N32 100 bytes under 3.9).
 GROUPED_DKDV: dict[tuple[int, bool, int], list[KernelConfig]] = {
     (80, False, 64): [C(16, 64, 8, 2)],
     (90, False, 128): [C(32, 32, 8, 2), C(16, 64, 8, 2)],
     (80, True, 64): [C(16, 16, 8, 2)],
-    (80, True, 128): [C(16, 16, 8, 2)],
+    (80, True, 128): [C(16, 16, 8, 2), C(16, 16, 8, 3)],
     (80, True, 256): [C(16, 16, 8, 2)],
     (90, True, 128): [C(16, 16, 8, 3)],  # at D=96 with dropout it spills 12 bytes (ptxas holds it at 128 regs)
+    (90, True, 256): [C(16, 32, 8, 2), C(32, 16, 8, 2)],
 }
 
 
@@ -191,3 +203,16 @@ def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: b
     if grouped and kernel == "bwd_dkdv":
         shipped = GROUPED_DKDV.get((arch, fp32, head_dims), shipped)
     return [c for c in shipped if keep(kernel, c)]
+
+
+def drop_spilling(candidates: list[Candidate], local_bytes: Callable[[Candidate], Optional[int]],
+                  ) -> tuple[list[Candidate], list[tuple[Candidate, Optional[int]]]]:
+    """(kept, measured): the candidates whose compiled kernel uses no local memory (spills no
+    register), in their order, and every candidate with its local memory in bytes (None: it does
+    not fit at all, e.g. over the shared memory of a block). When every candidate spills, the
+    least-spilling one is kept, so that a call always has a config to run."""
+    measured = [(c, local_bytes(c)) for c in candidates]
+    kept = [c for c, spilled in measured if spilled == 0]
+    if not kept:
+        kept = [min(measured, key=lambda m: float("inf") if m[1] is None else m[1])[0]]
+    return kept, measured

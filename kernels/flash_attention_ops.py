@@ -4,6 +4,7 @@
     launch_forward / launch_backward    allocate outputs, pick configs, launch
     fastgpt::flash_attention_fwd / _bwd torch.library ops; autograd registered on the forward
     triton_attention                    the registry's backend function
+    spilling_configs                    the configs the autotuner dropped here because they spill
 
 This module imports triton; fastgpt.attention.triton_backend imports it only on first use.
 
@@ -19,11 +20,13 @@ configs.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Optional
 
 import torch
 import triton
 from torch.library import wrap_triton
+from triton.runtime.errors import OutOfResources
 
 from fastgpt.kernels import flash_attention_configs as cfg
 from fastgpt.kernels.flash_attention import _attn_fwd, _dropout_mask
@@ -33,6 +36,7 @@ LOG2_E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x·log2(e))
 INTERPRETING = triton.knobs.runtime.interpret  # fixed when the kernels were decorated
 
 _KERNELS = {"fwd": _attn_fwd, "fwd_decode": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq}
+log = logging.getLogger(__name__)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -67,8 +71,79 @@ def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bo
     if key not in _TUNERS:
         candidates = cfg.configs(kernel, capability, head_dim_pad, fp32, grouped)
         configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
-        _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"])(_KERNELS[kernel])
+        _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"],
+                                       prune_configs_by={"early_config_prune": _spill_pruner(kernel, capability)},
+                                       )(_KERNELS[kernel])
     return _TUNERS[key]
+
+
+# One record per config that spilled where it was compiled (dropped, or kept because every config
+# of its call spilled), in the order the calls came: what spilling_configs() reports.
+_SPILLING: list[dict] = []
+
+
+def spilling_configs() -> list[dict]:
+    """The configs whose compiled kernel spilled registers on this GPU, one per (call, config):
+    {"kernel": "fwd", "call": "D=96 dropout=True float16 sm_90", "config": "M64/N64/w4/s3",
+    "local_bytes": 48 (None: over the block's shared memory), "dropped": True}; "dropped" is False
+    for the least-spilling config of a call whose every config spilled, which runs."""
+    return [dict(r) for r in _SPILLING]
+
+
+def _compilable(named_args: dict) -> bool:
+    """Whether the call's tensors are real CUDA tensors, whose kernels can be compiled and loaded:
+    not the fake tensors torch.compile traces with."""
+    tensors = [a for a in named_args.values() if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(type(t) is torch.Tensor and t.is_cuda for t in tensors)
+
+
+def _local_bytes(fn, args: dict, config: triton.Config) -> Optional[int]:
+    """The local memory (spilled registers) of `fn` compiled for this call and config, as the
+    driver reports it when it loads the binary, before any launch; None if it does not fit (too much
+    shared memory). The compiled kernel stays in fn's cache for the launches that follow."""
+    compiled = fn.warmup(**args, **config.all_kwargs(), grid=(1,))
+    try:
+        compiled._init_handles()
+    except OutOfResources:
+        return None
+    return 4 * compiled.n_spills  # the driver's local size, which Triton keeps in 4-byte words
+
+
+def _spill_pruner(kernel: str, capability: tuple[int, int]):
+    """The autotuner's early_config_prune for `kernel`: run once per tuning key (head dim, dropout,
+    dot precision, dtypes) before any config is timed, it keeps the configs that spill nothing here
+    (flash_attention_configs.drop_spilling), logs and records the others."""
+
+    def prune(configs, named_args, **kwargs):
+        if not _compilable(named_args):
+            return configs
+        args = {**named_args, **{k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}}
+        kept, measured = cfg.drop_spilling(configs, lambda c: _local_bytes(_KERNELS[kernel], args, c))
+        call = (f"D={args['HEAD_DIM']} dropout={args['DROPOUT']} {str(args['Q'].dtype).removeprefix('torch.')} "
+                f"sm_{capability[0]}{capability[1]}")
+        spilled = [(config, local) for config, local in measured if local != 0]
+        for config, local in spilled:
+            _SPILLING.append({"kernel": kernel, "call": call, "config": _config_name(config), "local_bytes": local,
+                              "dropped": config not in kept})
+        if spilled and len(kept) == len(configs) - len(spilled):
+            names = ", ".join(f"{_config_name(c)} ({_spill_text(local)})" for c, local in spilled)
+            log.info(f"triton {kernel} {call}: dropped {names}, which spills here; {len(kept)} config(s) left")
+        elif spilled:
+            log.warning(f"triton {kernel} {call}: every config spills here ("
+                        f"{', '.join(f'{_config_name(c)} {_spill_text(local)}' for c, local in spilled)}); "
+                        f"running the least-spilling, {_config_name(kept[0])}: slower than it should be")
+        return kept
+
+    return prune
+
+
+def _config_name(config: triton.Config) -> str:
+    blocks = config.kwargs
+    return str(cfg.KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], config.num_warps, config.num_stages))
+
+
+def _spill_text(local: Optional[int]) -> str:
+    return "over the shared memory" if local is None else f"{local} bytes of local memory"
 
 
 def tuned_configs() -> dict[str, str]:

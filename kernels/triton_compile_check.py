@@ -1,7 +1,9 @@
 """The Triton kernels' offline compile check (no GPU needed): every shipped attention config compiles
-for sm_80 and sm_90 without register spills and within the shared memory of one block.
+for sm_80 and sm_90 within the shared memory of one block, and every call has a config that spills
+no register.
 
-    python -m fastgpt.kernels.triton_compile_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16 --dtype fp32] [--full]
+    python -m fastgpt.kernels.triton_compile_check [--arch 80 --arch 90] [--dtype fp16 --dtype bf16 --dtype fp32]
+                                                   [--full] [--jobs N] [--json FILE]
 
 `fastgpt check` runs it, then the CUDA kernels' check (fastgpt.ext.cuda_compile_check); the limits
 and the table layout are fastgpt.compile_check's, shared by both.
@@ -10,8 +12,13 @@ For each (kernel, arch, input dtype, head dim, dropout on/off, shipped config; f
 configs of their own) it compiles the kernel with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
 `ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured) and reads registers
-and spill bytes from that report, shared memory from the kernel metadata. Exit status 1 if
-anything spills, overflows shared memory or fails to compile.
+and spill bytes from that report, shared memory from the kernel metadata.
+
+A config that spills is not a failure by itself: on a GPU the autotuner compiles the candidates
+of each call and drops those that spill there (flash_attention_ops._spill_pruner), since spills
+move with the ptxas each triton bundles. It is reported as "dropped at run time". Exit status 1
+if some call (kernel, arch, dtype, head dim, dropout) has no spill-free config left, or a config
+overflows shared memory or fails to compile.
 
 The kernels are specialised as a launch from the GPT specialises them: 16-byte aligned pointers,
 strides divisible by 16 except the unit stride of the head dim. T (T_q, T_k) and H are never
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -225,9 +233,46 @@ def jobs(archs, dtypes, head_dims) -> list[Job]:
     return out
 
 
+DROPPED = "DROPPED"  # a table status: one word, as every status is
+
+
+def _call(job: Job) -> tuple:
+    """What one autotuning chooses among: a kernel's configs for one arch, dtype, head dim and dropout."""
+    return job.kernel + ("/gqa" if job.grouped else ""), job.arch, job.dtype, job.head_dim, job.dropout
+
+
+def _call_name(call: tuple) -> str:
+    kernel, arch, dtype, head_dim, dropout = call
+    return f"{kernel} sm_{arch} {dtype} D={head_dim} dropout={'on' if dropout else 'off'}"
+
+
+def assess(results: list[Result]) -> tuple[list[Result], list[str]]:
+    """(dropped, failures): the results that spill where their call has a spill-free config (the
+    autotuner drops them at run time), and one line per failure: a config that overflows shared
+    memory or does not compile, a call whose every config spills."""
+    calls: dict[tuple, list[Result]] = {}
+    for r in results:
+        calls.setdefault(_call(r.job), []).append(r)
+    dropped, failures = [], []
+    for call, group in calls.items():
+        for r in group:
+            if r.verdict not in ("ok", "SPILL"):
+                failures.append(f"{_call_name(call)} {r.job.config}: {r.verdict} (regs={r.registers} "
+                                f"spill={r.spill_bytes} smem={r.shared_bytes})")
+        spilling = [r for r in group if r.verdict == "SPILL"]
+        if any(r.ok for r in group):
+            dropped += spilling
+        elif spilling:
+            names = ", ".join(f"{r.job.config} {r.spill_bytes} B" for r in spilling)
+            failures.append(f"{_call_name(call)}: every config spills ({names}); no spill-free config is left to run")
+    return dropped, failures
+
+
 def table(results: list[Result], full: bool) -> str:
     """One row per (kernel, arch, inputs, config): the worst registers, spill bytes and shared memory
-    over its head dims, 16-bit dtypes and dropout on/off; every variant on its own row with --full."""
+    over its head dims, 16-bit dtypes and dropout on/off; every variant on its own row with --full.
+    A spilling config's status is DROPPED (at run time) where its call has a spill-free config."""
+    dropped = {id(r) for r in assess(results)[0]}
     rows: dict[tuple, list[Result]] = {}
     for r in results:
         j = r.job
@@ -239,7 +284,8 @@ def table(results: list[Result], full: bool) -> str:
     head = ["kernel", "arch", "inputs", "config"] + (["dtype", "D", "dropout"] if full else ["head dims"])
     lines = [head + ["regs", "spill B", "smem KB", "philox/w", "status"]]
     for key, group in rows.items():
-        status = next((r.verdict for r in group if not r.ok), "ok")
+        failing = [r.verdict for r in group if not r.ok and id(r) not in dropped]
+        status = failing[0] if failing else (DROPPED if any(id(r) in dropped for r in group) else "ok")
         dims = [] if full else [",".join(str(d) for d in sorted({r.job.head_dim for r in group}))]
         rounds = [r.philox_rounds_per_weight for r in group if r.philox_rounds_per_weight is not None]
         lines.append([*key, *dims, str(max(r.registers for r in group)), str(max(r.spill_bytes for r in group)),
@@ -256,13 +302,27 @@ def _head_dim(text: str) -> int:
     return D
 
 
+def _jobs(text: str) -> int:
+    """--jobs's type: an integer >= 1, or an error that says so."""
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1; give the number of compiler processes "
+                                         f"to run (this machine has {os.cpu_count() or 1} CPUs)")
+    return jobs
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """This check's own options (besides --arch, which both checks take)."""
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default: all three)")
     parser.add_argument("--head-dim", type=_head_dim, action="append", metavar="D", help=f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM} (repeatable; default: "
                                           f"{', '.join(map(str, CHECKED_HEAD_DIMS))})")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--jobs", type=_jobs, default=os.cpu_count() or 1,
+                        help="parallel compiler processes, >= 1 (default: one per CPU)")
     parser.add_argument("--full", action="store_true", help="one row per dtype and dropout setting too")
+    parser.add_argument("--json", metavar="FILE", help="also write every compilation's result to FILE (JSON)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -277,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         command = [sys.executable, "-m", "fastgpt.kernels.triton_compile_check", f"--jobs={args.jobs}"]
         command += ["--full"] if args.full else []
+        command += [f"--json={args.json}"] if getattr(args, "json", None) else []
         for flag, values in (("--arch", args.arch), ("--dtype", args.dtype), ("--head-dim", args.head_dim)):
             command += [f"{flag}={v}" for v in values or []]
         sys.stdout.flush()  # the child writes to the same file descriptor
@@ -292,13 +353,37 @@ def run(args: argparse.Namespace) -> int:
             results = list(pool.map(run_job, todo, chunksize=4))
     else:
         results = [run_job(j) for j in todo]
+    seconds = time.perf_counter() - start
     print(table(results, args.full))
-    failed = [r for r in results if not r.ok]
-    print(f"\n{len(results)} Triton compilations in {time.perf_counter() - start:.0f} s: "
-          f"{len(results) - len(failed)} ok, {len(failed)} failed ({compile_check.limits_note()})")
-    for r in failed:
-        print(f"FAILED {r.job}: regs={r.registers} spill={r.spill_bytes} smem={r.shared_bytes} {r.error or ''}")
-    return 1 if failed else 0
+    dropped, failures = assess(results)
+    ok = sum(r.ok for r in results)
+    print(f"\n{len(results)} Triton compilations in {seconds:.0f} s: {ok} ok, {len(dropped)} spill (dropped at run "
+          f"time: the autotuner drops a config that spills where it runs), {len(failures)} failed "
+          f"({compile_check.limits_note()})")
+    for r in dropped:
+        print(f"DROPPED AT RUN TIME {_call_name(_call(r.job))} {r.job.config}: "
+              f"regs={r.registers} spill={r.spill_bytes}")
+    for failure in failures:
+        print(f"FAILED {failure}")
+    if getattr(args, "json", None):
+        write_json(args.json, results, dropped, failures, seconds)
+    return 1 if failures else 0
+
+
+def write_json(path: str, results: list[Result], dropped: list[Result], failures: list[str], seconds: float) -> None:
+    """Every compilation's numbers, and the triton that made them, for tests/triton_versions.py."""
+    import triton
+
+    dropped_ids = {id(r) for r in dropped}
+    rows = [{"kernel": r.job.kernel + ("/gqa" if r.job.grouped else ""), "arch": r.job.arch, "dtype": r.job.dtype,
+             "head_dim": r.job.head_dim, "dropout": r.job.dropout, "config": str(r.job.config),
+             "registers": r.registers, "spill_bytes": r.spill_bytes, "shared_bytes": r.shared_bytes,
+             "status": DROPPED if id(r) in dropped_ids else r.verdict} for r in results]
+    summary = {"triton": triton.__version__, "compilations": len(results), "ok": sum(r.ok for r in results),
+               "dropped_at_run_time": len(dropped), "failures": failures, "seconds": round(seconds)}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"summary": summary, "results": rows}, f, indent=1)
+        f.write("\n")
 
 
 def _kernels_interpreted() -> bool:

@@ -85,7 +85,9 @@ def _shipped_block_shapes():
     log-sum-exp), so every pair needs one run, not every combination of them."""
     per_kernel = {
         kernel: sorted({(c.block_m, c.block_n) for shipped in (cfg.SHIPPED, cfg.SHIPPED_FP32)
-                        for arch in (80, 90) for dclass in (64, 128, 256) for c in shipped[kernel][arch][dclass]})
+                        for arch in (80, 90) for dclass in (64, 128, 256) for c in shipped[kernel][arch][dclass]}
+                       | ({(c.block_m, c.block_n) for cs in cfg.GROUPED_DKDV.values() for c in cs}
+                          if kernel == "bwd_dkdv" else set()))
         for kernel in cfg.KERNELS}
     runs = max(map(len, per_kernel.values()))
     return [tuple((kernel, *pairs[min(i, len(pairs) - 1)]) for kernel, pairs in per_kernel.items()) for i in range(runs)]
@@ -241,3 +243,27 @@ def test_grouped_query_backward_is_bit_equal_and_sums_the_group(dropout_p):
     B, _, T, D = k.shape
     assert torch.allclose(dk_rep.view(B, 2, 3, T, D).sum(2), grads[0][1], atol=1e-5, rtol=0)
     assert torch.allclose(dv_rep.view(B, 2, 3, T, D).sum(2), grads[0][2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's conversions; a GPU compiles the loops")
+@pytest.mark.parametrize("shape", [(1, 2, 40, 40, 32), (1, 4, 2, 5, 70, 16)], ids=shape_id)
+def test_loop_bounds_reach_the_interpreter_as_python_ints(shape, monkeypatch):
+    # Triton 3.6's interpreter turns a loop bound into an int with int() of the tensor's
+    # one-element array, which numpy >= 2.4 refuses (3.7 squeezes it first): that conversion,
+    # made strict whatever numpy is installed, must never be reached by the kernels
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def strict_index(self):
+        data = self.handle.data
+        if data.ndim:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return int(data)
+
+    def patch_like_triton_3_6(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", strict_index)
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_like_triton_3_6)
+    result = check_parity("triton", shape, torch.float32, DEVICE)  # forward and backward, grouped-query too
+    assert result.ok, f"{shape}: errors {result.errors} over limits {result.limits}"

@@ -78,3 +78,25 @@ def test_a_head_dim_outside_the_kernels_range_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         triton_compile_check.main(["--head-dim", "300"])
     assert "300 is outside the Triton kernels' head dims, 16..256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2", "two"])
+def test_jobs_below_one_are_refused_in_one_line(jobs, capsys):
+    from fastgpt.cli import main as fastgpt_main
+
+    for run in (triton_compile_check.main, lambda argv: fastgpt_main(["check", *argv])):
+        with pytest.raises(SystemExit) as exit_info:
+            run([f"--jobs={jobs}"])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--jobs: {jobs!r} is not an integer >= 1" in error, error
+
+
+def test_the_kernels_cache_key_is_the_same_in_every_process():
+    # Triton's on-disk cache (what makes a second check, or a GPU run's second process, skip the
+    # compiler) is found by this key: nothing in it may depend on the process, such as an address
+    code = ("from fastgpt.kernels import flash_attention_ops as ops\n"
+            "print(sorted({k: f.cache_key for k, f in ops._KERNELS.items()}.items()))\n")
+    keys = [subprocess.run([sys.executable, "-c", code], env=_compiler_env(), capture_output=True, text=True,
+                           timeout=120).stdout for _ in range(2)]
+    assert keys[0] and keys[0] == keys[1], keys

@@ -86,3 +86,45 @@ def test_every_shipped_config_is_valid():
                     assert cfg.keep(kernel, c), (kernel, arch, dclass, c)
     for kernel, c in cfg.INTERPRETER_CONFIGS.items():
         assert cfg.keep(kernel, c), (kernel, c)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package():
+    # kernels/ installs as fastgpt.kernels; from the repository root (on sys.path first, as with
+    # `python -c` or `python -m pytest` there) a bare `import kernels` must still give the installed
+    # package of that name (Hugging Face's, which transformers 5 imports), or fail as without it
+    code = ("try:\n"
+            "    import kernels\n"
+            "    print(kernels.__file__)\n"
+            "except ModuleNotFoundError as e:\n"
+            "    print('absent', e.name)\n"
+            "import fastgpt.kernels.flash_attention_configs as c\n"
+            "print(c.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    imported, configs = out.stdout.strip().splitlines()[-2:]
+    ours = os.path.join(REPO, "kernels", "__init__.py")
+    assert imported == "absent kernels" or ("site-packages" in imported and imported != ours), imported
+    assert configs == "fastgpt.kernels.flash_attention_configs"
+
+
+def test_the_transformers_integration_imports_from_the_repository_root():
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    code = "import kernels, fastgpt.integrations.transformers; print(kernels.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "site-packages" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("version, refused", [("3.3.1", True), ("3.5.1", True), ("3.6.0", False), ("3.9.0", False)])
+def test_a_triton_older_than_the_tested_range_is_named(version, refused, monkeypatch):
+    from fastgpt.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_triton_version", lambda: version)
+    reason = triton_backend.unavailable_reason(torch.device("cpu"))
+    if refused:
+        assert reason == (f"triton {version} is older than 3.6, the oldest release fastgpt's kernels are tested with; "
+                          "pip install 'triton>=3.6,<3.10'")
+    else:
+        assert reason is None or "older than" not in reason

@@ -11,8 +11,11 @@ on CPU the interpreter is far slower than sdpa, and on CUDA no benchmark has bee
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 from typing import Optional
 
 import torch
@@ -27,9 +30,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+# The triton releases the kernels are tested with, [oldest, first untested): pyproject.toml's range,
+# both ends run by tests/triton_versions.py. A newer triton is let run (a config that spills under
+# its ptxas is dropped where it runs); an older one is refused, untested.
+TESTED_TRITON = ((3, 6), (3, 10))
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> str:
+    """The installed triton's version, from its metadata: triton itself is not imported."""
+    return importlib.metadata.version("triton")
+
+
 def unavailable_reason(device: torch.device) -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton; wheels exist for Linux x86-64)"
+    try:
+        version = _triton_version()
+    except importlib.metadata.PackageNotFoundError:  # a triton built from source, without metadata
+        version = None
+    oldest, untested = (".".join(map(str, v)) for v in TESTED_TRITON)
+    if version and tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < TESTED_TRITON[0]:
+        return (f"triton {version} is older than {oldest}, the oldest release fastgpt's kernels are tested with; "
+                f"pip install 'triton>={oldest},<{untested}'")
     if device.type == "cpu":
         if not interpreting():
             return ("CPU tensors need Triton's interpreter: set the environment variable TRITON_INTERPRET=1 "
