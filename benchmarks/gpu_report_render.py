@@ -113,6 +113,11 @@ def _attention(r: dict) -> list[str]:
         configs = sweep.get("triton_configs")
         if configs:
             lines.append("Triton autotune picked: " + "; ".join(f"{k}: {v}" for k, v in sorted(configs.items())))
+        spills = sweep.get("triton_spills")
+        if spills:
+            lines.append("Triton configs that spilled here: " + "; ".join(
+                f"{x['kernel']} {x['call']} {x['config']} ({x['local_bytes']} B, "
+                f"{'dropped' if x['dropped'] else 'kept: every config spilled'})" for x in spills))
         lines.append("")
     if "cut_short" in r:
         lines.append(f"- cut short: {r['cut_short']}")

@@ -365,6 +365,7 @@ def stage_attention(ctx: StageContext) -> None:
             if not ctx.dry_run:
                 _annotate_kernels(part["records"], sweep, T)
                 results[name]["triton_configs"] = _triton_configs()
+                results[name]["triton_spills"] = _triton_spills()
             ctx.save(sweeps=results)
 
 
@@ -382,6 +383,13 @@ def _triton_configs() -> dict[str, str]:
     from fastgpt.kernels import flash_attention_ops
 
     return flash_attention_ops.tuned_configs()
+
+
+def _triton_spills() -> list[dict]:
+    """The configs whose compiled kernel spilled on this GPU, which the autotuner dropped before timing."""
+    from fastgpt.kernels import flash_attention_ops
+
+    return flash_attention_ops.spilling_configs()
 
 
 # ---- training -----------------------------------------------------------------------------------------

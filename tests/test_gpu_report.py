@@ -164,3 +164,17 @@ def test_the_environment_stage_records_numpy(tmp_path):
     stage_environment(ctx)
     recorded = json.loads((tmp_path / "environment.json").read_text())
     assert recorded["numpy"] == numpy.__version__ and recorded["triton"]
+
+
+def test_the_report_lists_the_triton_configs_that_spilled_there(monkeypatch):
+    from fastgpt.benchmarks import gpu_report_render
+
+    monkeypatch.setattr(gpu_report_render, "attention_markdown", lambda sweep: "(table)")
+    spills = [{"kernel": "fwd", "call": "D=96 dropout=True float16 sm_90", "config": "M64/N64/w4/s3",
+               "local_bytes": 48, "dropped": True},
+              {"kernel": "bwd_dkdv", "call": "D=256 dropout=False float32 sm_90", "config": "M16/N16/w8/s2",
+               "local_bytes": 8, "dropped": False}]
+    text = "\n".join(gpu_report_render._attention({"sweeps": {"bf16": {"records": [], "triton_spills": spills}}}))
+    (line,) = [x for x in text.splitlines() if x.startswith("Triton configs that spilled here")]
+    assert "fwd D=96 dropout=True float16 sm_90 M64/N64/w4/s3 (48 B, dropped)" in line
+    assert "M16/N16/w8/s2 (8 B, kept: every config spilled)" in line
