@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastgpt.cli import main
+from test_cli_refusals import one_line_error
 
 # The function each kind of `fastgpt bench` does its work in: refusals must come before it runs.
 WORK = {
@@ -36,14 +37,6 @@ def no_work(monkeypatch):
     for module, function, _ in WORK.values():
         monkeypatch.setattr(importlib.import_module(module), function, ran)
     monkeypatch.setattr(importlib.import_module("fastgpt.benchmarks.gpu_report"), "run_stage_in_child", ran)
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture()
