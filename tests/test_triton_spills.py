@@ -128,6 +128,20 @@ def test_when_every_config_spills_the_least_spilling_one_runs_and_a_warning_says
     assert "every config spills" in warning.getMessage() and f"running the least-spilling, {b}" in warning.getMessage()
 
 
+def test_a_warmup_that_fails_keeps_every_config_and_says_so(monkeypatch, logged):
+    # On a triton whose warmup API differs, the attention call must still run: every config is timed.
+    def no_warmup(**kwargs):
+        raise TypeError("warmup() got an unexpected keyword argument 'grid'")
+
+    configs = _shipped("fwd")
+    monkeypatch.setattr(FakeKernel, "warmup", lambda self, **kwargs: no_warmup(**kwargs))
+    _, kept, _ = _prune(monkeypatch, "fwd", {})
+    assert len(kept) == len(configs) and not flash_ops.spilling_configs()
+    (warning,) = logged
+    assert warning.levelno == logging.WARNING and "could not measure" in warning.getMessage()
+    assert "TypeError" in warning.getMessage()
+
+
 def test_a_config_over_the_shared_memory_is_dropped_too(monkeypatch):
     a, b = _shipped("bwd_dq")
     _, kept, _ = _prune(monkeypatch, "bwd_dq", {(a.block_m, a.block_n, a.num_warps): None})
