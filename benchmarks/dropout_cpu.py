@@ -16,8 +16,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from fastgpt.benchmarks.common import print_cpu_environment
-from fastgpt.timing import summarize, time_interleaved
+from fastgpt.bench.common import print_cpu_environment
+from fastgpt.machine.timing import summarize, time_interleaved
 
 SHAPE = (64, 256, 384)
 P = 0.2

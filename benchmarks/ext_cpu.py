@@ -6,11 +6,11 @@ fp32, forward + backward (torch.autograd.grad of the three inputs), causal, at t
 shapes (SHAPES: the lecture model's 6 heads of 64 at T = 256, and at T = 1024) with dropout 0 and
 0.2; then the forward of a KV-cache decode step (one query over T_k cached keys, no grad, as
 `generate` calls it), which `backend="auto"` orders apart. The providers run interleaved in one
-process (ext, naive, sdpa, ext, ...; fastgpt.timing.time_interleaved), so a background load that
+process (ext, naive, sdpa, ext, ...; fastgpt.machine.timing.time_interleaved), so a background load that
 comes and goes hits all of them alike; the table gives medians and the p20-p80 spread, the FLOPs
-are fastgpt.benchmarks.common.attention_flops, and ext's rate is also given as a fraction of the fp32
-GEMM probe taken at the start (benchmarks/gemm_probe.py). The load average is printed because the
-dev machines are shared: a busy machine inflates absolute times more than the ratios.
+are fastgpt.bench.common.attention_flops, and ext's rate is also given as a fraction of the fp32
+GEMM probe taken at the start (fastgpt/bench/gemm_probe.py). The load average is printed because a
+busy shared machine inflates absolute times more than the ratios.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import json
 import torch
 
 from fastgpt.attention import causal_attention
-from fastgpt.benchmarks.common import attention_flops, load_average, print_cpu_environment
-from fastgpt.benchmarks.gemm_probe import fraction_of_gemm, probe_gemm, probe_line
-from fastgpt.timing import summarize, time_interleaved
+from fastgpt.bench.common import attention_flops, load_average, print_cpu_environment
+from fastgpt.bench.gemm_probe import fraction_of_gemm, probe_gemm, probe_line
+from fastgpt.machine.timing import summarize, time_interleaved
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
 DROPOUTS = [0.0, 0.2]

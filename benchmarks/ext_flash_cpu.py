@@ -2,35 +2,36 @@
 
     python benchmarks/ext_flash_cpu.py [--reps 15] [--dtypes float32 bfloat16] [--json out.json]
 
-One process, the calls of a shape interleaved (A B C A B C ...): `ext` on its flash kernels
-(csrc/cpu/attention_flash.cpp, bfloat16 on AMX: attention_flash_amx.cpp; no T×T matrix stored, P
-recomputed in the backward), `ext` on its materialised kernels (FASTGPT_CPU_FLASH=0, read at every
-call: P stored, the fused ops and the causal matmuls) and `sdpa`, in each dtype asked for.
+One process, the calls of a shape interleaved (A B C A B C ...): `ext` on its flash kernels (the
+kernel paths ext.cpu_flash and ext.cpu_flash_amx,
+csrc/cpu/attention_flash.cpp, bfloat16 on AMX: attention_flash_amx.cpp; no T×T matrix stored, P
+recomputed in the backward), `ext` on its materialised kernels (the kernel path ext.cpu_packed:
+P stored, the fused ops and the causal matmuls) and `sdpa`, in each dtype asked for.
 Forward+backward through autograd, as training calls them, dropout 0, 2 warm-ups. The shapes:
-issue 17's two, the `cpu` preset's attention (B12, H4, T64, D32) and `shakespeare-char`'s (B64, H6,
+two long ones, the `cpu` preset's attention (B12, H4, T64, D32) and `shakespeare-char`'s (B64, H6,
 T256, D64). The GEMM probe's rate of each dtype is printed beside them; with both dtypes, the
-bfloat16 table also gives float32 flash / bfloat16 flash (issue 17 asks for 3×).
+bfloat16 table also gives float32 flash / bfloat16 flash.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-
 import torch
 
-from fastgpt.attention import causal_attention
-from fastgpt.benchmarks.common import attention_flops, print_cpu_environment
-from fastgpt.benchmarks.gemm_probe import probe_gemms, probe_line
-from fastgpt.timing import summarize, time_interleaved
+from fastgpt.attention import AttentionCall, causal_attention, refusal
+from fastgpt.bench.common import attention_flops, print_cpu_environment
+from fastgpt.bench.gemm_probe import probe_gemms, probe_line
+from fastgpt.machine.timing import summarize, time_interleaved
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64), (12, 4, 64, 32), (64, 6, 256, 64)]  # (B, H, T, D)
 
 
-def _call(backend: str, flash: str, q, k, v, dout):
+FLASH_PATHS = {"float32": "ext.cpu_flash", "bfloat16": "ext.cpu_flash_amx"}
+
+
+def _call(backend: str, q, k, v, dout):
     def run():
-        os.environ["FASTGPT_CPU_FLASH"] = flash  # ext reads it at every call (fastgpt.ext.cpu_attention_kernels)
         out = causal_attention(q, k, v, backend=backend)
         return torch.autograd.grad(out, (q, k, v), dout)
     return run
@@ -45,9 +46,9 @@ def _shape_calls(B, H, T, D, dtypes):
         dtype = getattr(torch, dtype_name)
         q, k, v = (t.to(dtype).requires_grad_() for t in base[:3])
         dout = base[3].to(dtype)
-        calls[dtype_name, "flash"] = _call("ext", "1", q, k, v, dout)
-        calls[dtype_name, "materialised"] = _call("ext", "0", q, k, v, dout)
-        calls[dtype_name, "sdpa"] = _call("sdpa", "1", q, k, v, dout)
+        calls[dtype_name, "flash"] = _call(FLASH_PATHS[dtype_name], q, k, v, dout)
+        calls[dtype_name, "materialised"] = _call("ext.cpu_packed", q, k, v, dout)
+        calls[dtype_name, "sdpa"] = _call("sdpa", q, k, v, dout)
     return calls
 
 
@@ -64,23 +65,17 @@ def main() -> None:
     probe = probe_gemms(args.dtypes)
     print(f"\n{probe_line(probe)}")
     for dtype_name in args.dtypes:
-        kernels = {ext.cpu_attention_kernels(getattr(torch, dtype_name), B * H, D) for B, H, _, D in SHAPES}
-        if kernels != {"flash"}:
-            raise SystemExit(f"ext's flash kernels do not run here for {dtype_name} (cpu_attention_kernels: "
-                             f"{sorted(kernels)}; bfloat16 needs AMX: cpu_bf16_products = "
-                             f"{ext.cpu_bf16_products(64)!r}); leave it out of --dtypes")
-    rows, saved = [], os.environ.get("FASTGPT_CPU_FLASH")
-    try:
-        for B, H, T, D in SHAPES:
-            calls = _shape_calls(B, H, T, D, args.dtypes)
-            stats = {key: summarize(t) for key, t in time_interleaved(calls, torch.device("cpu"), args.reps).items()}
-            rows.append({"shape": [B, H, T, D], "flops": attention_flops(B, H, T, D, "forward+backward"),
-                         **{f"{dtype} {variant}": st for (dtype, variant), st in stats.items()}})
-    finally:
-        if saved is None:
-            os.environ.pop("FASTGPT_CPU_FLASH", None)
-        else:
-            os.environ["FASTGPT_CPU_FLASH"] = saved
+        for B, H, _, D in SHAPES:
+            reason = refusal(AttentionCall.like(torch.empty(B, H, 8, D, dtype=getattr(torch, dtype_name))),
+                             FLASH_PATHS[dtype_name])
+            if reason is not None:
+                raise SystemExit(f"{FLASH_PATHS[dtype_name]} cannot run here: {reason}; leave {dtype_name} out of --dtypes")
+    rows = []
+    for B, H, T, D in SHAPES:
+        calls = _shape_calls(B, H, T, D, args.dtypes)
+        stats = {key: summarize(t) for key, t in time_interleaved(calls, torch.device("cpu"), args.reps).items()}
+        rows.append({"shape": [B, H, T, D], "flops": attention_flops(B, H, T, D, "forward+backward"),
+                     **{f"{dtype} {variant}": st for (dtype, variant), st in stats.items()}})
     for dtype_name in args.dtypes:
         _print_table(dtype_name, rows, probe[dtype_name]["gflops"] * 1e9, args.dtypes)
     if args.json:

@@ -3,11 +3,11 @@
     python benchmarks/ext_ops_cpu.py [--reps 15] [--dtypes bfloat16 float32] [--json out.json]
 
 Runs the op chain of one forward+backward without dropout (fastgpt/ext/attention_function.py:
-nt, softmax, nn; nt, tn, softmax_backward, nn, tn) at issue 17's two shapes, (B16, H6, T256, D64)
+nt, softmax, nn; nt, tn, softmax_backward, nn, tn) at two training shapes, (B16, H6, T256, D64)
 and (B4, H6, T1024, D64), timing each op call with its inputs as the chain leaves them (the
 previous op's output, not a cache-warm repeat). bfloat16 runs twice, interleaved rep by rep: on
 the AMX tiles where the CPU has them (csrc/cpu/amx_matmul.cpp) and on float32 tiles
-(FASTGPT_CPU_AMX=0), so their ratio comes from one run. Medians per op; each matmul counts half
+(within fastgpt.ext.cpu_isa(amx=False)), so their ratio comes from one run. Medians per op; each matmul counts half
 of attention_flops' causal forward (FlashAttention's convention, as every table here), the
 softmaxes none.
 """
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 
-from fastgpt.benchmarks.common import attention_flops, print_cpu_environment
-from fastgpt.timing import summarize
+from fastgpt.bench.common import attention_flops, print_cpu_environment
+from fastgpt.machine.timing import summarize
 
 SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
 # The chain's op calls in order: (label, op kind). Matmuls count FLOPs; softmaxes do not.
@@ -62,18 +61,16 @@ def run(shape, dtype_name: str, reps: int) -> dict:
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(T)
     q, k, v, dout = (torch.randn(B, H, T, D, generator=g).to(dtype) for _ in range(4))
-    paths = {"": None}
+    paths = {"": None}  # the name of each path: whether it may use AMX (None: the switch as it is)
     if dtype == torch.bfloat16:
-        paths = {"AMX": "1", "float32 tiles": "0"}
+        paths = {"AMX": True, "float32 tiles": False}
     samples = {name: [] for name in paths}
     for rep in range(reps + 2):  # two warm-ups
-        for name, env in paths.items():
-            if env is not None:
-                os.environ["FASTGPT_CPU_AMX"] = env
-            times = chain_times(q, k, v, dout)
+        for name, amx in paths.items():
+            with ext.cpu_isa(amx=amx):
+                times = chain_times(q, k, v, dout)
             if rep >= 2:
                 samples[name].append(times)
-    os.environ.pop("FASTGPT_CPU_AMX", None)
     flops_per_product = attention_flops(B, H, T, D, "forward") / 2  # the forward is two such products
     result = {"shape": shape, "dtype": dtype_name, "paths": {}}
     for name, runs in samples.items():

@@ -8,8 +8,8 @@ A step is transformers' LlamaForCausalLM forward with labels (the LM loss), back
 fp32, random weights from a config (nothing downloaded), one fixed batch of random tokens. Each
 provider gets its own model and optimizer from the same seed, so all start from the same weights;
 before any timing every provider's first loss and gradients are checked against `eager`'s. The
-providers then run interleaved (fastgpt.timing.time_interleaved: A B C A B C ...), medians with the
-p20-p80 spread; the peak memory of one more step is fastgpt.benchmarks.common.peak_memory_bytes
+providers then run interleaved (fastgpt.machine.timing.time_interleaved: A B C A B C ...), medians with the
+p20-p80 spread; the peak memory of one more step is fastgpt.bench.common.peak_memory_bytes
 (the process's resident high-water mark on CPU). A fastgpt backend that refuses the call (one
 without grouped-query support, one emulated here) is listed with its reason and not timed.
 """
@@ -24,10 +24,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from fastgpt.attention import available_backends, get_backend, select_backend
-from fastgpt.benchmarks.attention import NOT_TIMED
-from fastgpt.benchmarks.common import load_average, memory_method, peak_memory_bytes, print_cpu_environment
-from fastgpt.timing import summarize, time_interleaved
+from fastgpt.attention import AttentionCall, available_backends, get_backend, refusal
+from fastgpt.attention.registry import choose
+from fastgpt.bench.attention import NOT_TIMED
+from fastgpt.bench.common import load_average, memory_method, peak_memory_bytes, print_cpu_environment
+from fastgpt.machine.timing import summarize, time_interleaved
 
 TRANSFORMERS_IMPLEMENTATIONS = ["eager", "sdpa"]
 # the step's loss and gradients against eager's, before timing: fp32 through different kernels
@@ -69,16 +70,13 @@ def llama_config(s: HFLlamaBench):
 def fastgpt_refusal(backend: str, s: HFLlamaBench) -> tuple[Optional[str], str]:
     """(why `backend` cannot run this model's attention here, or None; the backend that would run)."""
     q = torch.empty(s.batch, s.heads, s.seq, s.hidden // s.heads)  # what transformers hands the attention
+    call = AttentionCall.like(q, kv_heads=s.kv_heads, dropout_p=s.dropout)
+    reason = refusal(call, backend)
+    if reason is not None:
+        return reason, backend
     if backend == "auto":
-        try:
-            return None, select_backend(q, s.dropout, "auto", kv_heads=s.kv_heads).name
-        except RuntimeError as error:
-            return str(error), backend
-    chosen = get_backend(backend)
-    reason = chosen.refusal(q, s.dropout, s.kv_heads)
-    if reason is None and chosen.emulated(q.device):
-        reason = NOT_TIMED
-    return reason, backend
+        return None, choose(call).name
+    return (NOT_TIMED if get_backend(backend).emulated(q.device) else None), backend
 
 
 class Provider:

@@ -9,9 +9,9 @@ over T tokens. torch (F.linear, BLAS) and skinny (fastgpt.ext.skinny_linear) run
 warm-up; a figure is the median over the repetitions of the whole set of layers. "weights GB/s" is
 the float32 weight bytes over that time: the layers read every weight once, so for small M it is
 the speed of the stream over the weights. Interleaved with them, torch.sum over one flat copy of
-the same weights gives the read bandwidth the machine offers at that moment (the dev machines are
-shared: it drops when a neighbour streams memory). The row at which skinny stops winning is what
-fastgpt.linear.SKINNY_MAX_ROWS is set from.
+the same weights gives the read bandwidth the machine offers at that moment (on a shared machine
+it drops when a neighbour streams memory). The row at which skinny stops winning is what
+fastgpt.model.linear.SKINNY_MAX_ROWS is set from.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import fastgpt.ext
-from fastgpt.benchmarks.common import load_average, print_cpu_environment
-from fastgpt.timing import summarize, time_interleaved
-from fastgpt.benchmarks.generate import preset_model_config
-from fastgpt.config import PRESETS
-from fastgpt.model import build_model
+from fastgpt.bench.common import load_average, print_cpu_environment
+from fastgpt.machine.timing import summarize, time_interleaved
+from fastgpt.bench.generate import preset_model_config
+from fastgpt.run.config import PRESETS
+from fastgpt.model.gpt import build_model
 
 ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 

@@ -8,7 +8,7 @@ against commit: `pytest benchmarks/ --benchmark-only --benchmark-autosave`, then
 import pytest
 import torch
 
-from fastgpt.attention import available_backends, causal_attention, get_backend
+from fastgpt.attention import AttentionCall, available_backends, causal_attention, refusal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -22,7 +22,7 @@ SHAPES = [(16, 6, 256, 64), (4, 6, 1024, 64)]
 def test_forward_backward(benchmark, shape, backend, dropout_p):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=g).to(DEVICE, DTYPE).requires_grad_() for _ in range(3))
-    reason = get_backend(backend).unsupported_reason(q, dropout_p)
+    reason = refusal(AttentionCall.of(q, q, q, dropout_p), backend)
     if reason is not None:
         pytest.skip(reason)
     dout = torch.randn_like(q)

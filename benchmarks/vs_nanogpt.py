@@ -7,7 +7,7 @@ each does at the end), interleaved A B A B.
 --nanogpt is a checkout of github.com/karpathy/nanoGPT (not part of this repository) whose
 data/shakespeare_char/ holds train.bin, val.bin and meta.pkl (its prepare.py, run on the same
 tiny-shakespeare that fastgpt ships). nanoGPT runs the command of its README's CPU section, its
-hyperparameters taken from fastgpt's `cpu` preset (fastgpt/config.py, the one source of both):
+hyperparameters taken from fastgpt's `cpu` preset (fastgpt/run/config.py, the one source of both):
 device=cpu, compile=False, fp32. Each process gets its own temporary out_dir. The wall times'
 medians give the ratio; the last "val loss" each run prints is its loss at max_iters.
 
@@ -30,21 +30,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from fastgpt.benchmarks.common import load_average, print_cpu_environment
-from fastgpt.config import PRESETS
+from fastgpt.bench.common import load_average, print_cpu_environment
+from fastgpt.run.config import PRESETS
 
 PRESET = "cpu"
-# the preset's fields that nanoGPT's train.py has under the same name (the rest: `model`, which it has not)
-NANOGPT_FIELDS = ("batch_size", "block_size", "n_embd", "n_head", "n_layer", "dropout", "learning_rate", "decay_lr",
-                  "warmup_iters", "lr_decay_iters", "min_lr", "max_iters", "beta2", "weight_decay", "grad_clip",
-                  "eval_interval", "eval_iters")
+# the preset's fields that nanoGPT's train.py has (the rest: `model`, which it has not), most under the same name
+SAME_NAMED_FIELDS = ("batch_size", "block_size", "n_embd", "n_head", "n_layer", "learning_rate", "decay_lr",
+                     "warmup_iters", "lr_decay_iters", "min_lr", "max_iters", "beta2", "weight_decay", "grad_clip",
+                     "eval_interval", "eval_iters")
+NANOGPT_FIELDS = {"dropout": "dropout_p", **{name: name for name in SAME_NAMED_FIELDS}}  # nanoGPT's name -> fastgpt's
 VAL_LOSS = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 
 
 def nanogpt_command(checkout: Path, out_dir: str, max_iters: Optional[int]) -> list[str]:
     """nanoGPT's README CPU run, its values from fastgpt's preset."""
     preset = {**PRESETS[PRESET], **({"max_iters": max_iters} if max_iters else {})}
-    flags = [f"--{name}={preset[name]}" for name in NANOGPT_FIELDS]
+    flags = [f"--{theirs}={preset[ours]}" for theirs, ours in NANOGPT_FIELDS.items()]
     return [sys.executable, str(checkout / "train.py"), "config/train_shakespeare_char.py", "--device=cpu",
             "--compile=False", "--dtype=float32", "--log_interval=1", f"--out_dir={out_dir}", *flags]
 

@@ -63,7 +63,7 @@ at::Tensor causal_attention_flash_autograd(const at::Tensor& q, const at::Tensor
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.
-// A testing hook, never used by the math.
+// Never used by the math: it gives the mask back (fastgpt.attention.causal_attention_with_mask).
 at::Tensor dropout_keep_mask(const at::Tensor& scores, int64_t T_q, int64_t T_k, double dropout_p, int64_t seed,
                              int64_t offset);
 // y = x · weightᵀ + bias for an x (..., K) of few rows, weight (N, K): the decode step's linear

@@ -7,6 +7,7 @@
 
 #include "causal_ops.h"
 #include "cpu/amx_matmul.h"
+#include "cpu/isa.h"
 
 // The instruction set the CPU kernels were compiled for: the build passes -DCPU_CAPABILITY=AVX512,
 // AVX2 or DEFAULT, the same macro that sizes ATen's Vectorized.
@@ -54,7 +55,8 @@ TORCH_LIBRARY(fastgpt, m) {
   // The two as one differentiable op, its autograd node in C++ (below): what the eager ext calls.
   m.def("causal_attention_flash(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed, int offset) "
         "-> Tensor");
-  // Testing hook: the dense (B, H, T_q, T_k) bool keep mask causal_softmax draws for (seed, offset).
+  // The dense (B, H, T_q, T_k) bool keep mask causal_softmax draws for (seed, offset): what
+  // fastgpt.attention.causal_attention_with_mask gives back, and parity tests rebuild the reference from.
   m.def("dropout_keep_mask(Tensor scores, int T_q, int T_k, float dropout_p, int seed, int offset) -> Tensor");
   // x ∘ keep / (1 - p), the keep mask of each row of x's last dim from the Philox stream at
   // (seed, offset): the residual branches' dropout. The gradient is the same op on grad.
@@ -64,8 +66,15 @@ TORCH_LIBRARY(fastgpt, m) {
   // N of the packed layout (causal_layout.h), for the test that holds fastgpt/ext/layout.py to it.
   m.def("causal_packed_size(int T_q, int T_k) -> int", &fastgpt::cpu::causal_packed_size);
   // Whether the CPU kernels' bfloat16 products of head dim D run on AMX here (cpu/amx_matmul.h),
-  // rather than as float32 GEMMs on converted tiles: which path a bfloat16 benchmark timed.
+  // rather than as float32 GEMMs on converted tiles: which path a bfloat16 benchmark timed. It
+  // follows the amx switch below.
   m.def("cpu_bf16_uses_amx(int head_dim) -> bool", &fastgpt::cpu::amx::usable);
+  // The process-wide switches over the CPU kernels' optional instruction sets (cpu/isa.h): sets
+  // those given (None leaves one as it is) and returns the previous (amx, avx512bf16). Python's
+  // fastgpt.ext.cpu_isa is the interface; a switch on uses its feature where the CPU has it.
+  m.def("set_cpu_isa(bool? amx=None, bool? avx512bf16=None) -> (bool, bool)", &fastgpt::cpu::isa::set_switches);
+  // (amx, avx512bf16): what this CPU and build offer the kernels, whatever the switches say.
+  m.def("cpu_isa_available() -> (bool, bool)", &fastgpt::cpu::isa::available);
   // Frees the CPU kernels' cache of causal-matrix buffers (no tensors: one kernel for all keys).
   m.def("empty_cache() -> ()", &fastgpt::cpu::empty_cache);
 }

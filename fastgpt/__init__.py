@@ -12,27 +12,38 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastgpt.attention import (
-        CausalSelfAttention,
         available_backends,
         backend_names,
         causal_attention,
-        select_backend,
+        select_kernel,
     )
+    from fastgpt.model import GPT, CausalSelfAttention
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_HOMES = {
+    "CausalSelfAttention": "fastgpt.model",
+    "GPT": "fastgpt.model",
+    "available_backends": "fastgpt.attention",
+    "backend_names": "fastgpt.attention",
+    "causal_attention": "fastgpt.attention",
+    "select_kernel": "fastgpt.attention",
+}
+
 __all__ = [
     "CausalSelfAttention",
+    "GPT",
     "available_backends",
     "backend_names",
     "causal_attention",
-    "select_backend",
+    "select_kernel",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        value = getattr(importlib.import_module("fastgpt.attention"), name)
+        value = getattr(importlib.import_module(_HOMES[name]), name)
         globals()[name] = value  # the next lookup finds it without coming here
         return value
     if not name.startswith("_"):

@@ -108,7 +108,7 @@ def _dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexp
     those of keys 8g .. 8g+7. The ten rounds are most of dropout's cost in these kernels, so one
     call serves eight weights, not one. A weight is dropped with probability ceil(p·2¹⁶)/2¹⁶,
     within 2⁻¹⁶ of p. The mask is a pure function of (seed, b·H+h, query, key): the same in the
-    forward, both backward kernels and the test hook, whatever the block sizes (every key block
+    forward, both backward kernels and the keep-mask kernel, whatever the block sizes (every key block
     starts at a multiple of 8). Counters are 32-bit indices, so no T² product can overflow.
     """
     offs_g = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # the key groups of the tile
@@ -235,7 +235,7 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
 @triton.jit
 def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T_Q, T_K, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep-mask a call with this seed used, for tests. Grid (cdiv(T_Q, BLOCK_M), cdiv(T_K,
+    """The keep-mask a call with this seed used (what causal_attention_with_mask gives back). Grid (cdiv(T_Q, BLOCK_M), cdiv(T_K,
     BLOCK_N), B·H). Keep: (B, H, T_Q, T_K) int8, 1 where the weight survives dropout."""
     off_bh = tl.program_id(2)
     off_z = off_bh // H

@@ -6,7 +6,7 @@ list for the architecture, head dim and input width, filtered by `keep`); under 
 only, since the interpreter measures nothing. Before timing them, the autotuner compiles the
 candidates for the call at hand and drops those whose kernel spills registers there
 (`drop_spilling`): spills move with the ptxas each triton bundles, so a list that holds under one
-triton can spill under another. `fastgpt check` (kernels/triton_compile_check.py) compiles every
+triton can spill under another. `fastgpt check` (fastgpt/verify/triton_compile.py) compiles every
 shipped config for sm_80 and sm_90 with this machine's triton: a config that spills is reported as
 dropped at run time, and the check fails where a call would have no spill-free config left, or on
 a shared-memory overflow. The lists below are chosen so that none spills under the triton the

@@ -19,7 +19,6 @@ configs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional
 
@@ -282,26 +281,11 @@ def _backward(ctx, dout, dlse):
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- dropout: the seed and the test hook -----------------------------------------------------
-_seed_recorders: list[list[torch.Tensor]] = []
-
-
+# --- dropout: the seed and the keep mask ---------------------------------------------------
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A fresh Philox key from torch's default generator for `device`, kept on the device (no sync):
     torch.manual_seed(s) makes every dropout mask of a run reproducible."""
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
-
-
-@contextlib.contextmanager
-def record_dropout_seeds():
-    """Collects the seed of every dropout call made inside the block (a list of 1-element tensors),
-    to rebuild its keep-mask with `dropout_keep_mask`. For tests."""
-    seeds: list[torch.Tensor] = []
-    _seed_recorders.append(seeds)
-    try:
-        yield seeds
-    finally:
-        _seed_recorders.remove(seeds)
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional[int] = None) -> torch.Tensor:
@@ -318,14 +302,13 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional
     return keep.bool()
 
 
-def triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    """The `triton` backend: q (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated -> out (B, H, T_q, D)."""
+def triton_attention(q, k, v, dropout_p: float, scale: float, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The `triton` backend: q (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated -> out (B, H, T_q, D).
+    With dropout, `seed` (a 1-element int64 tensor on q's device, draw_seed) picks the mask that
+    dropout_keep_mask rebuilds; None draws one from torch's generator."""
     check_offsets(q, k, v)
-    seed = None
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and seed is None:
         seed = draw_seed(q.device)
-        for seeds in _seed_recorders:
-            seeds.append(seed)
-    out, _ = flash_attention_fwd(q, k, v, seed, dropout_p, scale)
+    out, _ = flash_attention_fwd(q, k, v, seed if dropout_p > 0.0 else None, dropout_p, scale)
     return out
 

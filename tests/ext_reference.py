@@ -1,4 +1,4 @@
-"""Float64 references of the ext ops and the per-op form of fastgpt.parity's tolerance rule.
+"""Float64 references of the ext ops and the per-op form of fastgpt.verify.parity's tolerance rule.
 
 The references compute densely, (T_q, T_k) with the diagonal aligned bottom-right (query i sees
 keys j <= T_k - T_q + i), and pack / unpack with fastgpt.ext.layout at the boundary, so that they
@@ -6,7 +6,7 @@ take and give what the ops do. Grouped-query operands (H_kv heads dividing H) ar
 head here (repeat_interleave: the plain math the kernels must match without copying), and tn's sum
 over a group is a plain sum over the copies' gradients.
 
-Each op is checked like a backend, with fastgpt.parity.compare: its output and input gradients
+Each op is checked like a backend, with fastgpt.verify.parity.compare: its output and input gradients
 against the reference in float64, within the parity rule of the reference run in the same dtype.
 """
 
@@ -16,7 +16,14 @@ import torch
 
 from fastgpt.attention.naive import future_mask  # noqa: F401  (tests import it from here)
 from fastgpt.ext import layout
-from fastgpt.parity import ParityResult, compare
+from fastgpt.verify.parity import ParityResult, compare
+
+
+def valid_mask(T_q: int, T_k: int, device=None) -> torch.Tensor:
+    """(N,) bool over the packed layout of (T_q, T_k): True at the stored causal elements j <= o + i,
+    False above the diagonal and in the padding."""
+    dense = torch.ones(1, 1, T_q, T_k, device=device).tril(T_k - T_q)
+    return layout.pack(dense, T_q, T_k).bool()[0, 0]
 
 
 def per_query_head(x, H):
@@ -71,7 +78,7 @@ def random_packed(B, H, T_q, T_k, seed=0, fill=None):
     g = torch.Generator().manual_seed(seed)
     p = torch.randn(B, H, layout.packed_size(T_q, T_k), generator=g, dtype=torch.float64) * max(T_k, 1) ** -0.5
     if fill is not None:
-        p = p.masked_fill(~layout.valid_mask(T_q, T_k), fill)
+        p = p.masked_fill(~valid_mask(T_q, T_k), fill)
     return p
 
 

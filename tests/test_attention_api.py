@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt.attention import CausalSelfAttention, causal_attention, naive_attention
+from fastgpt.attention import AttentionCall, causal_attention, naive_attention, refusal, select_kernel
 from fastgpt.attention import registry
-from fastgpt.attention.registry import Backend, auto_order, available_backends, call_kind, get_backend, register_backend
-from fastgpt.parity import PARITY_SHAPES, check_parity, make_qkv, shape_id
+from fastgpt.attention.registry import Backend, auto_order, available_backends, get_backend, register_backend
+from fastgpt.model import CausalSelfAttention
+from fastgpt.verify.parity import PARITY_SHAPES, check_parity, make_qkv, shape_id
 
 
 @pytest.fixture(autouse=True)
@@ -15,6 +16,7 @@ def _registry_restored(monkeypatch):
     """Backends a test registers are gone after it: later tests see the real registry."""
     registry.backend_names()  # load the built-ins first, so they are part of what is restored
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    monkeypatch.setattr(registry, "_PATHS", dict(registry._PATHS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -67,26 +69,26 @@ def test_available_backends_and_auto_choice_is_announced(caplog):
     assert {"naive", "sdpa"} <= set(fastgpt.available_backends("cpu"))
     q = torch.randn(1, 1, 4, 8, dtype=torch.float16)  # a dtype no earlier test sent through auto
     with caplog.at_level(logging.INFO, logger="fastgpt"):
-        chosen = fastgpt.select_backend(q, 0.0)
-    runnable = [name for name in auto_order(q.device, "plain")
-                if get_backend(name).unavailable_reason(q.device) is None
-                and get_backend(name).unsupported_reason(q, 0.0) is None]
-    assert chosen.name == runnable[0]  # the first of the order that can run the call
-    assert f"picked {chosen.name!r}" in caplog.text and "(plain call)" in caplog.text
+        chosen = fastgpt.select_kernel(q)
+    call = AttentionCall.of(q, q, q)
+    runnable = [name for name in auto_order(q.device, "plain") if refusal(call, name) is None]
+    assert chosen.backend == runnable[0]  # the first of the order that can run the call
+    assert f"runs kernel path {chosen.name!r}" in caplog.text and "(plain call)" in caplog.text
 
 
 @pytest.mark.parametrize("T_q, T_k, dropout_p, kind", [(4, 4, 0.0, "plain"), (4, 4, 0.1, "dropout"),
                                                        (1, 9, 0.0, "cached"), (3, 9, 0.2, "dropout")])
 def test_auto_orders_each_kind_of_call(T_q, T_k, dropout_p, kind):
-    assert call_kind(T_q, T_k, dropout_p) == kind
-    q = torch.randn(1, 2, T_q, 8)
-    order = [name for name in auto_order(q.device, kind) if get_backend(name).refusal(q, dropout_p) is None]
-    assert fastgpt.select_backend(q, dropout_p, T_k=T_k).name == order[0]
+    q, k = torch.randn(1, 2, T_q, 8), torch.randn(1, 2, T_k, 8)
+    call = AttentionCall.of(q, k, k, dropout_p)
+    assert call.kind == kind
+    order = [name for name in auto_order(q.device, kind) if refusal(call, name) is None]
+    assert fastgpt.select_kernel(q, k, k, dropout_p=dropout_p).backend == order[0]
 
 
 def test_a_kv_cache_step_on_cpu_prefers_sdpa():
     # a decode step's attention is tiny: sdpa's one call beats ext's three (benchmarks/ext_cpu.py)
-    assert fastgpt.select_backend(torch.randn(1, 2, 1, 8), T_k=5).name == "sdpa"
+    assert fastgpt.select_kernel(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)).name == "sdpa"
     with pytest.raises(ValueError, match="kind must be one of plain, dropout, cached; got 'decode'"):
         auto_order(torch.device("cpu"), "decode")
 
@@ -114,7 +116,7 @@ GOOD = torch.zeros(2, 2, 4, 8)
     ((GOOD, GOOD, GOOD), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\); got 1.0"),
     ((GOOD, GOOD, GOOD), {"dropout_p": -0.1}, ValueError, r"dropout_p must be a number in \[0, 1\); got -0.1"),
     ((GOOD, GOOD, GOOD), {"scale": float("nan")}, ValueError, "scale must be a finite number"),
-    ((GOOD, GOOD, GOOD), {"backend": "flash9"}, ValueError, "backend='flash9' is not a known attention backend; choose one of: auto, naive, "),
+    ((GOOD, GOOD, GOOD), {"backend": "flash9"}, ValueError, "backend='flash9' is not a known attention backend or kernel path; choose one of: auto, naive, "),
     ((GOOD[:, :, :0], GOOD[:, :, :0], GOOD[:, :, :0]), {}, ValueError, "B, H, T and D must all be at least 1"),
     (([1.0], GOOD, GOOD), {}, TypeError, "q must be a torch.Tensor"),
 ])
@@ -146,7 +148,7 @@ def test_mixed_devices_are_refused():
 def test_named_backend_that_refuses_a_call_says_why_and_does_not_fall_back():
     register_backend(Backend(name="_fp32_only_test_backend", fn=lambda *a: pytest.fail("must not run"),
                              description="test only",
-                             unsupported_reason=lambda q, p: None if q.dtype == torch.float32 else f"dtype {q.dtype} unsupported"))
+                             unsupported_reason=lambda call: None if call.dtype == torch.float32 else f"dtype {call.dtype} unsupported"))
     register_backend(Backend(name="_absent_test_backend", fn=lambda *a: pytest.fail("must not run"),
                              description="test only", unavailable_reason=lambda d: "its package is not installed"))
     with pytest.raises(ValueError, match="does not support this call: dtype torch.float16 unsupported"):
@@ -179,7 +181,7 @@ def test_a_scale_at_or_below_zero_is_computed_right_by_every_backend(scale, dtyp
         ref = naive_attention(q.double(), k.double(), v.double(), scale=scale)
         tol = 1e-2 if dtype == torch.float16 else 1e-5
         for name in ["auto", *available_backends("cpu")]:
-            if name != "auto" and get_backend(name).refusal(q, 0.0) is not None:
+            if refusal(AttentionCall.of(q, k, v), name) is not None:
                 continue
             out = causal_attention(q, k, v, scale=scale, backend=name)
             assert (out.double() - ref).abs().max() < tol, (name, shape, dtype)

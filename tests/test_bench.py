@@ -5,12 +5,12 @@ import math
 
 import pytest
 
-from fastgpt.benchmarks.attention import AttentionSweep, run_attention_benchmark
-from fastgpt.benchmarks.common import attention_flops
-from fastgpt.benchmarks.gemm_probe import fraction_of_gemm, gemm_flops, probe_gemm
-from fastgpt.timing import percentile
-from fastgpt.benchmarks.report import EXT_BF16_PRODUCTS, EXT_CPU_KERNELS, attention_markdown, train_markdown, write_results
-from fastgpt.benchmarks.train import run_train_benchmark
+from fastgpt.bench.attention import AttentionSweep, run_attention_benchmark
+from fastgpt.bench.common import attention_flops
+from fastgpt.bench.gemm_probe import fraction_of_gemm, gemm_flops, probe_gemm
+from fastgpt.machine.timing import percentile
+from fastgpt.bench.report import attention_markdown, train_markdown, write_results
+from fastgpt.bench.train import run_train_benchmark
 from fastgpt.cli import main
 
 
@@ -82,33 +82,36 @@ def test_attention_bench_dtype_flag_runs_bf16_with_its_own_probe(tmp_path, capsy
     assert "--dtype bf16 and --dtypes float32 both name the sweep's dtypes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("amx", ["1", "0"])
-def test_attention_bench_says_where_ext_bf16_ran(tmp_path, capsys, monkeypatch, amx):
-    """An ext bfloat16 cell on CPU records which kernels it timed; FASTGPT_CPU_AMX=0 forces the float32 tiles."""
-    from fastgpt.cpu_features import bf16_matrix_units
+@pytest.mark.parametrize("amx", [True, False])
+def test_attention_bench_says_where_ext_bf16_ran(tmp_path, capsys, amx):
+    """An ext bfloat16 cell on CPU records which kernels it timed; cpu_isa(amx=False) forces the float32 tiles."""
+    from fastgpt.ext import cpu_isa
+    from fastgpt.machine.cpu_features import bf16_matrix_units
 
-    monkeypatch.setenv("FASTGPT_CPU_AMX", amx)
-    assert main(["bench", "attention", "--smoke", "--dtype", "bf16", "--backends", "ext", "--modes", "forward",
-                 "--dropouts", "0", "--seq-lens", "16", "--out-dir", str(tmp_path), "--no-progress"]) == 0
-    expected = "AMX" if amx == "1" and bf16_matrix_units() == "AMX" else "float32 tiles"
+    with cpu_isa(amx=amx):
+        assert main(["bench", "attention", "--smoke", "--dtype", "bf16", "--backends", "ext", "--modes", "forward",
+                     "--dropouts", "0", "--seq-lens", "16", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    expected = "AMX" if amx and bf16_matrix_units() == "AMX" else "float32 tiles"
     records = json.loads((tmp_path / "attention.json").read_text())["records"]
-    assert [r["ext_bf16_products"] for r in records if r["backend"] == "ext"] == [expected]
-    assert f"- `ext` bfloat16 matmuls ran on {EXT_BF16_PRODUCTS[expected]}" in capsys.readouterr().out
+    assert [r["kernel_detail"] for r in records if r["backend"] == "ext"] == [f"bfloat16 products on {expected}"]
+    assert f"bfloat16 products on {expected}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flash", ["1", "0"])
-def test_attention_bench_says_which_cpu_kernels_ext_ran(tmp_path, capsys, monkeypatch, flash):
-    """An ext cell on CPU records its kernels: float32 runs flash unless FASTGPT_CPU_FLASH=0."""
+@pytest.mark.parametrize("backend, expected", [("ext", "ext.cpu_flash"), ("ext.cpu_packed", "ext.cpu_packed")])
+def test_attention_bench_records_the_kernel_path_that_ran(tmp_path, capsys, monkeypatch, backend, expected):
+    """A cell records the kernel path the registry ran: float32 ext takes its flash path, and a
+    named path runs itself; the table's notes say which, with the path's description."""
     import torch
 
-    monkeypatch.setenv("FASTGPT_CPU_FLASH", flash)
+    from fastgpt.attention import get_path
+
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # flash whatever the smoke sweep's head count
-    assert main(["bench", "attention", "--smoke", "--backends", "ext", "--modes", "forward+backward",
+    assert main(["bench", "attention", "--smoke", "--backends", backend, "--modes", "forward+backward",
                  "--dropouts", "0", "--seq-lens", "16", "--out-dir", str(tmp_path), "--no-progress"]) == 0
-    expected = "flash" if flash == "1" else "materialised"
     records = json.loads((tmp_path / "attention.json").read_text())["records"]
-    assert [r["ext_cpu_kernels"] for r in records if r["backend"] == "ext"] == [expected]
-    assert f"- `ext` float32 on CPU ran its {EXT_CPU_KERNELS[expected]}" in capsys.readouterr().out
+    assert [r["kernel_path"] for r in records if r["backend"] == backend] == [expected]
+    assert [r["kernel_path"] for r in records if r["backend"] == "naive"] == ["naive"]
+    assert f"ran kernel path `{expected}`: {get_path(expected).description}" in capsys.readouterr().out
 
 
 def test_bench_cli_writes_table_files_and_plot(tmp_path, capsys):
@@ -128,6 +131,7 @@ def test_train_benchmark_smoke(small_corpus, dtype, probed):
     for r in result["records"]:
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 and math.isfinite(r["median_s"])
         assert r["mfu"] is None  # no known peak for a CPU
+        assert r["backend"] in r["kernels"] and "linear.torch" in r["kernels"], r["kernels"]  # what the steps ran
         assert r["fraction_of_gemm"] == pytest.approx(r["gflops"] / result["gemm_probe"][probed]["gflops"])
     table = train_markdown(result)
     assert "| naive |" in table and f"dtype {dtype}" in table and f"this run): {probed} " in table
@@ -136,15 +140,14 @@ def test_train_benchmark_smoke(small_corpus, dtype, probed):
 def test_cpu_peak_memory_sees_matrices_a_buffer_pool_would_hide(monkeypatch):
     # ext's materialised kernels keep freed T×T buffers in a pool; the measure must release it
     # first, or a second call would look free. One (B, H, T, T) fp32 matrix here is 8 MiB; fwd+bwd
-    # needs several. (The float32 flash kernels store none: they are switched off here.)
-    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
+    # needs several. (The float32 flash kernels store none: the packed path is named here.)
     import torch
 
     from fastgpt.attention import causal_attention
-    from fastgpt.benchmarks.common import peak_memory_bytes
+    from fastgpt.bench.common import peak_memory_bytes
 
     q = torch.randn(2, 4, 512, 16, requires_grad=True)
-    call = lambda: torch.autograd.grad(causal_attention(q, q, q, backend="ext"), (q,), torch.ones_like(q))
+    call = lambda: torch.autograd.grad(causal_attention(q, q, q, backend="ext.cpu_packed"), (q,), torch.ones_like(q))
     call()
     one_matrix = 2 * 4 * 512 * 512 * 4
     assert peak_memory_bytes(call, torch.device("cpu")) >= one_matrix

@@ -14,10 +14,10 @@ from test_cli_refusals import one_line_error
 
 # The function each kind of `fastgpt bench` does its work in: refusals must come before it runs.
 WORK = {
-    "attention": ("fastgpt.benchmarks.attention", "run_attention_benchmark", []),
-    "generate": ("fastgpt.benchmarks.generate", "run_generate_benchmark", []),
-    "train": ("fastgpt.benchmarks.train", "run_train_benchmark", []),
-    "profile": ("fastgpt.benchmarks.train_profile", "run_train_profile", ["--profile"]),
+    "attention": ("fastgpt.bench.attention", "run_attention_benchmark", []),
+    "generate": ("fastgpt.bench.generate", "run_generate_benchmark", []),
+    "train": ("fastgpt.bench.train", "run_train_benchmark", []),
+    "profile": ("fastgpt.bench.train_profile", "run_train_profile", ["--profile"]),
 }
 
 
@@ -36,7 +36,7 @@ def no_work(monkeypatch):
 
     for module, function, _ in WORK.values():
         monkeypatch.setattr(importlib.import_module(module), function, ran)
-    monkeypatch.setattr(importlib.import_module("fastgpt.benchmarks.gpu_report"), "run_stage_in_child", ran)
+    monkeypatch.setattr(importlib.import_module("fastgpt.bench.gpu_report"), "run_stage_in_child", ran)
 
 
 @pytest.fixture()
@@ -133,7 +133,7 @@ def test_gpu_report_out_dir_that_is_a_file_or_read_only_is_refused_first(no_work
 
 
 def test_the_checked_out_dir_takes_the_results(tmp_path):
-    from fastgpt.benchmarks.report import prepare_out_dir, write_results
+    from fastgpt.bench.report import prepare_out_dir, write_results
 
     out = prepare_out_dir(tmp_path / "a" / "b")
     assert out.is_dir() and list(out.iterdir()) == []  # the probe leaves nothing behind
@@ -146,7 +146,7 @@ def test_the_checked_out_dir_takes_the_results(tmp_path):
 @pytest.mark.parametrize("flags, says", [
     (["--tokens", "8"], "--tokens 8 is less than the longest --seq-lens 48"),
     (["--kv-heads", "3"], "--kv-heads 3 must divide the sweep's 2 heads"),
-    (["--backends", "flash9"], "--backends flash9: 'flash9' is not a backend"),
+    (["--backends", "flash9"], "--backends flash9: 'flash9' is neither a backend nor a kernel path"),
     (["--backends", "naive", "auto"], "--backends auto: 'auto' chooses among the backends per call"),
 ])
 def test_attention_flags_it_cannot_honour_are_refused_before_work(flags, says, no_work, tmp_path, capsys):
@@ -157,9 +157,9 @@ def test_attention_flags_it_cannot_honour_are_refused_before_work(flags, says, n
 
 @pytest.mark.parametrize("kind, flags, says", [
     ("train", ["--backends", "auto"], "--backends auto: 'auto' chooses among the backends per call"),
-    ("train", ["--backends", "flash9"], "--backends flash9: 'flash9' is not a backend"),
-    ("generate", ["--backends", "flash9"], "--backends flash9: 'flash9' is not a backend"),
-    ("profile", ["--backends", "flash9"], "--backends flash9: 'flash9' is not a backend"),
+    ("train", ["--backends", "flash9"], "--backends flash9: 'flash9' is neither a backend nor a kernel path"),
+    ("generate", ["--backends", "flash9"], "--backends flash9: 'flash9' is neither a backend nor a kernel path"),
+    ("profile", ["--backends", "flash9"], "--backends flash9: 'flash9' is neither a backend nor a kernel path"),
 ])
 def test_other_kinds_refuse_unknown_backends_before_work(kind, flags, says, no_work, tmp_path, capsys):
     assert main(bench_argv(kind, *flags, "--out-dir", tmp_path / "out")) == 2

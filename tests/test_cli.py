@@ -3,11 +3,12 @@
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from fastgpt.cli import main
-from fastgpt.parity import ALL_SHAPES
+from fastgpt.verify.parity import ALL_SHAPES
 
 SMALL_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
              "--eval-iters", "2", "--eval-interval", "10", "--no-progress", "--no-decay-lr"]
@@ -16,17 +17,17 @@ SMALL_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size"
 def test_train_resume_and_sample(small_corpus, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--preset", "cpu", "--data", str(small_corpus), "--out-dir", out, "--max-iters", "20",
-                 "--sample-tokens", "30", "--attention", "naive", *SMALL_RUN]) == 0
+                 "--sample-tokens", "30", "--backend", "naive", *SMALL_RUN]) == 0
     printed = capsys.readouterr().out
-    assert "attention backend 'naive' -> naive" in printed
+    assert "attention backend 'naive' -> kernel path naive" in printed
     assert "step 20: train loss" in printed
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [0, 10, 20]
 
     # --resume continues the same run, here with a later end and another attention backend
-    assert main(["train", "--resume", "--out-dir", out, "--max-iters", "30", "--attention", "sdpa", "--no-progress"]) == 0
+    assert main(["train", "--resume", "--out-dir", out, "--max-iters", "30", "--backend", "sdpa", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "resuming at iteration 20 of 30" in printed and "-> sdpa" in printed
+    assert "resuming at iteration 20 of 30" in printed and "-> kernel path sdpa" in printed
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iter"], r["backend"]) for r in records] == [(0, "naive"), (10, "naive"), (20, "naive"), (30, "sdpa")]
 
@@ -48,7 +49,7 @@ def test_train_resume_and_sample(small_corpus, tmp_path, capsys):
 def test_train_with_mixed_precision_accumulation_and_a_peak_for_mfu(small_corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(small_corpus), "--out-dir", str(out), "--max-iters", "2", "--sample-tokens", "0",
-                 "--dtype", "bf16", "--gradient-accumulation-steps", "2", "--peak-tflops", "1", "--attention", "sdpa",
+                 "--dtype", "bf16", "--gradient-accumulation-steps", "2", "--peak-tflops", "1", "--backend", "sdpa",
                  *SMALL_RUN]) == 0
     printed = capsys.readouterr().out
     assert "dtype bf16" in printed and "128 tokens per step (2 micro-batches of 4 × 16)" in printed
@@ -81,7 +82,7 @@ def test_sample_from_a_bigram_model(small_corpus, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "/no/such/corpus.txt", "--max-iters", "1"], "corpus file '/no/such/corpus.txt' does not exist"),
     (["train", "--n-head", "5", "--n-embd", "16"], "n_embd=16 must be divisible by n_head=5"),
-    (["train", "--attention", "flash9", "--max-iters", "1"], "backend='flash9' is not a known attention backend"),
+    (["train", "--backend", "flash9", "--max-iters", "1"], "backend='flash9' is not a known attention backend"),
     (["sample", "--out-dir", "/no/such/run"], "no checkpoint at '/no/such/run/ckpt.pt'"),
     (["train", "--dtype", "fp8", "--max-iters", "1"], "dtype must be one of bf16, fp16, fp32; got 'fp8'"),
 ])
@@ -121,15 +122,39 @@ def test_check_help_names_both_checks_and_their_options(capsys):
         main(["check", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in ("triton_compile_check", "cuda_compile_check", "--arch", "--dtype", "--head-dim", "--jobs", "--full"):
+    for name in ("triton_compile", "cuda_compile", "--arch", "--dtype", "--head-dim", "--jobs", "--full"):
         assert name in text, name
 
 
 @pytest.mark.parametrize("triton_status, cuda_status", [(0, 1), (1, 0), (2, 0)])
 def test_check_fails_when_either_check_fails(monkeypatch, triton_status, cuda_status):
-    from fastgpt.ext import cuda_compile_check
-    from fastgpt.kernels import triton_compile_check
+    from fastgpt.verify import cuda_compile as cuda_compile_check
+    from fastgpt.verify import triton_compile as triton_compile_check
 
     monkeypatch.setattr(triton_compile_check, "run", lambda options: triton_status)
     monkeypatch.setattr(cuda_compile_check, "run", lambda archs: cuda_status)
     assert main(["check"]) == max(triton_status, cuda_status)
+
+
+@pytest.mark.parametrize("argv, not_loaded, printed", [
+    (["train", "--help"], "fastgpt.bench", "usage: fastgpt train"),
+    # refused after the trainer is imported: the whole path of `fastgpt train` up to the run
+    (["train", "--allow-corpus-change"], "fastgpt.bench", "applies only with --resume"),
+    (["info", "--json"], "fastgpt.run.trainer", '"kernel_paths"'),
+    (["check", "--help"], "fastgpt.run.trainer", "usage: fastgpt check"),
+])
+def test_a_command_imports_only_what_it_needs(argv, not_loaded, printed):
+    # A fresh process: sys.modules then holds what this command loaded, and nothing another test did.
+    code = textwrap.dedent(f"""
+        import sys
+        from fastgpt.cli import main
+        try:
+            main({argv!r})
+        except SystemExit:  # --help
+            pass
+        loaded = sorted(m for m in sys.modules if m == {not_loaded!r} or m.startswith({not_loaded + '.'!r}))
+        print("loaded:", loaded)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and printed in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "loaded: []", proc.stdout.splitlines()[-1]

@@ -15,17 +15,17 @@ import torch
 import torch._dynamo
 
 from fastgpt.attention import registry
-from fastgpt.config import make_configs
-from fastgpt.model import GPT, ModelConfig
-from fastgpt.train import Trainer
+from fastgpt.run.config import make_configs
+from fastgpt.model.gpt import GPT, ModelConfig
+from fastgpt.run.trainer import Trainer
 
-TINY = dict(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.2)
+TINY = dict(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout_p=0.2)
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa", "ext", "triton"])
 def test_compiled_gpt_has_no_graph_break(backend):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**TINY, attention=backend))
+    model = GPT(ModelConfig(**TINY, backend=backend))
     x = torch.randint(0, TINY["vocab_size"], (2, TINY["block_size"]))
     model(x, x)  # eager first: the ext library is loaded (a build and a lock dynamo would not trace)
     torch._dynamo.reset()
@@ -45,8 +45,8 @@ def test_compiled_training_step_runs_on_cpu(backend, small_corpus, tmp_path):
     # naive is not either: it is plain PyTorch ops, as sdpa's model is, and each backend's first
     # compile in a process costs inductor's warm-up (about a minute on 2 cores).
     torch._dynamo.reset()
-    config = dict(decay_lr=False, block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, dropout=0.2,
-                  progress=False, sample_tokens=0, compile=True, attention=backend, data=str(small_corpus),
+    config = dict(decay_lr=False, block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, dropout_p=0.2,
+                  progress=False, sample_tokens=0, compile=True, backend=backend, data=str(small_corpus),
                   out_dir=str(tmp_path))
     trainer = Trainer(*make_configs("cpu", config))
     assert trainer.train_model is not trainer.model  # the compiled wrapper
@@ -55,18 +55,18 @@ def test_compiled_training_step_runs_on_cpu(backend, small_corpus, tmp_path):
     assert not any(k.startswith("_orig_mod") for k in trainer.checkpoint_state()["model"])  # plain checkpoints
 
 
-@pytest.mark.parametrize("attention", ["ext", "auto"])
-def test_the_trainer_prepares_the_backend_it_compiles(attention, small_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["ext", "auto"])
+def test_the_trainer_prepares_the_backend_it_compiles(backend, small_corpus, tmp_path, monkeypatch):
     # The backend (auto resolved: ext on CPU where it builds) loads its ops before torch.compile
     # traces; the trainer names no backend to make that happen.
-    if attention == "auto" and registry.get_backend("ext").unavailable_reason(torch.device("cpu")) is not None:
+    if backend == "auto" and registry.get_backend("ext").unavailable_reason(torch.device("cpu")) is not None:
         pytest.skip("auto picks ext on CPU only where the extension builds")
     prepared = []
     ext = registry.get_backend("ext")
     monkeypatch.setitem(registry._BACKENDS, "ext", dataclasses.replace(ext, prepare=prepared.append))
     monkeypatch.setattr(torch, "compile", lambda model: model)  # what runs before compiling, not the compile
-    config = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, dropout=0.2, progress=False,
-                  sample_tokens=0, compile=True, attention=attention, data=str(small_corpus), out_dir=str(tmp_path))
+    config = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, dropout_p=0.2, progress=False,
+                  sample_tokens=0, compile=True, backend=backend, data=str(small_corpus), out_dir=str(tmp_path))
     Trainer(*make_configs("cpu", config))
     assert prepared == [torch.device("cpu")]
 

@@ -1,4 +1,4 @@
-"""fastgpt.cpu_features: the bf16 matrix units PyTorch detects, the warning without them, and where
+"""fastgpt.machine.cpu_features: the bf16 matrix units PyTorch detects, the warning without them, and where
 it shows (the GEMM probe's line, a bf16 training run on CPU). The CPU's answers are monkeypatched:
 the machine running the tests has whichever CPU it has."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgpt import cpu_features
-from fastgpt.benchmarks.gemm_probe import probe_line
+from fastgpt.machine import cpu_features
+from fastgpt.bench.gemm_probe import probe_line
 
 
 def _cpu(monkeypatch, amx: bool, avx512_bf16: bool) -> None:
@@ -41,8 +41,8 @@ def test_probe_line_notes_software_bf16():
 
 
 def test_bf16_training_on_such_a_cpu_warns(monkeypatch, tmp_path, capsys):
-    from fastgpt.config import make_configs
-    from fastgpt.train import Trainer
+    from fastgpt.run.config import make_configs
+    from fastgpt.run.trainer import Trainer
 
     _cpu(monkeypatch, False, False)
     overrides = {"device": "cpu", "dtype": "bf16", "progress": False, "out_dir": str(tmp_path), "max_iters": 1,

@@ -1,4 +1,4 @@
-"""The CUDA kernels' nvcc compile check (fastgpt.ext.cuda_compile_check, the second half of
+"""The CUDA kernels' nvcc compile check (fastgpt.verify.cuda_compile, the second half of
 `fastgpt check`): every kernel of csrc/cuda/ for every dtype and variant compiles for sm_80 and
 sm_90 with zero spills and within the shared memory of one block. The parser tests run everywhere;
 the compile test is skipped, with the reason, without nvcc. A cold compile is one nvcc call; the
@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from fastgpt.compile_check import SHARED_LIMIT
-from fastgpt.ext import cuda_compile_check
-from fastgpt.ext.cuda_compile_check import KernelReport, parse_dynamic_shared, parse_ptxas
+from fastgpt.verify.compile_check import SHARED_LIMIT
+from fastgpt.verify import cuda_compile as cuda_compile_check
+from fastgpt.verify.cuda_compile import KernelReport, parse_dynamic_shared, parse_ptxas
 
 # Real `nvcc -Xptxas -v` output (CUDA 13.0): sm_80 reports cmem, sm_90 not; the third kernel has no
 # static shared memory and spills; a non-inlined device function must not be taken for a kernel.
@@ -103,7 +103,7 @@ def test_without_nvcc_the_check_is_skipped_with_the_reason(monkeypatch, capsys):
 
 
 def test_the_build_targets_the_archs_the_checks_compile_for():
-    from fastgpt import compile_check
+    from fastgpt.verify import compile_check
     from fastgpt.ext import build
 
     assert tuple(compile_check.ARCHS) == tuple(sorted(build.CUDA_ARCHS))

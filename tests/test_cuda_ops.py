@@ -1,5 +1,5 @@
 """The ext ops' CUDA kernels on a real GPU (never required for CI: skipped without a CUDA device or
-without the CUDA kernels in the build). The same parity promise as on CPU (fastgpt.parity, every
+without the CUDA kernels in the build). The same parity promise as on CPU (fastgpt.verify.parity, every
 PARITY_SHAPES and GQA_SHAPES entry, float32, bfloat16 and float16), grouped-query backwards bit-equal
 (dK, dV summed over each group by one block, no atomics), and the dropout mask bit for bit equal to
 the CPU kernels'. For memory errors and races on the device, run this file under compute-sanitizer:
@@ -11,7 +11,7 @@ the CPU kernels'. For memory errors and races on the device, run this file under
 import pytest
 import torch
 
-from fastgpt.parity import GQA_SHAPES, PARITY_SHAPES, check_parity, make_qkv, shape_id
+from fastgpt.verify.parity import GQA_SHAPES, PARITY_SHAPES, check_parity, make_qkv, shape_id
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the emulation tests in "
                                 "tests/cuda_emulation/ run the same kernels without one)")

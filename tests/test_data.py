@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastgpt.data import CharDataset, CharTokenizer, read_corpus, resolve_corpus_path
+from fastgpt.run.data import CharDataset, CharTokenizer, read_corpus, resolve_corpus_path
 
 ALPHABET = "abc XYZ\n!é—"
 

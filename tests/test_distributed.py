@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from fastgpt.checkpoint import load_checkpoint
-from fastgpt.config import make_configs
-from fastgpt.train import Trainer
+from fastgpt.run.checkpoint import load_checkpoint
+from fastgpt.run.config import make_configs
+from fastgpt.run.trainer import Trainer
 
 # Dropout 0 where the runs are compared: each process draws its dropout masks from its own RNG
 # stream (seed + rank), so one process accumulating over both micro-batches draws other masks than
@@ -23,7 +23,7 @@ from fastgpt.train import Trainer
 # averaging and the optimizer are what these runs compare; test_dropout_training_runs_under_ddp
 # covers dropout.
 RUN = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=2,
-           eval_interval=1, eval_iters=2, dropout=0.0, attention="naive", decay_lr=False, sample_tokens=0,
+           eval_interval=1, eval_iters=2, dropout_p=0.0, backend="naive", decay_lr=False, sample_tokens=0,
            progress=False)
 
 
@@ -82,7 +82,7 @@ def test_two_processes_match_one_process_with_accumulation_and_resume(small_corp
 
 
 def test_dropout_training_runs_under_ddp(small_corpus, tmp_path):
-    run = {**RUN, "data": small_corpus, "out_dir": tmp_path, "dropout": 0.2, "attention": "sdpa", "max_iters": 6,
+    run = {**RUN, "data": small_corpus, "out_dir": tmp_path, "dropout_p": 0.2, "backend": "sdpa", "max_iters": 6,
            "eval_interval": 6}
     proc = torchrun(2, "--preset", "cpu", *flags(run))
     assert proc.returncode == 0, proc.stdout + proc.stderr

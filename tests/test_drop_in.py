@@ -46,7 +46,7 @@ def test_the_one_line_change(backend):
     x = torch.randn(2, 37, 64)
     ys = [m(x) for m in (before, after)]
     grads = [torch.autograd.grad(y.square().sum(), list(m.parameters())) for y, m in zip(ys, (before, after))]
-    # float32 throughout: the two differ by summation order only (fastgpt.parity holds the kernels
+    # float32 throughout: the two differ by summation order only (fastgpt.verify.parity holds the kernels
     # to the float64 reference; this holds the swap to the model it replaces)
     assert (ys[0] - ys[1]).abs().max() < 1e-5
     for a, b in zip(*grads):

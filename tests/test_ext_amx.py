@@ -10,7 +10,7 @@ import torch
 
 import fastgpt.ext as ext
 from fastgpt.attention.ext_backend import ext_attention
-from fastgpt.cpu_features import bf16_matrix_units
+from fastgpt.machine.cpu_features import bf16_matrix_units
 from ext_reference import (
     assert_same_at_one_thread,
     assert_within,
@@ -19,6 +19,7 @@ from ext_reference import (
     ref_matmul_nn,
     ref_matmul_nt,
     ref_matmul_tn,
+    valid_mask,
 )
 
 ops = torch.ops.fastgpt
@@ -84,15 +85,15 @@ def test_parity_with_float64(shape):
 
 @needs_amx
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
-def test_agrees_with_the_float32_tile_path(shape, monkeypatch):
+def test_agrees_with_the_float32_tile_path(shape):
     """Both paths accumulate in float32 and round once: they differ by the order of the sums, so
     by at most one bfloat16 rounding step (2⁻⁸ relative) of each result."""
     B, H, H_kv, T_q, T_k, D = shape
     q, k, p = operands(*shape)
     amx = run_ops(q, k, p, T_q, T_k, H_kv)
-    monkeypatch.setenv("FASTGPT_CPU_AMX", "0")
-    assert not ops.cpu_bf16_uses_amx(D)
-    tiles = run_ops(q, k, p, T_q, T_k, H_kv)
+    with ext.cpu_isa(amx=False):
+        assert not ops.cpu_bf16_uses_amx(D)
+        tiles = run_ops(q, k, p, T_q, T_k, H_kv)
     for name, a, t in zip(["nt", "nn", "tn"], amx, tiles):
         torch.testing.assert_close(a.float(), t.float(), rtol=2**-7, atol=1e-6, msg=lambda m: f"{name} {shape}: {m}")
 
@@ -121,7 +122,7 @@ def test_reads_no_entry_above_the_diagonal_and_writes_zeros_there():
     assert not ops.causal_matmul_nn(p, k.bfloat16(), T_q).isnan().any()
     assert not ops.causal_matmul_tn(p, q.bfloat16(), T_k, H_kv).isnan().any()
     s = ops.causal_matmul_nt(q.bfloat16(), k.bfloat16())
-    assert (s[..., ~layout.valid_mask(T_q, T_k)] == 0).all()
+    assert (s[..., ~valid_mask(T_q, T_k)] == 0).all()
 
 
 @needs_amx
@@ -134,38 +135,38 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_attention_gradients_match_the_float32_tile_path(monkeypatch):
     """The whole ext attention in bfloat16, forward and backward, on either path: the materialised
     kernels, whose products these are (the bfloat16 flash kernels: tests/test_ext_flash.py)."""
-    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
     g = torch.Generator().manual_seed(3)
     q, k, v, dout = (torch.randn(2, 4, 130, 64, generator=g).bfloat16() for _ in range(4))
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = ext_attention(*leaves)
+        out = ext_attention(*leaves, path="ext.cpu_packed")
         return [out, *torch.autograd.grad(out, leaves, dout)]
 
     amx = run()
-    monkeypatch.setenv("FASTGPT_CPU_AMX", "0")
-    for a, t in zip(amx, run()):
+    with ext.cpu_isa(amx=False):
+        tiles = run()
+    for a, t in zip(amx, tiles):
         torch.testing.assert_close(a.float(), t.float(), rtol=2**-6, atol=2e-3)
 
 
-def test_the_switch_and_the_head_dims_it_takes(monkeypatch):
+def test_the_switch_and_the_head_dims_it_takes():
     """AMX runs where the CPU has it (cpu_features agrees), for even head dims, unless
-    FASTGPT_CPU_AMX=0."""
-    monkeypatch.delenv("FASTGPT_CPU_AMX", raising=False)
+    ext.cpu_isa(amx=False) turns it off (tests/test_cpu_isa.py: the switches themselves)."""
     here = bf16_matrix_units() == "AMX"
     assert ops.cpu_bf16_uses_amx(64) == here
     assert ops.cpu_bf16_uses_amx(2) == here
     assert not ops.cpu_bf16_uses_amx(63)  # odd: the micro-kernel pairs rows of K
     assert not ops.cpu_bf16_uses_amx(0)
-    monkeypatch.setenv("FASTGPT_CPU_AMX", "0")
-    assert not ops.cpu_bf16_uses_amx(64)
+    with ext.cpu_isa(amx=False):
+        assert not ops.cpu_bf16_uses_amx(64)
+    assert ops.cpu_bf16_uses_amx(64) == here
 
 
-@pytest.mark.parametrize("amx", ["1", "0"])
-def test_odd_head_dims_run_on_float32_tiles(amx, monkeypatch):
+@pytest.mark.parametrize("amx", [True, False])
+def test_odd_head_dims_run_on_float32_tiles(amx):
     """An odd D takes the float32-tile path on every CPU; still within the bfloat16 parity rule."""
-    monkeypatch.setenv("FASTGPT_CPU_AMX", amx)
     q, k, p = operands(1, 2, 1, 70, 90, 33)
-    errors, limits = op_parity(ext.causal_matmul_nt, ref_matmul_nt, [q, k], torch.bfloat16)
+    with ext.cpu_isa(amx=amx):
+        errors, limits = op_parity(ext.causal_matmul_nt, ref_matmul_nt, [q, k], torch.bfloat16)
     assert_within(errors, limits, "nt D=33")

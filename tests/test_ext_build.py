@@ -17,7 +17,7 @@ import torch
 
 from fastgpt.attention import causal_attention
 from fastgpt.ext import build
-from fastgpt.parity import make_qkv
+from fastgpt.verify.parity import make_qkv
 
 
 @pytest.fixture()
@@ -83,7 +83,8 @@ def test_import_fastgpt_compiles_nothing():
     code = ("import fastgpt, fastgpt.ext, sys, torch; names = fastgpt.backend_names(); "
             "assert 'ext' in names, names; from fastgpt.ext import build; "
             "from fastgpt.attention import get_backend; b = get_backend('ext'); "
-            "b.unsupported_reason(torch.empty(1, 1, 1, 8), 0.0); b.unavailable_reason(torch.device('cpu')); "
+            "from fastgpt.attention import AttentionCall; b.backend_refusal(AttentionCall.like(torch.empty(1, 1, 1, 8))); "
+            "b.unavailable_reason(torch.device('cpu')); "
             "b.empty_cache(); assert not build.is_loaded() and 'fastgpt.ext.ops' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "FASTGPT_EXT_BUILD": "jit"})
 

@@ -23,7 +23,7 @@ import torch
 
 from fastgpt.attention import causal_attention
 from fastgpt.ext import build
-from fastgpt.parity import make_qkv
+from fastgpt.verify.parity import make_qkv
 
 REPO = build.REPO
 
@@ -281,13 +281,13 @@ def _train(tmp_path: Path, name: str, *args: str, **env: str) -> subprocess.Comp
 def test_train_with_an_unusable_cache(tmp_path):
     afile = tmp_path / "not-a-dir"
     afile.write_text("")
-    named = _train(tmp_path, "named", "--attention", "ext", FASTGPT_CACHE_DIR=str(afile))
+    named = _train(tmp_path, "named", "--backend", "ext", FASTGPT_CACHE_DIR=str(afile))
     assert named.returncode == 2, named.stderr
     _one_line(named.stderr)
     assert str(afile) in named.stderr and "FASTGPT_CACHE_DIR" in named.stderr
     auto = _train(tmp_path, "auto", FASTGPT_CACHE_DIR=str(afile))
     assert auto.returncode == 0, auto.stderr[-3000:]
-    assert "Traceback" not in auto.stderr and "'auto' -> sdpa" in auto.stdout
+    assert "Traceback" not in auto.stderr and "'auto' -> kernel path sdpa" in auto.stdout
     (said,) = [line for line in auto.stderr.splitlines() if "'ext'" in line]
     assert str(afile) in said and "FASTGPT_CACHE_DIR" in said
 
@@ -296,10 +296,10 @@ def test_train_with_a_failing_compiler(tmp_path):
     env = {"FASTGPT_CACHE_DIR": str(tmp_path / "cache"), "CXX": str(_failing_compiler(tmp_path))}
     auto = _train(tmp_path, "auto", **env)
     assert auto.returncode == 0, auto.stderr[-3000:]
-    assert "Traceback" not in auto.stderr and "'auto' -> sdpa" in auto.stdout
+    assert "Traceback" not in auto.stderr and "'auto' -> kernel path sdpa" in auto.stdout
     (said,) = [line for line in auto.stderr.splitlines() if "'ext'" in line]
     assert "broken.h" in said and "build-error.log" in said
-    named = _train(tmp_path, "named", "--attention", "ext", **env)
+    named = _train(tmp_path, "named", "--backend", "ext", **env)
     assert named.returncode == 2, named.stderr[-3000:]
     assert "Traceback" not in named.stderr
     (error,) = [line for line in named.stderr.splitlines() if line.startswith("fastgpt train: error:")]
@@ -311,7 +311,7 @@ def test_train_with_a_read_only_home_runs_sdpa(tmp_path, read_only_dir):
     env.update(HOME=str(read_only_dir / "home"), FASTGPT_EXT_BUILD="jit")
     auto = subprocess.run([sys.executable, *TRAIN, "--out-dir", str(tmp_path / "auto")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert auto.returncode == 0 and "'auto' -> sdpa" in auto.stdout, auto.stderr[-3000:]
+    assert auto.returncode == 0 and "'auto' -> kernel path sdpa" in auto.stdout, auto.stderr[-3000:]
     (said,) = [line for line in auto.stderr.splitlines() if "'ext'" in line]
     assert "read-only" in said and "FASTGPT_CACHE_DIR" in said
 
@@ -320,7 +320,7 @@ def test_train_with_a_failing_compiler_and_sdpa_keeps_its_residual_dropout_on_to
     # The residual dropout and the decode's linear kernel take ext's kernels where the library
     # loads: a compile that fails moves them to F.dropout / F.linear, said once, and the run goes on.
     env = {"FASTGPT_CACHE_DIR": str(tmp_path / "cache"), "CXX": str(_failing_compiler(tmp_path))}
-    run = _train(tmp_path, "sdpa", "--attention", "sdpa", "--dropout", "0.1", **env)
+    run = _train(tmp_path, "sdpa", "--backend", "sdpa", "--dropout-p", "0.1", **env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     (said,) = [line for line in run.stderr.splitlines() if "residual dropout" in line]

@@ -13,8 +13,8 @@ import torch
 import fastgpt.ext as ext
 from fastgpt.attention.ext_backend import ext_attention
 from fastgpt.ext import layout
-from fastgpt.parity import SQUARE_SHAPES, make_qkv, tolerance
-from ext_reference import future_mask, random_packed, ref_attention, ref_softmax
+from fastgpt.verify.parity import SQUARE_SHAPES, make_qkv, tolerance
+from ext_reference import future_mask, random_packed, ref_attention, ref_softmax, valid_mask
 
 M32 = 0xFFFFFFFF
 
@@ -85,7 +85,7 @@ def test_softmax_applies_exactly_its_mask(dtype, T_q, T_k):
 
 def dropout_parity(q, k, v, p, seed, offset, dout):
     """ext attention with dropout against the float64 reference fed ext's mask; the rule of
-    fastgpt.parity (factor × the same-dtype reference error with that mask, plus the dtype floor)."""
+    fastgpt.verify.parity (factor × the same-dtype reference error with that mask, plus the dtype floor)."""
     B, H, T_q, D = q.shape
     T_k = k.shape[2]
     keep = ext.dropout_keep_mask(torch.empty(B, H, layout.packed_size(T_q, T_k)), T_q, T_k, p, seed, offset)
@@ -128,7 +128,7 @@ def test_backend_dropout_parity_fewer_queries(T_q, T_k, dtype):
 def test_kept_fraction(p):
     B, H, T = 4, 6, 256  # 790k lower-triangle draws: the standard error is ~6e-4
     scores = random_packed(B, H, T, T).float()
-    lower, valid = ~future_mask(T), layout.valid_mask(T, T)
+    lower, valid = ~future_mask(T), valid_mask(T, T)
     kept_mask = ext.dropout_keep_mask(scores, T, T, p, 7, 0)[..., lower].float().mean().item()
     kept_out = (ext.causal_softmax(scores, T, T, 0.1, p, 7, 0)[..., valid] != 0).float().mean().item()
     assert abs(kept_mask - (1 - p)) <= 0.01

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastgpt.attention import select_kernel
 from fastgpt.attention.ext_backend import ext_attention
 from fastgpt.attention.naive import naive_attention
-from fastgpt.parity import compare, make_qkv, shape_id
+from fastgpt.verify.parity import compare, make_qkv, shape_id
 
 ext_ops = pytest.importorskip("fastgpt.ext.ops")  # builds or loads the extension
 ops = torch.ops.fastgpt
@@ -31,7 +32,6 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)]
 @pytest.fixture
 def flash(monkeypatch):
     """The eager ext attention on the flash kernels whatever the head count: one thread."""
-    monkeypatch.delenv("FASTGPT_CPU_FLASH", raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -47,7 +47,7 @@ def _flash_op_pair(q, k, v, dout, scale, dropout_p=0.0, seed=0):
 def test_parity_with_float64(dtype, shape, flash):
     q, k, v = make_qkv(shape, dtype, "cpu")  # strided views of one fused qkv buffer
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert ext_ops.cpu_attention_kernels(dtype, k.shape[0] * k.shape[1], q.shape[-1]) == "flash"
+    assert select_kernel(q, k, v, backend="ext").name == ("ext.cpu_flash" if dtype == torch.float32 else "ext.cpu_flash_amx")
     result = compare(lambda q, k, v: ext_attention(q, k, v), naive_attention, (q, k, v), dout, dtype)
     assert result.ok, result.explain()
 
@@ -82,9 +82,8 @@ def test_dropout_drops_what_the_materialised_path_drops(shape, dtype, rtol, atol
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     scale = q.shape[-1] ** -0.5
     flash, _ = _flash_op_pair(q, k, v, dout, scale, 0.3, 1234)
-    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = ext_attention(*leaves, 0.3, scale, seed=1234)
+    out = ext_attention(*leaves, 0.3, scale, seed=1234, path="ext.cpu_packed")
     out.backward(dout)
     materialised = [out.detach(), *(t.grad for t in leaves)]
     for name, got, want in zip(("out", "dq", "dk", "dv"), flash, materialised):
@@ -131,15 +130,16 @@ def test_an_expanded_upstream_gradient_and_an_empty_head_dim(flash):
 
 
 @needs_amx
-def test_both_bfloat16_roundings_give_the_same_bits(monkeypatch):
+def test_both_bfloat16_roundings_give_the_same_bits():
     """The hot loops round with AVX512-BF16's instruction where the CPU has it, else with ATen's
-    integer rounding (FASTGPT_CPU_AVX512BF16=0 forces it): both round to nearest even."""
+    integer rounding (ext.cpu_isa(avx512bf16=False) forces it): both round to nearest even."""
     q, k, v = make_qkv((2, 4, 2, 100, 130, 32), torch.bfloat16, "cpu")
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     runs = []
-    for native in ("1", "0"):
-        monkeypatch.setenv("FASTGPT_CPU_AVX512BF16", native)
-        runs.append(_flash_op_pair(q, k, v, dout, 0.2, 0.1, 5))
+    for native in (True, False):
+        with ext_ops.cpu_isa(avx512bf16=native):
+            assert ext_ops.cpu_isa_settings()["avx512bf16"]["used"] == native  # both roundings run
+            runs.append(_flash_op_pair(q, k, v, dout, 0.2, 0.1, 5))
     for got, want in zip((*runs[1][0], runs[1][1]), (*runs[0][0], runs[0][1])):
         assert torch.equal(got, want)
 
@@ -155,21 +155,27 @@ def test_outputs_are_heads_interleaved_views(dtype):
     assert lse.dtype == torch.float32
 
 
-def test_the_eager_attention_picks_its_kernels(monkeypatch):
-    monkeypatch.delenv("FASTGPT_CPU_FLASH", raising=False)
-    monkeypatch.delenv("FASTGPT_CPU_AMX", raising=False)
+def _ext_path(dtype: torch.dtype, kv_heads_total: int, D: int, backend: str = "ext") -> str:
+    """The kernel path backend="ext" (or `backend`) runs for B·H_kv = kv_heads_total heads of D."""
+    return select_kernel(torch.empty(kv_heads_total, 1, 8, D, dtype=dtype), backend=backend).name
+
+
+def test_ext_picks_its_kernel_path():
     threads = torch.get_num_threads()
-    assert ext_ops.cpu_attention_kernels(torch.float32, threads, 64) == "flash"
-    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads, 64) == ("flash" if AMX else "materialised")
-    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads, 5) == "materialised"  # AMX pairs rows of D
-    assert ext_ops.cpu_attention_kernels(torch.float16, threads, 64) == "materialised"
+    assert _ext_path(torch.float32, threads, 64) == "ext.cpu_flash"
+    assert _ext_path(torch.bfloat16, threads, 64) == ("ext.cpu_flash_amx" if AMX else "ext.cpu_packed")
+    assert _ext_path(torch.bfloat16, threads, 5) == "ext.cpu_packed"  # AMX pairs rows of D
+    with pytest.raises(ValueError, match="the ext kernels take float32 and bfloat16 on cpu"):
+        _ext_path(torch.float16, threads, 64)
     if threads > 1:  # fewer key/value heads than threads would leave threads idle in the backward
-        assert ext_ops.cpu_attention_kernels(torch.float32, threads - 1, 64) == "materialised"
-    monkeypatch.setenv("FASTGPT_CPU_AMX", "0")
-    assert ext_ops.cpu_attention_kernels(torch.bfloat16, threads, 64) == "materialised"
-    assert ext_ops.cpu_attention_kernels(torch.float32, threads, 64) == "flash"
-    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")
-    assert ext_ops.cpu_attention_kernels(torch.float32, threads, 64) == "materialised"
+        assert _ext_path(torch.float32, threads - 1, 64) == "ext.cpu_packed"
+        assert _ext_path(torch.float32, threads - 1, 64, backend="ext.cpu_flash") == "ext.cpu_flash"  # named: runs
+    with ext_ops.cpu_isa(amx=False):
+        assert _ext_path(torch.bfloat16, threads, 64) == "ext.cpu_packed"
+        assert _ext_path(torch.float32, threads, 64) == "ext.cpu_flash"
+    assert _ext_path(torch.float32, threads, 64, backend="ext.cpu_packed") == "ext.cpu_packed"
+    with pytest.raises(ValueError, match="ext.cpu_flash.*float32 only"):
+        _ext_path(torch.bfloat16, threads, 64, backend="ext.cpu_flash")
 
 
 def test_one_cpp_node_and_only_the_gradients_asked_for(flash):

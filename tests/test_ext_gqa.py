@@ -2,10 +2,10 @@
 H_kv heads dividing q's H, query head h reads key/value head h // (H / H_kv) in place, and dK, dV
 sum each group of query heads in a fixed order.
 
-Parity of the backend over fastgpt.parity's GQA_SHAPES (groups of 2, 3 and 8, T_q < T_k, B > 1)
+Parity of the backend over fastgpt.verify.parity's GQA_SHAPES (groups of 2, 3 and 8, T_q < T_k, B > 1)
 and of each op against its float64 reference (tests/ext_reference.py); opcheck; repeated
 backwards and thread counts bit-equal; dropout against the reference built from the op's own
-mask (fastgpt.dropout_check); a head count that does not divide refused by name; one graph node
+mask (fastgpt.verify.dropout_check); a head count that does not divide refused by name; one graph node
 per op under torch.compile, with no copy of k or v.
 """
 
@@ -17,9 +17,9 @@ import torch._dynamo
 
 import fastgpt.ext as ext
 from fastgpt.attention.ext_backend import ext_attention
-from fastgpt.dropout_check import check_dropout
+from fastgpt.verify.dropout_check import check_dropout
 from fastgpt.ext import layout
-from fastgpt.parity import GQA_SHAPES, check_parity, make_qkv, shape_id, unpack_shape
+from fastgpt.verify.parity import GQA_SHAPES, check_parity, make_qkv, shape_id, unpack_shape
 from ext_reference import assert_same_at_one_thread, assert_within, op_parity, random_packed, ref_matmul_nn, ref_matmul_nt, ref_matmul_tn
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -201,11 +201,10 @@ def test_fake_kernels_size_grouped_outputs_and_refuse_by_name():
 # ---- torch.compile: one node per op, and no copy of k or v -------------------------------------------
 
 def test_compiled_grouped_query_attention_is_the_three_ops_and_no_copy(monkeypatch):
-    monkeypatch.setenv("FASTGPT_CPU_FLASH", "0")  # eager on the kernels that match the traced ops bit for bit
     q, k, v = (t.detach().requires_grad_(True) for t in make_qkv((2, 6, 2, 16, 16, 8), torch.float32, "cpu"))
 
     def attention(q, k, v):
-        return ext_attention(q, k, v, 0.2)
+        return ext_attention(q, k, v, 0.2, path="ext.cpu_packed")  # eager on the kernels the trace runs
 
     attention(q, k, v)  # eager first: loads the library outside the trace
     torch._dynamo.reset()

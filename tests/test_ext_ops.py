@@ -8,7 +8,7 @@ import torch
 
 import fastgpt.ext as ext
 from fastgpt.ext import layout
-from fastgpt.parity import SQUARE_SHAPES, make_qkv
+from fastgpt.verify.parity import SQUARE_SHAPES, make_qkv
 from ext_reference import (
     assert_same_at_one_thread,
     assert_within,
@@ -19,6 +19,7 @@ from ext_reference import (
     ref_matmul_nt,
     ref_matmul_tn,
     ref_softmax,
+    valid_mask,
 )
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -66,7 +67,7 @@ def test_pack_and_unpack():
     dense = torch.randn(2, 3, T_q, T_k)
     packed = layout.pack(dense, T_q, T_k)
     assert packed.shape == (2, 3, layout.packed_size(T_q, T_k))
-    assert packed[..., ~layout.valid_mask(T_q, T_k)].eq(0).all()
+    assert packed[..., ~valid_mask(T_q, T_k)].eq(0).all()
     torch.testing.assert_close(layout.unpack(packed, T_q, T_k), dense.masked_fill(future_mask(T_q, T_k), 0), rtol=0, atol=0)
     # Row i of block r at start_r + (i - 64 r)·W_r; (70, 130): o = 60, W_0 = 128, W_1 = 192.
     assert packed[0, 0, 64 * 128 + 192 + 5] == dense[0, 0, 65, 5]
@@ -167,7 +168,7 @@ def test_packed_outputs_are_written_everywhere(T_q, T_k, dtype):
     """Zeros above the diagonal and in the padding, even over a buffer that held NaN (the buffer
     cache recycles memory: nothing stale may show through)."""
     q, k, _ = qk(2, 2, T_q, T_k, 16, dtype)
-    outside = ~layout.valid_mask(T_q, T_k)
+    outside = ~valid_mask(T_q, T_k)
     g = random_packed(2, 2, T_q, T_k).to(dtype)
     outputs = {
         "nt": lambda: ext.causal_matmul_nt(q, k),
@@ -343,5 +344,5 @@ def test_recycled_buffers_are_fully_rewritten():
     assert not again.isnan().any()
     torch.testing.assert_close(again, ref_matmul_nt(q, k))
     p = ext.causal_softmax(again, 1500, 1500, 0.25)
-    assert p[..., ~layout.valid_mask(1500, 1500)].eq(0).all() and not p.isnan().any()
+    assert p[..., ~valid_mask(1500, 1500)].eq(0).all() and not p.isnan().any()
     ext.empty_cache()

@@ -30,7 +30,7 @@ def test_wheel_carries_the_corpus(tmp_path):
                     str(tmp_path), str(REPO)], check=True, env=env, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("fastgpt-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        info = zf.getinfo("fastgpt/corpus/tinyshakespeare.txt.bz2")
+        info = zf.getinfo("fastgpt/run/corpus/tinyshakespeare.txt.bz2")
     assert 300_000 < info.file_size < 400_000
 
 
@@ -40,7 +40,7 @@ def test_train_with_no_corpus_given_and_no_network(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FASTGPT_DATA", "PYTHONPATH")}
     env.update(HOME=str(tmp_path), PYTHONPATH=str(tmp_path / "site"))
     proc = subprocess.run([sys.executable, "-m", "fastgpt", "train", "--max-iters", "3", "--eval-iters", "1",
-                           "--sample-tokens", "40", "--attention", "sdpa", "--no-progress"],
+                           "--sample-tokens", "40", "--backend", "sdpa", "--no-progress"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "preset 'cpu'" in proc.stdout and "3 iterations in" in proc.stdout

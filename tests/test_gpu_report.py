@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastgpt.benchmarks.gpu_report import STAGES
+from fastgpt.bench.gpu_report import STAGES
 from fastgpt.cli import main
 
 
@@ -76,7 +76,7 @@ def test_without_a_gpu_it_says_so_and_points_to_the_dry_run(tmp_path, capsys):
 # and nvcc run under a build); "build" finishes at once.
 STAND_IN_STAGES = """
 import pathlib, subprocess, sys, time
-from fastgpt.benchmarks import gpu_report, gpu_stages
+from fastgpt.bench import gpu_report, gpu_stages
 
 def overrun(ctx):
     grandchild = subprocess.Popen(["sleep", "300"])
@@ -117,7 +117,7 @@ def _running(pid: int, within_s: float = 5.0) -> bool:
 def test_a_stage_cut_at_its_budget_runs_its_finally_and_its_children_die(tmp_path, monkeypatch):
     import sys
 
-    from fastgpt.benchmarks import gpu_report
+    from fastgpt.bench import gpu_report
 
     monkeypatch.setattr(gpu_report, "_stage_command", lambda name, context: [
         sys.executable, "-c", STAND_IN_STAGES, "--run-stage", name, "--context", str(context)])
@@ -138,7 +138,7 @@ def test_a_stage_that_ignores_sigterm_is_killed_with_its_process_group(tmp_path)
     import sys
     import time
 
-    from fastgpt.benchmarks.gpu_report import _end_session
+    from fastgpt.bench.gpu_report import _end_session
 
     pid_file = tmp_path / "grandchild"
     code = ("import signal, subprocess, time\n"
@@ -157,7 +157,7 @@ def test_a_stage_that_ignores_sigterm_is_killed_with_its_process_group(tmp_path)
 def test_the_environment_stage_records_numpy(tmp_path):
     import numpy
 
-    from fastgpt.benchmarks.gpu_stages import StageContext, stage_environment
+    from fastgpt.bench.gpu_stages import StageContext, stage_environment
 
     ctx = StageContext(stage="environment", dry_run=True, budget_s=60, work_dir=tmp_path, out_dir=tmp_path,
                        result_path=tmp_path / "environment.json")
@@ -167,7 +167,7 @@ def test_the_environment_stage_records_numpy(tmp_path):
 
 
 def test_the_report_lists_the_triton_configs_that_spilled_there(monkeypatch):
-    from fastgpt.benchmarks import gpu_report_render
+    from fastgpt.bench import gpu_report_render
 
     monkeypatch.setattr(gpu_report_render, "attention_markdown", lambda sweep: "(table)")
     spills = [{"kernel": "fwd", "call": "D=96 dropout=True float16 sm_90", "config": "M64/N64/w4/s3",

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fastgpt import causal_attention
-from fastgpt.attention import Backend, backend_names, get_backend, naive_attention, register_backend, select_backend
+from fastgpt.attention import Backend, backend_names, get_backend, naive_attention, register_backend, select_kernel
 from fastgpt.attention.naive import future_mask
-from fastgpt.model import GPT, ModelConfig
-from fastgpt.parity import GQA_SHAPES, check_parity, make_qkv, shape_id, unpack_shape
+from fastgpt.model.gpt import GPT, ModelConfig
+from fastgpt.verify.parity import GQA_SHAPES, check_parity, make_qkv, shape_id, unpack_shape
 
 
 def repeated(t: torch.Tensor, G: int) -> torch.Tensor:
@@ -53,15 +53,15 @@ def test_every_backend_takes_grouped_query_calls_and_one_without_refuses_by_name
                              description="test only"))
     with pytest.raises(ValueError, match=r"grouped-query attention \(H=6 query heads over H_kv=2\) is not supported"):
         causal_attention(q, k, v, backend="_per_head_test_backend")
-    chosen = select_backend(q, kv_heads=2)
-    assert chosen.grouped_query
+    chosen = select_kernel(q, k, v)
+    assert get_backend(chosen.backend).grouped_query
     ref = naive_attention(q.double(), k.double(), v.double())
     assert (causal_attention(q, k, v).double() - ref).abs().max() < 1e-5
 
 
 def test_gpt_with_fewer_key_value_heads_has_fewer_parameters_and_trains():
     torch.manual_seed(0)
-    config = dict(vocab_size=11, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.1, attention="sdpa")
+    config = dict(vocab_size=11, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout_p=0.1, backend="sdpa")
     mha, gqa = GPT(ModelConfig(**config)), GPT(ModelConfig(**config, n_kv_head=1))
     D = 32 // 4
     # per layer, the projection makes 2·(4 - 1) fewer heads of D outputs over 32 inputs
@@ -82,7 +82,7 @@ def test_gpt_with_fewer_key_value_heads_has_fewer_parameters_and_trains():
 def test_cached_generation_gives_the_uncached_tokens_with_shared_heads(n_kv_head):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=11, block_size=12, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32,
-                            dropout=0.0, attention="sdpa")).eval()
+                            dropout_p=0.0, backend="sdpa")).eval()
     prompt = torch.zeros((2, 1), dtype=torch.long)
     outs = [model.generate(prompt, 20, generator=torch.Generator().manual_seed(3), kv_cache=cached) for cached in (True, False)]
     assert torch.equal(*outs)  # 20 tokens cross block_size 12: the exact policy re-prefills

@@ -1,4 +1,4 @@
-"""fastgpt/host_memory.py: a CPU training run's process keeps freed memory (glibc's mallopt), and
+"""fastgpt/run/host_memory.py: a CPU training run's process keeps freed memory (glibc's mallopt), and
 nothing else does. The effect is checked in a fresh process, by its page faults."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fastgpt import host_memory
+from fastgpt.run import host_memory
 from fastgpt.cli import main
 
 # conftest.py turns the tuning off for the test process; the fresh processes here run with it on
@@ -21,7 +21,7 @@ ON = {k: v for k, v in os.environ.items() if k != "FASTGPT_KEEP_FREED_MEMORY"}
 FAULTS = """
 import ctypes, resource, sys
 if sys.argv[1] == "keep":
-    from fastgpt.host_memory import keep_freed_memory
+    from fastgpt.run.host_memory import keep_freed_memory
     assert keep_freed_memory() is not None
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -77,7 +77,7 @@ def test_the_calls_and_the_switch(monkeypatch):
 def test_importing_fastgpt_changes_nothing():
     """Only the training commands call it: importing the package, the trainer and the model leaves
     malloc as it was (the second allocation faults its pages in again)."""
-    probe = FAULTS.replace('if sys.argv[1] == "keep":', 'import fastgpt, fastgpt.train, fastgpt.model\nif False:')
+    probe = FAULTS.replace('if sys.argv[1] == "keep":', 'import fastgpt, fastgpt.run.trainer, fastgpt.model.gpt\nif False:')
     out = subprocess.run([sys.executable, "-c", probe, "default"], capture_output=True, text=True, check=True,
                          env=ON).stdout
     assert int(out) > 10_000

@@ -17,9 +17,23 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The one module of the library that may import the benchmarks: the command line (`fastgpt bench`,
-# `fastgpt gpu-report`).
-BENCH_COMMAND = "fastgpt.cli"
+# The package's layers, bottom up: a module imports its own layer and the layers below, never one
+# above. The kernels know nothing of attention; the attention API and its registry know nothing of
+# the GPT; the model knows nothing of training; the training run nothing of verification; the
+# benchmarks and the GPU report sit above all of that, and the command line on top.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("kernels", ("fastgpt.machine", "fastgpt.kernels", "fastgpt.ext")),
+    ("attention", ("fastgpt.attention",)),
+    ("model", ("fastgpt.model", "fastgpt.integrations")),
+    ("run", ("fastgpt.run",)),
+    ("verify", ("fastgpt.verify",)),
+    ("bench", ("fastgpt.bench",)),
+    ("cli", ("fastgpt.cli", "fastgpt.__main__")),
+]
+# Outside the layers: the package root (its public names load lazily from the layers that define
+# them) and benchmarks/, the standalone experiment scripts, which may import anything and which
+# nothing of the library imports.
+OUTSIDE = ("fastgpt", "fastgpt.benchmarks")
 
 Edges = dict[str, dict[str, str]]  # module -> {imported module: "file:line" of the first such import}
 
@@ -147,7 +161,7 @@ def describe(graph: Edges, cycle: list[str]) -> str:
 
 def test_the_graph_sees_the_package():
     graph = import_graph()
-    assert {"fastgpt", "fastgpt.ext.ops", "fastgpt.kernels.flash_attention", "fastgpt.benchmarks.common"} <= set(graph)
+    assert {"fastgpt", "fastgpt.ext.ops", "fastgpt.kernels.flash_attention", "fastgpt.bench.common"} <= set(graph)
     # a lazy import inside a function is an edge, and `from package import submodule` names the submodule
     assert "fastgpt.ext.ops" in graph["fastgpt.attention.ext_backend"]
     assert "fastgpt.ext.build" in graph["fastgpt.ext.ops"] and "fastgpt.ext" not in graph["fastgpt.ext.ops"]
@@ -168,15 +182,63 @@ def test_no_import_cycles():
         f"  {' -> '.join(c)}: {describe(graph, c)}" for c in cycles)
 
 
-def test_the_library_never_imports_the_benchmarks():
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def layer_of(module: str) -> int | None:
+    """The index of the module's layer in LAYERS; None for the modules OUTSIDE them."""
+    for i, (_, packages) in enumerate(LAYERS):
+        if any(_within(module, p) for p in packages):
+            return i
+    if module == "fastgpt" or _within(module, "fastgpt.benchmarks"):
+        return None
+    raise AssertionError(f"{module} is in no layer of LAYERS: give it one")
+
+
+def test_every_module_has_a_layer():
+    for module in import_graph():
+        layer_of(module)  # raises for a module no layer holds
+
+
+def test_each_layer_imports_only_the_layers_below():
     graph = import_graph()
-    offenders = [f"{module} -> {target} ({where})"
-                 for module, targets in sorted(graph.items())
-                 if not module.startswith("fastgpt.benchmarks") and module != BENCH_COMMAND
-                 for target, where in sorted(targets.items())
-                 if target == "fastgpt.benchmarks" or target.startswith("fastgpt.benchmarks.")]
-    assert not offenders, ("the library imports the benchmarks (benchmarks depend on fastgpt, never the "
-                           "reverse):\n  " + "\n  ".join(offenders))
+    offenders = []
+    for module, targets in sorted(graph.items()):
+        own = layer_of(module)
+        if own is None:
+            continue
+        for target, where in sorted(targets.items()):
+            theirs = layer_of(target)
+            if target == "fastgpt" or (theirs is not None and theirs > own):
+                offenders.append(f"{module} ({LAYERS[own][0]}) -> {target} "
+                                 f"({'the package root' if theirs is None else LAYERS[theirs][0]}) at {where}")
+            elif theirs is None:  # fastgpt.benchmarks
+                offenders.append(f"{module} -> {target} (the benchmark scripts) at {where}")
+    assert not offenders, ("imports that climb a layer (bottom up: " + ", ".join(n for n, _ in LAYERS) +
+                           "):\n  " + "\n  ".join(offenders))
+
+
+def test_the_layer_rule_catches_a_climbing_import():
+    # the rule itself, on a made-up graph: the model importing the trainer is refused
+    assert layer_of("fastgpt.model.gpt") < layer_of("fastgpt.run.trainer")
+    assert layer_of("fastgpt.cli.train") == len(LAYERS) - 1 and layer_of("fastgpt.benchmarks.ext_cpu") is None
+
+
+def test_the_library_never_imports_the_tests():
+    offenders = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "tests" or n.startswith("tests.") for n in names):
+                offenders.append(f"{module}:{node.lineno}")
+        if "sys.path.insert" in path.read_text() or "sys.path.append" in path.read_text():
+            offenders.append(f"{module}: edits sys.path")
+    assert not offenders, "the library reaches into tests/ or edits sys.path: " + ", ".join(offenders)
 
 
 def test_the_extension_build_imports_nothing_of_fastgpt():

@@ -1,7 +1,7 @@
 """fastgpt inside Hugging Face transformers: tiny random-weight GPT-2 and Llama (grouped-query) models
 built from configs, nothing downloaded, against transformers' own `sdpa` implementation.
 
-Parity follows fastgpt.parity's rule at the model level: the logits and every parameter's gradient
+Parity follows fastgpt.verify.parity's rule at the model level: the logits and every parameter's gradient
 of the fastgpt model in float32 may be off the float64 `sdpa` model by at most 2× (logits) and 3×
 (gradients) the error of the float32 `sdpa` model, plus the float32 floor. The weights are drawn
 at unit-ish scale (initializer_range 0.2), the floors' assumption, so that the floors do not
@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers", minversion="5.0",
 import fastgpt  # noqa: E402
 import fastgpt.integrations.transformers as fastgpt_hf  # noqa: E402
 from fastgpt.attention import get_backend  # noqa: E402
-from fastgpt.parity import assess  # noqa: E402
+from fastgpt.verify.parity import assess  # noqa: E402
 
 VOCAB = 61
 BACKENDS = ["naive", "sdpa", "ext", "auto"]

@@ -4,21 +4,21 @@ on CPU; the approximate window policy rebuilds only every block_size // 2 tokens
 import pytest
 import torch
 
-from fastgpt.attention import get_backend
-from fastgpt.kv_cache import KVCache, plan_step
-from fastgpt.model import ModelConfig, build_model
+from fastgpt.attention import AttentionCall, refusal
+from fastgpt.model.kv_cache import KVCache, plan_step
+from fastgpt.model.gpt import ModelConfig, build_model
 
 # head size 32 // 2 = 16 (the Triton kernel's smallest), context 16, so a few dozen tokens cross it
-TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout_p=0.0)
 BACKENDS = ["naive", "sdpa", "ext", "triton"]
 
 
 def tiny_model(backend: str):
-    reason = get_backend(backend).refusal(torch.zeros(1, 2, 1, 16), 0.0)
+    reason = refusal(AttentionCall.like(torch.zeros(1, 2, 1, 16)), backend)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     torch.manual_seed(0)
-    return build_model(ModelConfig(**TINY, attention=backend))
+    return build_model(ModelConfig(**TINY, backend=backend))
 
 
 def sample(model, prompt_len: int, new: int, **kwargs) -> torch.Tensor:

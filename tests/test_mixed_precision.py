@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fastgpt.config import make_configs
-from fastgpt.train import Trainer
+from fastgpt.run.config import make_configs
+from fastgpt.run.trainer import Trainer
 
 TINY = dict(decay_lr=False, block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=8, eval_iters=2, progress=False,
-            sample_tokens=0, dropout=0.0, learning_rate=3e-3)
+            sample_tokens=0, dropout_p=0.0, learning_rate=3e-3)
 
 
 def make_trainer(corpus, out_dir, **overrides) -> Trainer:
@@ -29,7 +29,7 @@ def train_and_watch_attention(trainer: Trainer, steps: int) -> tuple[list[float]
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa", "ext"])
 def test_bf16_autocast_training_runs_and_learns(backend, small_corpus, tmp_path):
-    trainer = make_trainer(small_corpus, tmp_path, dtype="bf16", attention=backend)
+    trainer = make_trainer(small_corpus, tmp_path, dtype="bf16", backend=backend)
     assert trainer.attention_backend() == backend
     losses, dtypes = train_and_watch_attention(trainer, 12)
     assert dtypes == {torch.bfloat16}  # the backend ran in bf16, as autocast hands it over
@@ -41,7 +41,7 @@ def test_bf16_autocast_training_runs_and_learns(backend, small_corpus, tmp_path)
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])
 def test_fp16_autocast_training_uses_a_gradient_scaler(backend, small_corpus, tmp_path):
-    trainer = make_trainer(small_corpus, tmp_path, dtype="fp16", attention=backend)
+    trainer = make_trainer(small_corpus, tmp_path, dtype="fp16", backend=backend)
     losses, dtypes = train_and_watch_attention(trainer, 12)
     assert dtypes == {torch.float16}
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1.0
@@ -54,7 +54,7 @@ def test_fp16_autocast_training_uses_a_gradient_scaler(backend, small_corpus, tm
 def test_fp16_autocast_training_with_triton_in_the_interpreter(small_corpus, tmp_path):
     # On CPU the Triton kernels run in the interpreter, which takes fp16 but computes bf16 wrongly
     # (the backend refuses bf16 there): a few small steps only, the interpreter is slow.
-    trainer = make_trainer(small_corpus, tmp_path, dtype="fp16", attention="triton", batch_size=4)
+    trainer = make_trainer(small_corpus, tmp_path, dtype="fp16", backend="triton", batch_size=4)
     losses, dtypes = train_and_watch_attention(trainer, 3)
     assert dtypes == {torch.float16}
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
@@ -63,7 +63,7 @@ def test_fp16_autocast_training_with_triton_in_the_interpreter(small_corpus, tmp
 def test_fp16_with_a_backend_that_cannot_take_it_says_so(small_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"--dtype fp16 runs the attention in float16: backend='ext' does not support "
                                          r"this call: the ext kernels take float32 and bfloat16"):
-        make_trainer(small_corpus, tmp_path, dtype="fp16", attention="ext")
+        make_trainer(small_corpus, tmp_path, dtype="fp16", backend="ext")
     # 'auto' moves on to a backend that takes float16
     assert make_trainer(small_corpus, tmp_path, dtype="fp16").attention_backend() == "sdpa"
 

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from fastgpt.model import GPT, BigramLanguageModel, ModelConfig, build_model
+from fastgpt.model.gpt import GPT, BigramLanguageModel, ModelConfig, build_model
 
-TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, attention="naive")
+TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout_p=0.0, backend="naive")
 
 
 def test_forward_shapes_and_loss_at_init_is_ln_vocab():
@@ -82,7 +82,7 @@ def test_bigram_is_one_table_and_generates():
 
 @pytest.mark.parametrize("field, value, match", [
     ("n_head", 5, "n_embd=32 must be divisible by n_head=5"),
-    ("dropout", 1.0, r"dropout must be in \[0, 1\)"),
+    ("dropout_p", 1.0, r"dropout_p must be in \[0, 1\)"),
     ("model", "rnn", "model must be 'gpt' or 'bigram'"),
     ("n_layer", 0, "n_layer must be a positive integer"),
 ])

@@ -22,7 +22,7 @@ import torch
 
 from fastgpt.attention.api import causal_attention
 from fastgpt.attention.naive import naive_attention
-from fastgpt.attention.registry import get_backend
+from fastgpt.attention import AttentionCall, refusal
 
 # NaN and inf are the point here: Triton's interpreter (numpy) warns about each one it meets
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -57,7 +57,7 @@ def _case_id(case) -> str:
 
 
 def _skip_unless_runs(backend: str, q: torch.Tensor, dropout_p: float = 0.0) -> None:
-    reason = get_backend(backend).refusal(q, dropout_p, kv_heads=None)
+    reason = refusal(AttentionCall.like(q, dropout_p=dropout_p), backend)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
 

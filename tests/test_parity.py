@@ -1,11 +1,11 @@
-"""The parity harness itself (fastgpt.parity): what compare runs, on what, and that it catches an
+"""The parity harness itself (fastgpt.verify.parity): what compare runs, on what, and that it catches an
 error the rule does not allow. The backends' own parity is in their test files."""
 
 import pytest
 import torch
 
 from fastgpt.attention import naive_attention
-from fastgpt.parity import assess, compare, floor, make_qkv
+from fastgpt.verify.parity import assess, compare, floor, make_qkv
 
 
 def _inputs(dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""The residual branches' dropout (fastgpt/dropout.py, csrc/cpu/dropout.cpp): the exact Philox mask,
+"""The residual branches' dropout (fastgpt/model/dropout.py, csrc/cpu/dropout.cpp): the exact Philox mask,
 its gradient, its rate, repeatability under torch.manual_seed, bad input, and which kernel runs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastgpt.ext as ext
-from fastgpt.dropout import ResidualDropout
+from fastgpt.model.dropout import ResidualDropout
 from test_ext_dropout import M32, philox4x32_10
 
 ops = torch.ops.fastgpt
@@ -90,9 +90,9 @@ def test_bad_input_names_the_argument(call, match):
 def test_module_picks_the_kernel_by_tensor_and_mode():
     d = ResidualDropout(0.2)
     x = torch.randn(2, 8, 16)
-    assert d.impl(x) == "ext" and d.impl(x.bfloat16()) == "ext"
-    assert d.impl(x.double()) == "torch"  # F.dropout: no ext kernel for float64
-    assert d.impl(torch.randn(2, 8, 16, device="meta")) == "torch"
+    assert d.kernel(x) == "dropout.ext" and d.kernel(x.bfloat16()) == "dropout.ext"
+    assert d.kernel(x.double()) == "dropout.torch"  # F.dropout: no ext kernel for float64
+    assert d.kernel(torch.randn(2, 8, 16, device="meta")) == "dropout.torch"
     d.eval()
     assert d(x) is x  # evaluation: identity
     d.train()
@@ -102,5 +102,5 @@ def test_module_picks_the_kernel_by_tensor_and_mode():
     assert torch.equal(y, ext.dropout(x, 0.2))
     assert d(x.double()).dtype == torch.float64
     assert ResidualDropout(0.0)(x) is x
-    with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\); got 1.5"):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\); got 1.5"):
         ResidualDropout(1.5)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastgpt.atomic_file
-import fastgpt.run_lock
-from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+import fastgpt.run.atomic_file
+import fastgpt.run.lock
+from fastgpt.run.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.cli import main
-from fastgpt.metrics_log import json_line
-from fastgpt.plots import plot_loss_curve
+from fastgpt.run.metrics_log import json_line
+from fastgpt.run.plots import plot_loss_curve
 from test_train import default_sigint, fastgpt_process, train_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def finished_run(small_corpus, tmp_path, capsys) -> Path:
     """A run of 20 iterations, checkpointed and evaluated at 0, 10 and 20."""
     out = tmp_path / "run"
-    assert main(train_argv(small_corpus, out, max_iters=20, eval_interval=10, attention="naive")) == 0
+    assert main(train_argv(small_corpus, out, max_iters=20, eval_interval=10, backend="naive")) == 0
     capsys.readouterr()
     return out
 
@@ -74,7 +74,7 @@ class FullDiskStandIn:
                 self.take(len(data))
             return real_write(fd, data)
 
-        monkeypatch.setattr(fastgpt.atomic_file, "open", limited_open, raising=False)
+        monkeypatch.setattr(fastgpt.run.atomic_file, "open", limited_open, raising=False)
         monkeypatch.setattr(os, "write", limited_write)
 
     def take(self, size: int) -> None:
@@ -129,11 +129,11 @@ def test_a_new_run_refuses_an_out_dir_with_another_runs_files_but_no_checkpoint(
     out.mkdir()
     (out / name).write_bytes(b'{"iter": 0, "train_loss": 4.2, "val_loss": 4.2}\n')
     before = snapshot(out)
-    assert main(train_argv(small_corpus, out, max_iters=2, attention="naive")) == 2
+    assert main(train_argv(small_corpus, out, max_iters=2, backend="naive")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert name in line and "--overwrite" in line and "another --out-dir" in line and str(out) in line, line
     assert snapshot(out) == before
-    assert main([*train_argv(small_corpus, out, max_iters=2, attention="naive"), "--overwrite"]) == 0
+    assert main([*train_argv(small_corpus, out, max_iters=2, backend="naive"), "--overwrite"]) == 0
     assert load_checkpoint(out / "ckpt.pt")["iter"] == 2
 
 
@@ -141,7 +141,7 @@ def test_an_empty_metrics_file_of_a_run_stopped_before_its_first_record_is_no_hi
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("")
-    assert main(train_argv(small_corpus, out, max_iters=2, attention="naive")) == 0
+    assert main(train_argv(small_corpus, out, max_iters=2, backend="naive")) == 0
     assert load_checkpoint(out / "ckpt.pt")["iter"] == 2
 
 
@@ -153,8 +153,8 @@ def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(name, h
     (out / name).unlink()
     (out / name).mkdir()
     (out / name / "notes.txt").write_text("kept")
-    argv = {"new": train_argv(small_corpus, out, max_iters=30, attention="naive"),
-            "overwrite": [*train_argv(small_corpus, out, max_iters=30, attention="naive"), "--overwrite"],
+    argv = {"new": train_argv(small_corpus, out, max_iters=30, backend="naive"),
+            "overwrite": [*train_argv(small_corpus, out, max_iters=30, backend="naive"), "--overwrite"],
             "resume": ["train", "--resume", "--out-dir", str(out), "--max-iters", "30"]}[how]
     before = snapshot(out)
     assert main(argv) == 2
@@ -228,14 +228,14 @@ def test_the_loss_curve_skips_records_without_a_value(tmp_path):
 
 def test_a_plot_that_fails_after_training_is_a_warning_and_the_run_is_kept(small_corpus, tmp_path, monkeypatch,
                                                                            capsys):
-    import fastgpt.plots
+    import fastgpt.run.plots
 
     def broken_plot(metrics_path, png_path):
         raise OSError(errno.EIO, "Input/output error", str(png_path))
 
-    monkeypatch.setattr(fastgpt.plots, "plot_loss_curve", broken_plot)
+    monkeypatch.setattr(fastgpt.run.plots, "plot_loss_curve", broken_plot)
     out = tmp_path / "run"
-    assert main(train_argv(small_corpus, out, max_iters=4, eval_interval=2, attention="naive")) == 0
+    assert main(train_argv(small_corpus, out, max_iters=4, eval_interval=2, backend="naive")) == 0
     err = capsys.readouterr().err
     line = one_error_line(err)
     assert "warning" in line and "loss_curve.png" in line and "Input/output error" in line, line
@@ -253,7 +253,7 @@ def test_a_read_only_out_dir_is_one_line(small_corpus, tmp_path, mounts, capsys)
     mount("--bind", str(source), str(out))
     mounts.append(out)
     mount("-o", "remount,bind,ro", str(out))
-    assert main(train_argv(small_corpus, out, max_iters=2, attention="naive")) == 2
+    assert main(train_argv(small_corpus, out, max_iters=2, backend="naive")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"'{out}'" in line and "read-only" in line.lower() and "--out-dir" in line, line
     assert os.listdir(out) == []
@@ -268,9 +268,9 @@ def test_an_out_dir_this_user_may_not_write_is_one_line(small_corpus, tmp_path, 
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(fastgpt.run_lock.os, "open", refuse_the_lock)
+    monkeypatch.setattr(fastgpt.run.lock.os, "open", refuse_the_lock)
     out = tmp_path / "run"
-    assert main(train_argv(small_corpus, out, max_iters=2, attention="naive")) == 2
+    assert main(train_argv(small_corpus, out, max_iters=2, backend="naive")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"'{out}'" in line and "Permission denied" in line and "--out-dir" in line, line
 
@@ -278,7 +278,7 @@ def test_an_out_dir_this_user_may_not_write_is_one_line(small_corpus, tmp_path, 
 def checkpoint_size(small_corpus, tmp_path, iterations: int) -> int:
     from test_train import make_trainer
 
-    trainer = make_trainer(small_corpus, tmp_path / "measure", attention="naive")
+    trainer = make_trainer(small_corpus, tmp_path / "measure", backend="naive")
     for _ in range(iterations):
         trainer.step()
     return trainer.save().stat().st_size
@@ -291,7 +291,7 @@ def test_a_full_disk_while_writing_the_checkpoint_keeps_the_previous_one(small_c
     out = tmp_path / "run"
     # room for the first checkpoint, the metrics and the lock, not for a second checkpoint beside it
     small_disk(out, first * 2 // 4096 * 4096 + 3 * 4096, mounts, monkeypatch)
-    assert main(train_argv(small_corpus, out, max_iters=20, eval_interval=10, attention="naive")) == 2
+    assert main(train_argv(small_corpus, out, max_iters=20, eval_interval=10, backend="naive")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "no space left on the device holding" in line and str(out / "ckpt.pt") in line, line
     assert "holds iteration 0" in line and f"fastgpt train --resume --out-dir {out}" in line, line
@@ -303,7 +303,7 @@ def test_a_full_disk_while_writing_the_checkpoint_keeps_the_previous_one(small_c
 def test_a_full_disk_while_appending_metrics_is_one_line(small_corpus, tmp_path, mounts, monkeypatch, capsys):
     out = tmp_path / "run"
     small_disk(out, 4096, mounts, monkeypatch, room=16)  # room for the lock file only
-    assert main(train_argv(small_corpus, out, max_iters=2, attention="naive")) == 2
+    assert main(train_argv(small_corpus, out, max_iters=2, backend="naive")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "no space left on the device holding" in line and str(out / "metrics.jsonl") in line, line
     assert "no checkpoint was written" in line
@@ -381,7 +381,7 @@ def test_resume_with_max_iters_not_above_the_checkpoint_is_refused(max_iters, sa
 def test_resume_from_another_working_directory_finds_the_corpus(small_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(small_corpus.parent)
     out = tmp_path / "run"
-    assert main(train_argv(small_corpus.name, out, max_iters=2, attention="naive")) == 0
+    assert main(train_argv(small_corpus.name, out, max_iters=2, backend="naive")) == 0
     assert load_checkpoint(out / "ckpt.pt")["train_config"]["data"] == str(small_corpus)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -411,7 +411,7 @@ def test_a_relative_corpus_path_from_an_older_checkpoint_says_to_pass_data(finis
 def test_importing_fastgpt_and_its_command_loads_no_torch():
     code = ("import sys, fastgpt, fastgpt.cli; assert 'torch' not in sys.modules, 'torch imported'; "
             "assert callable(fastgpt.causal_attention) and 'torch' in sys.modules; "
-            "assert set(fastgpt.__all__) <= set(dir(fastgpt)); from fastgpt import select_backend; "
+            "assert set(fastgpt.__all__) <= set(dir(fastgpt)); from fastgpt import select_kernel; "
             "assert fastgpt.attention.registry.__name__ == 'fastgpt.attention.registry'; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
@@ -420,7 +420,7 @@ def test_importing_fastgpt_and_its_command_loads_no_torch():
 @pytest.mark.parametrize("delay", [0.3, 0.6])
 def test_ctrl_c_while_the_command_imports_is_one_line(delay, small_corpus, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fastgpt", *train_argv(small_corpus, out, max_iters=2, attention="naive")],
+    proc = subprocess.Popen([sys.executable, "-m", "fastgpt", *train_argv(small_corpus, out, max_iters=2, backend="naive")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             preexec_fn=default_sigint)
     time.sleep(delay)  # torch alone takes over a second to import
@@ -434,7 +434,7 @@ def test_ctrl_c_while_the_command_imports_is_one_line(delay, small_corpus, tmp_p
 def test_sigterm_mid_run_stops_like_ctrl_c(small_corpus, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fastgpt", *train_argv(small_corpus, out, max_iters=100_000,
-                                                                          eval_interval=5, attention="naive")],
+                                                                          eval_interval=5, backend="naive")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 120
     while not (out / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:

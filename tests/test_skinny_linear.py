@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgpt.ext as ext
-from fastgpt.linear import SKINNY_MAX_ROWS, Linear, resolve_linear_kernel, skinny_applies
-from fastgpt.model import ModelConfig, build_model
+from fastgpt.model.linear import SKINNY_MAX_ROWS, Linear, resolve_linear_kernel, skinny_applies
+from fastgpt.model.gpt import ModelConfig, build_model
 
 # float32 against float64: a dot product of K terms of size ~1 rounds by ~sqrt(K)·2^-24 relative.
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -127,7 +127,7 @@ def test_skinny_applies_rules():
 
 
 def test_resolve_linear_kernel():
-    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout_p=0.0))
     kernel, how = resolve_linear_kernel("auto", model)  # the extension builds here: auto times both
     assert kernel in ("torch", "skinny")
     assert how.startswith("one pass over the model's linear layers at one row") and "torch " in how and "skinny " in how
@@ -142,9 +142,9 @@ def test_resolve_linear_kernel():
 
 
 def test_auto_takes_the_kernel_that_timed_faster(monkeypatch):
-    import fastgpt.linear as linear
+    import fastgpt.model.linear as linear
 
-    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout_p=0.0))
     torch.manual_seed(3)
     seconds = linear.time_one_row_pass(model, reps=2)
     assert set(seconds) == {"torch", "skinny"} and all(t > 0 for t in seconds.values())
@@ -161,8 +161,8 @@ def test_auto_takes_the_kernel_that_timed_faster(monkeypatch):
 @pytest.mark.parametrize("prompt_len", [3, 20], ids=["prompt-shorter-than-block", "prompt-longer-than-block"])
 def test_model_generates_the_same_tokens_with_either_kernel_cached_or_not(prompt_len):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
-                                    attention="sdpa"))
+    model = build_model(ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout_p=0.0,
+                                    backend="sdpa"))
     idx = torch.randint(65, (2, prompt_len), generator=torch.Generator().manual_seed(1))
     runs = {}
     for kernel in ("torch", "skinny"):

@@ -8,14 +8,14 @@ import textwrap
 import pytest
 import torch
 
-import fastgpt.checkpoint
-from fastgpt.checkpoint import load_checkpoint, save_checkpoint
-from fastgpt.config import TrainConfig, make_configs
-from fastgpt.data import CharDataset
+import fastgpt.run.checkpoint
+from fastgpt.run.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.run.config import TrainConfig, make_configs
+from fastgpt.run.data import CharDataset
 from fastgpt.attention.registry import auto_order
-from fastgpt.flops import training_flops_per_step
-from fastgpt.model import num_parameters
-from fastgpt.train import Trainer, learning_rate_at
+from fastgpt.run.flops import training_flops_per_step
+from fastgpt.model.gpt import num_parameters
+from fastgpt.run.trainer import Trainer, learning_rate_at
 
 TINY = dict(decay_lr=False, block_size=16, n_layer=2, n_head=2, n_embd=32, batch_size=4, eval_iters=2, progress=False, sample_tokens=0)
 
@@ -47,10 +47,10 @@ def train_argv(corpus, out_dir, **overrides) -> list[str]:
 
 
 def test_swapping_backend_mid_training_continues_the_loss_curve(small_corpus, tmp_path):
-    swapped = make_trainer(small_corpus, tmp_path / "a", attention="naive")
-    reference = make_trainer(small_corpus, tmp_path / "b", attention="sdpa")
+    swapped = make_trainer(small_corpus, tmp_path / "a", backend="naive")
+    reference = make_trainer(small_corpus, tmp_path / "b", backend="sdpa")
     swapped_losses = [swapped.step().item() for _ in range(6)]
-    swapped.set_attention_backend("sdpa")
+    swapped.set_backend("sdpa")
     assert swapped.attention_backend() == "sdpa"
     swapped_losses += [swapped.step().item() for _ in range(6)]
     reference_losses = [reference.step().item() for _ in range(12)]
@@ -61,7 +61,7 @@ def test_swapping_backend_mid_training_continues_the_loss_curve(small_corpus, tm
 
 def test_resume_reproduces_the_next_step_exactly(small_corpus, tmp_path):
     # dropout on, so the exact continuation also needs torch's RNG state, not just the weights
-    trainer = make_trainer(small_corpus, tmp_path, dropout=0.1, attention="naive")
+    trainer = make_trainer(small_corpus, tmp_path, dropout_p=0.1, backend="naive")
     for _ in range(5):
         trainer.step()
     trainer.save()
@@ -91,7 +91,7 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(small_
         f.truncate()  # half a file on disk...
         raise KeyboardInterrupt  # ...and the process is stopped
 
-    monkeypatch.setattr(fastgpt.checkpoint.torch, "save", crash_midway)
+    monkeypatch.setattr(fastgpt.run.checkpoint.torch, "save", crash_midway)
     trainer.step()
     with pytest.raises(KeyboardInterrupt):
         trainer.save()
@@ -176,12 +176,12 @@ def test_gradient_accumulation_multiplies_the_tokens_per_step(small_corpus, tmp_
 
 
 def test_peak_flops_table_is_the_one_the_benchmark_reads():
-    import fastgpt.benchmarks.train as bench
-    import fastgpt.flops
+    import fastgpt.bench.train as bench
+    import fastgpt.run.flops
 
-    assert bench.device_peak_flops is fastgpt.flops.device_peak_flops
-    assert fastgpt.flops.device_peak_flops(torch.device("cpu")) is None
-    assert fastgpt.flops.device_peak_flops(torch.device("cpu"), 2e12) == 2e12
+    assert bench.device_peak_flops is fastgpt.run.flops.device_peak_flops
+    assert fastgpt.run.flops.device_peak_flops(torch.device("cpu")) is None
+    assert fastgpt.run.flops.device_peak_flops(torch.device("cpu"), 2e12) == 2e12
 
 
 def test_resume_in_another_world_size_keeps_the_batches_and_says_dropout_streams_are_new(small_corpus, tmp_path, capsys):

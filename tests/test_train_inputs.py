@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.run.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.cli import main
-from fastgpt.train import Trainer
+from fastgpt.run.trainer import Trainer
 from test_train import make_trainer, train_argv
 
 
@@ -39,7 +39,7 @@ def test_flags_that_contradict_each_other_are_refused(flags, message, tmp_path, 
 
 def test_resume_on_another_corpus_with_the_same_vocabulary_needs_a_flag(small_corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(train_argv(small_corpus, out, max_iters=2, attention="naive")) == 0
+    assert main(train_argv(small_corpus, out, max_iters=2, backend="naive")) == 0
     lines = small_corpus.read_text().splitlines(keepends=True)
     other = tmp_path / "other.txt"
     other.write_text("".join(reversed(lines)))  # the same characters, another text
@@ -62,7 +62,7 @@ def test_resume_on_another_corpus_with_the_same_vocabulary_needs_a_flag(small_co
 
 
 def test_a_checkpoint_from_before_fingerprints_resumes_with_a_note(small_corpus, tmp_path, capsys):
-    trainer = make_trainer(small_corpus, tmp_path / "run", attention="naive")
+    trainer = make_trainer(small_corpus, tmp_path / "run", backend="naive")
     trainer.step()
     path = trainer.save()
     state = load_checkpoint(path)
@@ -110,7 +110,7 @@ def write_code(path, real):
 ])
 def test_a_file_that_is_not_a_fastgpt_checkpoint_is_one_clear_error(write, reason, small_corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(train_argv(small_corpus, out, max_iters=1, attention="naive")) == 0
+    assert main(train_argv(small_corpus, out, max_iters=1, backend="naive")) == 0
     write(out / "ckpt.pt", (out / "ckpt.pt").read_bytes())
     capsys.readouterr()
     for argv in (["train", "--resume", "--out-dir", str(out)], ["sample", "--out-dir", str(out)]):
@@ -150,7 +150,7 @@ def test_min_lr_is_free_when_the_rate_does_not_decay(small_corpus, tmp_path):
 
 
 def test_vocab_size_is_the_corpus_s_and_not_a_flag(small_corpus, tmp_path, capsys):
-    from fastgpt.config import make_configs
+    from fastgpt.run.config import make_configs
 
     says = "vocab_size=100 (--vocab-size): a new run's vocabulary is its corpus's characters"
     with pytest.raises(ValueError, match=re.escape(says)):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fastgpt.cli import main
-from fastgpt.metrics_log import json_line, read_records
+from fastgpt.run.metrics_log import json_line, read_records
 from test_train import fastgpt_process, train_argv
 
 
@@ -25,7 +25,7 @@ def test_records_are_strict_json_even_with_a_non_finite_number():
 
 def test_a_kill_mid_rewrite_on_resume_leaves_the_metrics_whole(small_corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(train_argv(small_corpus, out, max_iters=20, eval_interval=10, attention="naive")) == 0
+    assert main(train_argv(small_corpus, out, max_iters=20, eval_interval=10, backend="naive")) == 0
     # a record past the checkpoint's iteration, as a run killed after its metrics line and before its
     # checkpoint leaves: the resume drops it, so it rewrites the file
     with open(out / "metrics.jsonl", "a") as f:
@@ -56,7 +56,7 @@ def test_a_line_torn_by_a_kill_mid_append_does_not_block_resume(small_corpus, tm
     # kill -9 halfway through appending the record of iteration 10 (its checkpoint is never written)
     kill_mid_append = """
         import os
-        import fastgpt.metrics_log as metrics_log
+        import fastgpt.run.metrics_log as metrics_log
         real_append = metrics_log.MetricsLog.append
         def append(self, record):
             if record["iter"] == 10:
@@ -67,7 +67,7 @@ def test_a_line_torn_by_a_kill_mid_append_does_not_block_resume(small_corpus, tm
             real_append(self, record)
         metrics_log.MetricsLog.append = append
     """
-    proc = fastgpt_process(train_argv(small_corpus, out, max_iters=20, eval_interval=10, attention="naive"),
+    proc = fastgpt_process(train_argv(small_corpus, out, max_iters=20, eval_interval=10, backend="naive"),
                            inject=kill_mid_append)
     assert proc.returncode == 137, proc.stderr
     torn = (out / "metrics.jsonl").read_text().splitlines()[-1]

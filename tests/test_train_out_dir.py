@@ -6,16 +6,16 @@ import signal
 import subprocess
 import sys
 
-from fastgpt.checkpoint import load_checkpoint
+from fastgpt.run.checkpoint import load_checkpoint
 from fastgpt.cli import main
-from fastgpt.run_lock import LOCK_NAME
+from fastgpt.run.lock import LOCK_NAME
 from test_distributed import torchrun
 from test_train import fastgpt_process, train_argv
 
 # A child that takes the lock of the directory argv[1], says so, then waits (or kills itself).
 HOLD_LOCK = """
 import os, signal, sys
-from fastgpt.run_lock import RunLock
+from fastgpt.run.lock import RunLock
 lock = RunLock.acquire(sys.argv[1])
 print("locked", flush=True)
 if sys.argv[2] == "die":
@@ -94,7 +94,7 @@ def test_under_torchrun_a_held_directory_ends_every_process(small_corpus, tmp_pa
     try:
         # rank 0 takes the lock; the refusal reaches rank 1, which would otherwise wait in a collective
         proc = torchrun(2, *train_argv(small_corpus, out, max_iters=2, gradient_accumulation_steps=2,
-                                       attention="naive")[1:])
+                                       backend="naive")[1:])
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -118,7 +118,7 @@ def test_temporary_files_of_a_write_killed_midway_are_removed_on_the_next_start(
                 os._exit(137)
         torch.save = save
     """
-    proc = fastgpt_process(train_argv(small_corpus, out, max_iters=20, eval_interval=10, attention="naive"),
+    proc = fastgpt_process(train_argv(small_corpus, out, max_iters=20, eval_interval=10, backend="naive"),
                            inject=kill_mid_second_save)
     assert proc.returncode == 137, proc.stderr
     leftovers = [p for p in out.iterdir() if p.name.startswith(".ckpt.pt.tmp-")]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from fastgpt.benchmarks.train_profile import profile_markdown, run_train_profile
+from fastgpt.bench.train_profile import profile_markdown, run_train_profile
 from fastgpt.benchmarks.vs_nanogpt import VAL_LOSS, nanogpt_command
 from fastgpt.cli import main
-from fastgpt.phase_timer import PhaseTimer
-from fastgpt.train import PHASES
+from fastgpt.run.phase_timer import PhaseTimer
+from fastgpt.run.trainer import PHASES
 
 
 def test_phase_timer_off_records_nothing_and_on_adds_up():

@@ -5,8 +5,8 @@ kernel's own mask, determinism, memory, errors. bfloat16 is left to the GPU: the
 import pytest
 import torch
 
-from fastgpt.attention import causal_attention, naive_attention
-from fastgpt.parity import (GQA_SHAPES, HEAD_DIM_SHAPES, PARITY_SHAPES, check_parity, compare, forward_backward,
+from fastgpt.attention import causal_attention, causal_attention_with_mask, naive_attention
+from fastgpt.verify.parity import (GQA_SHAPES, HEAD_DIM_SHAPES, PARITY_SHAPES, check_parity, compare, forward_backward,
                             make_qkv, shape_id)
 
 flash_ops = pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
@@ -60,21 +60,31 @@ def test_scale_and_any_strides():
                              lambda a, b, c: naive_attention(a, b, c, scale=0.3), q, k, v, dout)
 
 
+def with_the_kernels_mask(p: float, check_mask=lambda keep: True):
+    """(fn, reference): fn(q, k, v) runs the triton backend with dropout p and keeps the mask it
+    drew (causal_attention_with_mask); reference(q, k, v), called after fn, is the naive math over
+    that mask, which `check_mask` must accept."""
+    drawn = {}
+
+    def fn(a, b, c):
+        out, drawn["keep"] = causal_attention_with_mask(a, b, c, dropout_p=p, backend="triton")
+        return out
+
+    def reference(a, b, c):
+        assert check_mask(drawn["keep"])
+        return naive_attention(a, b, c, p, keep_mask=drawn["keep"])
+
+    return fn, reference
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 100, 100, 32), (1, 2, 257, 257, 48), (2, 3, 37, 100, 32)], ids=shape_id)
 def test_dropout_matches_reference_with_the_kernels_mask(shape, dtype):
     p = 0.3
     q, k, v = make_qkv(shape, dtype, DEVICE, seed=5)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
-    with flash_ops.record_dropout_seeds() as seeds:
-
-        def reference(a, b, c):
-            (seed,) = seeds  # the one kernel call, which ran first
-            keep = flash_ops.dropout_keep_mask(seed, a.shape, p, b.shape[2])
-            assert 0 < keep.float().mean() < 1
-            return naive_attention(a, b, c, p, keep_mask=keep)
-
-        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p), reference, q, k, v, dout)
+    fn, reference = with_the_kernels_mask(p, lambda keep: 0 < keep.float().mean() < 1)
+    assert_matches_reference(fn, reference, q, k, v, dout)
 
 
 def _shipped_block_shapes():
@@ -96,7 +106,7 @@ def _shipped_block_shapes():
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuner runs every shipped config anyway")
 @pytest.mark.parametrize("blocks", _shipped_block_shapes(), ids=lambda b: "-".join(f"{m}x{n}" for _, m, n in b))
 def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
-    # the GPU configs are only compiled by fastgpt.kernels.triton_compile_check; their block logic runs here
+    # the GPU configs are only compiled by fastgpt.verify.triton_compile; their block logic runs here
     for kernel, block_m, block_n in blocks:
         monkeypatch.setitem(cfg.INTERPRETER_CONFIGS, kernel, cfg.KernelConfig(block_m, block_n, 4, 1))
     p = 0.25
@@ -105,10 +115,7 @@ def test_shipped_block_shapes_are_correct(blocks, monkeypatch):
     for shape in [(1, 2, 150, 150, 64), (1, 2, 37, 150, 64), (1, 2, 5, 150, 64)]:
         q, k, v = make_qkv(shape, torch.float32, DEVICE, seed=7)
         dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-        with flash_ops.record_dropout_seeds() as seeds:
-            assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p),
-                                     lambda a, b, c: naive_attention(a, b, c, p, keep_mask=flash_ops.dropout_keep_mask(
-                                         seeds[0], a.shape, p, b.shape[2])), q, k, v, dout)
+        assert_matches_reference(*with_the_kernels_mask(p), q, k, v, dout)
 
 
 def test_few_queries_launch_the_decode_configs(monkeypatch):
@@ -212,14 +219,9 @@ def test_grouped_query_dropout_uses_one_mask_per_query_head():
     p = 0.3
     q, k, v = make_qkv((2, 6, 2, 37, 50, 32), torch.float32, DEVICE, seed=9)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(10)).to(DEVICE)
-    with flash_ops.record_dropout_seeds() as seeds:
-
-        def reference(a, b, c):
-            keep = flash_ops.dropout_keep_mask(seeds[0], a.shape, p, b.shape[2])  # (B, H, T_q, T_k)
-            assert not torch.equal(keep[:, 0], keep[:, 1])  # two query heads of one group
-            return naive_attention(a, b, c, p, keep_mask=keep)
-
-        assert_matches_reference(lambda a, b, c: triton_attn(a, b, c, dropout_p=p), reference, q, k, v, dout)
+    # (B, H, T_q, T_k): two query heads of one group drop different weights
+    fn, reference = with_the_kernels_mask(p, lambda keep: not torch.equal(keep[:, 0], keep[:, 1]))
+    assert_matches_reference(fn, reference, q, k, v, dout)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])

@@ -1,4 +1,4 @@
-"""The Triton kernels' offline compile check (fastgpt.kernels.triton_compile_check, the first half of
+"""The Triton kernels' offline compile check (fastgpt.verify.triton_compile, the first half of
 `fastgpt check`): every shipped config compiles for sm_80 and sm_90 without spills.
 
 Compiling needs a process where Triton is not interpreting, so everything here runs in a
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed")
 
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
-from fastgpt.kernels import triton_compile_check  # noqa: E402
+from fastgpt.verify import triton_compile as triton_compile_check  # noqa: E402
 
 
 def _compiler_env():
@@ -44,7 +44,7 @@ def test_jobs_cover_every_kernel_arch_dtype_head_dim_and_dropout():
 
 def test_a_spilling_config_fails_the_check():
     # dK/dV with 64×64 blocks on 4 warps is the kind of "obvious" config that spills on sm_80
-    code = ("from fastgpt.kernels.triton_compile_check import Job, run_job\n"
+    code = ("from fastgpt.verify.triton_compile import Job, run_job\n"
             "from fastgpt.kernels.flash_attention_configs import KernelConfig\n"
             "r = run_job(Job('bwd_dkdv', 80, 'fp16', 64, True, KernelConfig(64, 64, 4, 2)))\n"
             "print(r.registers, r.spill_bytes, r.ok, r.error)\n")
@@ -54,7 +54,7 @@ def test_a_spilling_config_fails_the_check():
 
 
 def test_static_check_passes_for_every_shipped_config():
-    out = subprocess.run([sys.executable, "-m", "fastgpt.kernels.triton_compile_check"], env=_compiler_env(),
+    out = subprocess.run([sys.executable, "-m", "fastgpt.verify.triton_compile"], env=_compiler_env(),
                          capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     assert " 0 failed" in out.stdout

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fastgpt.config import make_configs
-from fastgpt.train import Trainer
+from fastgpt.run.config import make_configs
+from fastgpt.run.trainer import Trainer
 
 pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 
@@ -18,8 +18,8 @@ def make_trainer(corpus, out_dir, **overrides) -> Trainer:
 
 
 def test_gpt_trains_with_triton_as_with_naive(small_corpus, tmp_path):
-    triton = make_trainer(small_corpus, tmp_path / "triton", attention="triton", dropout=0.0)
-    naive = make_trainer(small_corpus, tmp_path / "naive", attention="naive", dropout=0.0)
+    triton = make_trainer(small_corpus, tmp_path / "triton", backend="triton", dropout_p=0.0)
+    naive = make_trainer(small_corpus, tmp_path / "naive", backend="naive", dropout_p=0.0)
     triton_losses = [triton.step().item() for _ in range(8)]
     naive_losses = [naive.step().item() for _ in range(8)]
     # same seed, same weights, same batches: only fp32 rounding differs
@@ -31,7 +31,7 @@ def test_gpt_with_attention_dropout_is_reproducible(small_corpus, tmp_path):
     # the kernel's dropout seeds come from torch's RNG, which the trainer seeds
     losses = []
     for i in range(2):  # one after the other: both draw from the one global RNG
-        run = make_trainer(small_corpus, tmp_path / str(i), attention="triton", dropout=0.2)
+        run = make_trainer(small_corpus, tmp_path / str(i), backend="triton", dropout_p=0.2)
         losses.append([run.step().item() for _ in range(4)])
     assert losses[0] == losses[1]
     assert losses[0][-1] < losses[0][0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastgpt.attention import causal_attention, get_backend
-from fastgpt.parity import forward_backward, make_qkv
+from fastgpt.verify.parity import forward_backward, make_qkv
 
 pytest.importorskip("fastgpt.kernels.flash_attention_ops", reason="triton is not installed")
 from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402

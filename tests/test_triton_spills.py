@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastgpt.kernels import flash_attention_configs as cfg
-from fastgpt.kernels import triton_compile_check as tcc
+from fastgpt.verify import triton_compile as tcc
 
 C = cfg.KernelConfig
 

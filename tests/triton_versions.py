@@ -15,7 +15,7 @@ pip's cache), and a full compile check is many minutes of CPU (842 kernels; Trit
    `fastgpt parity --backends triton --dtypes float32 float16`, tests/test_triton_attention.py,
    and `fastgpt gpu-report --dry-run` (its stages as --report-stages says).
 3. The offline compile check of every shipped config for sm_80 and sm_90
-   (`python -m fastgpt.kernels.triton_compile_check --json`): what compiles, what spills (and is
+   (`python -m fastgpt.verify.triton_compile --json`): what compiles, what spills (and is
    dropped at run time), what fails.
 
 The results go into --out, in the entry for this triton: each step with the command and checkout
@@ -275,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "compile" not in args.skip:
             check_json = work / "compile-check.json"
             archs = sorted(set(args.arch or (80, 90)))
-            rc, out, seconds = steps.run("compile-check", [python, "-m", "fastgpt.kernels.triton_compile_check",
+            rc, out, seconds = steps.run("compile-check", [python, "-m", "fastgpt.verify.triton_compile",
                                                            f"--jobs={args.jobs}", f"--json={check_json}",
                                                            *(f"--arch={a}" for a in archs)], check=False)
             entry["compile_check"] = {**made_by, "rc": rc, "archs": archs,

@@ -17,10 +17,10 @@
 
 #include "amx_matmul.h"
 
-#include <cstdlib>
 #include <cstring>
 
 #include "amx_tiles.h"
+#include "isa.h"
 
 namespace fastgpt::cpu::amx {
 namespace {
@@ -30,17 +30,13 @@ namespace cpublas = at::native::cpublas;
 constexpr int64_t kBlock = kCausalBlock;
 constexpr int64_t kAhead = 8;  // pairs of P's rows prefetched ahead in tn
 
-// Work (multiply-adds) below which a thread is not worth waking; AMX is ~10x the float32 rate.
+// Work (multiply-adds) below which a thread is not worth waking: ten times the float32 kernels'
+// threshold, since AMX tiles get through multiply-adds that much sooner.
 constexpr double kMinCostPerThread = 5e6;
 
 }  // namespace
 
-bool usable(int64_t D) {
-  static const bool has_amx = cpublas::could_pack(at::kBFloat16);
-  if (!has_amx || D % 2 != 0 || D == 0) return false;
-  const char* env = std::getenv("FASTGPT_CPU_AMX");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
+bool usable(int64_t D) { return D % 2 == 0 && D != 0 && isa::use_amx(); }
 
 // ---- tril_o(a · bᵀ) ----------------------------------------------------------------------------
 

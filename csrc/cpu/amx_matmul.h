@@ -15,9 +15,9 @@
 namespace fastgpt::cpu::amx {
 
 // Whether the bfloat16 products of head dim D run on AMX here: ATen's brgemm can use AMX-BF16 on
-// this CPU (cpublas::could_pack), D is even (the micro-kernel's B operand pairs consecutive rows
-// of K), and the environment variable FASTGPT_CPU_AMX is not "0" (read at every call, so that a
-// test or a benchmark can run the other path in the same process).
+// this CPU (cpublas::could_pack), the process-wide amx switch is on (isa.h: Python can turn it
+// off between calls, so that a test or a benchmark runs the other path in the same process), and
+// D is even (the micro-kernel's B operand pairs consecutive rows of K).
 bool usable(int64_t D);
 
 // a (B, H, T_q, D), b (B, H_kv, T_k, D); each row block of the packed (B, H, N) result goes

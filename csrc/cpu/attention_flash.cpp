@@ -8,7 +8,7 @@
 //
 // Why: the materialised path (attention_fused.cpp and the causal matmuls) writes P and dS to memory
 // and reads them back four times: at (B16, H6, T256) 12.6 MB each way, ~90 MB per forward+backward,
-// a quarter of its time on a 2-core Xeon. Here a row block's scores, probabilities and gradients
+// a large share of its time in a profile. Here a row block's scores, probabilities and gradients
 // live in a thread's (64 × T_k) scratch, in L2, from the GEMM that makes them to the GEMMs that
 // consume them. The price is one more product: the backward recomputes S = q·kᵀ and, from the
 // forward's log-sum-exp of each row, P = exp(scale·S - lse), instead of reading P. It takes each
@@ -17,8 +17,8 @@
 //
 // Row block r holds the m = rows(r) queries from r0 = 64·r and the keys [0, w), w = width(r); its
 // diagonal tile is computed whole and its entries above the diagonal set to zero before they reach
-// a product (blocks of 32 or 128 rows, and skipping the tile's upper quarter, measured no faster:
-// docs/benchmarks.md). The forward is parallel over (head, row block), like the materialised ops. The backward
+// a product (blocks of 32 or 128 rows, and skipping the tile's upper quarter, measured no faster
+// with `python benchmarks/ext_flash_cpu.py`). The forward is parallel over (head, row block), like the materialised ops. The backward
 // is parallel over key/value heads: one thread owns a head's dk and dv (T_k × D, float32) and adds
 // every row block of its G query heads into them in a fixed order, so there are no atomics and the
 // results do not depend on the thread count.
@@ -50,7 +50,8 @@
 namespace fastgpt::cpu {
 namespace {
 
-// Work (multiply-adds) below which a thread is not worth waking: ~20 µs at 50 GFLOP/s.
+// Work (multiply-adds) below which a thread is not worth waking: tens of microseconds of a core's
+// GEMM, more than waking a pool thread costs (parallel_for_balanced, common.h).
 constexpr double kMinCostPerThread = 5e5;
 
 // (B, H, T, D) whose memory is (B, T, H, D).
@@ -166,7 +167,7 @@ CausalLayout check_flash_args(const at::Tensor& q, const at::Tensor& k, const at
   const bool bf16_ok = q.scalar_type() == at::kBFloat16 && amx::usable(q.size(3));
   TORCH_CHECK(q.scalar_type() == at::kFloat || bf16_ok, op, ": q has dtype ", q.scalar_type(), " and head dim ",
               q.size(3), "; the flash kernels take float32, or bfloat16 where it runs on AMX (an AMX-BF16 CPU, an "
-              "even head dim, FASTGPT_CPU_AMX not 0); elsewhere bfloat16 runs causal_attention_probs and the causal matmuls");
+              "even head dim, the amx switch of fastgpt.ext.cpu_isa on); elsewhere bfloat16 runs causal_attention_probs and the causal matmuls");
   return L;
 }
 
@@ -258,8 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_backward(const at::Tenso
 }
 
 // The autograd node of causal_attention_flash, in C++: an eager training step pays no Python per
-// attention call (a Python autograd.Function around the two ops cost ~100 µs per layer's forward
-// and backward at the `cpu` preset's shapes, as much as the kernels gained over sdpa's there).
+// attention call (a Python autograd.Function around the two ops cost, at the `cpu` preset's small
+// shapes, as much as the kernels gained over sdpa's there).
 class ExtFlashAttention : public torch::autograd::Function<ExtFlashAttention> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,

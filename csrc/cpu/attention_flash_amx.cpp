@@ -34,13 +34,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "amx_tiles.h"
 #include "dropout_cpu.h"
+#include "isa.h"
 #include "softmax_rows.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -53,15 +52,16 @@ namespace {
 constexpr int64_t kBlock = kCausalBlock;   // queries per row block: the B operands' 64 columns
 constexpr int64_t kLanes = kBlock / kW;    // vectors per key row
 
-// Work (multiply-adds) below which a thread is not worth waking; AMX is ~10x the float32 rate.
+// Work (multiply-adds) below which a thread is not worth waking: ten times the float32 kernels'
+// threshold, since AMX tiles get through multiply-adds that much sooner.
 constexpr double kMinCostPerThread = 5e6;
 
 // Rounding float32 vectors to bfloat16 (to nearest even), as the hot loops store them: `row`, 16
 // halves in order; `pairs`, 16 VNNI words (a[l], b[l]), keys j and j + 1 of 16 queries.
 // SoftBf16 is ATen's integer rounding (~7 instructions per 16); NativeBf16 is AVX512-BF16's
-// vcvtne2ps2bf16 (one per 32; every CPU with AMX-BF16 has it, and it is checked at run time).
-// They differ only in denormals, which the instruction flushes to zero: the flash forward ~10%
-// faster at (B4, H6, T1024, D64) on a Xeon with AMX.
+// vcvtne2ps2bf16 (one per 32; every CPU with AMX-BF16 has it, and isa.h checks it at run time).
+// They differ only in denormals, which the instruction flushes to zero; fewer instructions in the
+// softmax loops, where the rounding is a large share of the work.
 #if defined(CPU_CAPABILITY_AVX512)
 alignas(64) constexpr uint16_t kZip[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                            8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -82,12 +82,9 @@ struct NativeBf16 {
     _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_load_si512(kZip), ab));
   }
 };
-// FASTGPT_CPU_AVX512BF16=0 takes SoftBf16 anyway (read at every call: a test compares the two).
-bool native_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  const char* env = std::getenv("FASTGPT_CPU_AVX512BF16");
-  return has && (env == nullptr || std::strcmp(env, "0") != 0);
-}
+// The avx512bf16 switch off takes SoftBf16 anyway (isa.h: read at every call, so that a test
+// compares the two in one process).
+bool native_bf16() { return isa::use_avx512bf16(); }
 #else
 struct SoftBf16 {
   static inline void row(const Vec& a, bf16* out) { store_row(out, a, kW); }

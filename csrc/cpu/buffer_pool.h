@@ -1,8 +1,8 @@
 // A small cache of the large buffers that hold causal matrices (B, H, T, T).
 //
 // Why: a fresh multi-megabyte buffer comes from mmap, and the OS zeroes and maps every page on
-// first touch. On the dev machine that costs ~11 ms per 100 MB on one core with 2 MiB huge pages
-// (~25 ms with 4 KiB pages), as much as the GEMM that fills the buffer. Training allocates the same
+// first touch, which can cost as much as the GEMM that fills the buffer (more with 4 KiB pages than
+// with 2 MiB huge pages). Training allocates the same
 // few sizes every step (S, P, dP, dS per layer), so freed buffers are kept and handed out again,
 // already mapped; kernels write every element, zeros above the diagonal included.
 //

@@ -40,10 +40,11 @@ constexpr int64_t kBlock = kCausalBlock;
 
 // The diagonal tile is computed in strips of kStrip rows, each only as wide as its last row needs:
 // 75% of the tile's products instead of all of them. At T = 256 the diagonal tiles are a fifth of
-// the causal work; 32-row strips measured 3-5% faster there than whole tiles, 16-row ones less.
+// the causal work; 32-row strips measured faster there than whole tiles and than 16-row strips.
 constexpr int64_t kStrip = 32;
 
-// Work (multiply-adds) below which a thread is not worth waking: ~20 µs at 50 GFLOP/s.
+// Work (multiply-adds) below which a thread is not worth waking: tens of microseconds of a core's
+// GEMM, more than waking a pool thread costs (parallel_for_balanced, common.h).
 constexpr double kMinCostPerThread = 5e5;
 
 // dst (m×m, ld m) = src's square tile with the entries above its diagonal zeroed; in float32.
@@ -204,7 +205,7 @@ void matmul_tn_kernel(const at::Tensor& p, const at::Tensor& x, const CausalLayo
         int64_t ldx;
         const float* x_rows = float_rows(X.at(bh), X.ld, qa, T_q, D, x_buf, ldx);  // row qa first
         // Computed transposed, Cᵀ (D × m) = X[qa:T_q]ᵀ · strip, so that the strip is B of the GEMM,
-        // read row by row: MKL is ~25% faster this way than with its transpose as A. The queries
+        // read row by row: MKL measured faster this way than with its transpose as A. The queries
         // [qf, T_q) see the whole block: float32 reads them in place, one GEMM per row block (each
         // has its own stride), bfloat16 from the copy in one GEMM.
         if constexpr (kIsFloat) {

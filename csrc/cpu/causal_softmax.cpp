@@ -1,5 +1,5 @@
 // CPU kernels of the fused scale + causal mask + softmax (+ dropout), its backward, and the
-// dropout-mask testing hook. One pass per row of the packed scores (causal_layout.h); row i of a
+// dropout keep mask it draws, given back dense. One pass per row of the packed scores (causal_layout.h); row i of a
 // head reads columns 0..o+i only (the causal mask is an index bound, never a -inf fill) and writes
 // its whole packed row, zeros after them.
 //
@@ -26,7 +26,8 @@
 namespace fastgpt::cpu {
 namespace {
 
-// Row elements below which a thread is not worth waking: ~20 µs at ~1 ns per element.
+// Row elements below which a thread is not worth waking: the same tens of microseconds of work as
+// the matmuls' threshold, at an exp and a few sums per element.
 constexpr double kMinCostPerThread = 2e4;
 
 // Rows of a packed causal matrix: flat row r = bh·T_q + i costs about o + i + 1 (+ a fixed overhead).

@@ -60,8 +60,8 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 // at::parallel_for over items [0, n) with one contiguous range per thread holding about the same
 // total cost; `cum(i)` is the cost of items [0, i), non-decreasing. Causal work is triangular, so
 // equal item counts would leave one thread with three quarters of it. Each thread gets at least
-// `min_cost` (~20 µs of work): waking a pool thread costs more than a tiny problem, and on a busy
-// machine waiting for it can take a scheduler tick (milliseconds).
+// `min_cost` (tens of microseconds of work): waking a pool thread costs more than a tiny problem,
+// and on a busy machine waiting for it can take a scheduler tick.
 template <typename CumCost, typename Body>
 void parallel_for_balanced(int64_t n, const CumCost& cum, double min_cost, const Body& body) {
   if (n <= 0) return;

@@ -25,7 +25,7 @@ void dropout_kernel(const at::Tensor& x, const DropoutStream& ds, at::Tensor& ou
   const int64_t C = x.size(-1), rows = x.numel() / C;
   const scalar_t* src = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  // ~1 ns per element: a thread per 20k elements at least (parallel_for's grain is in rows).
+  // A thread per 20k elements at least, the softmax's threshold (parallel_for's grain is in rows).
   at::parallel_for(0, rows, std::max<int64_t>(1, 20000 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> mult(C), row_f(std::is_same_v<scalar_t, float> ? 0 : C);
     for (int64_t r = begin; r < end; ++r) {

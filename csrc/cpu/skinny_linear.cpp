@@ -6,9 +6,9 @@
 // tuned for large matrices may read W at a fraction of what a plain read of the same bytes gets.
 // This kernel reads W once, row after row, split across threads by output rows; every row of x
 // (L1-resident: M·K floats) is dotted with the W row while it is in registers. BLAS is not slow
-// everywhere, so fastgpt.linear's "auto" times the two on the model. Its speed against F.linear
-// and against torch.sum over the same bytes, per M: `python benchmarks/skinny_linear.py` (the dev
-// machines' figures are in docs/benchmarks.md, "The skinny linear kernel against F.linear").
+// everywhere, so fastgpt.model.linear's "auto" times the two on the model. Its speed against F.linear
+// and against torch.sum over the same bytes, per M: `python benchmarks/skinny_linear.py` (its
+// results: benchmarks/results/README.md).
 //
 // Accumulation is float32, in a different order than BLAS: results agree with F.linear to float32
 // rounding, not bit for bit.
@@ -94,7 +94,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const st
   float* Y = y.data_ptr<float>();
 
   // Output rows n are independent: each thread streams its own contiguous slice of W. Cost of a row
-  // of W ~ K·M; a thread is worth waking for ~16 K multiply-adds (min_cost, ~5 µs).
+  // of W ~ K·M; a thread is worth waking for ~16 K multiply-adds (min_cost: a short stream of W is
+  // done before a second thread would start).
   parallel_for_balanced(N, [&](int64_t n) { return n * K * M; }, 16384.0, [&](int64_t n0, int64_t n1) {
     float dots[kRowsPerPass];
     for (int64_t n = n0; n < n1; ++n) {

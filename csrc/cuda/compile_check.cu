@@ -1,5 +1,5 @@
 // One translation unit that instantiates every CUDA kernel of csrc/cuda/ for every dtype and
-// variant, for the offline compile check (fastgpt/ext/cuda_compile_check.py): nvcc compiles it for sm_80 and
+// variant, for the offline compile check (fastgpt/verify/cuda_compile.py): nvcc compiles it for sm_80 and
 // sm_90 with `-Xptxas -v`, which reports registers, spills and static shared memory per kernel.
 // Its host main() prints the dynamic shared memory each kernel family's launcher requests, from
 // the launchers' own constants, so the check adds it to the static figure; it needs no GPU.

@@ -1,31 +1,43 @@
-"""Causal self-attention behind one API, with interchangeable backends (see api.py, registry.py)."""
+"""Causal attention behind one API, with interchangeable backends and kernel paths (api.py,
+call.py, registry.py)."""
 
 # The built-in backends register themselves on import, in this order (the order of listings);
-# each module is cheap: triton and the C++ extension load on a backend's first call.
+# each module is cheap: triton and the C++ extension load on a path's first call.
 from fastgpt.attention import naive  # noqa: F401  isort: skip
 from fastgpt.attention import sdpa  # noqa: F401  isort: skip
 from fastgpt.attention import ext_backend  # noqa: F401  isort: skip
 from fastgpt.attention import triton_backend  # noqa: F401  isort: skip
-from fastgpt.attention.api import causal_attention, select_backend, validate_inputs
-from fastgpt.attention.module import CausalSelfAttention
+from fastgpt.attention.api import causal_attention, causal_attention_with_mask, select_kernel
+from fastgpt.attention.call import AttentionCall, validate_inputs
 from fastgpt.attention.naive import naive_attention
 from fastgpt.attention.registry import (
     Backend,
+    KernelPath,
     available_backends,
     backend_names,
     get_backend,
+    get_path,
+    kernel_path_names,
+    kernels_ran,
+    refusal,
     register_backend,
 )
 
 __all__ = [
+    "AttentionCall",
     "Backend",
-    "CausalSelfAttention",
+    "KernelPath",
     "available_backends",
     "backend_names",
     "causal_attention",
+    "causal_attention_with_mask",
     "get_backend",
+    "get_path",
+    "kernel_path_names",
+    "kernels_ran",
     "naive_attention",
+    "refusal",
     "register_backend",
-    "select_backend",
+    "select_kernel",
     "validate_inputs",
 ]

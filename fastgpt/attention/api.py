@@ -1,6 +1,7 @@
 """`causal_attention`: the one contract that every attention backend meets.
 
     out = causal_attention(q, k, v, dropout_p=0.0, scale=None, backend="auto")
+    path = select_kernel(q, k, v, dropout_p=0.0, backend="auto")   # what that call runs
 
     q:    (B, H, T_q, D), any strides (views of a fused qkv projection are fine)
     k, v: (B, H_kv, T_k, D), T_k >= T_q, H_kv dividing H
@@ -53,97 +54,29 @@ the scores in float32, and naive multiplies q by the scale before the product, s
 D = 64 does not overflow (naive runs the lecture's math in the input dtype: a scaled score beyond
 float16's 65504 would).
 
-Bad input is refused here, once, with an error naming the argument, the value and the limit, so
-that backends can assume well-formed tensors.
+Bad input is refused here, once (fastgpt/attention/call.py), with an error naming the argument,
+the value and the limit, so that backends can assume well-formed tensors. The registry
+(registry.py) then chooses the kernel path, logs the choice and counts the call in `kernels_ran()`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Optional
 
 import torch
 
-from fastgpt.attention.registry import Backend, auto_order, call_kind, get_backend
-
-log = logging.getLogger("fastgpt.attention")
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_announced: set[tuple] = set()
+from fastgpt.attention.call import AttentionCall
+from fastgpt.attention.registry import KernelPath, backend_names, choose, get_backend, record
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
-def validate_inputs(q, k, v, dropout_p: float, scale: Optional[float]) -> None:
-    """Raises TypeError/ValueError naming the offending argument, its value and the limit."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, T, D); got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (B, H, T, D); got {t.dim()} dims with shape {_shape(t)}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.shape[2] < q.shape[2]:
-        raise ValueError(f"k has shape {_shape(k)} but q has shape {_shape(q)}: q (B, H, T_q, D) and "
-                         f"k, v (B, H_kv, T_k, D) must share B and D, with T_k >= T_q")
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"k has {k.shape[1]} heads and q {q.shape[1]}: the key/value heads H_kv must divide the "
-                         f"query heads H (each group of H / H_kv query heads shares one key/value head)")
-    if v.shape != k.shape:
-        raise ValueError(f"v has shape {_shape(v)} but k has shape {_shape(k)}: k and v must share (B, H_kv, T_k, D)")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}: q, k and v must share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on device {t.device} but q is on {q.device}: q, k and v must share one device")
-    if q.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise ValueError(f"q has dtype {q.dtype}; causal_attention supports {names}")
-    B, H, T, D = q.shape
-    if min(B, H, T, D) < 1:
-        raise ValueError(f"q has shape {_shape(q)}: B, H, T and D must all be at least 1")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None (meaning D**-0.5); got {scale!r}")
-
-
-def select_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto",
-                   T_k: Optional[int] = None, kv_heads: Optional[int] = None) -> Backend:
-    """The backend that `causal_attention` runs for this call; never a silent substitute.
-
-    A named backend that cannot run raises (RuntimeError when it is unavailable in this process,
-    ValueError when it does not support the call). "auto" takes the first backend of the
-    device's preference list for the kind of call (registry.call_kind: with dropout, over a KV
-    cache when T_k, the keys' length, exceeds q's T_q, or plain) that can run it, and logs its
-    choice once per kind of call. T_k=None means T_k = T_q; kv_heads=None means H_kv = H.
-    """
-    if backend != "auto":
-        chosen = get_backend(backend)
-        reason = chosen.unavailable_reason(q.device)
-        if reason is not None:
-            raise RuntimeError(f"backend={backend!r} is not available on device {q.device}: {reason}")
-        reason = chosen.call_refusal(q, dropout_p, kv_heads)
-        if reason is not None:
-            raise ValueError(f"backend={backend!r} does not support this call: {reason}")
-        return chosen
-
-    refusals = []
-    kind = call_kind(q.shape[2], q.shape[2] if T_k is None else T_k, dropout_p)
-    for name in auto_order(q.device, kind):
-        candidate = get_backend(name)
-        reason = candidate.refusal(q, dropout_p, kv_heads)
-        if reason is None:
-            key = (q.device.type, q.dtype, kind, name)
-            if key not in _announced:
-                _announced.add(key)
-                log.info("backend='auto' picked %r for %s %s attention (%s call), dropout %s",
-                         name, q.device.type, str(q.dtype).removeprefix("torch."), kind, dropout_p)
-            return candidate
-        refusals.append(f"{name}: {reason}")
-    raise RuntimeError(f"no attention backend can run this call on {q.device}: " + "; ".join(refusals))
+def select_kernel(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None, *,
+                  dropout_p: float = 0.0, scale: Optional[float] = None, backend: str = "auto") -> KernelPath:
+    """The kernel path `causal_attention` runs for this call (`.name`, and `.backend` its family);
+    k and v default to q (self-attention shapes). Raises as causal_attention does where nothing
+    can run it: never a silent substitute."""
+    k = q if k is None else k
+    v = k if v is None else v
+    return choose(AttentionCall.of(q, k, v, dropout_p, scale), backend)
 
 
 def causal_attention(
@@ -158,20 +91,37 @@ def causal_attention(
     """Causal scaled-dot-product attention, softmax(scale·q·kᵀ + causal mask) · v.
 
     Args:
-        q: (B, H, T_q, D); k, v: (B, H, T_k, D) with T_k >= T_q (the causal diagonal aligned
-            bottom-right, see above); one dtype (float16, bfloat16, float32, float64), one
-            device, any strides.
+        q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D) with T_k >= T_q (the causal diagonal aligned
+            bottom-right, see above) and H_kv dividing H; one dtype (float16, bfloat16, float32,
+            float64), one device, any strides.
         dropout_p: probability of zeroing an attention weight after the softmax, in [0, 1). Pass
             0.0 in evaluation; kept weights are scaled by 1/(1 - dropout_p).
         scale: multiplies q·kᵀ before the softmax; None means D**-0.5.
-        backend: a registered backend name ("naive", "sdpa", ...) or "auto".
+        backend: "auto", a backend ("naive", "sdpa", "ext", "triton": its best path for the call)
+            or one kernel path ("ext.cpu_packed"; `fastgpt.attention.kernel_path_names()`).
 
     Returns:
         (B, H, T_q, D) tensor, same dtype and device as q. NaN and infinities in q, k or v
         propagate row by row as the module docstring says ("Non-finite inputs"), in every backend.
     """
-    validate_inputs(q, k, v, dropout_p, scale)
-    chosen = select_backend(q, dropout_p, backend, T_k=k.shape[2], kv_heads=k.shape[1])
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return chosen.fn(q, k, v, float(dropout_p), float(scale))
+    call = AttentionCall.of(q, k, v, dropout_p, scale)
+    path = choose(call, backend)
+    record(path)
+    return path.fn(q, k, v, call)
+
+
+def causal_attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float,
+                               scale: Optional[float] = None,
+                               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, keep): causal_attention's output and the dropout mask that call drew, keep (B, H, T_q,
+    T_k) bool, True where a weight was kept (as flash-attention's return_attn_probs gives it back).
+    naive_attention(q, k, v, dropout_p, scale, keep_mask=keep) is then that call's exact reference.
+    Only backends whose kernels draw a mask that can be rebuilt give it: "triton" and "ext"."""
+    call = AttentionCall.of(q, k, v, dropout_p, scale)
+    path = choose(call, backend)
+    owner = get_backend(path.backend)
+    if owner.with_dropout_mask is None:
+        able = [name for name in backend_names() if get_backend(name).with_dropout_mask is not None]
+        raise ValueError(f"backend={path.backend!r} cannot give back its dropout mask; these can: {', '.join(able)}")
+    record(path)
+    return owner.with_dropout_mask(q, k, v, call, path)

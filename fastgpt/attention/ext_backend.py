@@ -10,14 +10,23 @@ matmuls read head h // (H / H_kv) for query head h in place (no copy of k or v p
 P and its dropout mask stay per query head. The backward is the same ops (see fastgpt/ext/ops.py):
 dP = tril_o(dO·vᵀ), dv = Pᵀ·dO, the fused softmax backward, dq = dS·k, dk = dSᵀ·q, where dk and dv
 sum each group of query heads in a fixed order (no atomics). Eagerly the call is one autograd node
-over those op calls (fastgpt/ext/attention_function.py: about 4% off a `cpu`-preset training step);
-under torch.compile each op is its own node, with its own formula. The T_q × T_k matrices are
-materialised, once each, in the packed layout (fastgpt/ext/layout.py: the causal part only, ~52% of
-T² at T = 2048), at about half the work of the naive math; the dropout mask is regenerated, never stored.
+over those op calls (fastgpt/ext/attention_function.py); under torch.compile each op is its own
+node, with its own formula. The T_q × T_k matrices are materialised, once each, in the packed
+layout (fastgpt/ext/layout.py: the causal part only); the dropout mask is regenerated, never stored.
 
-CPU kernels, and CUDA kernels of the same ops (csrc/cuda/) where torch is a CUDA build and nvcc
-compiled them. Importing this module loads nothing: the ops module (fastgpt/ext/ops.py, which loads
-the library) is imported on the first call, by `prepare` before torch.compile traces one, or when
+Four kernel paths, best first (backend="ext" takes the first that runs the call):
+
+    ext.cpu_flash       CPU float32: the flash kernels (csrc/cpu/attention_flash.cpp), no T×T matrix
+                        stored, P recomputed in the backward; a C++ autograd node
+    ext.cpu_flash_amx   CPU bfloat16 on AMX-BF16 tiles (csrc/cpu/attention_flash_amx.cpp), the same
+    ext.cpu_packed      CPU float32 and bfloat16: the packed ops above (csrc/cpu/)
+    ext.cuda            CUDA: the packed ops' CUDA kernels (csrc/cuda/), where torch is a CUDA build
+                        and nvcc compiled them
+
+The flash paths decline calls with fewer key/value heads (B·H_kv) than threads (their backward
+gives each thread whole heads) and take no traced call (torch.compile traces the packed ops).
+Importing this module loads nothing: the ops module (fastgpt/ext/ops.py, which loads the library)
+is imported on the first call, by `prepare` before torch.compile traces one, or when
 backend="auto" considers ext (`load_refusal`): a build that fails there is a reason to move on.
 """
 
@@ -27,63 +36,143 @@ from typing import Optional
 
 import torch
 
-from fastgpt.attention.registry import Backend, register_backend
+from fastgpt.attention.call import AttentionCall, dtype_name
+from fastgpt.attention.registry import Backend, KernelPath, choose, record, register_backend
 
 
-def ext_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    *,
-    seed: Optional[int] = None,
-    offset: int = 0,
-) -> torch.Tensor:
-    """Causal attention through the ext ops.  q (B, H, T_q, D), k, v (B, H_kv, T_k, D) -> (B, H, T_q, D),
-    T_q <= T_k, the diagonal aligned bottom-right (the last query sees every key); H_kv divides H and
-    query head h reads key/value head h // (H / H_kv).
+def ext_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                  scale: Optional[float] = None, *, seed: Optional[int] = None, offset: int = 0,
+                  path: str = "ext") -> torch.Tensor:
+    """Causal attention through the ext ops with a dropout mask you can regenerate.  q (B, H, T_q, D),
+    k, v (B, H_kv, T_k, D) -> (B, H, T_q, D), as causal_attention (fastgpt/attention/api.py).
 
     With dropout, `seed` and `offset` pick the mask (fastgpt.ext.dropout_keep_mask gives it, dense
     (B, H, T_q, T_k)); seed=None draws a seed from torch's default CPU generator, so
-    torch.manual_seed makes runs repeatable.
+    torch.manual_seed makes runs repeatable. `path` is "ext" (its best path for the call) or one
+    of its kernel paths.
     """
-    from fastgpt.ext import ops  # the first call loads the library (prepare does it before a trace)
+    call = AttentionCall.of(q, k, v, dropout_p, scale)
+    chosen = choose(call, path)
+    if chosen.backend != "ext":
+        raise ValueError(f"path={path!r} is not one of ext's kernel paths")
+    record(chosen)
+    return _RUNNERS[chosen.name](q, k, v, call, seed, offset)
 
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():
-        return _attention_per_op(q, k, v, dropout_p, scale, seed, offset)
-    # Eagerly: one autograd node over the same op calls (fastgpt/ext/attention_function.py), or
-    # on CPU in float32 (and bfloat16 on AMX) the flash op with its C++ node (csrc/cpu/attention_flash.cpp)
+
+def _eager_seed(call: AttentionCall, seed: Optional[int]) -> int:
+    if seed is not None:
+        return seed
+    if call.dropout_p == 0.0:
+        return 0  # only a dropout call consumes randomness, as nn.Dropout does
+    from fastgpt.ext import ops
+
+    return int(ops.draw_seed())
+
+
+def _run_flash(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
+    """The flash op, whose autograd node is C++; the inputs are validated (AttentionCall.of)."""
+    from fastgpt.ext import ops  # noqa: F401  (loads the library on the first call)
+
+    return torch.ops.fastgpt.causal_attention_flash(q, k, v, call.scale, call.dropout_p, _eager_seed(call, seed), offset)
+
+
+def _run_packed(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
+    """The packed ops: one autograd node eagerly, one graph node per op under torch.compile."""
+    from fastgpt.ext import ops
+
+    if call.compiling:
+        return _attention_per_op(q, k, v, call, seed, offset)
     from fastgpt.ext.attention_function import ExtAttention
 
-    if seed is None:  # only a dropout call consumes randomness, as nn.Dropout does
-        seed = int(ops.draw_seed()) if dropout_p > 0.0 else 0  # the draw _attention_per_op makes
-    if q.device.type == "cpu" and ops.cpu_attention_kernels(q.dtype, k.shape[0] * k.shape[1], q.shape[-1]) == "flash":
-        # the flash kernels, no T×T matrix stored; the node is C++
-        return ops.causal_attention_flash(q, k, v, float(scale), float(dropout_p), seed, offset)
-    return ExtAttention.apply(q, k, v, float(scale), float(dropout_p), seed, offset)
+    if seed is None and call.dropout_p > 0.0:
+        seed = int(ops.draw_seed())  # the draw _attention_per_op makes
+    return ExtAttention.apply(q, k, v, call.scale, call.dropout_p, seed or 0, offset)
 
 
-def _attention_per_op(q, k, v, dropout_p: float, scale: float, seed: Optional[int], offset: int) -> torch.Tensor:
+def _attention_per_op(q, k, v, call: AttentionCall, seed: Optional[int], offset: int) -> torch.Tensor:
     """The ops one by one, each its own autograd node (fastgpt/ext/ops.py): what torch.compile
     traces, as single graph nodes."""
     from fastgpt.ext import ops
 
-    T_q, T_k = q.shape[2], k.shape[2]
+    T_q, T_k = call.q_len, call.kv_len
     s = ops.causal_matmul_nt(q, k)  # packed (B, H, N): one causal matrix per query head
-    if seed is None and dropout_p > 0.0:
+    if seed is None and call.dropout_p > 0.0:
         # The seed stays a tensor up to an opaque op: torch.compile sees no data-dependent int
-        p = ops.causal_softmax_seeded(s, T_q, T_k, scale, dropout_p, ops.draw_seed(), offset)  # packed
+        p = ops.causal_softmax_seeded(s, T_q, T_k, call.scale, call.dropout_p, ops.draw_seed(), offset)  # packed
     else:
-        p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed or 0, offset)  # packed (B, H, N)
+        p = ops.causal_softmax(s, T_q, T_k, call.scale, call.dropout_p, seed or 0, offset)  # packed (B, H, N)
     return ops.causal_matmul_nn(p, v, T_q)  # (B, H, T_q, D)
 
 
-def _ext_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    return ext_attention(q, k, v, dropout_p, scale)
+def _with_dropout_mask(q, k, v, call: AttentionCall, path: KernelPath) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, keep (B, H, T_q, T_k) bool) of one call on `path`: the mask comes from (seed, offset)
+    alone, so it is rebuilt from the seed the call used."""
+    from fastgpt.ext import layout, ops
 
+    seed = int(ops.draw_seed())
+    scores = q.new_empty((call.batch, call.heads, layout.packed_size(call.q_len, call.kv_len)))  # its shape only
+    keep = ops.dropout_keep_mask(scores, call.q_len, call.kv_len, call.dropout_p, seed)
+    return _RUNNERS[path.name](q, k, v, call, seed), keep
+
+
+_RUNNERS = {"ext.cpu_flash": _run_flash, "ext.cpu_flash_amx": _run_flash, "ext.cpu_packed": _run_packed,
+            "ext.cuda": _run_packed}
+
+
+# ---- what each path runs on -------------------------------------------------------------------------
+
+def _cpu_only(device: torch.device) -> Optional[str]:
+    return None if device.type == "cpu" else f"a CPU kernel; got device type {device.type!r}"
+
+
+def _cuda_only(device: torch.device) -> Optional[str]:
+    return None if device.type == "cuda" else f"a CUDA kernel; got device type {device.type!r}"
+
+
+def _untraced(call: AttentionCall) -> Optional[str]:
+    if call.compiling:
+        return "torch.compile traces ext as its packed ops (ext.cpu_packed), one graph node each"
+    return None
+
+
+def _flash_float32(call: AttentionCall) -> Optional[str]:
+    if call.dtype != torch.float32:
+        return f"float32 only (bfloat16: ext.cpu_flash_amx on AMX-BF16); got {dtype_name(call.dtype)}"
+    return _untraced(call)
+
+
+def _flash_bf16_amx(call: AttentionCall) -> Optional[str]:
+    if call.dtype != torch.bfloat16:
+        return f"bfloat16 only (float32: ext.cpu_flash); got {dtype_name(call.dtype)}"
+    reason = _untraced(call)
+    if reason is not None:
+        return reason
+    from fastgpt.ext import ops
+
+    products = ops.cpu_bf16_products(call.head_dim)
+    if products != "AMX":
+        return f"its bfloat16 products run on AMX-BF16 tiles, and here they run on {products} (D={call.head_dim})"
+    return None
+
+
+def _products(call: AttentionCall) -> Optional[str]:
+    """Where a bfloat16 call's matmuls run (AMX-BF16 tiles, or float32 over converted tiles)."""
+    if call.dtype != torch.bfloat16 or call.device.type != "cpu":
+        return None
+    from fastgpt.ext import ops
+
+    return f"bfloat16 products on {ops.cpu_bf16_products(call.head_dim)}"
+
+
+def _fewer_heads_than_threads(call: AttentionCall) -> Optional[str]:
+    heads, threads = call.batch * call.kv_heads, torch.get_num_threads()
+    if heads < threads:
+        return (f"B·H_kv = {heads} key/value heads, fewer than the {threads} threads: the flash backward gives "
+                "each thread whole heads (ext.cpu_packed splits rows)")
+    return None
+
+
+# ---- the backend ------------------------------------------------------------------------------------
 
 def _unavailable_reason(device: torch.device) -> Optional[str]:
     from fastgpt.ext.build import cuda_unavailable_reason, unavailable_reason
@@ -96,11 +185,11 @@ def _unavailable_reason(device: torch.device) -> Optional[str]:
     return unavailable_reason()
 
 
-def _unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
+def _unsupported_reason(call: AttentionCall) -> Optional[str]:
     from fastgpt.ext.checks import dtypes_text, supported_dtypes
 
-    if q.dtype not in supported_dtypes(q.device):
-        return f"the ext kernels take {dtypes_text(q.device)} (fp32 accumulation); got {q.dtype}"
+    if call.dtype not in supported_dtypes(call.device):
+        return f"the ext kernels take {dtypes_text(call.device)} (fp32 accumulation); got {call.dtype}"
     return None
 
 
@@ -135,15 +224,30 @@ def _load_refusal(device: torch.device) -> Optional[str]:
     return _unavailable_reason(device)  # loaded: on CUDA the ops may still lack CUDA kernels
 
 
+def _path(name: str, description: str, **checks) -> KernelPath:
+    runner = _RUNNERS[name]
+    return KernelPath(name, lambda q, k, v, call: runner(q, k, v, call), description, **checks)
+
+
 register_backend(Backend(
     name="ext",
-    fn=_ext_backend,
-    description="C++ ops (csrc/): causal matmuls that skip the tiles above the diagonal and a fused "
-                "scale+mask+softmax+dropout; the T×T weights are materialised",
+    description="C++/CUDA ops (csrc/): causal matmuls that skip the tiles above the diagonal and a fused "
+                "scale+mask+softmax+dropout; on CPU flash kernels that store no T×T matrix",
+    paths=(
+        _path("ext.cpu_flash", "CPU float32 flash kernels: no T×T matrix stored, P recomputed in the backward",
+              unavailable_reason=_cpu_only, unsupported_reason=_flash_float32, declines=_fewer_heads_than_threads),
+        _path("ext.cpu_flash_amx", "CPU bfloat16 flash kernels on AMX-BF16 tiles",
+              unavailable_reason=_cpu_only, unsupported_reason=_flash_bf16_amx, declines=_fewer_heads_than_threads,
+              detail=_products),
+        _path("ext.cpu_packed", "CPU packed causal ops: the T×T weights stored over their lower half",
+              unavailable_reason=_cpu_only, detail=_products),
+        _path("ext.cuda", "CUDA kernels of the packed causal ops", unavailable_reason=_cuda_only),
+    ),
     unavailable_reason=_unavailable_reason,
     unsupported_reason=_unsupported_reason,
     empty_cache=_empty_cache,
     grouped_query=True,
     prepare=_prepare,
     load_refusal=_load_refusal,
+    with_dropout_mask=_with_dropout_mask,
 ))

@@ -1,37 +1,52 @@
-"""The backend registry: the one place that knows which attention implementations exist.
+"""The registry: the one place that knows every attention kernel path, chooses one per call, and
+records which ran.
 
-A backend is a function `fn(q, k, v, dropout_p, scale) -> out`, q and out (B, H, T_q, D), k and v
-(B, H_kv, T_k, D) with T_k >= T_q, H_kv dividing H (H_kv < H only where the backend says it takes
-grouped-query calls) and the causal diagonal aligned bottom-right (see api.py), over tensors that
-the API has already validated, plus two questions it answers about itself: can it run on this
-device in this process, and can it run this particular call. Both answers are a reason string (or
-None), so that an error can say exactly why a backend was refused. A backend with something to load
-(a library to build) says a third reason when that fails, which `backend="auto"` asks last.
+A *backend* is a family of kernels behind one name ("naive", "sdpa", "triton", "ext"); a *kernel
+path* is one concrete way a backend runs a call, named "<backend>" where the backend has one and
+"<backend>.<variant>" where it has several (ext: "ext.cpu_flash", "ext.cpu_flash_amx",
+"ext.cpu_packed", "ext.cuda"). `backend=` takes either:
+
+    "auto"          the device's order for the kind of call (AUTO_ORDER), each backend standing
+                    for its paths in the backend's own order; the first that can run the call runs
+    "ext"           the best path of that backend for this call (the first of its paths that can
+                    run it and does not decline it: a path declines a call it can run where the
+                    backend has a faster one for it)
+    "ext.cpu_packed"  that path, and nothing else
+
+A refusal is a reason string, asked in this order: the backend cannot run on the device here; the
+call is grouped-query and the backend takes none; the backend does not take the call (dtype, head
+dim); for "auto" only, what the backend loads (a library to build) fails; then each path's own
+device, call and (unless named) decline. Every choice is logged once per kind of call, and every
+call counts in `kernels_ran()`, which benchmarks, training metrics and the GPU report record.
 
 Backends live in their own modules and register themselves on import (fastgpt/attention/__init__.py
-imports the built-in ones); the registry imports none of them. Each backend module is cheap to
-import: heavy dependencies (triton, the C++ extension) load on its first call.
+imports the built-in ones); the registry imports none of them. Backend modules are cheap to import:
+heavy dependencies (triton, the C++ extension) load on a path's first call.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from fastgpt.attention.call import CALL_KINDS, AttentionCall, dtype_name
+
 log = logging.getLogger("fastgpt.attention")
 
-# (q, k, v, dropout_p, scale) -> out; q, out (B, H, T_q, D), k, v (B, H_kv, T_k, D), T_k >= T_q
+# (q, k, v, call) -> out: q, out (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated
+PathFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall], torch.Tensor]
+# the older, single-kernel form a backend may still register: (q, k, v, dropout_p, scale) -> out
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 
 
-def _always_available(device: torch.device) -> Optional[str]:
+def _no_device_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _supports_everything(q: torch.Tensor, dropout_p: float) -> Optional[str]:
+def _no_call_reason(call: AttentionCall) -> Optional[str]:
     return None
 
 
@@ -39,60 +54,84 @@ def _nothing_to_prepare(device: torch.device) -> None:
     return None
 
 
-def _nothing_to_load(device: torch.device) -> Optional[str]:
-    return None
+def _never_emulated(device: torch.device) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    name: str
+    fn: PathFn
+    description: str
+    # Why the path cannot run on `device` in this process (another device type, a CPU feature), or None.
+    unavailable_reason: Callable[[torch.device], Optional[str]] = _no_device_reason
+    # Why the path cannot run this call (dtype, head dim, a traced call), or None.
+    unsupported_reason: Callable[[AttentionCall], Optional[str]] = _no_call_reason
+    # Why a choice by backend name or by "auto" passes over a call this path could run (the backend
+    # has a faster path for it); a call that names this path runs it all the same.
+    declines: Callable[[AttentionCall], Optional[str]] = _no_call_reason
+    # More about what the path runs for this call where that varies (the products of a bfloat16
+    # path: AMX tiles or float32), for benchmark rows; None where there is nothing more to say.
+    detail: Optional[Callable[[AttentionCall], Optional[str]]] = None
+    # Runs a call (a no-argument function) and names the kernel that ran inside the path, where the
+    # path hands the choice to a library (sdpa: PyTorch's flash, efficient, cudnn or math kernel).
+    inner_kernel: Optional[Callable[[Callable[[], object]], str]] = None
+
+    @property
+    def backend(self) -> str:
+        return self.name.partition(".")[0]
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    fn: AttentionFn
     description: str
+    # The backend's kernel paths, best first; a backend given `fn` instead has one, named after it.
+    paths: tuple[KernelPath, ...] = ()
+    fn: Optional[AttentionFn] = None
     # Why the backend cannot run on `device` in this process (missing package, no GPU), or None.
-    unavailable_reason: Callable[[torch.device], Optional[str]] = _always_available
-    # Why the backend cannot run this call (dtype, head dim, sequence length), or None. It sees q
-    # only: every backend runs every T_k >= T_q (nothing so far refuses on k's length).
-    unsupported_reason: Callable[[torch.Tensor, float], Optional[str]] = _supports_everything
+    unavailable_reason: Callable[[torch.device], Optional[str]] = _no_device_reason
+    # Why the backend takes no call like this one (dtype, head dim), asked before anything loads.
+    unsupported_reason: Callable[[AttentionCall], Optional[str]] = _no_call_reason
     # Returns memory the backend keeps cached between calls (buffer pools) to the system, so that
     # a memory measurement sees what one call needs; None for backends that cache nothing.
     empty_cache: Optional[Callable[[], None]] = None
     # True where the backend runs as an emulation rather than as a kernel (Triton's interpreter on
     # CPU): correct, but its speed means nothing, so benchmarks do not time it.
-    emulated: Callable[[torch.device], bool] = lambda device: False
+    emulated: Callable[[torch.device], bool] = _never_emulated
     # Whether the backend takes grouped-query calls, k and v with H_kv < H heads (reading the shared
     # head, never a copy per query head); one that does not is refused such calls by name.
     grouped_query: bool = False
-    # Loads what the backend's calls need on `device` (a library to build, ops to register) before
-    # torch.compile traces them: that loading is Python dynamo should not trace. Called by the
-    # trainer before torch.compile; a backend that loads nothing keeps the no-op.
+    # Loads what the backend's calls need on `device` before torch.compile traces them: that
+    # loading is Python dynamo should not trace. A backend that loads nothing keeps the no-op.
     prepare: Callable[[torch.device], None] = _nothing_to_prepare
-    # Loads what the backend's calls need on `device`, as `prepare` does, but returns why that
-    # failed (or None) instead of raising: what `refusal` asks last, so that backend="auto" passes
-    # over a backend whose library fails to build (a compiler error, found only by building) with
-    # the reason, where a call that names the backend raises it.
-    load_refusal: Callable[[torch.device], Optional[str]] = _nothing_to_load
+    # `prepare`, returning why it failed (or None) instead of raising: asked last by "auto", so that
+    # it passes over a backend whose library fails to build, where a call naming the backend raises.
+    load_refusal: Callable[[torch.device], Optional[str]] = lambda device: None
+    # Runs a call on one of the backend's paths and gives back the dropout mask it drew:
+    # (q, k, v, call, path) -> (out, keep (B, H, T_q, T_k) bool); None where the mask cannot be
+    # rebuilt (sdpa draws it inside PyTorch; naive's is F.dropout's).
+    with_dropout_mask: Optional[Callable] = field(default=None, compare=False)
 
-    def call_refusal(self, q: torch.Tensor, dropout_p: float, kv_heads: Optional[int] = None) -> Optional[str]:
-        """Why this backend does not support this call (q, dropout, H_kv key/value heads; None:
-        as many as q has), or None."""
-        H = q.shape[1]
-        if kv_heads is not None and kv_heads != H and not self.grouped_query:
-            return f"grouped-query attention (H={H} query heads over H_kv={kv_heads}) is not supported"
-        return self.unsupported_reason(q, dropout_p)
+    def __post_init__(self) -> None:
+        if self.fn is not None and not self.paths:
+            fn = self.fn
+            only = KernelPath(self.name, lambda q, k, v, call: fn(q, k, v, call.dropout_p, call.scale), self.description)
+            object.__setattr__(self, "paths", (only,))
+        if not self.paths:
+            raise ValueError(f"backend {self.name!r} has no kernel path: give it paths or fn")
+        for path in self.paths:
+            if path.backend != self.name:
+                raise ValueError(f"kernel path {path.name!r} must be named {self.name!r} or {self.name!r}.<variant>")
 
-    def refusal(self, q: torch.Tensor, dropout_p: float, kv_heads: Optional[int] = None) -> Optional[str]:
-        """Why this backend cannot run this call here (unavailable, unsupported, or what it needs
-        failing to load), or None, and then it has loaded what the call needs: what backend="auto"
-        asks of each candidate. Refused by this process (not by the call), it says why once, in the log."""
-        reason = self.unavailable_reason(q.device)
-        if reason is None:
-            reason = self.call_refusal(q, dropout_p, kv_heads)
-            if reason is not None:
-                return reason  # this call's dtype or shape: no news about the environment
-            reason = self.load_refusal(q.device)
+    def backend_refusal(self, call: AttentionCall) -> Optional[str]:
+        """Why this backend takes no path for this call (device, grouped heads, dtype), or None."""
+        reason = self.unavailable_reason(call.device)
         if reason is not None:
-            _say_unavailable_once(self.name, q.device, reason)
-        return reason
+            return reason
+        if call.grouped and not self.grouped_query:
+            return f"grouped-query attention (H={call.heads} query heads over H_kv={call.kv_heads}) is not supported"
+        return self.unsupported_reason(call)
 
 
 _said: set[tuple[str, str, str]] = set()
@@ -105,52 +144,38 @@ def _say_unavailable_once(name: str, device: torch.device, reason: str) -> None:
         log.info("attention backend %r cannot run on %s here: %s", name, device.type, reason)
 
 
-# The kinds of call that `backend="auto"` orders separately (call_kind picks one).
-CALL_KINDS = ("plain", "dropout", "cached")
-
-# The order in which `backend="auto"` tries backends, per device type and per kind of call:
-# fastest first, as measured by the benchmarks. The first backend that is available and supports
-# the call runs. Device types not listed use "default". The CPU figures behind the orders come
-# from `python benchmarks/ext_cpu.py` (benchmarks/results/ext_cpu.json; README, "The ext backend
-# on CPU").
+# The order in which `backend="auto"` tries backends, per device type and per kind of call
+# (AttentionCall.kind), fastest first as the benchmarks measure it (docs/benchmarks.md); each
+# backend stands for its paths, in its own order. Device types not listed use "default".
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {
-        # Training shapes, forward + backward: ext skips the tiles above the diagonal and fuses the
-        # softmax with its dropout, so it leads, by most with dropout (sdpa's CPU dropout runs the
-        # unfused math). Where ext cannot be built (no compiler/ninja, an unusable cache directory,
-        # a compile that failed) or the dtype is fp16/fp64, auto moves on.
+        # Training shapes: ext skips the tiles above the diagonal and fuses the softmax with its
+        # dropout (sdpa's CPU dropout runs the unfused math). Where ext cannot be built or takes
+        # no such dtype, auto moves on.
         "plain": ("ext", "sdpa", "naive"),
         "dropout": ("ext", "sdpa", "naive"),
-        # A KV-cache step (fewer queries than keys; a decode step has one query): the work is tiny,
-        # so the number of calls decides, and ext's three op calls cost more than sdpa's one (the
-        # decode rows of the same benchmark).
+        # A KV-cache step: the work is tiny, so the number of calls decides, and sdpa makes one.
         "cached": ("sdpa", "ext", "naive"),
     },
     "default": {kind: ("sdpa", "naive") for kind in CALL_KINDS},
-    # "triton" is in no list: on CPU it runs interpreted (orders of magnitude slower than sdpa);
-    # on CUDA it has not been benchmarked against sdpa yet, so it is chosen only by name.
+    # "triton" is in no list: on CPU it runs interpreted; on CUDA it has not been measured against
+    # sdpa, so it runs only by name. ext's CUDA kernels likewise.
 }
 
-
-def call_kind(T_q: int, T_k: int, dropout_p: float) -> str:
-    """The kind of an attention call, for `backend="auto"`: "dropout" (dropout_p > 0), "cached"
-    (T_q < T_k: the new queries of a KV-cache step) or "plain"."""
-    if dropout_p > 0:
-        return "dropout"
-    return "cached" if T_q < T_k else "plain"
-
-
 _BACKENDS: dict[str, Backend] = {}
+_PATHS: dict[str, tuple[Backend, KernelPath]] = {}
 
 
 def register_backend(backend: Backend) -> None:
-    """Adds `backend` to the registry; a second backend of the same name is an error."""
+    """Adds `backend` and its paths; a second backend of the same name is an error."""
     if backend.name == "auto":
         raise ValueError("backend name 'auto' is reserved for automatic selection")
     existing = _BACKENDS.get(backend.name)
-    if existing is not None and existing.fn is not backend.fn:
+    if existing is not None and existing.paths != backend.paths:
         raise ValueError(f"an attention backend named {backend.name!r} is already registered")
     _BACKENDS[backend.name] = backend
+    for path in backend.paths:
+        _PATHS[path.name] = (backend, path)
 
 
 def backend_names() -> list[str]:
@@ -158,13 +183,27 @@ def backend_names() -> list[str]:
     return list(_BACKENDS)
 
 
+def kernel_path_names() -> list[str]:
+    """Every registered kernel path, backend by backend, each backend's best first."""
+    return list(_PATHS)
+
+
 def get_backend(name: str) -> Backend:
-    """The backend called `name`; an unknown name is an error that lists the known ones."""
-    try:
+    """The backend called `name` (or owning the path `name`); an unknown name lists the known ones."""
+    if name in _BACKENDS:
         return _BACKENDS[name]
-    except KeyError:
-        known = ", ".join(["auto", *_BACKENDS])
-        raise ValueError(f"backend={name!r} is not a known attention backend; choose one of: {known}") from None
+    if name in _PATHS:
+        return _PATHS[name][0]
+    known = ", ".join(["auto", *_BACKENDS, *(p for p in _PATHS if p not in _BACKENDS)])
+    raise ValueError(f"backend={name!r} is not a known attention backend or kernel path; choose one of: {known}")
+
+
+def get_path(name: str) -> KernelPath:
+    get_backend(name)  # an unknown name: the error that lists the known ones
+    if name not in _PATHS:
+        raise ValueError(f"{name!r} is a backend with several kernel paths ({', '.join(p.name for p in _BACKENDS[name].paths)}), "
+                         "not one path")
+    return _PATHS[name][1]
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -178,3 +217,120 @@ def auto_order(device: torch.device, kind: str) -> tuple[str, ...]:
     if kind not in CALL_KINDS:
         raise ValueError(f"kind must be one of {', '.join(CALL_KINDS)}; got {kind!r}")
     return AUTO_ORDER.get(device.type, AUTO_ORDER["default"])[kind]
+
+
+def path_refusal(path: KernelPath, call: AttentionCall, named: bool = False) -> Optional[str]:
+    """Why `path` does not run `call` (its device, the call, or unless `named`, a decline), or None.
+    The backend's own refusal (Backend.backend_refusal) is asked first, separately."""
+    return (path.unavailable_reason(call.device) or path.unsupported_reason(call)
+            or (None if named else path.declines(call)))
+
+
+def _first_path(backend: Backend, call: AttentionCall) -> tuple[Optional[KernelPath], list[str]]:
+    """The backend's best path for the call, or None and each path's reason."""
+    reasons = []
+    for path in backend.paths:
+        reason = path_refusal(path, call)
+        if reason is None:
+            return path, reasons
+        reasons.append(f"{path.name}: {reason}" if len(backend.paths) > 1 else reason)
+    return None, reasons
+
+
+def choose(call: AttentionCall, backend: str = "auto") -> KernelPath:
+    """The kernel path that runs `call`; never a silent substitute.
+
+    A named backend or path that cannot run raises (RuntimeError when it is unavailable here,
+    ValueError when it does not take the call). "auto" takes the first path of the device's order
+    for the kind of call that can run it.
+    """
+    if backend == "auto":
+        return _choose_auto(call)
+    owner = get_backend(backend)
+    reason = owner.unavailable_reason(call.device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is not available on device {call.device}: {reason}")
+    reason = owner.backend_refusal(call)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} does not support this call: {reason}")
+    if backend not in _BACKENDS:  # a path's name: that path, declines or not
+        path = _PATHS[backend][1]
+        reason = path_refusal(path, call, named=True)
+        if reason is not None:
+            kind = RuntimeError if path.unavailable_reason(call.device) else ValueError
+            raise kind(f"kernel path {backend!r} cannot run this call ({call.describe()}): {reason}")
+        return _chosen(path, call, backend)
+    path, reasons = _first_path(owner, call)  # a backend's name: its best path for the call
+    if path is None:
+        raise ValueError(f"backend={backend!r} does not support this call ({call.describe()}): " + "; ".join(reasons))
+    return _chosen(path, call, backend)
+
+
+def _choose_auto(call: AttentionCall) -> KernelPath:
+    refusals = []
+    for name in auto_order(call.device, call.kind):
+        backend = _BACKENDS[name]
+        reason = backend.backend_refusal(call)
+        if reason is None:
+            reason = backend.load_refusal(call.device)
+            if reason is not None:
+                _say_unavailable_once(name, call.device, reason)
+        elif backend.unavailable_reason(call.device) is not None:
+            _say_unavailable_once(name, call.device, reason)
+        if reason is not None:
+            refusals.append(f"{name}: {reason}")
+            continue
+        path, reasons = _first_path(backend, call)
+        if path is not None:
+            return _chosen(path, call, "auto")
+        refusals.append(f"{name}: " + "; ".join(reasons))
+    raise RuntimeError(f"no attention kernel can run this call ({call.describe()}): " + "; ".join(refusals))
+
+
+def refusal(call: AttentionCall, backend: str = "auto") -> Optional[str]:
+    """Why `backend` (a backend, a kernel path or "auto") would not run `call` here, or None, and
+    then what it needs is loaded: what benchmarks and tests ask before timing or comparing it.
+    Unlike a call, a named backend whose library fails to build is a reason here, not an error."""
+    if backend == "auto":
+        try:
+            _choose_auto(call)
+        except RuntimeError as e:
+            return str(e)
+        return None
+    owner = get_backend(backend)
+    reason = owner.backend_refusal(call) or owner.load_refusal(call.device)
+    if reason is not None:
+        return reason
+    if backend not in _BACKENDS:
+        return path_refusal(_PATHS[backend][1], call, named=True)
+    path, reasons = _first_path(owner, call)
+    return None if path is not None else "; ".join(reasons)
+
+
+_announced: set[tuple] = set()
+
+
+def _chosen(path: KernelPath, call: AttentionCall, asked: str) -> KernelPath:
+    key = (call.device.type, call.dtype, call.kind, asked, path.name)
+    if key not in _announced and not call.compiling:  # a trace logs nothing: its eager calls did
+        _announced.add(key)
+        log.info("attention: backend=%r runs kernel path %r for %s %s calls (%s call), dropout %s",
+                 asked, path.name, call.device.type, dtype_name(call.dtype), call.kind, call.dropout_p)
+    return path
+
+
+# ---- the record of what ran ---------------------------------------------------------------------
+# Every call counts here, under torch.compile too (dynamo replays the count with the graph).
+_ran: dict[str, int] = {}
+
+
+def record(path: KernelPath) -> None:
+    _ran[path.name] = _ran.get(path.name, 0) + 1
+
+
+def kernels_ran(reset: bool = False) -> dict[str, int]:
+    """{kernel path: attention calls} since the process started or the last reset=True."""
+    counts = dict(_ran)
+    if reset:
+        _ran.clear()
+    return counts

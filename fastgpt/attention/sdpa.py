@@ -12,10 +12,12 @@ memory-efficient paths take it as an offset).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from fastgpt.attention.registry import Backend, register_backend
+from fastgpt.attention.registry import Backend, KernelPath, register_backend
 
 
 def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
@@ -58,9 +60,28 @@ def _nan_query_rows_restored(out: torch.Tensor, q: torch.Tensor, dropout_p: floa
     return out - nan_rows
 
 
+def inner_kernel(run: Callable[[], object]) -> str:
+    """Which of PyTorch's SDPA kernels a CUDA call ran ("flash", "efficient", "cudnn" or "math"),
+    from the profiler's kernel names while `run` makes the call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    names = " ".join(e.key.lower() for e in prof.key_averages())
+    for kind, marks in (("cudnn", ("cudnn",)), ("flash", ("flash",)), ("efficient", ("fmha", "efficient", "cutlass"))):
+        if any(m in names for m in marks):
+            return kind
+    return "math"
+
+
+DESCRIPTION = ("torch.nn.functional.scaled_dot_product_attention (is_causal, or the lower-right causal bias "
+               "when T_q < T_k); PyTorch picks its kernel inside")
+
 register_backend(Backend(
     name="sdpa",
-    fn=_sdpa_backend,
-    description="torch.nn.functional.scaled_dot_product_attention (is_causal, or the lower-right causal bias when T_q < T_k)",
+    description=DESCRIPTION,
+    paths=(KernelPath("sdpa", lambda q, k, v, call: _sdpa_backend(q, k, v, call.dropout_p, call.scale), DESCRIPTION,
+                      inner_kernel=inner_kernel),),
     grouped_query=True,
 ))

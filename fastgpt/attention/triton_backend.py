@@ -20,8 +20,10 @@ from typing import Optional
 
 import torch
 
+from fastgpt.attention.call import AttentionCall, dtype_name
 from fastgpt.attention.registry import Backend, register_backend
 from fastgpt.kernels.flash_attention_configs import MAX_HEAD_DIM, MIN_HEAD_DIM  # plain Python: no triton
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -66,18 +68,17 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def unsupported_reason(q: torch.Tensor, dropout_p: float) -> Optional[str]:
-    if q.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        return f"dtype {str(q.dtype).removeprefix('torch.')} is not supported; supported: {names}"
-    D = q.shape[-1]
+def unsupported_reason(call: AttentionCall) -> Optional[str]:
+    if call.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(dtype_name(d) for d in SUPPORTED_DTYPES)
+        return f"dtype {dtype_name(call.dtype)} is not supported; supported: {names}"
+    D = call.head_dim
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         return (f"head dim D={D} is not supported: the Triton kernels take {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM} "
                 f"(tl.dot's smallest tile is 16 wide; above {MAX_HEAD_DIM} the tiles outgrow the registers)")
-    B, H = q.shape[0], q.shape[1]
-    if max(B, H) > 65535:  # they index the grid's y and z dimensions
-        return f"B={B} and H={H} must each be at most 65535 (CUDA's grid limit in y and z)"
-    if q.dtype == torch.bfloat16 and interpreting():
+    if max(call.batch, call.heads) > 65535:  # they index the grid's y and z dimensions
+        return f"B={call.batch} and H={call.heads} must each be at most 65535 (CUDA's grid limit in y and z)"
+    if call.dtype == torch.bfloat16 and interpreting():
         return "Triton's interpreter computes bfloat16 wrongly (it stores it as uint16); use float16/float32, or a GPU"
     return None
 
@@ -88,6 +89,15 @@ def _triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
     return triton_attention(q, k, v, dropout_p, scale)
 
 
+def _with_dropout_mask(q, k, v, call: AttentionCall, path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, keep (B, H, T_q, T_k) bool): the kernels' mask is a function of the seed, rebuilt from it."""
+    from fastgpt.kernels.flash_attention_ops import draw_seed, dropout_keep_mask, triton_attention
+
+    seed = draw_seed(q.device)
+    out = triton_attention(q, k, v, call.dropout_p, call.scale, seed)
+    return out, dropout_keep_mask(seed, q.shape, call.dropout_p, call.kv_len)
+
+
 register_backend(Backend(
     name="triton",
     fn=_triton_attention,
@@ -96,4 +106,5 @@ register_backend(Backend(
     unsupported_reason=unsupported_reason,
     emulated=lambda device: device.type == "cpu" and interpreting(),
     grouped_query=True,
+    with_dropout_mask=_with_dropout_mask,
 ))

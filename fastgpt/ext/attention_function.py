@@ -3,9 +3,8 @@
 Each ext op has its own autograd formula (fastgpt/ext/ops.py, torch.library.register_autograd),
 which torch.compile needs: the traced graph holds the ops as single nodes. Eagerly, that costs
 three Python autograd nodes per attention call, and torch.library's Python dispatch around every
-op call, in the backward too: at one head of 64 tokens on one thread, about 0.6 ms per
-forward+backward more than `sdpa` (951 against 345 µs), paid by every layer of a small model's
-training step.
+op call, in the backward too: at a small model's shapes that overhead is larger than the kernels'
+own work, and every layer of a training step pays it.
 
 ExtAttention makes the call one node whose forward and backward run the very same op calls as the
 per-op formulas compose to (the chain rule written out once below), dispatched straight to their
@@ -15,8 +14,8 @@ same bits per row block without storing S (unless dropout needs it) or dP
 (tests/test_ext_attention_function.py). Under torch.compile ext_attention keeps the per-op path.
 A second derivative raises (once_differentiable): P and S are computed off the graph.
 
-On CPU in float32, and in bfloat16 on AMX (where ops.cpu_attention_kernels says "flash"),
-ext_attention does not come here: it calls the flash op, causal_attention_flash, whose autograd
+On CPU in float32, and in bfloat16 on AMX (the kernel paths ext.cpu_flash and ext.cpu_flash_amx,
+fastgpt/attention/ext_backend.py), the call does not come here: it runs the flash op, causal_attention_flash, whose autograd
 node is C++ (csrc/cpu/attention_flash.cpp, attention_flash_amx.cpp):
 no T×T matrix stored, P recomputed in the backward. Same math and the same dropout mask, not the
 same bits (the sums run in another order); its parity is tests/test_ext_flash.py's.
@@ -38,8 +37,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastgpt.ext import ops
+from fastgpt.ext import ops  # noqa: F401  (loads the library: the ops below exist)
 
+# The inputs were validated once, by the attention API (fastgpt/attention/call.py): straight to the ops
 _ops = torch.ops.fastgpt
 
 
@@ -55,11 +55,11 @@ class ExtAttention(torch.autograd.Function):
         T_q, T_k = q.shape[2], k.shape[2]
         with _kernels_directly():
             if q.device.type == "cpu":  # nt and the softmax fused per row block; S is returned with dropout only
-                p, s = ops.causal_attention_probs(q, k, scale, dropout_p, seed, offset)  # packed (B, H, N)
+                p, s = _ops.causal_attention_probs(q, k, scale, dropout_p, seed, offset)  # packed (B, H, N)
             else:
-                s = ops.causal_matmul_nt(q, k)  # packed (B, H, N)
-                p = ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed, offset)  # packed (B, H, N)
-            out = ops.causal_matmul_nn(p, v, T_q)  # (B, H, T_q, D)
+                s = _ops.causal_matmul_nt(q, k)  # packed (B, H, N)
+                p = _ops.causal_softmax(s, T_q, T_k, scale, dropout_p, seed, offset)  # packed (B, H, N)
+            out = _ops.causal_matmul_nn(p, v, T_q)  # (B, H, T_q, D)
         # Without dropout the softmax's backward reads P; with it, the scores (P is recomputed
         # before dropout and the mask regenerated), while dv still needs the dropped P.
         ctx.save_for_backward(q, k, v, p, s if dropout_p > 0.0 else None)

@@ -55,14 +55,14 @@ SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "c
            "cpu/attention_flash_amx.cpp")
 HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h",
            "cpu/common.h", "cpu/amx_matmul.h", "cpu/amx_tiles.h", "cpu/attention_flash_amx.h", "cpu/softmax_rows.h",
-           "cpu/nt_blocks.h", "cpu/dropout_cpu.h")
+           "cpu/nt_blocks.h", "cpu/dropout_cpu.h", "cpu/isa.h")
 # The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
 # is there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
-# part of the build (it is the offline compile check's, fastgpt/ext/cuda_compile_check.py).
+# part of the build (it is the offline compile check's, fastgpt/verify/cuda_compile.py).
 CUDA_SOURCES = ("cuda/binding.cu",)
 CUDA_HEADERS = ("cuda/compat.h", "cuda/launch.h", "cuda/elements.h", "cuda/causal_matmul.cuh", "cuda/causal_softmax.cuh")
 # sm_80 and sm_90 machine code (bf16 wmma needs sm_80), PTX of the newest for later GPUs; the
-# archs the offline checks compile for (fastgpt.compile_check.ARCHS; a test holds the two equal).
+# archs the offline checks compile for (fastgpt.verify.compile_check.ARCHS; a test holds the two equal).
 CUDA_ARCHS = (80, 90)
 # The first-use message's estimate of a CPU build (the times measured are in csrc/README.md, "Build").
 COMPILE_SECONDS_ESTIMATE = 45
@@ -137,7 +137,7 @@ ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "ca
 # Every op this source tree registers (registration.cpp): an ahead-of-time build that lacks one is
 # older than the Python side that calls it.
 REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear",
-                  "cpu_bf16_uses_amx", "dropout", "causal_attention_probs",
+                  "cpu_bf16_uses_amx", "set_cpu_isa", "cpu_isa_available", "dropout", "causal_attention_probs",
                   "causal_attention_grad_scores", "causal_attention_flash_forward", "causal_attention_flash_backward",
                   "causal_attention_flash")
 

@@ -1,4 +1,5 @@
-"""The packed causal layout in Python: its size (for the fake kernels), pack and unpack (for tests).
+"""The packed causal layout in Python: its size (for the fake kernels), and pack and unpack between
+it and dense (..., T_q, T_k) matrices, for reading what the packed ops return.
 
 The formula is csrc/causal_layout.h's (see csrc/README.md, "Contracts"); a test checks the two agree.
 Queries T_q <= T_k keys, o = T_k - T_q, query i sees keys j <= o + i. Rows come in blocks of 64;
@@ -78,14 +79,6 @@ def pack(dense: torch.Tensor, T_q: int, T_k: int, fill: float = 0.0) -> torch.Te
     packed = dense.new_full((*dense.shape[:-2], packed_size(T_q, T_k)), fill)
     packed[..., where] = dense.reshape(*dense.shape[:-2], T_q * T_k)[..., flat]
     return packed
-
-
-def valid_mask(T_q: int, T_k: int, device=None) -> torch.Tensor:
-    """(N,) bool: True at the elements of j <= o + i, False above the diagonal and in the padding."""
-    _, where = _index(T_q, T_k, device)
-    mask = torch.zeros(packed_size(T_q, T_k), dtype=torch.bool, device=device)
-    mask[where] = True
-    return mask
 
 
 def _check_n(packed: torch.Tensor, T_q: int, T_k: int) -> None:

@@ -22,16 +22,16 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
     causal_softmax_seeded(...)    the same with the seed a 0-dim int64 tensor (draw_seed()), for
                                   torch.compile: an int drawn at run time would break the graph
     dropout_keep_mask(scores, T_q, T_k, dropout_p, seed, offset)
-                                  the dense (B,H,T_q,T_k) bool mask causal_softmax draws (testing hook)
+                                  the dense (B,H,T_q,T_k) bool mask causal_softmax draws (causal_attention_with_mask)
     causal_attention_flash_forward(q, k, v, scale, dropout_p, seed, offset) -> (out, lse)
     causal_attention_flash_backward(dout, q, k, v, out, lse, scale, dropout_p, seed, offset) -> (dq, dk, dv)
                                   the whole attention on CPU, no T×T matrix stored: float32, or
                                   bfloat16 on AMX (cpu_bf16_products)
     causal_attention_flash(q, k, v, scale, dropout_p, seed, offset) -> out
                                   the two as one op with a C++ autograd node: what the eager ext
-                                  attention runs there (cpu_attention_kernels says when)
+                                  attention runs there (the kernel paths ext.cpu_flash, ext.cpu_flash_amx)
     skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
-                                  inference only (fastgpt/linear.py decides when the model uses it)
+                                  inference only (fastgpt/model/linear.py decides when the model uses it)
 
 A packed output is written everywhere (zeros above the diagonal and in the padding); a packed input
 is read at j <= o + i only. The gradients are the same ops again: d tril_o(a·bᵀ) = (tril_o(g)·b,
@@ -43,7 +43,6 @@ recomputed from the scores, the mask regenerated from (seed, offset), never stor
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -241,7 +240,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """F.linear(x, weight, bias) for an x (..., K) of few rows: weight (N, K) -> (..., N).
 
     Streams weight once at memory bandwidth (csrc/cpu/skinny_linear.cpp); the time grows with the
-    rows of x, so it pays off for the few rows of a decode step only (fastgpt/linear.py). float32
+    rows of x, so it pays off for the few rows of a decode step only (fastgpt/model/linear.py). float32
     CPU tensors; no backward.
     """
     check_skinny_linear_args(x, weight, bias)
@@ -267,23 +266,9 @@ def dropout(x: torch.Tensor, p: float, seed: Optional[torch.Tensor] = None) -> t
 
 def cpu_bf16_products(head_dim: int) -> str:
     """Where the CPU kernels' bfloat16 matmuls of head dim `head_dim` run in this process: "AMX"
-    (csrc/cpu/amx_matmul.cpp: the CPU has AMX-BF16, head_dim is even, FASTGPT_CPU_AMX is not 0) or
+    (csrc/cpu/amx_matmul.cpp: the CPU has AMX-BF16, head_dim is even, cpu_isa's amx switch is on) or
     "float32 tiles" (converted to float32 and through the float32 GEMM)."""
     return "AMX" if _ops.cpu_bf16_uses_amx(head_dim) else "float32 tiles"
-
-
-def cpu_attention_kernels(dtype: torch.dtype, kv_heads_total: int, head_dim: int) -> str:
-    """Which kernels the eager ext attention runs on CPU tensors of `dtype` with B·H_kv =
-    `kv_heads_total` key/value heads of `head_dim`: "flash" (no T×T matrix stored, the
-    probabilities recomputed in the backward: csrc/cpu/attention_flash.cpp in float32,
-    csrc/cpu/attention_flash_amx.cpp in bfloat16 where cpu_bf16_products(head_dim) is "AMX") or
-    "materialised" (P stored: the fused ops of csrc/cpu/attention_fused.cpp and the causal matmuls).
-    The flash backward gives each thread whole key/value heads, so it is taken only where there are
-    at least as many as threads; FASTGPT_CPU_FLASH=0 turns it off."""
-    flash_dtype = dtype == torch.float32 or (dtype == torch.bfloat16 and _ops.cpu_bf16_uses_amx(head_dim))
-    if not flash_dtype or os.environ.get("FASTGPT_CPU_FLASH", "1") == "0":
-        return "materialised"
-    return "flash" if kv_heads_total >= torch.get_num_threads() else "materialised"
 
 
 def empty_cache() -> None:
@@ -512,3 +497,56 @@ for _name, _fake in FAKES.items():
     torch.library.register_fake(f"fastgpt::{_name}")(_fake)
 for _name, (_backward, _setup) in AUTOGRAD.items():
     torch.library.register_autograd(f"fastgpt::{_name}", _backward, setup_context=_setup)
+
+
+# ---- instruction-set switches -----------------------------------------------------------------------
+
+CPU_ISA_FEATURES = ("amx", "avx512bf16")  # the switches of csrc/cpu/isa.h, in the ops' order
+
+
+class cpu_isa:
+    """Narrows the instruction sets the CPU kernels may use within a `with` block, and restores the
+    previous settings when the block exits, by an exception too:
+
+        with fastgpt.ext.cpu_isa(amx=False):    # bfloat16 products as float32 GEMMs on converted tiles
+            ...
+
+    It is for comparing the variants of a kernel on one machine, in one process: benchmarks and
+    parity tests. Each switch is on by default, and a switch on uses its feature only where this CPU
+    and build have it (cpu_isa_settings() says which do); None leaves a switch as it is.
+
+    amx         AMX-BF16 tiles for the bfloat16 products of the causal matmuls and the bfloat16
+                flash kernels (csrc/cpu/amx_matmul.cpp, attention_flash_amx.cpp); off, the products
+                run as float32 GEMMs on converted tiles and bfloat16 attention takes the materialised
+                kernels. cpu_bf16_products(head_dim) reports which products run.
+    avx512bf16  AVX512-BF16's conversion to bfloat16 in the bfloat16 flash kernels (so only where
+                they run, on AMX); off, ATen's integer rounding, which gives the same bits.
+
+    The switches are process-wide, not per thread: change them between kernel calls, not while
+    another thread runs the ops. A block may nest in another; the inner one restores the outer's
+    settings.
+    """
+
+    def __init__(self, amx: Optional[bool] = None, avx512bf16: Optional[bool] = None):
+        for name, value in (("amx", amx), ("avx512bf16", avx512bf16)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True, False or None (leave it as it is); got {value!r}")
+        self.amx, self.avx512bf16 = amx, avx512bf16
+        self._previous: list[tuple[bool, bool]] = []
+
+    def __enter__(self) -> "cpu_isa":
+        self._previous.append(tuple(_ops.set_cpu_isa(self.amx, self.avx512bf16)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _ops.set_cpu_isa(*self._previous.pop())
+
+
+def cpu_isa_settings() -> dict[str, dict[str, bool]]:
+    """The CPU kernels' instruction-set switches now, one entry per feature of cpu_isa ("amx",
+    "avx512bf16"): "allowed" (the switch), "available" (this CPU and build have the feature) and
+    "used" (both: what the kernels run)."""
+    allowed = _ops.set_cpu_isa()  # no arguments: a read
+    available = _ops.cpu_isa_available()
+    return {name: {"allowed": bool(on), "available": bool(has), "used": bool(on and has)}
+            for name, on, has in zip(CPU_ISA_FEATURES, allowed, available)}

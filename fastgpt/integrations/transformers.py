@@ -189,7 +189,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return out.transpose(1, 2), None  # (B, H, T_q, D) -> (B, T_q, H, D)
 
 
-def _padded_attention(query, key, value, ranges: KeyRanges, dropout: float, scaling: Optional[float],
+def _padded_attention(query, key, value, ranges: KeyRanges, dropout_p: float, scaling: Optional[float],
                       backend: str, name: str) -> torch.Tensor:
     """One causal_attention call per distinct run of real tokens, on its slice -> (B, H, T_q, D)."""
     B, H, T_q, D = query.shape
@@ -206,7 +206,7 @@ def _padded_attention(query, key, value, ranges: KeyRanges, dropout: float, scal
         index = torch.tensor(rows, device=query.device)
         q_rows = slice(q_from - first_query, end - first_query)  # that run's queries ...
         y = causal_attention(query[index, :, q_rows], key[index, :, start:end], value[index, :, start:end],
-                             dropout_p=dropout, scale=scaling, backend=backend)  # ... over its keys, bottom-right
+                             dropout_p=dropout_p, scale=scaling, backend=backend)  # ... over its keys, bottom-right
         out[index, :, q_rows] = y
     return out
 

@@ -17,7 +17,7 @@ import torch
 from emu_build import HERE, build
 from fastgpt.attention.naive import future_mask
 from fastgpt.ext import layout
-from fastgpt.parity import assess, floor
+from fastgpt.verify.parity import assess, floor
 from test_ext_dropout import philox4x32_10
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -105,7 +105,7 @@ def inputs(BH, T_q, T_k, dtype, seed=0):
 
 def assert_matches(got_packed, ref64, same_dtype, key, T_q, T_k, dtype):
     """got: the kernel's packed output. Exactly 0 above the diagonal and in the padding (it was NaN
-    before the launch: every element is written); the rest within fastgpt.parity's rule."""
+    before the launch: every element is written); the rest within fastgpt.verify.parity's rule."""
     assert torch.equal(pack(unpack(got_packed, T_q, T_k)), got_packed), "non-zero (or unwritten) above the diagonal"
     result = assess({key: unpack(got_packed, T_q, T_k)}, {key: ref64}, {key: same_dtype}, dtype)
     assert result.ok, result.explain()

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from emu_build import CSRC, HERE, TSAN_FLAGS, build
+from emu_build import CSRC, TSAN_FLAGS, TSAN_MAIN, build
 
-SOURCE = HERE / "tsan_main.cpp"
+SOURCE = TSAN_MAIN
 MARKER = "__syncthreads();  // [sync: partials written]"
 
 

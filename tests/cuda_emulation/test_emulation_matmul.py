@@ -1,7 +1,7 @@
 """The CUDA causal matmuls (csrc/cuda/causal_matmul.cuh) executed in the SIMT emulation: every
 kernel (nt, nn, tn), dtype (float32, float16, bfloat16) and path (wmma, SIMT) on the packed layout
 with T_q ≤ T_k up to 130 and head dims 16-80, plain and grouped-query (k, v with H_kv heads
-dividing H: nt and nn read the shared head, tn sums each group), against float64 with the parity rule (fastgpt.parity:
+dividing H: nt and nn read the shared head, tn sums each group), against float64 with the parity rule (fastgpt.verify.parity:
 the output factor × the error of the same product in the same dtype, plus the dtype's floor); against the C++ CPU
 kernels where the extension has the packed schemas; and the whole set under ThreadSanitizer.
 """
@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from emu_build import CSRC, HERE, TSAN_FLAGS, build
+from ext_reference import valid_mask
 from fastgpt.attention.naive import future_mask
 from fastgpt.ext import layout
-from fastgpt.parity import assess
+from fastgpt.verify.parity import assess
 
 SOURCE = HERE / "matmul_entry.cpp"
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -56,7 +57,7 @@ def pack(dense: torch.Tensor, T_k: int, fill: float = 0.0) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, T_q: int, T_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """packed (B, H, N) -> (dense (B, H, T_q, T_k), everything outside j ≤ o + i as one flat tensor)."""
-    return layout.unpack(packed, T_q, T_k), packed[..., ~layout.valid_mask(T_q, T_k)]
+    return layout.unpack(packed, T_q, T_k), packed[..., ~valid_mask(T_q, T_k)]
 
 
 def rows_view(shape, dtype, seed):
@@ -93,7 +94,7 @@ def group_sum(x: torch.Tensor, H_kv: int) -> torch.Tensor:
 
 
 def check(got: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, dtype):
-    """fastgpt.parity's rule for an output: its error against float64 within the output factor of
+    """fastgpt.verify.parity's rule for an output: its error against float64 within the output factor of
     the same product's error in `dtype`, plus the dtype's floor."""
     result = assess({"out": got}, {"out": ref}, {"out": same_dtype}, dtype)
     assert result.ok, result.explain()

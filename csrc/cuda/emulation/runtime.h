@@ -13,8 +13,8 @@
 //                    when all live threads wait, nothing can ever release them: the launch stops
 //                    with a message naming who waits where and who exited (no hang). Divergent
 //                    __syncthreads (two call sites in one barrier round) is reported the same way.
-//                    A thread spinning forever is caught by a timeout (FASTGPT_EMU_WATCHDOG_S,
-//                    default 60 s): message, then exit code 124.
+//                    A thread spinning forever is caught by a timeout (FASTGPT_EMU_WATCHDOG_S
+//                    seconds; its default is where it is read, below): message, then exit code 124.
 //
 // What the emulation CANNOT show (test on a GPU for these):
 //   * memory ordering weaker than x86-TSO: a missing __threadfence / volatile / fence that only

@@ -1,0 +1,3 @@
+from fastgpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""`fastgpt bench attention | generate | train`: the benchmarks of fastgpt/bench/, as tables, CSV/JSON and plots.
+
+Every flag is checked, and the out-dir made and proven writable, before the work: a sweep of
+minutes is never run only to be refused or lost at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fastgpt.cli.args import at_least_one, positive, probability, usable_device
+from fastgpt.cli.train import keep_freed_memory
+
+NAME = "bench"
+HELP = ("benchmark the backends against eager PyTorch (tables, CSV/JSON, plots); generate: sampling with and "
+        "without the KV cache")
+
+# The kinds of `fastgpt bench` that read each flag of one kind only: any other kind would ignore it.
+BENCH_FLAG_KINDS = {
+    "--smoke": ("attention", "generate"),
+    "--seq-lens": ("attention",), "--tokens": ("attention",), "--kv-heads": ("attention",),
+    "--dtypes": ("attention",), "--modes": ("attention",), "--dropouts": ("attention",),
+    "--reps": ("attention", "generate", "train"),
+    "--dtype": ("attention", "train", "train --profile"),
+    "--preset": ("generate", "train", "train --profile"),
+    "--linear": ("generate",),
+    "--steps": ("train", "train --profile"), "--data": ("train", "train --profile"),
+    "--peak-flops": ("train",),
+    "--profile": ("train",),
+}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from fastgpt.run.config import DTYPES, PRESETS  # and with them torch, before `run`
+
+    parser = subparsers.add_parser(NAME, help=HELP)
+    parser.add_argument("what", choices=["attention", "train", "generate"])
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--out-dir", default="bench_results", help="where the JSON, CSV and PNGs go")
+    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
+    parser.add_argument("--reps", type=at_least_one, default=None, help="timed repetitions per cell")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="attention, generate: a tiny run, to check the harness")
+    parser.add_argument("--seq-lens", type=at_least_one, nargs="+", default=None, help="attention: the T sweep")
+    parser.add_argument("--tokens", type=at_least_one, default=None, help="attention: B·T, held constant")
+    parser.add_argument("--kv-heads", type=at_least_one, default=None,
+                        help="attention: key/value heads (grouped-query; must divide the sweep's heads)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
+    parser.add_argument("--dropouts", type=probability, nargs="+", default=None)
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="train: the preset to time (default cpu); generate: its model (default "
+                             "shakespeare-char, random weights)")
+    parser.add_argument("--linear", nargs="+", default=None, choices=["auto", "torch", "skinny"],
+                        help="generate: kernels of the linear layers (default: torch skinny; fastgpt/model/linear.py)")
+    parser.add_argument("--steps", type=at_least_one, default=None,
+                        help="train: steps per timed repetition (default 5); with --profile, the run's iterations "
+                             "(default: the preset's max_iters)")
+    parser.add_argument("--profile", action="store_true",
+                        help="train: profile one whole run (fastgpt train's loop) per phase: data, forward, "
+                             "backward, optimizer, evaluate, checkpoint, finish, the rest of the loop; and the top ops")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="train: the autocast dtype of the steps, as `fastgpt train --dtype` (default fp32); "
+                             "attention: the one dtype of the sweep (bf16 is --dtypes bfloat16)")
+    parser.add_argument("--data", default=None, help="train: corpus path")
+    parser.add_argument("--peak-flops", type=positive, default=None, help="train: the device's peak FLOP/s for MFU")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    _refuse_ignored_flags(args)
+    if args.device not in (None, "auto"):
+        usable_device(args.device)
+    if args.what == "attention":
+        files, pngs = _bench_attention(args)
+    elif args.what == "generate":
+        files, pngs = _bench_generate(args)
+    elif args.profile:
+        files, pngs = _bench_train_profile(args)
+    else:
+        files, pngs = _bench_train(args)
+    print("fastgpt bench: wrote " + ", ".join(str(p) for p in [*files.values(), *pngs]))
+    return 0
+
+
+def _refuse_ignored_flags(args: argparse.Namespace) -> None:
+    kind = "train --profile" if args.what == "train" and args.profile else args.what
+    for flag, kinds in BENCH_FLAG_KINDS.items():
+        given = getattr(args, flag[2:].replace("-", "_")) not in (None, False)
+        if given and kind not in kinds and not (flag == "--profile" and kind == "train --profile"):
+            raise ValueError(f"{flag} applies to bench {', '.join(kinds)}; bench {kind} would ignore it: drop it")
+
+
+def _torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _bench_attention(args: argparse.Namespace):
+    """Runs the attention sweep; the results' files and plots."""
+    from fastgpt.bench.attention import AttentionSweep, run_attention_benchmark
+    from fastgpt.bench.plots import plot_attention
+    from fastgpt.bench.report import attention_markdown, prepare_out_dir, write_results
+    from fastgpt.run.config import DTYPES
+
+    device = args.device if args.device not in (None, "auto") else ("cuda" if _torch_cuda_available() else "cpu")
+    sweep = AttentionSweep.smoke(device) if args.smoke else AttentionSweep.default(device)
+    for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens", "kv_heads"):
+        if getattr(args, name) is not None:
+            setattr(sweep, name, getattr(args, name))
+    if args.dtype is not None:
+        if args.dtypes is not None:
+            raise ValueError(f"--dtype {args.dtype} and --dtypes {' '.join(args.dtypes)} both name the sweep's "
+                             "dtypes: give one of them")
+        sweep.dtypes = [str(DTYPES[args.dtype]).removeprefix("torch.")]
+    sweep.check()
+    out_dir = prepare_out_dir(args.out_dir)
+    result = run_attention_benchmark(sweep, progress=not args.no_progress)
+    print(attention_markdown(result))
+    return write_results(result, out_dir, "attention"), plot_attention(result, out_dir)
+
+
+def _bench_generate(args: argparse.Namespace):
+    """Times sampling with and without the KV cache; the results' files and plots."""
+    from fastgpt.bench.common import check_backend_names
+    from fastgpt.bench.generate import generate_markdown, run_generate_benchmark
+    from fastgpt.bench.plots import plot_generate
+    from fastgpt.bench.report import prepare_out_dir, write_results
+
+    check_backend_names(args.backends, allow_auto=True)
+    out_dir = prepare_out_dir(args.out_dir)
+    device = {None: "cpu", "auto": "cuda" if _torch_cuda_available() else "cpu"}.get(args.device, args.device)
+    result = run_generate_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3,
+                                    device, args.smoke, progress=not args.no_progress,
+                                    linear=args.linear)
+    print(generate_markdown(result))
+    return write_results(result, out_dir, "generate"), plot_generate(result, out_dir)
+
+
+def _bench_train_profile(args: argparse.Namespace):
+    """Profiles one whole training run per phase; the results' files (no plots)."""
+    from fastgpt.bench.common import check_backend_names
+    from fastgpt.bench.report import prepare_out_dir, write_results
+    from fastgpt.bench.train_profile import profile_markdown, run_train_profile
+    from fastgpt.run.trainer import resolve_device
+
+    if args.backends is not None and len(args.backends) != 1:
+        raise ValueError(f"--profile runs one attention backend; --backends names {len(args.backends)}: "
+                         f"{' '.join(args.backends)}")
+    check_backend_names(args.backends, allow_auto=True)
+    out_dir = prepare_out_dir(args.out_dir)
+    kept = resolve_device(args.device or "auto").type == "cpu" and keep_freed_memory(True)
+    preset = args.preset or "cpu"
+    result = run_train_profile(preset, args.device or "auto", max_iters=args.steps, data=args.data,
+                               dtype=args.dtype or "fp32", backend=args.backends[0] if args.backends else None)
+    result["environment"]["keep_freed_memory"] = kept
+    print(profile_markdown(result))
+    return write_results(result, out_dir, f"train_profile_{preset}"), []
+
+
+def _bench_train(args: argparse.Namespace):
+    """Times training steps per backend; the results' files (no plots)."""
+    from fastgpt.bench.common import check_backend_names
+    from fastgpt.bench.report import prepare_out_dir, train_markdown, write_results
+    from fastgpt.bench.train import run_train_benchmark
+    from fastgpt.run.trainer import resolve_device
+
+    check_backend_names(args.backends, allow_auto=False)
+    out_dir = prepare_out_dir(args.out_dir)
+    kept = resolve_device(args.device or "auto").type == "cpu" and keep_freed_memory(True)
+    preset = args.preset or "cpu"
+    result = run_train_benchmark(preset, args.device or "auto", steps=args.steps or 5, reps=args.reps or 3,
+                                 backends=args.backends, data=args.data, peak_flops=args.peak_flops,
+                                 progress=not args.no_progress, dtype=args.dtype or "fp32")
+    result["environment"]["keep_freed_memory"] = kept
+    print(train_markdown(result))
+    return write_results(result, out_dir, f"train_{preset}"), []

@@ -1,0 +1,79 @@
+"""`fastgpt parity`: each attention backend against the float64 reference, one table row per shape."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastgpt.cli.args import usable_device
+from fastgpt.run.atomic_file import interrupts_deferred
+
+NAME = "parity"
+HELP = "check attention backends against the float64 reference"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(NAME, help=HELP)
+    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available on the device")
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32", "float64"])
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    with interrupts_deferred():  # a Ctrl-C during the imports waits for them (fastgpt/cli/__init__.py says why)
+        import torch
+
+        from fastgpt.attention import available_backends, backend_names
+
+    device = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    known = backend_names()
+    for name in args.backends or []:
+        if name not in known:
+            what = "chooses among the backends per call" if name == "auto" else "is not a backend"
+            raise ValueError(f"--backends {name}: {name!r} {what}; parity checks named backends: {', '.join(known)}")
+    names = args.backends or available_backends(device)
+    default_dtypes = ["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"]
+    dtype_names = args.dtypes or default_dtypes
+    failures = checks = 0
+    print(f"parity against the float64 reference on {device}: max |error| / tolerance, per output")
+    print(f"{'backend':<8} {'dtype':<9} {'shape':<24} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
+    for name in names:
+        backend_checks, backend_failures = _check_backend(name, dtype_names, device)
+        checks += backend_checks
+        failures += backend_failures
+    if checks == 0:
+        # nothing was compared (every backend/dtype refused): that proves nothing, so it is no pass
+        print(f"fastgpt parity: FAILED: no check ran ({', '.join(names)} in {', '.join(dtype_names)} on {device}); "
+              "choose backends and dtypes that run here")
+        return 1
+    print(f"fastgpt parity: {checks} checks, {'all passed' if failures == 0 else f'{failures} failure(s)'}")
+    return 1 if failures else 0
+
+
+def _check_backend(name: str, dtype_names: list[str], device) -> tuple[int, int]:
+    """Prints one row per dtype and shape the backend takes; the checks that ran and those that
+    failed (a backend unavailable on the device is one failure)."""
+    from fastgpt.attention import AttentionCall, get_backend
+    from fastgpt.verify.parity import ALL_SHAPES, DTYPE_NAMES, check_parity, make_qkv, shape_id
+
+    backend = get_backend(name)
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        print(f"{name:<8} unavailable on {device}: {reason}")
+        return 0, 1
+    checks = failures = 0
+    for dtype_name in dtype_names:
+        dtype = DTYPE_NAMES[dtype_name]
+        for shape in ALL_SHAPES:
+            q, k, v = make_qkv(shape, dtype, device)
+            reason = backend.backend_refusal(AttentionCall.of(q, k, v))
+            if reason is not None:
+                print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} not supported: {reason}")
+                continue
+            result = check_parity(name, shape, dtype, device)
+            cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
+            status = "ok" if result.ok else f"FAIL ({result.worst})"
+            checks += 1
+            failures += not result.ok
+            print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} {cells}  {status}")
+    return checks, failures

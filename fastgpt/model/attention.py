@@ -1,0 +1,70 @@
+"""`CausalSelfAttention`: the drop-in multi-head attention layer of the GPT."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+
+from fastgpt.attention.api import causal_attention
+from fastgpt.attention.registry import get_backend
+from fastgpt.model.dropout import ResidualDropout
+from fastgpt.model.linear import Linear
+
+if TYPE_CHECKING:
+    from fastgpt.model.kv_cache import LayerKV
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: x (B, T, C) -> (B, T, C), C = n_embd = n_head · D.
+
+    One fused q/k/v projection (no bias, as the lecture's key/query/value layers), attention
+    through `causal_attention` with the chosen backend, then an output projection and dropout on
+    the residual branch. With n_kv_head < n_head (grouped-query attention; 1: multi-query) the
+    projection makes n_kv_head key and value heads, each shared by n_head / n_kv_head query heads,
+    and the backend reads the shared head (no copy per query head). The backend is not a
+    parameter: `set_backend` swaps it at any time without touching the weights or the state_dict.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout_p: float = 0.0, backend: str = "auto",
+                 n_kv_head: Optional[int] = None):
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        if n_kv_head < 1 or n_head % n_kv_head != 0:
+            raise ValueError(f"n_kv_head={n_kv_head} must divide n_head={n_head} (query heads per key/value head)")
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = n_embd // n_head
+        self.dropout_p = dropout_p
+        self.qkv = Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.proj = Linear(n_embd, n_embd)
+        self.resid_dropout = ResidualDropout(dropout_p)
+        self.set_backend(backend)
+
+    def set_backend(self, name: str) -> None:
+        if name != "auto":
+            get_backend(name)  # an unknown name fails now, not at the next forward
+        self.backend = name
+
+    def forward(self, x: torch.Tensor, kv_cache: Optional["LayerKV"] = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With `kv_cache` (generation), x holds the T newest tokens: their
+        k and v are appended to the cache and their queries attend over every cached position."""
+        B, T, C = x.shape
+        D, H, H_kv = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=2)  # (B, T, H·D), 2 × (B, T, H_kv·D)
+        # (B, T, heads·D) -> (B, heads, T, D): strided views, no copy; backends accept any strides
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, H_kv, D).transpose(1, 2)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, H_kv, T_k, D), T_k = cached + T >= T
+        # q (B, H, T, D) over T_k keys, the diagonal bottom-right: each new token sees the cache
+        y = causal_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.proj(y))
+
+    def extra_repr(self) -> str:
+        kv = f", n_kv_head={self.n_kv_head}" if self.n_kv_head != self.n_head else ""
+        return f"n_head={self.n_head}{kv}, dropout_p={self.dropout_p}, backend={self.backend!r}"
