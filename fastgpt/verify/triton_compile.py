@@ -35,11 +35,21 @@ It must run in a process where Triton is not interpreting (TRITON_INTERPRET=1 tu
 into Python functions that cannot be compiled); when called from such a process it re-runs itself
 in a fresh one. The ptxas numbers are kept in the kernel metadata, so Triton's cache
 (~/.triton/cache, TRITON_CACHE_DIR) makes a second run take seconds.
+
+The results depend only on the kernels' sources, this check's own, the triton that compiles them
+and the compiler's environment: `--json` writes them with that key (record_key), and the test suite
+reads the committed record, benchmarks/results/triton_compile_check.json, instead of compiling
+again while its key matches (tests/test_triton_compile_check.py). After a change to the kernels,
+refresh it from the checkout's root with
+
+    python -m fastgpt.kernels.triton_compile_check --json benchmarks/results/triton_compile_check.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -49,6 +59,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from fastgpt.verify import compile_check
@@ -343,7 +354,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # the child writes to the same file descriptor
         return subprocess.run(command, env=env).returncode
 
-    todo = jobs(args.arch or compile_check.ARCHS, args.dtype or list(DTYPES), args.head_dim or CHECKED_HEAD_DIMS)
+    asked = (args.arch or compile_check.ARCHS, args.dtype or list(DTYPES), args.head_dim or CHECKED_HEAD_DIMS)
+    todo = jobs(*asked)
     start = time.perf_counter()
     if args.jobs > 1:
         import multiprocessing
@@ -354,36 +366,93 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = [run_job(j) for j in todo]
     seconds = time.perf_counter() - start
-    print(table(results, args.full))
+    text, status = report(results, args.full, seconds)
+    print(text)
+    if getattr(args, "json", None):
+        dropped, failures = assess(results)
+        write_json(args.json, results, dropped, failures, seconds, record_key(*asked))
+    return status
+
+
+def report(results: list[Result], full: bool, seconds: float) -> tuple[str, int]:
+    """What a run prints (the table, a summary, the dropped configs and the failures) and its exit
+    status: 1 if something failed, else 0."""
     dropped, failures = assess(results)
     ok = sum(r.ok for r in results)
-    print(f"\n{len(results)} Triton compilations in {seconds:.0f} s: {ok} ok, {len(dropped)} spill (dropped at run "
-          f"time: the autotuner drops a config that spills where it runs), {len(failures)} failed "
-          f"({compile_check.limits_note()})")
-    for r in dropped:
-        print(f"DROPPED AT RUN TIME {_call_name(_call(r.job))} {r.job.config}: "
-              f"regs={r.registers} spill={r.spill_bytes}")
-    for failure in failures:
-        print(f"FAILED {failure}")
-    if getattr(args, "json", None):
-        write_json(args.json, results, dropped, failures, seconds)
-    return 1 if failures else 0
+    lines = [table(results, full),
+             f"\n{len(results)} Triton compilations in {seconds:.0f} s: {ok} ok, {len(dropped)} spill (dropped at run "
+             f"time: the autotuner drops a config that spills where it runs), {len(failures)} failed "
+             f"({compile_check.limits_note()})"]
+    lines += [f"DROPPED AT RUN TIME {_call_name(_call(r.job))} {r.job.config}: regs={r.registers} spill={r.spill_bytes}"
+              for r in dropped]
+    lines += [f"FAILED {failure}" for failure in failures]
+    return "\n".join(lines), 1 if failures else 0
 
 
-def write_json(path: str, results: list[Result], dropped: list[Result], failures: list[str], seconds: float) -> None:
-    """Every compilation's numbers, and the triton that made them, for tests/triton_versions.py."""
+# The modules whose text decides what the check compiles and how it judges the result: the kernels,
+# their configs, this check and the limits it shares with the CUDA check. A test holds every fastgpt
+# module they import to this list, so a kernel split into a new module cannot escape the key.
+KEYED_MODULES = ("fastgpt.kernels.flash_attention", "fastgpt.kernels.flash_attention_bwd",
+                 "fastgpt.kernels.flash_attention_configs", "fastgpt.kernels.triton_compile_check",
+                 "fastgpt.compile_check")
+# Triton's compiler reads environment variables (another ptxas, its options, LLVM and MLIR switches):
+# any that is set is part of the key, so a record made without it never stands for a run with it.
+# These few only say where Triton keeps files or whether it interprets, which this check undoes.
+_KEY_ENV_MARKERS = ("TRITON", "PTXAS", "LLVM", "MLIR")
+_KEY_ENV_IGNORED = frozenset({"TRITON_INTERPRET", "TRITON_CACHE_DIR", "TRITON_HOME"})
+
+
+def record_key(archs, dtypes, head_dims) -> dict:
+    """What a check's results depend on, besides the ptxas bundled with triton: a hash of the
+    KEYED_MODULES' text and of what was asked for, the triton version and the compiler's environment.
+    Equal keys give equal results, so a result kept with its key can stand for compiling again."""
+    digest = hashlib.sha256()
+    for name in KEYED_MODULES:
+        digest.update(name.encode() + b"\0" + Path(importlib.util.find_spec(name).origin).read_bytes() + b"\0")
+    digest.update(json.dumps([list(archs), list(dtypes), list(head_dims)]).encode())
+    env = {k: v for k, v in sorted(os.environ.items())
+           if any(m in k.upper() for m in _KEY_ENV_MARKERS) and k.upper() not in _KEY_ENV_IGNORED}
+    return {"sources": digest.hexdigest(), "triton": importlib.metadata.version("triton"), "compiler_env": env}
+
+
+def write_json(path: str, results: list[Result], dropped: list[Result], failures: list[str], seconds: float,
+               key: Optional[dict] = None) -> None:
+    """Every compilation's numbers, the triton that made them and the key of what they depend on
+    (record_key): for tests/triton_versions.py, and as the record the tests read (read_json)."""
     import triton
 
     dropped_ids = {id(r) for r in dropped}
     rows = [{"kernel": r.job.kernel + ("/gqa" if r.job.grouped else ""), "arch": r.job.arch, "dtype": r.job.dtype,
              "head_dim": r.job.head_dim, "dropout": r.job.dropout, "config": str(r.job.config),
+             "config_fields": [r.job.config.block_m, r.job.config.block_n, r.job.config.num_warps,
+                               r.job.config.num_stages],
              "registers": r.registers, "spill_bytes": r.spill_bytes, "shared_bytes": r.shared_bytes,
+             "error": r.error, "philox_rounds_per_weight": r.philox_rounds_per_weight,
              "status": DROPPED if id(r) in dropped_ids else r.verdict} for r in results]
     summary = {"triton": triton.__version__, "compilations": len(results), "ok": sum(r.ok for r in results),
                "dropped_at_run_time": len(dropped), "failures": failures, "seconds": round(seconds)}
+    if key is not None:
+        summary["key"] = key
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "results": rows}, f, indent=1)
-        f.write("\n")
+        # one result a line: a refreshed record's diff shows which configs changed
+        f.write('{"summary": ' + json.dumps(summary, indent=1) + ',\n "results": [\n')
+        f.write(",\n".join("  " + json.dumps(row) for row in rows))
+        f.write("\n ]}\n")
+
+
+def read_json(path) -> tuple[dict, list[Result]]:
+    """The summary and the results that write_json wrote: the verdicts are recomputed from the
+    numbers, never read back."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    results = []
+    for row in data["results"]:
+        kernel = row["kernel"].removesuffix("/gqa")
+        job = Job(kernel, row["arch"], row["dtype"], row["head_dim"], row["dropout"],
+                  cfg.KernelConfig(*row["config_fields"]), grouped=row["kernel"].endswith("/gqa"))
+        results.append(Result(job, row["registers"], row["spill_bytes"], row["shared_bytes"], row["error"],
+                              row["philox_rounds_per_weight"]))
+    return data["summary"], results
 
 
 def _kernels_interpreted() -> bool:
