@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "triton_versions.json"
 # fastgpt's runtime dependencies that the steps import (pyproject's list, less torch, triton and
 # numpy, which are pinned here), and the test runner.
-SMALL_DEPS = ("tqdm>=4.60", "matplotlib>=3.7", "ninja>=1.11", "pytest>=8")
+SMALL_DEPS = ("tqdm>=4.60", "matplotlib>=3.7", "ninja>=1.11", "pytest>=8", "pytest-xdist>=3.5")  # addopts runs -n auto
 PARITY = ["parity", "--backends", "triton", "--dtypes", "float32", "float16"]
 TESTS = ["tests/test_triton_attention.py"]
 REPORT_STAGES = ("environment", "parity", "attention", "generation")  # the ones that run Triton
