@@ -2,13 +2,18 @@
 `fastgpt check`): every shipped config compiles for sm_80 and sm_90 without spills.
 
 Compiling needs a process where Triton is not interpreting, so everything here runs in a
-subprocess without TRITON_INTERPRET. A cold run compiles several hundred kernels; Triton's cache
-(~/.triton/cache) makes the next run mostly cache reads.
+subprocess without TRITON_INTERPRET. The full check compiles several hundred kernels, and its
+results depend only on what record_key hashes: while the committed record's key matches, the full
+check's assertions run on the record instead of on a fresh compile, and a kernel change makes the
+suite compile everything again and ask for the record to be refreshed.
 """
 
+import ast
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,8 +23,37 @@ from fastgpt.kernels import flash_attention_configs as cfg  # noqa: E402
 from fastgpt.verify import triton_compile as triton_compile_check  # noqa: E402
 
 
+REPO = Path(__file__).resolve().parent.parent
+RECORD = REPO / "benchmarks" / "results" / "triton_compile_check.json"
+REFRESH = f"python -m fastgpt.verify.triton_compile --json {RECORD.relative_to(REPO)}"
+FULL_CHECK = (triton_compile_check.compile_check.ARCHS, list(triton_compile_check.DTYPES), cfg.CHECKED_HEAD_DIMS)
+
+
 def _compiler_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def _record():
+    """(summary, results) of the committed record, or None without one."""
+    return triton_compile_check.read_json(RECORD) if RECORD.is_file() else None
+
+
+def _full_check(tmp_path) -> tuple[int, str, list]:
+    """(exit status, printed text, results) of the full check: the committed record's while its key
+    is this checkout's, a fresh compile otherwise."""
+    record = _record()
+    if record is not None and record[0].get("key") == triton_compile_check.record_key(*FULL_CHECK):
+        summary, results = record
+        # the record holds the results of exactly the jobs the check runs now, each once
+        assert sorted(map(repr, (r.job for r in results))) == sorted(map(repr, triton_compile_check.jobs(*FULL_CHECK)))
+        text, status = triton_compile_check.report(results, False, summary["seconds"])
+        return status, text, results
+    out_json = tmp_path / "check.json"
+    out = subprocess.run([sys.executable, "-m", "fastgpt.verify.triton_compile", f"--json={out_json}"],
+                         env=_compiler_env(), capture_output=True, text=True, timeout=3600)
+    assert out_json.is_file() or out.returncode != 0, out.stdout[-5000:] + out.stderr[-5000:]
+    results = triton_compile_check.read_json(out_json)[1] if out_json.is_file() else []
+    return out.returncode, out.stdout + out.stderr[-5000:], results
 
 
 def test_jobs_cover_every_kernel_arch_dtype_head_dim_and_dropout():
@@ -53,18 +87,17 @@ def test_a_spilling_config_fails_the_check():
     assert error == "None" and int(spills) > 0 and ok == "False", out.stdout + out.stderr
 
 
-def test_static_check_passes_for_every_shipped_config():
-    out = subprocess.run([sys.executable, "-m", "fastgpt.verify.triton_compile"], env=_compiler_env(),
-                         capture_output=True, text=True, timeout=3600)
-    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
-    assert " 0 failed" in out.stdout
+def test_static_check_passes_for_every_shipped_config(tmp_path):
+    returncode, stdout, _ = _full_check(tmp_path)
+    assert returncode == 0, stdout[-10000:]
+    assert " 0 failed" in stdout
     for kernel in ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq", "bwd_preprocess"):
         for arch in ("sm_80", "sm_90"):
-            assert any(line.startswith(kernel) and arch in line for line in out.stdout.splitlines()), (kernel, arch)
+            assert any(line.startswith(kernel) and arch in line for line in stdout.splitlines()), (kernel, arch)
     # dropout draws eight weights per 10-round Philox call: at most 10/8 rounds per weight in the PTX,
     # or 10/w where a thread holds only w < 8 weights of a tile (one call per weight, as the kernels
     # once drew, counts 7 to 10 here)
-    lines = out.stdout.splitlines()
+    lines = stdout.splitlines()
     assert lines[0].split()[-2:] == ["philox/w", "status"]
     rows = [line.split() for line in lines[1:] if line.split() and line.split()[0] in cfg.KERNELS]
     assert rows
@@ -100,3 +133,52 @@ def test_the_kernels_cache_key_is_the_same_in_every_process():
     keys = [subprocess.run([sys.executable, "-c", code], env=_compiler_env(), capture_output=True, text=True,
                            timeout=120).stdout for _ in range(2)]
     assert keys[0] and keys[0] == keys[1], keys
+
+
+def test_the_record_is_the_check_of_these_kernel_sources():
+    record = _record()
+    assert record is not None, f"{RECORD} is missing: write it with `{REFRESH}`"
+    recorded, key = record[0].get("key") or {}, triton_compile_check.record_key(*FULL_CHECK)
+    if (recorded.get("triton"), recorded.get("compiler_env")) != (key["triton"], key["compiler_env"]):
+        pytest.skip(f"the record was compiled by triton {recorded.get('triton')} with compiler environment "
+                    f"{recorded.get('compiler_env')}, not triton {key['triton']} with {key['compiler_env']}: "
+                    "the full check compiles here instead")
+    assert recorded["sources"] == key["sources"], (
+        f"the kernels or their compile check changed since {RECORD.relative_to(REPO)} was written; the full check "
+        f"compiled them in this run. Refresh the record from the checkout's root (Triton's cache makes it quick "
+        f"after this run): `{REFRESH}`")
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name inside a module, not a submodule
+        return False
+
+
+def test_the_key_covers_every_fastgpt_module_the_check_compiles_from():
+    for name in triton_compile_check.KEYED_MODULES:
+        imported = set()
+        for node in ast.walk(ast.parse(Path(importlib.util.find_spec(name).origin).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "fastgpt":
+                # `from fastgpt.kernels import flash_attention_configs` names a module, `from
+                # fastgpt.kernels.flash_attention import loop_bound` a name inside one
+                for alias in node.names:
+                    inner = f"{node.module}.{alias.name}"
+                    imported.add(inner if _is_module(inner) else node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.split(".")[0] == "fastgpt"}
+        assert imported <= set(triton_compile_check.KEYED_MODULES), (name, imported - set(triton_compile_check.KEYED_MODULES))
+
+
+def test_the_key_follows_the_triton_version_the_compiler_environment_and_what_is_checked(monkeypatch):
+    key = triton_compile_check.record_key(*FULL_CHECK)
+    assert key == triton_compile_check.record_key(*FULL_CHECK)
+    assert key["sources"] != triton_compile_check.record_key([80], *FULL_CHECK[1:])["sources"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the check undoes it: not a compiler setting
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
+    assert triton_compile_check.record_key(*FULL_CHECK) == key
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "/opt/other/ptxas")
+    assert triton_compile_check.record_key(*FULL_CHECK)["compiler_env"]["TRITON_PTXAS_PATH"] == "/opt/other/ptxas"
+    monkeypatch.setattr(triton_compile_check.importlib.metadata, "version", lambda name: "0.0")
+    assert triton_compile_check.record_key(*FULL_CHECK)["triton"] == "0.0"

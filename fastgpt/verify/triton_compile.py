@@ -42,7 +42,7 @@ reads the committed record, benchmarks/results/triton_compile_check.json, instea
 again while its key matches (tests/test_triton_compile_check.py). After a change to the kernels,
 refresh it from the checkout's root with
 
-    python -m fastgpt.kernels.triton_compile_check --json benchmarks/results/triton_compile_check.json
+    python -m fastgpt.verify.triton_compile --json benchmarks/results/triton_compile_check.json
 """
 
 from __future__ import annotations
@@ -393,8 +393,8 @@ def report(results: list[Result], full: bool, seconds: float) -> tuple[str, int]
 # their configs, this check and the limits it shares with the CUDA check. A test holds every fastgpt
 # module they import to this list, so a kernel split into a new module cannot escape the key.
 KEYED_MODULES = ("fastgpt.kernels.flash_attention", "fastgpt.kernels.flash_attention_bwd",
-                 "fastgpt.kernels.flash_attention_configs", "fastgpt.kernels.triton_compile_check",
-                 "fastgpt.compile_check")
+                 "fastgpt.kernels.flash_attention_configs", "fastgpt.verify.triton_compile",
+                 "fastgpt.verify.compile_check")
 # Triton's compiler reads environment variables (another ptxas, its options, LLVM and MLIR switches):
 # any that is set is part of the key, so a record made without it never stands for a run with it.
 # These few only say where Triton keeps files or whether it interprets, which this check undoes.
