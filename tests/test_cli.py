@@ -103,6 +103,18 @@ def test_parity_command_passes_for_cpu_backends():
     assert proc.stdout.count(" ok") == 2 * len(ALL_SHAPES) and "all passed" in proc.stdout
 
 
+def test_parity_checks_a_kernel_path_by_name(capsys):
+    # every kernel path is a name the registry knows: parity checks ext's packed ops alone, and a
+    # path that cannot take a dtype says so on its row
+    assert main(["parity", "--backends", "ext.cpu_packed", "ext.cpu_flash", "--dtypes", "float32", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("ext.cpu_")]
+    assert sum(line.startswith("ext.cpu_packed") and line.endswith(" ok") for line in rows) == 2 * len(ALL_SHAPES)
+    assert sum(line.startswith("ext.cpu_flash ") and " float32 " in line and line.endswith(" ok")
+               for line in rows) == len(ALL_SHAPES)
+    assert any(line.startswith("ext.cpu_flash ") and "not supported: float32 only" in line for line in rows)
+
+
 def test_check_command_runs_the_triton_then_the_cuda_compile_check(capfd):
     # One narrow slice of each check (the full ones: tests/test_triton_compile_check.py,
     # tests/test_cuda_compile_check.py). Under the interpreter the Triton check re-runs itself in a

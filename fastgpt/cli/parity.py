@@ -13,7 +13,9 @@ HELP = "check attention backends against the float64 reference"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(NAME, help=HELP)
-    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available on the device")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="backends or kernel paths (fastgpt info lists them); default: every backend available "
+                             "on the device, each on its best path per call")
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32", "float64"])
     return parser
@@ -23,14 +25,15 @@ def run(args: argparse.Namespace) -> int:
     with interrupts_deferred():  # a Ctrl-C during the imports waits for them (fastgpt/cli/__init__.py says why)
         import torch
 
-        from fastgpt.attention import available_backends, backend_names
+        from fastgpt.attention import available_backends, backend_names, kernel_path_names
 
     device = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    known = backend_names()
+    known = list(dict.fromkeys([*backend_names(), *kernel_path_names()]))
     for name in args.backends or []:
         if name not in known:
             what = "chooses among the backends per call" if name == "auto" else "is not a backend"
-            raise ValueError(f"--backends {name}: {name!r} {what}; parity checks named backends: {', '.join(known)}")
+            raise ValueError(f"--backends {name}: {name!r} {what}; parity checks named backends and kernel paths: "
+                             f"{', '.join(known)}")
     names = args.backends or available_backends(device)
     default_dtypes = ["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"]
     dtype_names = args.dtypes or default_dtypes
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 def _check_backend(name: str, dtype_names: list[str], device) -> tuple[int, int]:
     """Prints one row per dtype and shape the backend takes; the checks that ran and those that
     failed (a backend unavailable on the device is one failure)."""
-    from fastgpt.attention import AttentionCall, get_backend
+    from fastgpt.attention import AttentionCall, backend_names, get_backend, get_path
+    from fastgpt.attention.registry import path_refusal
     from fastgpt.verify.parity import ALL_SHAPES, DTYPE_NAMES, check_parity, make_qkv, shape_id
 
     backend = get_backend(name)
@@ -66,7 +70,10 @@ def _check_backend(name: str, dtype_names: list[str], device) -> tuple[int, int]
         dtype = DTYPE_NAMES[dtype_name]
         for shape in ALL_SHAPES:
             q, k, v = make_qkv(shape, dtype, device)
-            reason = backend.backend_refusal(AttentionCall.of(q, k, v))
+            call = AttentionCall.of(q, k, v)
+            reason = backend.backend_refusal(call)
+            if reason is None and name not in backend_names():  # a kernel path: its own refusal too
+                reason = path_refusal(get_path(name), call, named=True)
             if reason is not None:
                 print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} not supported: {reason}")
                 continue
