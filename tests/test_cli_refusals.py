@@ -32,7 +32,7 @@ def test_parity_on_cuda_without_cuda(capsys):
 def test_parity_names_only_real_backends(name, says, capsys):
     assert main(["parity", "--backends", name]) == 2
     line = one_line_error(capsys)
-    assert says in line and "parity checks named backends: naive, sdpa" in line
+    assert says in line and "parity checks named backends and kernel paths: naive, sdpa" in line
 
 
 def test_parity_that_checks_nothing_is_a_failure(capsys):
