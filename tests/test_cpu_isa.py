@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 AMX_HERE = bf16_matrix_units() == "AMX"  # PyTorch's CPU detection, independent of the switches
 needs_amx = pytest.mark.skipif(not AMX_HERE, reason="this CPU has no AMX-BF16: the switch has nothing to turn off")
 DEFAULT = {"amx": True, "avx512bf16": True}  # every switch on: each feature is used where the CPU has it
-GONE = ("FASTGPT_CPU_AMX", "FASTGPT_CPU_AVX512BF16")
+# The environment variables that once picked kernel paths behind the registry's back (the ISA
+# switches, the flash/packed choice, the GEMM of the build): the registry and fastgpt.ext.cpu_isa say it now.
+GONE = ("FASTGPT_CPU_AMX", "FASTGPT_CPU_AVX512BF16", "FASTGPT_CPU_FLASH", "FASTGPT_EXT_BLAS")
 
 
 def allowed() -> dict[str, bool]:

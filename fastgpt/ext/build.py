@@ -106,8 +106,9 @@ def cpu_capability() -> str:
 
 def compile_flags(capability: str) -> list[str]:
     flags = ["-O3", "-fopenmp", *ISA_FLAGS[capability]]
-    # FASTGPT_EXT_BLAS=aten builds the portable at::mm path even where sgemm_ exists (to test it).
-    if torch_exports_sgemm() and os.environ.get("FASTGPT_EXT_BLAS") != "aten":
+    # The GEMMs call the sgemm_ libtorch exports where it does, at::mm elsewhere; `fastgpt info`
+    # prints these flags, so which one a build runs is never hidden.
+    if torch_exports_sgemm():
         flags.append("-DFASTGPT_HAVE_SGEMM")
     return flags
 
