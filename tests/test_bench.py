@@ -114,6 +114,14 @@ def test_attention_bench_records_the_kernel_path_that_ran(tmp_path, capsys, monk
     assert f"ran kernel path `{expected}`: {get_path(expected).description}" in capsys.readouterr().out
 
 
+def test_a_backward_only_cell_records_the_path_its_forward_ran(tmp_path):
+    # the timed calls replay one forward's graph: the record names the path that forward ran
+    assert main(["bench", "attention", "--smoke", "--backends", "ext.cpu_packed", "--modes", "backward",
+                 "--dropouts", "0", "--seq-lens", "16", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    records = json.loads((tmp_path / "attention.json").read_text())["records"]
+    assert {r["backend"]: r["kernel_path"] for r in records} == {"naive": "naive", "ext.cpu_packed": "ext.cpu_packed"}
+
+
 def test_bench_cli_writes_table_files_and_plot(tmp_path, capsys):
     assert main(["bench", "attention", "--smoke", "--backends", "naive", "sdpa", "--modes", "forward",
                  "--dropouts", "0", "--out-dir", str(tmp_path), "--no-progress"]) == 0

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from fastgpt.attention import (AttentionCall, available_backends, causal_attention, get_backend, get_path,
                                kernels_ran, refusal)
+from fastgpt.attention.registry import choose
 from fastgpt.bench.common import (attention_flops, check_backend_names, environment, memory_method,
                                        peak_memory_bytes)
 from fastgpt.bench.gemm_probe import GEMM_N, fraction_of_gemm, probe_gemms
@@ -89,13 +90,15 @@ def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callabl
     return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
 
-def kernel_record(fn: Callable[[], Any], call: AttentionCall, device: torch.device) -> dict[str, str]:
+def kernel_record(fn: Callable[[], Any], call: AttentionCall, device: torch.device, backend: str) -> dict[str, str]:
     """What one more call of `fn` ran, from the registry's record: {"kernel_path"}, and where the
     path says more, its "kernel_detail" (the products a bfloat16 path ran on) and, on CUDA, its
     "inner_kernel" (the kernel PyTorch picked inside sdpa)."""
     kernels_ran(reset=True)
     fn()
-    ran = list(kernels_ran(reset=True))
+    # a backward-only cell replays the graph of one earlier forward, which ran the path the
+    # registry chooses for this call: no attention call is made, so none is counted here
+    ran = list(kernels_ran(reset=True)) or [choose(call, backend).name]
     out = {"kernel_path": ", ".join(ran)}
     if len(ran) == 1:
         path = get_path(ran[0])
@@ -216,6 +219,6 @@ def _cell_records(cell: _Cell, names: list[str], calls: dict[str, Callable[[], A
             record["tokens_per_s"] = cell.B * cell.T / stats["median_s"]
             record["speedup_vs_naive"] = naive_median / stats["median_s"] if naive_median else None
             record["peak_memory_bytes"] = peak_memory_bytes(calls[name], cell.device)
-            record.update(kernel_record(calls[name], cell.call, cell.device))
+            record.update(kernel_record(calls[name], cell.call, cell.device, name))
         records.append(record)
     return records
