@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt.attention import AttentionCall, causal_attention, naive_attention, refusal, select_kernel
+from fastgpt.attention import AttentionCall, causal_attention, naive_attention, refusal
 from fastgpt.attention import registry
-from fastgpt.attention.registry import Backend, auto_order, available_backends, get_backend, register_backend
+from fastgpt.attention.registry import Backend, auto_order, available_backends, register_backend
 from fastgpt.model import CausalSelfAttention
 from fastgpt.verify.parity import PARITY_SHAPES, check_parity, make_qkv, shape_id
 

@@ -114,8 +114,6 @@ def test_keys_with_odd_row_strides(shape):
 @needs_amx
 def test_reads_no_entry_above_the_diagonal_and_writes_zeros_there():
     """NaN above the diagonal and in the padding of p must not reach nn or tn; nt writes zeros there."""
-    from fastgpt.ext import layout
-
     B, H, H_kv, T_q, T_k, D = 2, 2, 1, 100, 161, 64
     q, k, _ = operands(B, H, H_kv, T_q, T_k, D)
     p = random_packed(B, H, T_q, T_k, fill=float("nan")).bfloat16()

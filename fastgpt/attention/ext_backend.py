@@ -78,15 +78,12 @@ def _run_flash(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset:
 
 def _run_packed(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
     """The packed ops: one autograd node eagerly, one graph node per op under torch.compile."""
-    from fastgpt.ext import ops
-
     if call.compiling:
         return _attention_per_op(q, k, v, call, seed, offset)
-    from fastgpt.ext.attention_function import ExtAttention
+    from fastgpt.ext.attention_function import ExtAttention  # loads the library on the first call
 
-    if seed is None and call.dropout_p > 0.0:
-        seed = int(ops.draw_seed())  # the draw _attention_per_op makes
-    return ExtAttention.apply(q, k, v, call.scale, call.dropout_p, seed or 0, offset)
+    # the same draw from torch's generator as _attention_per_op's, so the two paths match bit for bit
+    return ExtAttention.apply(q, k, v, call.scale, call.dropout_p, _eager_seed(call, seed), offset)
 
 
 def _attention_per_op(q, k, v, call: AttentionCall, seed: Optional[int], offset: int) -> torch.Tensor:
