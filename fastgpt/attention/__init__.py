@@ -1,4 +1,4 @@
-"""Causal attention behind one API, with interchangeable backends and kernel paths (api.py,
+"""Attention behind one API, with interchangeable backends and kernel paths (api.py,
 call.py, registry.py)."""
 
 # The built-in backends register themselves on import, in this order (the order of listings);
@@ -7,8 +7,14 @@ from fastgpt.attention import naive  # noqa: F401  isort: skip
 from fastgpt.attention import sdpa  # noqa: F401  isort: skip
 from fastgpt.attention import ext_backend  # noqa: F401  isort: skip
 from fastgpt.attention import triton_backend  # noqa: F401  isort: skip
-from fastgpt.attention.api import causal_attention, causal_attention_with_mask, select_kernel
-from fastgpt.attention.call import AttentionCall, validate_inputs
+from fastgpt.attention.api import (
+    attention,
+    attention_with_mask,
+    causal_attention,
+    causal_attention_with_mask,
+    select_kernel,
+)
+from fastgpt.attention.call import OPTIONS, AttentionCall, validate_inputs
 from fastgpt.attention.naive import naive_attention
 from fastgpt.attention.registry import (
     Backend,
@@ -24,9 +30,12 @@ from fastgpt.attention.registry import (
 )
 
 __all__ = [
+    "OPTIONS",
     "AttentionCall",
     "Backend",
     "KernelPath",
+    "attention",
+    "attention_with_mask",
     "available_backends",
     "backend_names",
     "causal_attention",

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastgpt.attention.registry import Backend, register_backend
+from fastgpt.attention.call import OPTIONS, UNBOUNDED, AttentionCall, call_options, validate_options
+from fastgpt.attention.registry import Backend, KernelPath, register_backend
 
 
 def future_mask(T_q: int, T_k: Optional[int] = None, device=None) -> torch.Tensor:
@@ -26,6 +27,30 @@ def future_mask(T_q: int, T_k: Optional[int] = None, device=None) -> torch.Tenso
     return torch.ones(T_q, T_k, dtype=torch.bool, device=device).triu(1 + T_k - T_q)
 
 
+def hidden_keys(T_q: int, T_k: int, causal: bool = True, window=(UNBOUNDED, 0), device=None) -> torch.Tensor:
+    """(T_q, T_k) bool, True where query i may not look. Query i sits at key position
+    pos = T_k - T_q + i and sees key j iff pos - left <= j <= pos + right (window (left, right),
+    UNBOUNDED = no limit on that side) and, if causal, j <= pos."""
+    left, right = window
+    if causal:
+        right = 0 if right == UNBOUNDED else min(right, 0)
+    pos = torch.arange(T_k - T_q, T_k, device=device)[:, None]  # (T_q, 1)
+    j = torch.arange(T_k, device=device)[None, :]  # (1, T_k)
+    hidden = torch.zeros(T_q, T_k, dtype=torch.bool, device=device)
+    if left != UNBOUNDED:
+        hidden |= j < pos - left
+    if right != UNBOUNDED:
+        hidden |= j > pos + right
+    return hidden
+
+
+def alibi_bias(slopes: torch.Tensor, T_q: int, T_k: int) -> torch.Tensor:
+    """(B, H, T_q, T_k): -slope·|pos - j| for slopes (B, H), pos = T_k - T_q + i."""
+    pos = torch.arange(T_k - T_q, T_k, device=slopes.device)[:, None]
+    distance = (pos - torch.arange(T_k, device=slopes.device)[None, :]).abs()  # (T_q, T_k)
+    return -slopes[:, :, None, None] * distance
+
+
 def naive_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -33,13 +58,16 @@ def naive_attention(
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
     keep_mask: Optional[torch.Tensor] = None,
+    **options,
 ) -> torch.Tensor:
-    """softmax(scale·q·kᵀ, causal) with dropout on the weights, · v.
+    """softmax(scale·q·kᵀ, causal) with dropout on the weights, · v; with `options` (causal,
+    window, softcap, sinks, alibi_slopes, return_lse), the general attention of api.py.
 
-    q (B, H, T_q, D), k and v (B, H_kv, T_k, D), T_q <= T_k, H_kv dividing H -> (B, H, T_q, D). The
-    causal diagonal is aligned bottom-right: query i sees keys j <= (T_k - T_q) + i (the last T_q
-    rows of the square T_k × T_k mask). Query head h reads key/value head h // (H / H_kv): the
-    query heads are viewed as (B, H_kv, G, ...) against one key/value head each (broadcast, no copy).
+    q (B, H, T_q, D), k and v (B, H_kv, T_k, D), H_kv dividing H -> (B, H, T_q, D), and with
+    return_lse=True also the rows' log-sum-exp (B, H, T_q) float32, detached. Query i sits at key
+    position T_k - T_q + i (the causal diagonal aligned bottom-right: the last T_q rows of the
+    square T_k × T_k mask). Query head h reads key/value head h // (H / H_kv): the query heads are
+    viewed as (B, H_kv, G, ...) against one key/value head each (broadcast, no copy).
 
     `keep_mask` (B, H, T_q, T_k) of bools replaces the random dropout draw: weights where it is False
     are zeroed and the rest scaled by 1/(1 - dropout_p). Parity tests pass the mask a fused kernel
@@ -49,28 +77,69 @@ def naive_attention(
     H_kv, T_k = k.shape[1], k.shape[2]
     if scale is None:
         scale = D**-0.5
+    if not options:  # the lecture's call, exactly as it always ran
+        return _weights_times_v(_causal_weights(q, k, scale), v, dropout_p, keep_mask, (B, H, T_q, D))
+    opts = validate_options(q, **options)
+    hidden = hidden_keys(T_q, T_k, opts["causal"], opts["window"], q.device)  # (T_q, T_k)
+    logits = _scores(q, k, scale, opts).masked_fill(hidden, float("-inf"))  # (B, H_kv, G, T_q, T_k)
+    if opts["sinks"] is not None:
+        # the sink joins each row's softmax as one more logit, and its weight is dropped: it takes no value
+        sink = opts["sinks"].to(logits.dtype).view(1, H_kv, H // H_kv, 1, 1).expand(*logits.shape[:-1], 1)
+        logits = torch.cat([logits, sink], dim=-1)
+        weights = F.softmax(logits, dim=-1)[..., :-1]
+    else:
+        # a row that sees no key (a window beside the keys) has weights 0, not softmax's NaN
+        weights = F.softmax(logits, dim=-1).masked_fill(hidden.all(-1, keepdim=True), 0.0)
+    out = _weights_times_v(weights, v, dropout_p, keep_mask, (B, H, T_q, D))
+    if not opts["return_lse"]:
+        return out
+    return out, torch.logsumexp(logits.detach(), dim=-1).float().reshape(B, H, T_q)
+
+
+def _causal_weights(q, k, scale: float) -> torch.Tensor:
+    B, H, T_q, D = q.shape
+    H_kv, T_k = k.shape[1], k.shape[2]
     q = q.view(B, H_kv, H // H_kv, T_q, D)  # (B, H_kv, G, T_q, D): the query heads of each group
-    k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, H_kv, 1, T_k, D)
     # q scaled before the product, not the T_q×T_k scores after it: fewer multiplies, and in
     # float16 a product that the scale would bring back into range (|q| near 1e4 at D = 64) does
     # not overflow to inf first
-    att = (q * scale) @ k.transpose(-2, -1)  # (B, H_kv, G, T_q, T_k)
+    att = (q * scale) @ k.unsqueeze(2).transpose(-2, -1)  # (B, H_kv, G, T_q, T_k)
     att = att.masked_fill(future_mask(T_q, T_k, q.device), float("-inf"))
-    att = F.softmax(att, dim=-1)
+    return F.softmax(att, dim=-1)
+
+
+def _scores(q, k, scale: float, opts: dict) -> torch.Tensor:
+    """(B, H_kv, G, T_q, T_k): scale·q·kᵀ, soft-capped, plus ALiBi (no mask yet)."""
+    B, H, T_q, D = q.shape
+    H_kv, T_k = k.shape[1], k.shape[2]
+    att = (q.view(B, H_kv, H // H_kv, T_q, D) * scale) @ k.unsqueeze(2).transpose(-2, -1)
+    if opts["softcap"] > 0:
+        att = opts["softcap"] * torch.tanh(att / opts["softcap"])
+    if opts["alibi_slopes"] is not None:
+        att = att + alibi_bias(opts["alibi_slopes"].to(att.dtype), T_q, T_k).view(B, H_kv, H // H_kv, T_q, T_k)
+    return att
+
+
+def _weights_times_v(att, v, dropout_p: float, keep_mask, out_shape) -> torch.Tensor:
+    """(B, H_kv, G, T_q, T_k) weights, dropped out, times v (B, H_kv, T_k, D) -> out_shape."""
     if keep_mask is not None:
         att = att * keep_mask.reshape(att.shape).to(att.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p, training=True)
-    return (att @ v).view(B, H, T_q, D)
+    return (att @ v.unsqueeze(2)).view(out_shape)
 
 
-def _naive_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    return naive_attention(q, k, v, dropout_p, scale)
+def _naive_path(q, k, v, call: AttentionCall):
+    if not call.options:
+        return naive_attention(q, k, v, call.dropout_p, call.scale)
+    return naive_attention(q, k, v, call.dropout_p, call.scale, **call_options(call))
 
+
+DESCRIPTION = "the lecture's explicit math (materialises the T×T weights); the reference"
 
 register_backend(Backend(
     name="naive",
-    fn=_naive_backend,
-    description="the lecture's explicit math (materialises the T×T weights); the reference",
+    paths=(KernelPath("naive", _naive_path, DESCRIPTION, options=frozenset(OPTIONS)),),
+    description=DESCRIPTION,
     grouped_query=True,
 ))

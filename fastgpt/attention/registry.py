@@ -16,7 +16,8 @@ path* is one concrete way a backend runs a call, named "<backend>" where the bac
 A refusal is a reason string, asked in this order: the backend cannot run on the device here; the
 call is grouped-query and the backend takes none; the backend does not take the call (dtype, head
 dim); for "auto" only, what the backend loads (a library to build) fails; then each path's own
-device, call and (unless named) decline. Every choice is logged once per kind of call, and every
+device, the options it does not take (a window, soft-capping, ...: named), the call and (unless
+named) decline. Every choice is logged once per kind of call, and every
 call counts in `kernels_ran()`, which benchmarks, training metrics and the GPU report record.
 
 Backends live in their own modules and register themselves on import (fastgpt/attention/__init__.py
@@ -32,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fastgpt.attention.call import CALL_KINDS, AttentionCall, dtype_name
+from fastgpt.attention.call import CALL_KINDS, OPTIONS, AttentionCall, dtype_name
 
 log = logging.getLogger("fastgpt.attention")
 
@@ -76,6 +77,18 @@ class KernelPath:
     # Runs a call (a no-argument function) and names the kernel that ran inside the path, where the
     # path hands the choice to a library (sdpa: PyTorch's flash, efficient, cudnn or math kernel).
     inner_kernel: Optional[Callable[[Callable[[], object]], str]] = None
+    # The options beyond plain causal attention the path takes (call.OPTIONS' names); a call using
+    # any other is refused by name, with `option_notes[name]` saying why where there is more to say.
+    options: frozenset[str] = frozenset()
+    option_notes: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def options_refusal(self, call: AttentionCall) -> Optional[str]:
+        """Why the path takes none of the call's options it lacks (named), or None."""
+        missing = [name for name in OPTIONS if name in call.options - self.options]
+        if not missing:
+            return None
+        notes = "; ".join(f"{name}: {self.option_notes[name]}" for name in missing if name in self.option_notes)
+        return f"{self.name} does not take {', '.join(missing)}" + (f" ({notes})" if notes else "")
 
     @property
     def backend(self) -> str:
@@ -222,7 +235,7 @@ def auto_order(device: torch.device, kind: str) -> tuple[str, ...]:
 def path_refusal(path: KernelPath, call: AttentionCall, named: bool = False) -> Optional[str]:
     """Why `path` does not run `call` (its device, the call, or unless `named`, a decline), or None.
     The backend's own refusal (Backend.backend_refusal) is asked first, separately."""
-    return (path.unavailable_reason(call.device) or path.unsupported_reason(call)
+    return (path.unavailable_reason(call.device) or path.options_refusal(call) or path.unsupported_reason(call)
             or (None if named else path.declines(call)))
 
 

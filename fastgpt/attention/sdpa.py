@@ -8,6 +8,11 @@ aligns that mask top-left, so the newest query would see only key 0. The lower-r
 (`torch.nn.attention.bias.causal_lower_right`) is the bottom-right mask of the API; it supports
 backward and dropout on CPU and CUDA (its math fallback materialises the mask, its flash and
 memory-efficient paths take it as an offset).
+
+The options it can express exactly it takes: a bidirectional call (no mask), a window (a boolean
+(T_q, T_k) mask of the visible keys) and ALiBi (an additive (B, H, T_q, T_k) mask in q's dtype, -inf
+where hidden). Soft-capping, sinks and the log-sum-exp have no place in SDPA's signature: refused
+by name. A row that sees no key comes out 0 from PyTorch's CPU kernels, as the API promises.
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastgpt.attention.call import AttentionCall
+from fastgpt.attention.naive import alibi_bias, hidden_keys
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
+
+TAKES = frozenset({"bidirectional", "window", "alibi"})
+REFUSES = {
+    "softcap": "PyTorch's SDPA has no soft-capping (a mask cannot express a function of the score)",
+    "sinks": "PyTorch's SDPA has no attention sinks (a sink joins the denominator without a key)",
+    "return_lse": "F.scaled_dot_product_attention does not return the log-sum-exp",
+}
 
 
 def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
@@ -41,6 +55,21 @@ def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
 
     mask = causal_lower_right(T_q, T_k)  # query i sees keys <= T_k - T_q + i
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+
+
+def _sdpa_path(q, k, v, call: AttentionCall) -> torch.Tensor:
+    if not call.options:
+        return _sdpa_backend(q, k, v, call.dropout_p, call.scale)
+    T_q, T_k = call.q_len, call.kv_len
+    visible = ~hidden_keys(T_q, T_k, call.causal, call.window, q.device)  # (T_q, T_k) bool
+    mask = None if bool(visible.all()) else visible
+    if call.alibi_slopes is not None:
+        exact = torch.float64 if q.dtype == torch.float64 else torch.float32
+        bias = alibi_bias(call.alibi_slopes.to(q.device, exact), T_q, T_k)  # (B, H, T_q, T_k)
+        mask = bias.masked_fill(~visible, float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=call.dropout_p, scale=call.scale,
+                                         enable_gqa=call.grouped)
+    return _nan_query_rows_restored(out, q, call.dropout_p)
 
 
 def _nan_query_rows_restored(out: torch.Tensor, q: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -81,7 +110,7 @@ DESCRIPTION = ("torch.nn.functional.scaled_dot_product_attention (is_causal, or 
 register_backend(Backend(
     name="sdpa",
     description=DESCRIPTION,
-    paths=(KernelPath("sdpa", lambda q, k, v, call: _sdpa_backend(q, k, v, call.dropout_p, call.scale), DESCRIPTION,
-                      inner_kernel=inner_kernel),),
+    paths=(KernelPath("sdpa", _sdpa_path, DESCRIPTION, inner_kernel=inner_kernel, options=TAKES,
+                      option_notes=REFUSES),),
     grouped_query=True,
 ))

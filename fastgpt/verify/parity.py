@@ -150,12 +150,14 @@ def make_qkv(shape, dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.T
     """q (B, H, T_q, D), k and v (B, H_kv, T_k, D) for a parity shape (unpack_shape), as strided
     views of one (B, T_k, H + 2·H_kv, D) buffer, the layout a fused qkv projection produces, so
     every backend is tested on non-contiguous input. q holds the last T_q positions, as in a KV
-    cache; a 4-tuple (B, H, T, D) gives the same tensors as (B, H, T, T, D)."""
+    cache; a 4-tuple (B, H, T, D) gives the same tensors as (B, H, T, T, D). With T_q > T_k (a
+    bidirectional call) k and v hold the last T_k positions."""
     B, H, H_kv, T_q, T_k, D = unpack_shape(shape)
+    T = max(T_q, T_k)
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, T_k, H + 2 * H_kv, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    q, k, v = qkv.transpose(1, 2).split([H, H_kv, H_kv], dim=1)  # (B, heads, T_k, D), non-contiguous
-    return q[:, :, T_k - T_q:], k, v
+    qkv = torch.randn(B, T, H + 2 * H_kv, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    q, k, v = qkv.transpose(1, 2).split([H, H_kv, H_kv], dim=1)  # (B, heads, T, D), non-contiguous
+    return q[:, :, T - T_q:], k[:, :, T - T_k:], v[:, :, T - T_k:]
 
 
 def floor(key: str, dtype: torch.dtype) -> float:
