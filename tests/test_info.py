@@ -30,6 +30,11 @@ def test_info_json_lists_every_kernel_path_with_its_state(capsys):
     assert info["auto_order"]["cpu"]["plain"][-1] == "naive"
     assert info["extension"]["status"].startswith(("loaded", "unavailable"))
     assert info["extension"]["build_flags"]
+    from fastgpt.attention import OPTIONS, get_path
+
+    # the options each path takes, as the registry declares them
+    assert info["options"] == {name: [o for o in OPTIONS if o in get_path(name).options] for name in cpu}
+    assert info["options"]["naive"] == list(OPTIONS)
 
 
 def test_info_text_names_versions_extension_and_paths(capsys):
@@ -40,3 +45,4 @@ def test_info_text_names_versions_extension_and_paths(capsys):
     for name in kernel_path_names():
         assert f"  {name} " in text
     assert "auto, plain calls: " in text and "model kernels on cpu: " in text
+    assert "options: bidirectional, window, softcap, sinks, alibi, return_lse" in text

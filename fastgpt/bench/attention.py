@@ -1,9 +1,12 @@
 """`fastgpt bench attention`: every backend against eager PyTorch over a sweep of sequence lengths.
 
-For each cell (T, mode, dropout, dtype) the backends available on the device run interleaved
+For each cell (T, mode, dropout, dtype, variant) the backends available on the device run interleaved
 (A B A B ...) on the same inputs, after each was checked against the float64 reference at that
 T, D and dtype (the parity rule of fastgpt/verify/parity.py). B·T is held constant across the sweep so
-every cell processes the same number of tokens. On CPU a GEMM probe of each dtype opens the run
+every cell processes the same number of tokens. A variant is one set of the API's options
+(fastgpt/bench/variants.py: a sliding window, soft-capping, sinks, ...); with the plain "causal"
+variant in the sweep, every other variant's record carries its time as a multiple of causal's
+("vs_causal", same backend and cell). On CPU a GEMM probe of each dtype opens the run
 (fastgpt/bench/gemm_probe.py) and every timed cell carries its rate as a fraction of it.
 """
 
@@ -15,12 +18,12 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
-from fastgpt.attention import (AttentionCall, available_backends, causal_attention, get_backend, get_path,
-                               kernels_ran, refusal)
+from fastgpt.attention import AttentionCall, attention, available_backends, get_backend, get_path, kernels_ran, refusal
 from fastgpt.attention.registry import choose
 from fastgpt.bench.common import (attention_flops, check_backend_names, environment, memory_method,
                                        peak_memory_bytes)
 from fastgpt.bench.gemm_probe import GEMM_N, fraction_of_gemm, probe_gemms
+from fastgpt.bench.variants import Variant, parse_variants
 from fastgpt.machine.timing import summarize, time_interleaved
 from fastgpt.verify.parity import check_parity
 
@@ -46,6 +49,7 @@ class AttentionSweep:
     validate_max_T: Optional[int] = None
     kv_heads: Optional[int] = None  # grouped-query: key/value heads, dividing n_head; None: n_head
     gemm_n: int = GEMM_N  # the CPU GEMM probe's matrix size (fastgpt/bench/gemm_probe.py)
+    variants: list[str] = field(default_factory=lambda: ["causal"])  # fastgpt/bench/variants.py
 
     @classmethod
     def default(cls, device: str) -> "AttentionSweep":
@@ -70,15 +74,16 @@ class AttentionSweep:
             raise ValueError(f"--tokens {self.tokens} is less than the longest --seq-lens {max(self.seq_lens)}: "
                              "every cell processes B·T = --tokens tokens; raise --tokens or drop the longer lengths")
         check_backend_names(self.backends, allow_auto=False)
+        parse_variants(self.variants)
 
 
-def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callable[[], Any]:
+def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float, options: dict) -> Callable[[], Any]:
     def forward():
         with torch.no_grad():
-            return causal_attention(q, k, v, dropout_p=dropout_p, backend=name)
+            return attention(q, k, v, dropout_p=dropout_p, backend=name, **options)
 
     def forward_backward():
-        out = causal_attention(q, k, v, dropout_p=dropout_p, backend=name)
+        out = attention(q, k, v, dropout_p=dropout_p, backend=name, **options)
         return torch.autograd.grad(out, (q, k, v), dout)
 
     if mode == "forward":
@@ -86,7 +91,7 @@ def _make_call(name: str, mode: str, q, k, v, dout, dropout_p: float) -> Callabl
     if mode == "forward+backward":
         return forward_backward
     # backward alone: one forward builds the graph, each timed call replays only the backward
-    out = causal_attention(q, k, v, dropout_p=dropout_p, backend=name)
+    out = attention(q, k, v, dropout_p=dropout_p, backend=name, **options)
     return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
 
@@ -121,19 +126,35 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
     env = environment(device)
     # before the cells, while the machine is in the state the cells will find it
     gemm = probe_gemms(sweep.dtypes, device, sweep.gemm_n) if device.type == "cpu" else {}
-    cells = [(dtype, T, mode, p) for dtype in sweep.dtypes for T in sweep.seq_lens for mode in sweep.modes for p in sweep.dropouts]
-    validated: dict[tuple, Optional[str]] = {}  # (backend, T, dtype) -> None if it passed, else why not
+    cells = [(dtype, T, mode, p, variant) for dtype in sweep.dtypes for T in sweep.seq_lens for mode in sweep.modes
+             for p in sweep.dropouts for variant in parse_variants(sweep.variants)]
+    validated: dict[tuple, Optional[str]] = {}  # (backend, T, dtype, variant) -> None if it passed, else why not
     records = []
     bar = tqdm(cells, desc="attention cells", disable=not progress, dynamic_ncols=True)
-    for dtype_name, T, mode, dropout_p in bar:
-        bar.set_postfix(T=T, mode=mode, dropout=dropout_p, refresh=False)
-        cell = _Cell(sweep, device, dtype_name, T, mode, dropout_p)
+    for dtype_name, T, mode, dropout_p, variant in bar:
+        bar.set_postfix(T=T, mode=mode, dropout=dropout_p, variant=variant.name, refresh=False)
+        cell = _Cell(sweep, device, dtype_name, T, mode, dropout_p, variant)
         calls, statuses = _prepare_calls(cell, names, validated)
         times = _time_calls(calls, statuses, cell)
         records += _cell_records(cell, names, calls, statuses, times, gemm, env["device"])
         del cell, calls  # the inputs and graphs go before the next cell allocates its own
     bar.close()
+    _add_vs_causal(records)
     return {"environment": env, "sweep": asdict(sweep), "gemm_probe": gemm, "records": records}
+
+
+def _add_vs_causal(records: list[dict[str, Any]]) -> None:
+    """Each timed record of a variant other than "causal" gets `vs_causal`: its median over the
+    same backend's in the same cell's causal variant, where that one was timed."""
+    causal = {_cell_key(r): r["median_s"] for r in records if r["variant"] == "causal" and "median_s" in r}
+    for r in records:
+        base = causal.get(_cell_key(r))
+        if r["variant"] != "causal" and "median_s" in r and base:
+            r["vs_causal"] = r["median_s"] / base
+
+
+def _cell_key(r: dict[str, Any]) -> tuple:
+    return (r["backend"], r["T"], r["dtype"], r["mode"], r["dropout"])
 
 
 class _Cell:
@@ -141,8 +162,9 @@ class _Cell:
     from a generator seeded by T, with B = tokens // T."""
 
     def __init__(self, sweep: AttentionSweep, device: torch.device, dtype_name: str, T: int, mode: str,
-                 dropout_p: float):
+                 dropout_p: float, variant: Variant = Variant("causal")):
         self.sweep, self.device, self.dtype_name, self.mode, self.dropout_p = sweep, device, dtype_name, mode, dropout_p
+        self.variant = variant
         self.dtype = getattr(torch, dtype_name)
         self.B, self.H, self.T, self.D = max(1, sweep.tokens // T), sweep.n_head, T, sweep.head_dim
         self.H_kv = sweep.kv_heads or self.H
@@ -151,12 +173,13 @@ class _Cell:
         k, v = (torch.randn(self.B, self.H_kv, T, self.D, generator=g).to(device=device, dtype=self.dtype) for _ in range(2))
         self.q, self.k, self.v = (t.requires_grad_(mode != "forward") for t in (q, k, v))
         self.dout = dout
-        self.call = AttentionCall.of(self.q, self.k, self.v, dropout_p)
+        self.options = variant.options(self.B, self.H, device)
+        self.call = AttentionCall.of(self.q, self.k, self.v, dropout_p, **self.options)
 
     def fields(self, device_name: str) -> dict[str, Any]:
         """The cell's columns of every record."""
         return dict(T=self.T, B=self.B, H=self.H, H_kv=self.H_kv, D=self.D, dtype=self.dtype_name, mode=self.mode,
-                    dropout=self.dropout_p, device=device_name)
+                    dropout=self.dropout_p, variant=self.variant.name, device=device_name)
 
 
 def _refusal_here(cell: _Cell, name: str, validated: dict[tuple, Optional[str]]) -> Optional[str]:
@@ -167,11 +190,12 @@ def _refusal_here(cell: _Cell, name: str, validated: dict[tuple, Optional[str]])
         reason = NOT_TIMED
     if reason is not None:
         return reason
-    key = (name, cell.T, cell.dtype_name)
+    key = (name, cell.T, cell.dtype_name, cell.variant.name)
     if key not in validated:
         max_T = cell.sweep.validate_max_T
         T_check = cell.T if max_T is None else min(cell.T, max_T)
-        result = check_parity(name, (1, cell.H, cell.H_kv, T_check, T_check, cell.D), cell.dtype, cell.device)
+        result = check_parity(name, (1, cell.H, cell.H_kv, T_check, T_check, cell.D), cell.dtype, cell.device,
+                              **cell.variant.options(1, cell.H, cell.device))
         validated[key] = None if result.ok else f"failed validation: {result.errors} over {result.limits}"
     return validated[key]
 
@@ -184,7 +208,8 @@ def _prepare_calls(cell: _Cell, names: list[str], validated: dict[tuple, Optiona
         reason = _refusal_here(cell, name, validated)
         if reason is None:
             try:
-                calls[name] = _make_call(name, cell.mode, cell.q, cell.k, cell.v, cell.dout, cell.dropout_p)
+                calls[name] = _make_call(name, cell.mode, cell.q, cell.k, cell.v, cell.dout, cell.dropout_p,
+                                         cell.options)
             except torch.OutOfMemoryError as e:
                 reason = f"out of memory: {str(e).splitlines()[0]}"
         statuses[name] = reason or "ok"
@@ -203,7 +228,7 @@ def _time_calls(calls: dict[str, Callable[[], Any]], statuses: dict[str, str], c
 def _cell_records(cell: _Cell, names: list[str], calls: dict[str, Callable[[], Any]], statuses: dict[str, str],
                   times: dict[str, list[float]], gemm: dict[str, Any], device_name: str) -> list[dict[str, Any]]:
     """One record per backend of this cell: its status, and its figures where it was timed."""
-    flops = attention_flops(cell.B, cell.H, cell.T, cell.D, cell.mode)
+    flops = attention_flops(cell.B, cell.H, cell.T, cell.D, cell.mode) * cell.variant.work_vs_causal(cell.T)
     naive_median = summarize(times["naive"])["median_s"] if "naive" in times else None
     records = []
     for name in names:

@@ -323,7 +323,9 @@ def stage_attention(ctx: StageContext) -> None:
 
     if ctx.dry_run:
         sweeps = [("smoke", AttentionSweep.smoke("cpu")),
-                  ("smoke_gqa", AttentionSweep(**{**AttentionSweep.smoke("cpu").__dict__, "kv_heads": 1}))]
+                  ("smoke_gqa", AttentionSweep(**{**AttentionSweep.smoke("cpu").__dict__, "kv_heads": 1})),
+                  ("smoke_variants", AttentionSweep(**{**AttentionSweep.smoke("cpu").__dict__, "dropouts": [0.0],
+                                                       "variants": ["causal", "window:8", "softcap"]}))]
     else:
         # FlashAttention's convention: 16k tokens (B·T), hidden 2048 = H × D; then grouped-query as
         # Llama-family models run it (4 query heads per key/value head) at a few lengths
@@ -334,6 +336,11 @@ def stage_attention(ctx: StageContext) -> None:
                   for D in (128, 64)]
         sweeps.append(("d128_gqa4", AttentionSweep("cuda", [2048, 8192], 16384, 16, 128, ["bfloat16"], kv_heads=4,
                                                    **common)))
+        # the options, as `fastgpt bench attention --variants` times them on CPU: a window's time
+        # should fall towards 2W/T of causal's; soft-capping and sinks cost against plain causal
+        sweeps.append(("d128_variants", AttentionSweep(
+            "cuda", [4096, 16384], 16384, 16, 128, ["bfloat16"], **{**common, "dropouts": [0.0]},
+            variants=["causal", "window:256", "window:1024", "softcap", "sinks", "bidirectional"])))
     results = {}
     for name, sweep in sweeps:
         for T in sweep.seq_lens:  # one length at a time, saved as it finishes

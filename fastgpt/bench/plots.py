@@ -29,8 +29,11 @@ def _style(ax, title: str, ylabel: str) -> None:
 
 
 def plot_attention(result: dict[str, Any], out_dir: Path, name: str = "attention") -> list[Path]:
-    """One PNG per dtype: a row per dropout, columns = the modes' times, then peak memory."""
+    """One PNG per dtype: a row per dropout, columns = the modes' times, then peak memory; a sweep
+    of several variants (--variants) gets plot_variants' PNG instead."""
     records = [r for r in result["records"] if r["status"] == "ok"]
+    if len({r.get("variant", "causal") for r in records}) > 1:
+        return plot_variants(result, out_dir, name)
     paths = []
     for dtype in dict.fromkeys(r["dtype"] for r in records):
         rows = [r for r in records if r["dtype"] == dtype]
@@ -70,6 +73,53 @@ def plot_attention(result: dict[str, Any], out_dir: Path, name: str = "attention
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_variants(result: dict[str, Any], out_dir: Path, name: str = "attention") -> list[Path]:
+    """One PNG per dtype: a row per (mode, dropout), a panel per T, bars = each backend's median time
+    per variant, labelled with its multiple of causal."""
+    records = [r for r in result["records"] if r["status"] == "ok"]
+    variants = list(dict.fromkeys(r.get("variant", "causal") for r in records))
+    paths = []
+    for dtype in dict.fromkeys(r["dtype"] for r in records):
+        rows = [r for r in records if r["dtype"] == dtype]
+        groups = list(dict.fromkeys((r["mode"], r["dropout"]) for r in rows))
+        seq_lens = list(dict.fromkeys(r["T"] for r in rows))
+        backends = list(dict.fromkeys(r["backend"] for r in rows))
+        fig, axes = plt.subplots(len(groups), len(seq_lens), squeeze=False, dpi=110,
+                                 figsize=(1.5 + 0.45 * len(variants) * len(backends) * len(seq_lens), 3.6 * len(groups)))
+        for (mode, dropout), panel_row in zip(groups, axes):
+            for ax, T in zip(panel_row, seq_lens):
+                cell = [r for r in rows if (r["mode"], r["dropout"], r["T"]) == (mode, dropout, T)]
+                _variant_bars(ax, cell, variants, backends)
+                ax.set_title(f"{mode}, dropout {dropout}, T={T}, B={cell[0]['B'] if cell else '?'}", fontsize=9)
+        axes[0][0].legend(fontsize=8)
+        env = result["environment"]
+        fig.suptitle(f"attention variants, {dtype}, H={rows[0]['H']}, D={rows[0]['D']} (labels: × causal): "
+                     f"{env['device']}, torch {env['torch']}", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"{name}_variants_{dtype}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _variant_bars(ax, cell: list[dict[str, Any]], variants: list[str], backends: list[str]) -> None:
+    """Grouped bars on `ax`: a group per variant, a bar per backend (its median ms), each labelled
+    with its multiple of the same backend's causal time."""
+    width = 0.8 / len(backends)
+    for b, backend in enumerate(backends):
+        for x, variant in enumerate(variants):
+            r = next((r for r in cell if (r["backend"], r.get("variant", "causal")) == (backend, variant)), None)
+            if r is None:
+                continue
+            ax.bar(x + b * width, 1e3 * r["median_s"], width, color=f"C{b}", label=backend if x == 0 else None)
+            if r.get("vs_causal"):
+                ax.text(x + b * width, 1e3 * r["median_s"], f"{r['vs_causal']:.2f}×", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(variants))], variants, rotation=30, fontsize=8)
+    ax.set_ylabel("time per call (ms)")
+    ax.grid(alpha=0.3, axis="y")
 
 
 def plot_generate(result: dict[str, Any], out_dir: Path, name: str = "generate") -> list[Path]:

@@ -80,8 +80,8 @@ def kernel_path_notes(records: list[dict[str, Any]]) -> list[str]:
 
 
 def attention_markdown(result: dict[str, Any]) -> str:
-    """One table per (dtype, mode, dropout): a row per T; per backend the median ms (p20-p80),
-    the speed-up over naive, TFLOP/s, the fraction of the GEMM probe's rate (CPU) and peak memory."""
+    """One table per (dtype, mode, dropout, variant): a row per T; per backend the median ms (p20-p80),
+    the speed-up over naive (and over causal, for another variant), TFLOP/s, the fraction of the GEMM probe's rate (CPU) and peak memory."""
     records = result["records"]
     backends = list(dict.fromkeys(r["backend"] for r in records))
     # CPUs reach GFLOP/s, GPUs TFLOP/s: print the unit that gives readable numbers
@@ -92,15 +92,18 @@ def attention_markdown(result: dict[str, Any]) -> str:
     if gemm:
         lines += [probe_line(gemm), ""]
     notes = {}
-    groups = list(dict.fromkeys((r["dtype"], r["mode"], r["dropout"]) for r in records))
-    for dtype, mode, dropout in groups:
+    groups = list(dict.fromkeys((r["dtype"], r["mode"], r["dropout"], r.get("variant", "causal")) for r in records))
+    for dtype, mode, dropout, variant in groups:
         of_gemm = " · % of GEMM" if dtype in gemm else ""
-        lines.append(f"**{mode}, dropout {dropout}, {dtype}** (median ms [p20–p80] · × naive · {unit}{of_gemm} · "
-                     "peak MiB)")
+        vs_causal = " · × causal" if variant != "causal" else ""
+        named = f", {variant}" if variant != "causal" else ""
+        lines.append(f"**{mode}, dropout {dropout}, {dtype}{named}** (median ms [p20–p80] · × naive{vs_causal} · "
+                     f"{unit}{of_gemm} · peak MiB)")
         lines.append("")
         lines.append("| T | B | " + " | ".join(backends) + " |")
         lines.append("|---|---|" + "---|" * len(backends))
-        rows = [r for r in records if (r["dtype"], r["mode"], r["dropout"]) == (dtype, mode, dropout)]
+        rows = [r for r in records if (r["dtype"], r["mode"], r["dropout"], r.get("variant", "causal")) ==
+                (dtype, mode, dropout, variant)]
         for T in dict.fromkeys(r["T"] for r in rows):
             cells = []
             for name in backends:
@@ -112,6 +115,8 @@ def attention_markdown(result: dict[str, Any]) -> str:
                     cells.append("n/a")
                 else:
                     speedup = f"{r['speedup_vs_naive']:.2f}×" if r.get("speedup_vs_naive") else "–"
+                    if vs_causal:
+                        speedup += f" · {r['vs_causal']:.2f}×" if r.get("vs_causal") else " · –"
                     fraction = f" · {100 * r['fraction_of_gemm']:.0f}%" if of_gemm else ""
                     cells.append(f"{_ms(r['median_s'])} [{_ms(r['p20_s'])}–{_ms(r['p80_s'])}] · {speedup} · "
                                  f"{r['tflops'] * per_tflop:.3g}{fraction} · {_mib(r.get('peak_memory_bytes'))}")

@@ -19,7 +19,7 @@ HELP = ("benchmark the backends against eager PyTorch (tables, CSV/JSON, plots);
 BENCH_FLAG_KINDS = {
     "--smoke": ("attention", "generate"),
     "--seq-lens": ("attention",), "--tokens": ("attention",), "--kv-heads": ("attention",),
-    "--dtypes": ("attention",), "--modes": ("attention",), "--dropouts": ("attention",),
+    "--dtypes": ("attention",), "--modes": ("attention",), "--dropouts": ("attention",), "--variants": ("attention",),
     "--reps": ("attention", "generate", "train"),
     "--dtype": ("attention", "train", "train --profile"),
     "--preset": ("generate", "train", "train --profile"),
@@ -48,6 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
     parser.add_argument("--dropouts", type=probability, nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="attention: option sets to time, e.g. causal window:256 window:1024 softcap sinks "
+                             "(forms: causal, bidirectional, window:W, softcap[:C], sinks, alibi)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="train: the preset to time (default cpu); generate: its model (default "
                              "shakespeare-char, random weights)")
@@ -106,7 +109,7 @@ def _bench_attention(args: argparse.Namespace):
 
     device = args.device if args.device not in (None, "auto") else ("cuda" if _torch_cuda_available() else "cpu")
     sweep = AttentionSweep.smoke(device) if args.smoke else AttentionSweep.default(device)
-    for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens", "kv_heads"):
+    for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens", "kv_heads", "variants"):
         if getattr(args, name) is not None:
             setattr(sweep, name, getattr(args, name))
     if args.dtype is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fastgpt.attention import AttentionCall, get_path, kernel_path_names, refusal
-from fastgpt.attention.call import CALL_KINDS, dtype_name
+from fastgpt.attention.call import CALL_KINDS, OPTIONS, dtype_name
 from fastgpt.attention.registry import auto_order
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,6 +112,7 @@ def report() -> dict[str, Any]:
     return {"versions": versions(), "machine": machine(), "extension": extension(),
             "kernel_paths": {d.type: kernel_paths(d) for d in devices},
             "descriptions": {name: get_path(name).description for name in kernel_path_names()},
+            "options": {name: [o for o in OPTIONS if o in get_path(name).options] for name in kernel_path_names()},
             "auto_order": {d.type: {kind: list(auto_order(d, kind)) for kind in CALL_KINDS} for d in devices},
             "model_kernels": model_kernels()}
 
@@ -133,6 +134,7 @@ def render(info: dict[str, Any]) -> str:
         width = max(map(len, table))
         for name, row in table.items():
             lines.append(f"  {name:<{width}}  {info['descriptions'][name]}")
+            lines.append(f"  {'':<{width}}    options: {', '.join(info['options'][name]) or 'none (plain causal only)'}")
             for dtype, state in row.items():
                 lines.append(f"  {'':<{width}}    {dtype:<9} {state}")
         for kind, order in info["auto_order"][device].items():

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from fastgpt.attention.api import causal_attention
+from fastgpt.attention.api import attention
 from fastgpt.attention.naive import naive_attention
 
 # (B, H, T_q, T_k, D): every sequence length {1, 17, 64, 100, 257} and head dim {16, 32, 48, 64, 80,
@@ -211,14 +211,18 @@ def compare(fn, reference_fn, inputs, dout: torch.Tensor, dtype: torch.dtype,
     return assess(got, oracle, same_dtype, dtype)
 
 
-def check_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: int = 0) -> ParityResult:
+def check_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: int = 0, **options) -> ParityResult:
     """Runs `backend` forward and backward at `shape` (B, H, T_q, T_k, D) or (B, H, T, D) and
-    `dtype`, and compares with the naive math in float64 and in `dtype`."""
+    `dtype`, and compares with the naive math in float64 and in `dtype`; `options` as
+    fastgpt.attention.attention takes them (the same for both)."""
     q, k, v = make_qkv(shape, dtype, device, seed)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
 
     def under_test(q, k, v):
-        return causal_attention(q, k, v, backend=backend)
+        return attention(q, k, v, backend=backend, **options)
 
-    result = compare(under_test, naive_attention, (q, k, v), dout, dtype)
+    def reference(q, k, v):
+        return naive_attention(q, k, v, **options)
+
+    result = compare(under_test, reference, (q, k, v), dout, dtype)
     return replace(result, backend=backend, shape=tuple(shape))
