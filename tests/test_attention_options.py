@@ -252,3 +252,18 @@ def test_call_kind_and_describe_name_the_options():
     assert call.kind == "plain" and call.options == {"bidirectional", "window", "softcap"}
     assert "causal=False" in call.describe() and "window=(2, -1)" in call.describe()
     assert AttentionCall.like(q, kv_len=7, sinks=torch.zeros(2)).options == {"sinks"}
+
+
+def test_fastgpt_parity_checks_the_options_and_the_sinks_gradient(capsys):
+    from fastgpt.cli import main
+
+    assert main(["parity", "--backends", "sdpa", "--variants", "window:8", "alibi", "--dtypes", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "-- window:8" in out and "-- alibi" in out and "FAIL" not in out
+    assert main(["parity", "--backends", "naive", "--variants", "sinks", "--dtypes", "float32"]) == 0
+    assert "dsinks" in capsys.readouterr().out
+    # sdpa refuses soft-capping by name, and a run where nothing was compared is no pass
+    assert main(["parity", "--backends", "sdpa", "--variants", "softcap", "--dtypes", "float32"]) == 1
+    assert "not supported: sdpa does not take softcap" in capsys.readouterr().out
+    assert main(["parity", "--variants", "window:0"]) == 2
+    assert "--variants 'window:0' is not a variant" in capsys.readouterr().err

@@ -324,11 +324,13 @@ _announced: set[tuple] = set()
 
 
 def _chosen(path: KernelPath, call: AttentionCall, asked: str) -> KernelPath:
-    key = (call.device.type, call.dtype, call.kind, asked, path.name)
+    key = (call.device.type, call.dtype, call.kind, asked, path.name, call.options)
     if key not in _announced and not call.compiling:  # a trace logs nothing: its eager calls did
         _announced.add(key)
-        log.info("attention: backend=%r runs kernel path %r for %s %s calls (%s call), dropout %s",
-                 asked, path.name, call.device.type, dtype_name(call.dtype), call.kind, call.dropout_p)
+        options = ", ".join(name for name in OPTIONS if name in call.options)
+        log.info("attention: backend=%r runs kernel path %r for %s %s calls (%s call%s), dropout %s",
+                 asked, path.name, call.device.type, dtype_name(call.dtype), call.kind,
+                 f"; {options}" if options else "", call.dropout_p)
     return path
 
 

@@ -46,7 +46,8 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
     # what the attention receives: autocast's dtype
     probe = torch.empty(1, model_config.n_head, model_config.block_size, model_config.n_embd // model_config.n_head,
                         device=dev, dtype=DTYPES[dtype])
-    call = AttentionCall.like(probe, kv_heads=model_config.n_kv_head, dropout_p=model_config.dropout_p)
+    options = trainer.model.blocks[0].attn.attention_options() if hasattr(trainer.model, "blocks") else {}
+    call = AttentionCall.like(probe, kv_heads=model_config.n_kv_head, dropout_p=model_config.dropout_p, **options)
     for name in names:
         reason = refusal(call, name)
         if reason is None and get_backend(name).emulated(dev):
@@ -68,7 +69,8 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
 
     tokens_per_step = trainer.tokens_per_step
     flops = training_flops_per_step(num_parameters(trainer.model), model_config.n_layer, model_config.n_embd,
-                                    train_config.batch_size * trainer.micro_steps, model_config.block_size)
+                                    train_config.batch_size * trainer.micro_steps, model_config.block_size,
+                                    model_config.window)
     peak = device_peak_flops(dev, peak_flops)
     for name, seconds in times.items():
         per_step = [s / steps for s in seconds]

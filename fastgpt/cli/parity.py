@@ -18,6 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "on the device, each on its best path per call")
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32", "float64"])
+    parser.add_argument("--variants", nargs="+", default=["causal"],
+                        help="option sets to check, as `fastgpt bench attention --variants` names them: causal, "
+                             "bidirectional, window:W, softcap[:C], sinks, alibi (default: causal)")
     return parser
 
 
@@ -27,7 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
         from fastgpt.attention import available_backends, backend_names, kernel_path_names
 
+    from fastgpt.bench.variants import parse_variants
+
     device = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = parse_variants(args.variants)
     known = list(dict.fromkeys([*backend_names(), *kernel_path_names()]))
     for name in args.backends or []:
         if name not in known:
@@ -40,10 +46,13 @@ def run(args: argparse.Namespace) -> int:
     failures = checks = 0
     print(f"parity against the float64 reference on {device}: max |error| / tolerance, per output")
     print(f"{'backend':<8} {'dtype':<9} {'shape':<24} {'out':>19} {'dq':>19} {'dk':>19} {'dv':>19}  result")
-    for name in names:
-        backend_checks, backend_failures = _check_backend(name, dtype_names, device)
-        checks += backend_checks
-        failures += backend_failures
+    for variant in variants:
+        if len(variants) > 1 or variant.name != "causal":
+            print(f"-- {variant.name} (dsinks, where there are sinks, after the result)")
+        for name in names:
+            backend_checks, backend_failures = _check_backend(name, dtype_names, device, variant)
+            checks += backend_checks
+            failures += backend_failures
     if checks == 0:
         # nothing was compared (every backend/dtype refused): that proves nothing, so it is no pass
         print(f"fastgpt parity: FAILED: no check ran ({', '.join(names)} in {', '.join(dtype_names)} on {device}); "
@@ -53,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _check_backend(name: str, dtype_names: list[str], device) -> tuple[int, int]:
-    """Prints one row per dtype and shape the backend takes; the checks that ran and those that
-    failed (a backend unavailable on the device is one failure)."""
+def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[int, int]:
+    """Prints one row per dtype and shape the backend takes with the variant's options; the checks
+    that ran and those that failed (a backend unavailable on the device is one failure)."""
     from fastgpt.attention import AttentionCall, backend_names, get_backend, get_path
     from fastgpt.attention.registry import path_refusal
     from fastgpt.verify.parity import ALL_SHAPES, DTYPE_NAMES, check_parity, make_qkv, shape_id
@@ -70,16 +79,22 @@ def _check_backend(name: str, dtype_names: list[str], device) -> tuple[int, int]
         dtype = DTYPE_NAMES[dtype_name]
         for shape in ALL_SHAPES:
             q, k, v = make_qkv(shape, dtype, device)
-            call = AttentionCall.of(q, k, v)
+            options = variant.options(q.shape[0], q.shape[1], device)
+            call = AttentionCall.of(q, k, v, **options)
             reason = backend.backend_refusal(call)
             if reason is None and name not in backend_names():  # a kernel path: its own refusal too
                 reason = path_refusal(get_path(name), call, named=True)
+            elif reason is None:  # a backend: refused only if every path refuses (the options, say)
+                reasons = [path_refusal(path, call) for path in backend.paths]
+                reason = None if None in reasons else "; ".join(dict.fromkeys(reasons))
             if reason is not None:
                 print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} not supported: {reason}")
                 continue
-            result = check_parity(name, shape, dtype, device)
+            result = check_parity(name, shape, dtype, device, **options)
             cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
             status = "ok" if result.ok else f"FAIL ({result.worst})"
+            if "dsinks" in result.errors:
+                status += f"  dsinks {result.errors['dsinks']:.2e}/{result.limits['dsinks']:.2e}"
             checks += 1
             failures += not result.ok
             print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} {cells}  {status}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 
-from fastgpt.attention.api import causal_attention
+from fastgpt.attention.api import attention
 from fastgpt.attention.registry import get_backend
 from fastgpt.model.dropout import ResidualDropout
 from fastgpt.model.linear import Linear
@@ -25,22 +26,39 @@ class CausalSelfAttention(nn.Module):
     projection makes n_kv_head key and value heads, each shared by n_head / n_kv_head query heads,
     and the backend reads the shared head (no copy per query head). The backend is not a
     parameter: `set_backend` swaps it at any time without touching the weights or the state_dict.
+
+    The attention options, off by default (then the call is the lecture's causal attention):
+    `window` W lets token i attend to tokens i - W < j <= i only (transformers' sliding window);
+    `softcap` c turns each score s into c·tanh(s / c); `sinks` adds `self.sinks` (n_head,), one
+    learnable logit per query head that joins each softmax denominator and takes no value. The
+    API's docstring (fastgpt/attention/api.py) defines each exactly.
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout_p: float = 0.0, backend: str = "auto",
-                 n_kv_head: Optional[int] = None):
+                 n_kv_head: Optional[int] = None, *, window: Optional[int] = None, softcap: float = 0.0,
+                 sinks: bool = False):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
         if n_kv_head < 1 or n_head % n_kv_head != 0:
             raise ValueError(f"n_kv_head={n_kv_head} must divide n_head={n_head} (query heads per key/value head)")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            # window=0 would become (-1, 0), the API's unbounded window: refused, not silently widened
+            raise ValueError(f"window={window!r} must be an integer >= 1 (the tokens each one attends to, itself "
+                             "included), or None for the whole context")
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
+            raise ValueError(f"softcap={softcap!r} must be a finite number >= 0 (0 turns it off)")
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = n_embd // n_head
         self.dropout_p = dropout_p
+        self.window, self.softcap = window, float(softcap)
         self.qkv = Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
         self.proj = Linear(n_embd, n_embd)
         self.resid_dropout = ResidualDropout(dropout_p)
+        # 0: at the start a sink weighs as much as one key whose score is 0, little beside T keys.
+        # Registered as None without sinks, so the lecture's state_dict keeps its keys.
+        self.register_parameter("sinks", nn.Parameter(torch.zeros(n_head)) if sinks else None)
         self.set_backend(backend)
 
     def set_backend(self, name: str) -> None:
@@ -50,7 +68,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: Optional["LayerKV"] = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). With `kv_cache` (generation), x holds the T newest tokens: their
-        k and v are appended to the cache and their queries attend over every cached position."""
+        k and v are appended to the cache and their queries attend over every position it keeps
+        (all of them, or with a window the last W: fastgpt/model/kv_cache.py)."""
         B, T, C = x.shape
         D, H, H_kv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=2)  # (B, T, H·D), 2 × (B, T, H_kv·D)
@@ -59,12 +78,29 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, H_kv, D).transpose(1, 2)
         v = v.view(B, T, H_kv, D).transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, H_kv, T_k, D), T_k = cached + T >= T
-        # q (B, H, T, D) over T_k keys, the diagonal bottom-right: each new token sees the cache
-        y = causal_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
+            k, v = kv_cache.append(k, v)  # (B, H_kv, T_k, D), T_k = kept + T >= T
+        # q (B, H, T, D) over T_k keys, the diagonal (and the window) bottom-right: each new token
+        # sees the cache
+        y = attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
+                      **self.attention_options())
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
 
+    def attention_options(self) -> dict:
+        """The options this layer passes to `fastgpt.attention.attention` besides causal=True, only
+        those turned on: {} for the lecture's layer, whose call is then causal_attention's."""
+        options = {}
+        if self.window is not None:
+            options["window"] = (self.window - 1, 0)  # keys pos - (W - 1) .. pos: W of them
+        if self.softcap > 0:
+            options["softcap"] = self.softcap
+        if self.sinks is not None:
+            options["sinks"] = self.sinks
+        return options
+
     def extra_repr(self) -> str:
         kv = f", n_kv_head={self.n_kv_head}" if self.n_kv_head != self.n_head else ""
-        return f"n_head={self.n_head}{kv}, dropout_p={self.dropout_p}, backend={self.backend!r}"
+        options = "".join([f", window={self.window}" if self.window is not None else "",
+                           f", softcap={self.softcap}" if self.softcap > 0 else "",
+                           ", sinks" if self.sinks is not None else ""])
+        return f"n_head={self.n_head}{kv}{options}, dropout_p={self.dropout_p}, backend={self.backend!r}"

@@ -3,7 +3,8 @@
 GPT, bottom-up: token + position embeddings -> n_layer pre-norm Blocks (causal self-attention,
 then a 4× MLP, a residual around each) -> final LayerNorm -> LM head over the vocabulary.
 Which kernel computes the attention is not part of the model's parameters: see
-`GPT.set_backend`.
+`GPT.set_backend`. The attention options (a sliding window, soft-capping, learnable sinks;
+ModelConfig's window, softcap, sinks) are off by default, leaving the lecture's model as it is.
 
 Generation (`generate`), one token per step: next_token_logits() runs the model, either over the
 whole cropped context or, with a KV cache, as prefill() (the window, after emptying the cache) or
@@ -39,6 +40,10 @@ class ModelConfig:
     dropout_p: float = 0.2  # dropout probability on the attention weights and on each residual branch
     # attention backend: "auto", a name from fastgpt.backend_names() or a kernel path ("ext.cpu_packed")
     backend: str = "auto"
+    # The attention options (fastgpt/attention/api.py), all off in the lecture's model:
+    window: Optional[int] = None  # sliding window W: token i attends to tokens i - W < j <= i; None: all j <= i
+    softcap: float = 0.0  # soft-cap every attention score s to softcap·tanh(s / softcap); 0: off
+    sinks: bool = False  # one learnable logit per head and layer in every softmax denominator (no value)
 
     def validate(self) -> None:
         if self.model not in ("gpt", "bigram"):
@@ -55,6 +60,23 @@ class ModelConfig:
                              "(query heads per key/value head), or unset for one per query head")
         if not 0.0 <= self.dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1); got {self.dropout_p!r}")
+        self._validate_attention_options()
+
+    def _validate_attention_options(self) -> None:
+        if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
+                                        or not 1 <= self.window <= self.block_size):
+            raise ValueError(f"window={self.window!r} must be an integer in [1, block_size={self.block_size}] "
+                             "(the tokens each one attends to, itself included), or unset for the whole context")
+        if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) \
+                or not (math.isfinite(self.softcap) and self.softcap >= 0):
+            raise ValueError(f"softcap={self.softcap!r} must be a finite number >= 0 (0 turns it off)")
+        if not isinstance(self.sinks, bool):
+            raise ValueError(f"sinks={self.sinks!r} must be True or False")
+        off = {"window": None, "softcap": 0.0, "sinks": False}
+        used = [name for name, value in off.items() if getattr(self, name) != value]
+        if self.model == "bigram" and used:
+            raise ValueError(f"{used[0]}={getattr(self, used[0])!r} is an attention option, and model='bigram' has no "
+                             "attention: drop it, or train model='gpt'")
 
 
 class LanguageModel(nn.Module):
@@ -208,7 +230,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout_p, config.backend,
-                                        config.n_kv_head)
+                                        config.n_kv_head, window=config.window, softcap=config.softcap,
+                                        sinks=config.sinks)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -247,7 +270,8 @@ class GPT(LanguageModel):
         self.config.backend = name
 
     def make_kv_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer, self.config.block_size)
+        """An empty cache: block_size positions per layer, or with a sliding window the last W (rolling)."""
+        return KVCache(self.config.n_layer, self.config.block_size, self.config.window)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None):
         """idx (B, T) -> logits (B, T, V), loss. With `kv_cache` (generation), idx holds the T tokens

@@ -126,8 +126,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-# Fields that define the network's parameters: a resumed run cannot change them.
-ARCHITECTURE_FIELDS = ("model", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# Fields that define the network's parameters: a resumed run cannot change them (window and
+# softcap change what the parameters compute, not which there are: a resumed run may change them).
+ARCHITECTURE_FIELDS = ("model", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sinks")
 
 
 def make_configs(preset: str, overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig]:

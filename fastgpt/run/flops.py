@@ -1,6 +1,6 @@
 """Model FLOPs utilisation (MFU): the FLOPs a training step needs, and the device's peak.
 
-    flops = training_flops_per_step(n_params, n_layer, n_embd, batch_size, block_size)
+    flops = training_flops_per_step(n_params, n_layer, n_embd, batch_size, block_size, window)
     peak = device_peak_flops(device, override)        # FLOP/s, or None where unknown
     mfu = flops / seconds_per_step / peak             # an estimate, in [0, 1]
 
@@ -37,8 +37,11 @@ def device_peak_flops(device: torch.device, override: Optional[float] = None) ->
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
-def training_flops_per_step(n_params: int, n_layer: int, n_embd: int, batch_size: int, block_size: int) -> float:
+def training_flops_per_step(n_params: int, n_layer: int, n_embd: int, batch_size: int, block_size: int,
+                            window: Optional[int] = None) -> float:
     """6 FLOPs per parameter per token (forward 2, backward 4), plus the attention matmuls
-    (12·L·C·T per token counted over the full T×T, as in the PaLM appendix and nanoGPT)."""
+    (12·L·C·T per token counted over the full T×T, as in the PaLM appendix and nanoGPT; with a
+    sliding window of W keys, over T×min(W, T))."""
     tokens = batch_size * block_size
-    return 6 * n_params * tokens + 12 * n_layer * n_embd * block_size * tokens
+    keys = block_size if window is None else min(window, block_size)
+    return 6 * n_params * tokens + 12 * n_layer * n_embd * keys * tokens

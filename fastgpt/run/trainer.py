@@ -283,8 +283,10 @@ class Trainer:
         mc = self.model_config
         probe = torch.empty(1, mc.n_head, mc.block_size, mc.n_embd // mc.n_head, device=self.device,
                             dtype=self.autocast_dtype)
+        options = self.model.blocks[0].attn.attention_options()  # a window, softcap, sinks: what paths may refuse
         try:
-            return choose(AttentionCall.like(probe, kv_heads=mc.n_kv_head, dropout_p=mc.dropout_p), mc.backend).name
+            return choose(AttentionCall.like(probe, kv_heads=mc.n_kv_head, dropout_p=mc.dropout_p, **options),
+                          mc.backend).name
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"--dtype {self.train_config.dtype} runs the attention in {str(self.autocast_dtype).removeprefix('torch.')}: "
                           f"{e}") from None
@@ -508,7 +510,8 @@ class Trainer:
         cfg, mc = self.train_config, self.model_config
         # MFU, an estimate: one process's share of the step's FLOPs against one device's peak
         flops_per_device = training_flops_per_step(num_parameters(self.model), mc.n_layer, mc.n_embd,
-                                                   cfg.batch_size * self.micro_steps, mc.block_size)
+                                                   cfg.batch_size * self.micro_steps, mc.block_size,
+                                                   mc.window)
         peak = device_peak_flops(self.device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
         return Progress(self.iter, cfg.max_iters, self.tokens_per_step, flops_per_device, peak,
                         show=cfg.progress and self.is_main)
