@@ -65,3 +65,12 @@ def test_the_cli_takes_variants_and_refuses_them_elsewhere(tmp_path, capsys):
     assert "--variants 'window:0' is not a variant" in capsys.readouterr().err
     assert main(["bench", "train", "--variants", "causal", "--out-dir", str(tmp_path)]) == 2
     assert "--variants applies to bench attention" in capsys.readouterr().err
+
+
+def test_validate_max_t_caps_the_reference_check(tmp_path):
+    import json
+
+    assert main(["bench", "attention", "--smoke", "--backends", "naive", "--modes", "forward", "--dropouts", "0",
+                 "--validate-max-t", "16", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "attention.json").read_text())["sweep"]["validate_max_T"] == 16
+    assert main(["bench", "generate", "--validate-max-t", "16", "--out-dir", str(tmp_path)]) == 2

@@ -20,6 +20,7 @@ BENCH_FLAG_KINDS = {
     "--smoke": ("attention", "generate"),
     "--seq-lens": ("attention",), "--tokens": ("attention",), "--kv-heads": ("attention",),
     "--dtypes": ("attention",), "--modes": ("attention",), "--dropouts": ("attention",), "--variants": ("attention",),
+    "--validate-max-t": ("attention",),
     "--reps": ("attention", "generate", "train"),
     "--dtype": ("attention", "train", "train --profile"),
     "--preset": ("generate", "train", "train --profile"),
@@ -48,6 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--modes", nargs="+", default=None, choices=["forward", "backward", "forward+backward"])
     parser.add_argument("--dropouts", type=probability, nargs="+", default=None)
+    parser.add_argument("--validate-max-t", type=at_least_one, default=None,
+                        help="attention: check each backend against the float64 reference at min(T, this) "
+                             "(the float64 T×T matrices of a long T outgrow the memory); default: at T")
     parser.add_argument("--variants", nargs="+", default=None,
                         help="attention: option sets to time, e.g. causal window:256 window:1024 softcap sinks "
                              "(forms: causal, bidirectional, window:W, softcap[:C], sinks, alibi)")
@@ -112,6 +116,8 @@ def _bench_attention(args: argparse.Namespace):
     for name in ("seq_lens", "dtypes", "modes", "dropouts", "backends", "reps", "tokens", "kv_heads", "variants"):
         if getattr(args, name) is not None:
             setattr(sweep, name, getattr(args, name))
+    if args.validate_max_t is not None:
+        sweep.validate_max_T = args.validate_max_t
     if args.dtype is not None:
         if args.dtypes is not None:
             raise ValueError(f"--dtype {args.dtype} and --dtypes {' '.join(args.dtypes)} both name the sweep's "
