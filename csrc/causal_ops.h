@@ -60,6 +60,29 @@ at::Tensor causal_attention_flash(const at::Tensor& q, const at::Tensor& k, cons
                                   double dropout_p, int64_t seed, int64_t offset);
 at::Tensor causal_attention_flash_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                            double dropout_p, int64_t seed, int64_t offset);
+// Flash style with every option of the general attention (cpu/attention_flash_options.cpp), float32
+// or bfloat16 (float32 products over converted tiles): T_q and T_k any unless causal; query i at
+// key position T_k - T_q + i sees the keys of its window (window_left, window_right; -1 unbounded,
+// a causal call's right is 0); scores soft-capped (softcap > 0) and ALiBi-biased (alibi_slopes
+// (B, H) float32); sinks (H,) float32 join each row's softmax denominator. (out, lse) with lse the
+// rows' log-sum-exp, the sink counted in it (-inf for a row that sees nothing). The backward gives
+// (dq, dk, dv, dsinks), dsinks (H,) float32 (empty without sinks).
+std::tuple<at::Tensor, at::Tensor> attention_flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                           const std::optional<at::Tensor>& sinks,
+                                                           const std::optional<at::Tensor>& alibi_slopes, double scale,
+                                                           bool causal, int64_t window_left, int64_t window_right,
+                                                           double softcap, double dropout_p, int64_t seed,
+                                                           int64_t offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_flash_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
+    double scale, bool causal, int64_t window_left, int64_t window_right, double softcap, double dropout_p,
+    int64_t seed, int64_t offset);
+// The keep mask attention_flash_forward draws: dense bool (B, H, T_q, T_k) for q (B, H, T_q, D),
+// False outside each query's window. Never used by the math: it gives the mask back
+// (fastgpt.attention.attention_with_mask).
+at::Tensor attention_dropout_keep_mask(const at::Tensor& q, int64_t T_k, bool causal, int64_t window_left,
+                                       int64_t window_right, double dropout_p, int64_t seed, int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.

@@ -63,6 +63,21 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
   // x (..., K) · weightᵀ + bias, weight (N, K), for x of few rows (decode): inference only.
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Flash attention on CPU with every option of fastgpt.attention.attention (cpu/attention_flash_options.cpp):
+  // causal or not (T_q > T_k only when not), a window (left, right) of keys around each query's
+  // position T_k - T_q + i (-1 unbounded), softcap (0 off), ALiBi slopes (B, H) and sinks (H,), both
+  // float32. The backward's fourth output is dsinks (H,) float32, empty without sinks. Their
+  // autograd is a Python Function (fastgpt/ext/ops.py): lse is an output, not differentiable.
+  m.def("attention_flash_forward(Tensor q, Tensor k, Tensor v, Tensor? sinks, Tensor? alibi_slopes, float scale, "
+        "bool causal, int window_left, int window_right, float softcap, float dropout_p, int seed, int offset) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_flash_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? sinks, "
+        "Tensor? alibi_slopes, float scale, bool causal, int window_left, int window_right, float softcap, "
+        "float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The dense (B, H, T_q, T_k) keep mask the flash kernel above draws for q (B, H, T_q, D), False
+  // outside each query's window.
+  m.def("attention_dropout_keep_mask(Tensor q, int T_k, bool causal, int window_left, int window_right, "
+        "float dropout_p, int seed, int offset) -> Tensor");
   // N of the packed layout (causal_layout.h), for the test that holds fastgpt/ext/layout.py to it.
   m.def("causal_packed_size(int T_q, int T_k) -> int", &fastgpt::cpu::causal_packed_size);
   // Whether the CPU kernels' bfloat16 products of head dim D run on AMX here (cpu/amx_matmul.h),
@@ -94,6 +109,9 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("causal_attention_flash_forward", &fastgpt::cpu::causal_attention_flash_forward);
   m.impl("causal_attention_flash_backward", &fastgpt::cpu::causal_attention_flash_backward);
   m.impl("causal_attention_flash", &fastgpt::cpu::causal_attention_flash);
+  m.impl("attention_flash_forward", &fastgpt::cpu::attention_flash_forward);
+  m.impl("attention_flash_backward", &fastgpt::cpu::attention_flash_backward);
+  m.impl("attention_dropout_keep_mask", &fastgpt::cpu::attention_dropout_keep_mask);
 }
 
 // The one op whose gradient is a C++ autograd node rather than a torch.library formula registered

@@ -106,13 +106,11 @@ def test_parity_command_passes_for_cpu_backends():
 def test_parity_checks_a_kernel_path_by_name(capsys):
     # every kernel path is a name the registry knows: parity checks ext's packed ops alone, and a
     # path that cannot take a dtype says so on its row
-    assert main(["parity", "--backends", "ext.cpu_packed", "ext.cpu_flash", "--dtypes", "float32", "bfloat16"]) == 0
+    assert main(["parity", "--backends", "ext.cpu_packed", "ext.cpu_flash_amx", "--dtypes", "float32", "bfloat16"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("ext.cpu_")]
     assert sum(line.startswith("ext.cpu_packed") and line.endswith(" ok") for line in rows) == 2 * len(ALL_SHAPES)
-    assert sum(line.startswith("ext.cpu_flash ") and " float32 " in line and line.endswith(" ok")
-               for line in rows) == len(ALL_SHAPES)
-    assert any(line.startswith("ext.cpu_flash ") and "not supported: float32 only" in line for line in rows)
+    assert any(line.startswith("ext.cpu_flash_amx ") and "not supported: bfloat16 only" in line for line in rows)
 
 
 def test_check_command_runs_the_triton_then_the_cuda_compile_check(capfd):

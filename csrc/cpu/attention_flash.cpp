@@ -41,6 +41,7 @@
 #include "../checks.h"
 #include "../philox.h"
 #include "amx_matmul.h"
+#include "attention_flash.h"
 #include "attention_flash_amx.h"
 #include "common.h"
 #include "dropout_cpu.h"
@@ -53,11 +54,6 @@ namespace {
 // Work (multiply-adds) below which a thread is not worth waking: tens of microseconds of a core's
 // GEMM, more than waking a pool thread costs (parallel_for_balanced, common.h).
 constexpr double kMinCostPerThread = 5e5;
-
-// (B, H, T, D) whose memory is (B, T, H, D).
-at::Tensor empty_heads_interleaved(int64_t B, int64_t H, int64_t T, int64_t D, const at::TensorOptions& options) {
-  return at::empty({B, T, H, D}, options).transpose(1, 2);
-}
 
 void flash_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const CausalLayout& L,
                           float scale, const DropoutStream& ds, at::Tensor& out, at::Tensor& lse) {
@@ -134,7 +130,7 @@ void flash_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
 // its keys (with dropout too: out = (P∘mult)·v and dP = (dO·vᵀ)∘mult), the sum the softmax's
 // backward subtracts. The flash backward takes it from here instead of a pass over the keys.
 template <typename scalar_t>
-at::Tensor output_grad_dots(const at::Tensor& dout, const at::Tensor& out) {
+at::Tensor grad_dots_typed(const at::Tensor& dout, const at::Tensor& out) {
   const int64_t B = dout.size(0), H = dout.size(1), T_q = dout.size(2), D = dout.size(3);
   const auto G = rows4<scalar_t>(dout), O = rows4<scalar_t>(out);
   at::Tensor delta = at::empty({B, H, T_q}, dout.options().dtype(at::kFloat));
@@ -156,6 +152,19 @@ at::Tensor output_grad_dots(const at::Tensor& dout, const at::Tensor& out) {
   });
   return delta;
 }
+
+}  // namespace
+
+at::Tensor empty_heads_interleaved(int64_t B, int64_t H, int64_t T, int64_t D, const at::TensorOptions& options) {
+  return at::empty({B, T, H, D}, options).transpose(1, 2);
+}
+
+at::Tensor output_grad_dots(const at::Tensor& dout, const at::Tensor& out) {
+  return dout.scalar_type() == at::kBFloat16 ? grad_dots_typed<c10::BFloat16>(dout, out)
+                                             : grad_dots_typed<float>(dout, out);
+}
+
+namespace {
 
 // q (B, H, T_q, D), k and v (B, H_kv, T_k, D), float32 on the CPU.
 CausalLayout check_flash_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
@@ -222,11 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_flash_backward(
   const auto ds = make_dropout_stream(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), dropout_p);
   const at::Tensor g = rows_readable(dout);
   if (q.scalar_type() == at::kBFloat16) {
-    const at::Tensor delta = output_grad_dots<c10::BFloat16>(g, rows_readable(out));
+    const at::Tensor delta = grad_dots_typed<c10::BFloat16>(g, rows_readable(out));
     amx::flash_backward(g, rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), delta, L,
                         static_cast<float>(scale), ds, dq, dk, dv);
   } else {
-    const at::Tensor delta = output_grad_dots<float>(g, rows_readable(out));
+    const at::Tensor delta = grad_dots_typed<float>(g, rows_readable(out));
     flash_backward_kernel(g, rows_readable(q), rows_readable(k), rows_readable(v), lse.contiguous(), delta, L,
                           static_cast<float>(scale), ds, dq, dk, dv);
   }

@@ -17,14 +17,21 @@ layout (fastgpt/ext/layout.py: the causal part only); the dropout mask is regene
 Four kernel paths, best first (backend="ext" takes the first that runs the call):
 
     ext.cpu_flash       CPU float32: the flash kernels (csrc/cpu/attention_flash.cpp), no T×T matrix
-                        stored, P recomputed in the backward; a C++ autograd node
-    ext.cpu_flash_amx   CPU bfloat16 on AMX-BF16 tiles (csrc/cpu/attention_flash_amx.cpp), the same
-    ext.cpu_packed      CPU float32 and bfloat16: the packed ops above (csrc/cpu/)
+                        stored, P recomputed in the backward; a C++ autograd node. Every option of
+                        api.py (causal=False, window, softcap, sinks, ALiBi, return_lse), in float32
+                        and bfloat16 (float32 products over converted tiles), runs its general
+                        kernels (csrc/cpu/attention_flash_options.cpp; ops.attention_flash), which
+                        skip the keys outside a window
+    ext.cpu_flash_amx   CPU bfloat16 on AMX-BF16 tiles (csrc/cpu/attention_flash_amx.cpp), the same;
+                        plain causal calls only
+    ext.cpu_packed      CPU float32 and bfloat16: the packed ops above (csrc/cpu/); plain causal only
     ext.cuda            CUDA: the packed ops' CUDA kernels (csrc/cuda/), where torch is a CUDA build
-                        and nvcc compiled them
+                        and nvcc compiled them; plain causal only
 
-The flash paths decline calls with fewer key/value heads (B·H_kv) than threads (their backward
-gives each thread whole heads) and take no traced call (torch.compile traces the packed ops).
+The flash paths decline plain calls with fewer key/value heads (B·H_kv) than threads (their
+backward gives each thread whole heads), and ext.cpu_flash plain bfloat16 ones (the paths after it
+run those); a call with options only ext.cpu_flash takes, so it never declines one. None takes a
+traced call (torch.compile traces the packed ops, which take no option).
 Importing this module loads nothing: the ops module (fastgpt/ext/ops.py, which loads the library)
 is imported on the first call, by `prepare` before torch.compile traces one, or when
 backend="auto" considers ext (`load_refusal`): a build that fails there is a reason to move on.
@@ -36,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from fastgpt.attention.call import AttentionCall, dtype_name
+from fastgpt.attention.call import OPTIONS, AttentionCall, dtype_name
 from fastgpt.attention.registry import Backend, KernelPath, choose, record, register_backend
 
 
@@ -69,8 +76,22 @@ def _eager_seed(call: AttentionCall, seed: Optional[int]) -> int:
     return int(ops.draw_seed())
 
 
-def _run_flash(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
-    """The flash op, whose autograd node is C++; the inputs are validated (AttentionCall.of)."""
+def _run_flash(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset: int = 0):
+    """ext.cpu_flash: the plain float32 call on the causal flash op, whose autograd node is C++;
+    a call with options, or in bfloat16, on the general flash op (attention_flash). Returns out,
+    or (out, lse) with call.return_lse. The inputs are validated (AttentionCall.of)."""
+    if not call.options and call.dtype == torch.float32:
+        return _run_causal_flash(q, k, v, call, seed, offset)
+    from fastgpt.ext import ops
+
+    out, lse = ops.attention_flash(q, k, v, call.scale, call.dropout_p, _eager_seed(call, seed), offset,
+                                   causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
+                                   alibi_slopes=call.alibi_slopes)
+    return (out, lse) if call.return_lse else out
+
+
+def _run_causal_flash(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
+    """The causal flash op (float32, or bfloat16 on AMX), whose autograd node is C++."""
     from fastgpt.ext import ops  # noqa: F401  (loads the library on the first call)
 
     return torch.ops.fastgpt.causal_attention_flash(q, k, v, call.scale, call.dropout_p, _eager_seed(call, seed), offset)
@@ -103,16 +124,20 @@ def _attention_per_op(q, k, v, call: AttentionCall, seed: Optional[int], offset:
 
 def _with_dropout_mask(q, k, v, call: AttentionCall, path: KernelPath) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, keep (B, H, T_q, T_k) bool) of one call on `path`: the mask comes from (seed, offset)
-    alone, so it is rebuilt from the seed the call used."""
+    alone, so it is rebuilt from the seed the call used. With return_lse, out is (out, lse)."""
     from fastgpt.ext import layout, ops
 
     seed = int(ops.draw_seed())
-    scores = q.new_empty((call.batch, call.heads, layout.packed_size(call.q_len, call.kv_len)))  # its shape only
-    keep = ops.dropout_keep_mask(scores, call.q_len, call.kv_len, call.dropout_p, seed)
+    if path.name == "ext.cpu_flash" and (call.options or call.dtype != torch.float32):  # the general flash op
+        keep = ops.attention_dropout_keep_mask(q, call.kv_len, call.dropout_p, seed, causal=call.causal,
+                                               window=call.window)
+    else:
+        scores = q.new_empty((call.batch, call.heads, layout.packed_size(call.q_len, call.kv_len)))  # its shape only
+        keep = ops.dropout_keep_mask(scores, call.q_len, call.kv_len, call.dropout_p, seed)
     return _RUNNERS[path.name](q, k, v, call, seed), keep
 
 
-_RUNNERS = {"ext.cpu_flash": _run_flash, "ext.cpu_flash_amx": _run_flash, "ext.cpu_packed": _run_packed,
+_RUNNERS = {"ext.cpu_flash": _run_flash, "ext.cpu_flash_amx": _run_causal_flash, "ext.cpu_packed": _run_packed,
             "ext.cuda": _run_packed}
 
 
@@ -132,10 +157,20 @@ def _untraced(call: AttentionCall) -> Optional[str]:
     return None
 
 
-def _flash_float32(call: AttentionCall) -> Optional[str]:
-    if call.dtype != torch.float32:
-        return f"float32 only (bfloat16: ext.cpu_flash_amx on AMX-BF16); got {dtype_name(call.dtype)}"
+def _flash_dtypes(call: AttentionCall) -> Optional[str]:
+    if call.dtype not in (torch.float32, torch.bfloat16):
+        return f"float32 and bfloat16 only; got {dtype_name(call.dtype)}"
     return _untraced(call)
+
+
+def _flash_declines(call: AttentionCall) -> Optional[str]:
+    """The plain calls other ext paths run better; a call with options only this path runs."""
+    if call.options:
+        return None
+    if call.dtype == torch.bfloat16:
+        return ("plain bfloat16 runs ext.cpu_flash_amx (AMX-BF16) or ext.cpu_packed; here its products are float32 "
+                "GEMMs over converted tiles")
+    return _fewer_heads_than_threads(call)
 
 
 def _flash_bf16_amx(call: AttentionCall) -> Optional[str]:
@@ -150,6 +185,12 @@ def _flash_bf16_amx(call: AttentionCall) -> Optional[str]:
     if products != "AMX":
         return f"its bfloat16 products run on AMX-BF16 tiles, and here they run on {products} (D={call.head_dim})"
     return None
+
+
+def _flash_products(call: AttentionCall) -> Optional[str]:
+    if call.dtype != torch.bfloat16:
+        return None
+    return "bfloat16 products as float32 GEMMs over converted tiles"
 
 
 def _products(call: AttentionCall) -> Optional[str]:
@@ -221,6 +262,13 @@ def _load_refusal(device: torch.device) -> Optional[str]:
     return _unavailable_reason(device)  # loaded: on CUDA the ops may still lack CUDA kernels
 
 
+# Why the causal-only paths take no option: their layout and loops hold the causal triangle only.
+_PACKED_WHY = "the packed layout holds the causal triangle and its ops the plain causal softmax only"
+_PACKED_NOTES = {name: _PACKED_WHY for name in OPTIONS}
+_AMX_NOTES = {name: "the AMX tile loop is plain causal only; ext.cpu_flash runs bfloat16 with every option "
+                    "(float32 products over converted tiles)" for name in OPTIONS}
+
+
 def _path(name: str, description: str, **checks) -> KernelPath:
     runner = _RUNNERS[name]
     return KernelPath(name, lambda q, k, v, call: runner(q, k, v, call), description, **checks)
@@ -229,16 +277,19 @@ def _path(name: str, description: str, **checks) -> KernelPath:
 register_backend(Backend(
     name="ext",
     description="C++/CUDA ops (csrc/): causal matmuls that skip the tiles above the diagonal and a fused "
-                "scale+mask+softmax+dropout; on CPU flash kernels that store no T×T matrix",
+                "scale+mask+softmax+dropout; on CPU flash kernels that store no T×T matrix and take every option",
     paths=(
-        _path("ext.cpu_flash", "CPU float32 flash kernels: no T×T matrix stored, P recomputed in the backward",
-              unavailable_reason=_cpu_only, unsupported_reason=_flash_float32, declines=_fewer_heads_than_threads),
+        _path("ext.cpu_flash", "CPU flash kernels, float32 (bfloat16 as float32 products) and every option: no "
+              "T×T matrix stored, P recomputed in the backward, the keys outside a window skipped",
+              unavailable_reason=_cpu_only, unsupported_reason=_flash_dtypes, declines=_flash_declines,
+              detail=_flash_products, options=frozenset(OPTIONS)),
         _path("ext.cpu_flash_amx", "CPU bfloat16 flash kernels on AMX-BF16 tiles",
               unavailable_reason=_cpu_only, unsupported_reason=_flash_bf16_amx, declines=_fewer_heads_than_threads,
-              detail=_products),
+              detail=_products, option_notes=_AMX_NOTES),
         _path("ext.cpu_packed", "CPU packed causal ops: the T×T weights stored over their lower half",
-              unavailable_reason=_cpu_only, detail=_products),
-        _path("ext.cuda", "CUDA kernels of the packed causal ops", unavailable_reason=_cuda_only),
+              unavailable_reason=_cpu_only, detail=_products, option_notes=_PACKED_NOTES),
+        _path("ext.cuda", "CUDA kernels of the packed causal ops", unavailable_reason=_cuda_only,
+              option_notes=_PACKED_NOTES),
     ),
     unavailable_reason=_unavailable_reason,
     unsupported_reason=_unsupported_reason,

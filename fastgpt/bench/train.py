@@ -28,6 +28,14 @@ from fastgpt.model.gpt import num_parameters
 from fastgpt.run.trainer import Trainer
 
 
+def _attention_call(trainer: Trainer, dtype) -> AttentionCall:
+    """The attention call the model's training steps make: autocast's dtype, the layers' options."""
+    mc = trainer.model_config
+    probe = torch.empty(1, mc.n_head, mc.block_size, mc.n_embd // mc.n_head, device=trainer.device, dtype=dtype)
+    options = trainer.model.blocks[0].attn.attention_options() if hasattr(trainer.model, "blocks") else {}
+    return AttentionCall.like(probe, kv_heads=mc.n_kv_head, dropout_p=mc.dropout_p, **options)
+
+
 def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3, warmup: int = 1,
                         backends: Optional[list[str]] = None, data: Optional[str] = None,
                         peak_flops: Optional[float] = None, progress: bool = True, dtype: str = "fp32",
@@ -43,11 +51,7 @@ def run_train_benchmark(preset: str, device: str, steps: int = 5, reps: int = 3,
     dtype_name = str(DTYPES[dtype]).removeprefix("torch.")
     gemm = probe_gemm(dtype_name, dev, gemm_n) if dev.type == "cpu" else None
     records, calls = [], {}
-    # what the attention receives: autocast's dtype
-    probe = torch.empty(1, model_config.n_head, model_config.block_size, model_config.n_embd // model_config.n_head,
-                        device=dev, dtype=DTYPES[dtype])
-    options = trainer.model.blocks[0].attn.attention_options() if hasattr(trainer.model, "blocks") else {}
-    call = AttentionCall.like(probe, kv_heads=model_config.n_kv_head, dropout_p=model_config.dropout_p, **options)
+    call = _attention_call(trainer, DTYPES[dtype])
     for name in names:
         reason = refusal(call, name)
         if reason is None and get_backend(name).emulated(dev):

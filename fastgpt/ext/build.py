@@ -52,10 +52,10 @@ JIT_NAME = "fastgpt_ext"
 # Translation units of the CPU build; headers are listed so that editing one rebuilds.
 SOURCES = ("registration.cpp", "cpu/causal_matmul.cpp", "cpu/amx_matmul.cpp", "cpu/causal_softmax.cpp",
            "cpu/skinny_linear.cpp", "cpu/dropout.cpp", "cpu/attention_fused.cpp", "cpu/attention_flash.cpp",
-           "cpu/attention_flash_amx.cpp")
+           "cpu/attention_flash_amx.cpp", "cpu/attention_flash_options.cpp")
 HEADERS = ("causal_ops.h", "causal_layout.h", "checks.h", "host_device.h", "philox.h", "cpu/buffer_pool.h",
-           "cpu/common.h", "cpu/amx_matmul.h", "cpu/amx_tiles.h", "cpu/attention_flash_amx.h", "cpu/softmax_rows.h",
-           "cpu/nt_blocks.h", "cpu/dropout_cpu.h", "cpu/isa.h")
+           "cpu/common.h", "cpu/amx_matmul.h", "cpu/amx_tiles.h", "cpu/attention_flash_amx.h", "cpu/attention_flash.h",
+           "cpu/attention_band.h", "cpu/softmax_rows.h", "cpu/nt_blocks.h", "cpu/dropout_cpu.h", "cpu/isa.h")
 # The CUDA kernels of the same ops, built into the same library when torch is a CUDA build and nvcc
 # is there: the torch binding and the kernel headers it includes. csrc/cuda/compile_check.cu is not
 # part of the build (it is the offline compile check's, fastgpt/verify/cuda_compile.py).
@@ -140,7 +140,7 @@ ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "ca
 REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear",
                   "cpu_bf16_uses_amx", "set_cpu_isa", "cpu_isa_available", "dropout", "causal_attention_probs",
                   "causal_attention_grad_scores", "causal_attention_flash_forward", "causal_attention_flash_backward",
-                  "causal_attention_flash")
+                  "causal_attention_flash", "attention_flash_forward", "attention_flash_backward", "attention_dropout_keep_mask")
 
 
 def ops_without_cuda_kernels() -> list[str]:

@@ -70,6 +70,36 @@ def check_matrix_rows(p, x, T_q, T_k, x_dims: str, x_grouped: bool) -> None:
         check_kv_heads(p.shape[1], x.shape[1], "x", "p")
 
 
+def check_attention_options(q, k, v, causal, window, softcap, sinks, alibi_slopes) -> None:
+    """The general flash attention's arguments (CPU): q (B, H, T_q, D), k and v (B, H_kv, T_k, D),
+    T_k >= T_q when causal; window (left, right) of ints >= -1 (-1 unbounded); softcap >= 0;
+    sinks (H,) and alibi_slopes (H,) or (B, H), floating."""
+    for name, t, dims in (("q", q, "(B, H, T_q, D)"), ("k", k, "(B, H_kv, T_k, D)"), ("v", v, "(B, H_kv, T_k, D)")):
+        check_tensor(name, t, dims)
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    if q.device.type != "cpu":
+        raise ValueError(f"q is on {q.device}; the flash kernels with options are CPU only")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or v.shape != k.shape:
+        raise ValueError(f"q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; they must be "
+                         "(B, H, T_q, D) and (B, H_kv, T_k, D) alike")
+    check_kv_heads(q.shape[1], k.shape[1], "k", "q")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False; got {causal!r}")
+    if causal and k.shape[2] < q.shape[2]:
+        raise ValueError(f"T_q = {q.shape[2]} > T_k = {k.shape[2]} in a causal call; causal=False takes any T_k")
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= -1 for s in window)):
+        raise ValueError(f"window must be (left, right), ints >= 0 or -1 for unbounded; got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < float("inf"):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 turns it off); got {softcap!r}")
+    B, H = q.shape[0], q.shape[1]
+    for name, t, shapes in (("sinks", sinks, ((H,),)), ("alibi_slopes", alibi_slopes, ((H,), (B, H)))):
+        if t is not None and not (isinstance(t, torch.Tensor) and tuple(t.shape) in shapes and t.is_floating_point()):
+            shown = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape {' or '.join(map(str, shapes))}; got {shown}")
+
+
 def check_softmax_args(scale, dropout_p, seed, offset) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not float("-inf") < scale < float("inf"):
         raise ValueError(f"scale must be a finite number; got {scale!r}")

@@ -30,6 +30,15 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
     causal_attention_flash(q, k, v, scale, dropout_p, seed, offset) -> out
                                   the two as one op with a C++ autograd node: what the eager ext
                                   attention runs there (the kernel paths ext.cpu_flash, ext.cpu_flash_amx)
+    attention_flash(q, k, v, scale, dropout_p, seed, offset, *, causal, window, softcap, sinks,
+                    alibi_slopes) -> (out, lse)
+                                  every option of fastgpt.attention.attention on CPU, float32 or
+                                  bfloat16, T_q and T_k any unless causal; differentiable in q, k,
+                                  v and sinks (a Python autograd Function over attention_flash_forward
+                                  and attention_flash_backward); lse (B,H,T_q) float32, detached
+    attention_dropout_keep_mask(q, T_k, causal, window_left, window_right, dropout_p, seed, offset)
+                                  the dense (B,H,T_q,T_k) bool mask attention_flash draws, False
+                                  outside each query's window
     skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
                                   inference only (fastgpt/model/linear.py decides when the model uses it)
 
@@ -49,6 +58,7 @@ import torch
 
 from fastgpt.ext import build, layout
 from fastgpt.ext.checks import (
+    check_attention_options,
     check_kv_heads,
     check_matrix_rows,
     check_packed,
@@ -183,6 +193,58 @@ def causal_attention_flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torc
         raise ValueError(f"lse must be the forward's float32 (B, H, T_q) = {(B, H, T_q)}; got {got}")
     check_softmax_args(scale, dropout_p, seed, offset)
     return _ops.causal_attention_flash_backward(dout, q, k, v, out, lse, float(scale), float(dropout_p), seed, offset)
+
+
+class _AttentionFlash(torch.autograd.Function):
+    """attention_flash_forward and _backward as one node: gradients for q, k, v and sinks; lse is an
+    output without one (flash-attention's convention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, alibi_slopes, args):
+        sinks32 = None if sinks is None else sinks.detach().float().contiguous()
+        out, lse = _ops.attention_flash_forward(q, k, v, sinks32, alibi_slopes, *args)
+        ctx.save_for_backward(q, k, v, out, lse, sinks32, alibi_slopes)
+        ctx.args = args
+        ctx.sinks_dtype = None if sinks is None else sinks.dtype
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, sinks32, slopes = ctx.saved_tensors
+        dq, dk, dv, dsinks = _ops.attention_flash_backward(dout, q, k, v, out, lse, sinks32, slopes, *ctx.args)
+        dsinks = dsinks.to(ctx.sinks_dtype) if ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None, None
+
+
+def attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                    seed: int = 0, offset: int = 0, *, causal: bool = True, window=(-1, 0), softcap: float = 0.0,
+                    sinks: Optional[torch.Tensor] = None,
+                    alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): the general attention (fastgpt/attention/api.py) of q (B, H, T_q, D) over k, v
+    (B, H_kv, T_k, D) on CPU, float32 or bfloat16 (csrc/cpu/attention_flash_options.cpp), with no
+    T×T matrix stored. window (left, right): -1 unbounded (a causal call's right is 0); softcap 0
+    is off; sinks (H,) and alibi_slopes (H,) or (B, H) floating. out (B, H, T_q, D) is
+    differentiable in q, k, v and sinks (dsinks in sinks' dtype); lse (B, H, T_q) float32 (the sink
+    in it, -inf for a row that sees no key) is not. Dropout draws attention_dropout_keep_mask's mask."""
+    check_attention_options(q, k, v, causal, window, softcap, sinks, alibi_slopes)
+    check_softmax_args(scale, dropout_p, seed, offset)
+    slopes = (None if alibi_slopes is None
+              else alibi_slopes.detach().float().expand(q.shape[0], q.shape[1]).contiguous())  # (B, H)
+    args = (float(scale), causal, window[0], 0 if causal else window[1], float(softcap), float(dropout_p), seed, offset)
+    return _AttentionFlash.apply(q, k, v, sinks, slopes, args)
+
+
+def attention_dropout_keep_mask(q: torch.Tensor, T_k: int, dropout_p: float, seed: int, offset: int = 0, *,
+                                causal: bool = True, window=(-1, 0)) -> torch.Tensor:
+    """The dense (B, H, T_q, T_k) bool keep mask attention_flash(q, k, v, ..., dropout_p, seed,
+    offset, causal=..., window=...) applies; False outside each query's window. Only q's shape
+    (B, H, T_q, D) is used."""
+    check_tensor("q", q, "(B, H, T_q, D)")
+    check_softmax_args(1.0, dropout_p, seed, offset)
+    return _ops.attention_dropout_keep_mask(q, T_k, causal, window[0], 0 if causal else window[1], float(dropout_p),
+                                            seed, offset)
 
 
 def causal_matmul_nn(p: torch.Tensor, x: torch.Tensor, T_q: int) -> torch.Tensor:
@@ -443,6 +505,19 @@ def _fake_attention_flash_backward(dout, q, k, v, out, lse, scale, dropout_p, se
             _heads_interleaved(q, B, H_kv, T_k, D))
 
 
+def _fake_attention_flash_options_forward(q, k, v, sinks, alibi_slopes, *args):  # -> (out, lse)
+    return _fake_attention_flash_forward(q, k, v, *args[:1], 0.0, 0, 0)
+
+
+def _fake_attention_flash_options_backward(dout, q, k, v, out, lse, sinks, alibi_slopes, *args):  # (dq, dk, dv, dsinks)
+    dq, dk, dv = _fake_attention_flash_backward(dout, q, k, v, out, lse, *args[:1], 0.0, 0, 0)
+    return dq, dk, dv, lse.new_empty((q.shape[1] if sinks is not None else 0,))
+
+
+def _fake_attention_mask(q, T_k, causal, window_left, window_right, dropout_p, seed, offset):
+    return q.new_empty((*q.shape[:3], T_k), dtype=torch.bool)
+
+
 def _fake_dropout(x, p, seed, offset=0):
     return x.new_empty(x.shape)
 
@@ -481,6 +556,9 @@ FAKES = {
     "causal_attention_flash_forward": _fake_attention_flash_forward,
     "causal_attention_flash_backward": _fake_attention_flash_backward,
     "causal_attention_flash": _fake_attention_flash,
+    "attention_flash_forward": _fake_attention_flash_options_forward,
+    "attention_flash_backward": _fake_attention_flash_options_backward,
+    "attention_dropout_keep_mask": _fake_attention_mask,
     "dropout_seeded": _fake_dropout,
 }
 # (backward, setup_context); the ops not listed have no backward (their gradients are not needed),

@@ -214,15 +214,20 @@ def compare(fn, reference_fn, inputs, dout: torch.Tensor, dtype: torch.dtype,
 def check_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: int = 0, **options) -> ParityResult:
     """Runs `backend` forward and backward at `shape` (B, H, T_q, T_k, D) or (B, H, T, D) and
     `dtype`, and compares with the naive math in float64 and in `dtype`; `options` as
-    fastgpt.attention.attention takes them (the same for both)."""
+    fastgpt.attention.attention takes them (the same for both). Sinks are an input like q, k and v:
+    cast to `dtype`, their gradient compared as "dsinks"."""
     q, k, v = make_qkv(shape, dtype, device, seed)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
+    sinks = options.pop("sinks", None)
+    inputs, grad_names = (q, k, v), GRAD_NAMES
+    if sinks is not None:
+        inputs, grad_names = (q, k, v, sinks), GRAD_NAMES + ("dsinks",)
 
-    def under_test(q, k, v):
-        return attention(q, k, v, backend=backend, **options)
+    def under_test(q, k, v, *sinks):
+        return attention(q, k, v, backend=backend, **options, **({"sinks": sinks[0]} if sinks else {}))
 
-    def reference(q, k, v):
-        return naive_attention(q, k, v, **options)
+    def reference(q, k, v, *sinks):
+        return naive_attention(q, k, v, **options, **({"sinks": sinks[0]} if sinks else {}))
 
-    result = compare(under_test, reference, (q, k, v), dout, dtype)
+    result = compare(under_test, reference, inputs, dout, dtype, grad_names)
     return replace(result, backend=backend, shape=tuple(shape))
