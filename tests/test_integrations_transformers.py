@@ -1,5 +1,7 @@
 """fastgpt inside Hugging Face transformers: tiny random-weight GPT-2 and Llama (grouped-query) models
-built from configs, nothing downloaded, against transformers' own `sdpa` implementation.
+built from configs, nothing downloaded, against transformers' own `sdpa` implementation; the mask
+patterns the mask function describes, and what it still refuses by name. The families that need
+windows, soft-capping, sinks or no causal mask are in test_hf_families.py.
 
 Parity follows fastgpt.verify.parity's rule at the model level: the logits and every parameter's gradient
 of the fastgpt model in float32 may be off the float64 `sdpa` model by at most 2× (logits) and 3×
@@ -21,7 +23,8 @@ transformers = pytest.importorskip("transformers", minversion="5.0",
 
 import fastgpt  # noqa: E402
 import fastgpt.integrations.transformers as fastgpt_hf  # noqa: E402
-from fastgpt.attention import get_backend  # noqa: E402
+from fastgpt.attention import get_backend, naive_attention  # noqa: E402
+from fastgpt.attention.naive import hidden_keys  # noqa: E402
 from fastgpt.verify.parity import assess  # noqa: E402
 
 VOCAB = 61
@@ -153,13 +156,13 @@ def test_training_steps_with_attention_dropout(kind, monkeypatch):
     dropout = {"llama": {"attention_dropout": 0.1}, "gpt2": {"attn_pdrop": 0.1}}[kind]
     model = build(kind, name, **dropout)
     seen = []
-    causal_attention = fastgpt_hf.causal_attention
+    fastgpt_attention = fastgpt_hf.fastgpt_attention
 
     def recording(*args, **kwargs):
         seen.append(kwargs["dropout_p"])
-        return causal_attention(*args, **kwargs)
+        return fastgpt_attention(*args, **kwargs)
 
-    monkeypatch.setattr(fastgpt_hf, "causal_attention", recording)
+    monkeypatch.setattr(fastgpt_hf, "fastgpt_attention", recording)
     input_ids = tokens(4, 24)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -195,19 +198,61 @@ def test_padding_between_real_tokens_is_refused():
         model(tokens(2, 5), attention_mask=mask)
 
 
-def test_a_non_causal_model_is_refused():
-    name = fastgpt_hf.register("sdpa")
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64)
-    model = transformers.BertModel._from_config(config, attn_implementation=name)
-    with pytest.raises(ValueError, match=r"computes plain causal attention only; this model asked for another mask "
-                                         r"\(bidirectional_mask_function"):
-        model(tokens(1, 5))
-    # and a causal model's layer called as non-causal
+def test_a_layer_without_a_mask_follows_its_is_causal():
+    # a model that makes no mask (ViT, Whisper's encoder) passes None: eager then masks nothing, so a
+    # layer that is not causal is bidirectional, and a causal one (None from the mask function) causal
+    name = fastgpt_hf.register("naive")
     layer = build("llama", name).model.layers[0].self_attn
-    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
-    with pytest.raises(ValueError, match=r"LlamaAttention is not causal \(is_causal=False"):
-        fastgpt_hf.attention(layer, q, k, k, None, is_causal=False, name=name)
+    q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    for causal in (False, True):
+        out, _ = fastgpt_hf.attention(layer, q, k, v, None, is_causal=causal, name=name)
+        expected = naive_attention(q, k, v, causal=causal)
+        assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
+
+
+MASKS = transformers.masking_utils
+MASK_PATTERNS = {  # transformers' mask function -> (causal, window) as fastgpt's attention takes them
+    "causal": (lambda: MASKS.causal_mask_function, (True, None)),
+    "bidirectional": (lambda: MASKS.bidirectional_mask_function, (False, None)),
+    "sliding_causal_8": (lambda: MASKS.sliding_window_causal_mask_function(8), (True, (7, 0))),
+    "sliding_bidirectional_4": (lambda: MASKS.sliding_window_bidirectional_mask_function(4), (False, (4, 4))),
+    "causal_and_two_windows": (lambda: MASKS.and_masks(MASKS.causal_mask_function, MASKS.sliding_window_overlay(8),
+                                                       MASKS.sliding_window_overlay(5)), (True, (4, 0))),
+    "left_window_only": (lambda: MASKS.and_masks(MASKS.sliding_window_overlay(3), MASKS.bidirectional_mask_function),
+                         (False, (2, -1))),
+}
+
+
+@pytest.mark.parametrize("pattern", MASK_PATTERNS)
+def test_the_mask_patterns_it_describes_hide_the_keys_transformers_hides(pattern):
+    # the description, drawn by fastgpt's reference (bottom-right), against transformers' own mask
+    # function evaluated at every (query, key) position: 5 queries at the end of 12 keys
+    make, described = MASK_PATTERNS[pattern]
+    mask_function = make()
+    causal, window = fastgpt_hf.describe_mask_function(mask_function)
+    assert (causal, window) == described
+    T_q, T_k = 5, 12
+    q_idx = torch.arange(T_k - T_q, T_k)[:, None]
+    kv_idx = torch.arange(T_k)[None, :]
+    seen = mask_function(torch.tensor(0), torch.tensor(0), q_idx, kv_idx).expand(T_q, T_k)
+    assert torch.equal(~seen, hidden_keys(T_q, T_k, causal, window if window is not None else (-1, -1)))
+
+
+def test_masks_it_cannot_describe_are_refused_by_name():
+    name = fastgpt_hf.register("sdpa")
+    # Gemma-3 as a bidirectional encoder overlays its own window with or_mask_function
+    config = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                           use_bidirectional_attention=True, pad_token_id=0)
+    model = transformers.Gemma3TextModel._from_config(config, attn_implementation=name)
+    with pytest.raises(ValueError, match=r"does not support a mask the model overlays with or_mask_function"):
+        model(tokens(1, 5))
+    # packed sequences: position_ids that restart inside a row (transformers looks for them without a cache)
+    with pytest.raises(ValueError, match=r"does not support packed sequences \(position_ids restarting inside a row"):
+        build("llama", name)(tokens(1, 6), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
+    chunked = transformers.masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"does not support chunked attention \(chunked_overlay"):
+        fastgpt_hf.describe_mask_function(chunked, name)
 
 
 def test_a_static_cache_and_a_prepared_4d_mask_are_refused():
@@ -223,9 +268,11 @@ def test_arguments_that_change_the_math_are_refused():
     name = fastgpt_hf.register("sdpa")
     layer = build("llama", name).model.layers[0].self_attn
     q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
-    with pytest.raises(ValueError, match=r"does not support logit soft-capping \(softcap=30.0\)"):
-        fastgpt_hf.attention(layer, q, k, k, None, softcap=30.0, name=name)
-    out, weights = fastgpt_hf.attention(layer, q, k, k, None, sliding_window=None, name=name)  # None: absent
+    with pytest.raises(ValueError, match=r"does not support a position bias added to the scores \(position_bias="):
+        fastgpt_hf.attention(layer, q, k, k, None, position_bias=torch.zeros(1, 4, 3, 3), name=name)
+    with pytest.raises(ValueError, match=r"does not support packed sequences \(cu_seq_lens\) \(cu_seq_lens_q="):
+        fastgpt_hf.attention(layer, q, k, k, None, cu_seq_lens_q=torch.tensor([0, 3]), name=name)
+    out, weights = fastgpt_hf.attention(layer, q, k, k, None, position_bias=None, name=name)  # None: absent
     assert out.shape == (1, 3, 4, 16) and weights is None
 
 
