@@ -35,6 +35,19 @@ is left to Triton's specialisation: GROUP = 1 (multi-head attention) arrives as 
 constant, so the multi-head kernels carry no trace of grouping (the group loop of dK/dV runs once
 and folds away), and a grouped model compiles one more variant of each kernel.
 
+The options of the general call (fastgpt/attention/api.py) are compile-time switches, so a plain
+causal call compiles the kernel it always did:
+
+    BANDED    causal=False or a window: query i (at key position pos) sees keys pos - left ..
+              pos + right (sides as runtime ints). A query block visits its band's key blocks only:
+              the two edge blocks masked, the blocks between them (every row sees every key) not,
+              none outside: the work grows with T·W, not T². A row may see no key: its maximum
+              stays -inf (subtracted as 0), out = 0 and lse = -inf.
+    SOFTCAP   s = c·tanh(scale·q·k / c), before ALiBi and the mask
+    ALIBI     s -= slope[b, h]·|pos - j|
+    SINKS     the online softmax starts from the head's sink as one term already summed (m_i =
+              sink, l_i = 1): it joins the denominator and the lse, and adds nothing to acc.
+
 Dropout acts on the normalised weights, softmax(s)·keep/(1-p): the normaliser l_i sums the weights
 before dropout, and only the accumulation into acc sees the keep mask. The mask is a pure function of
 (seed, b·H+h, query index i, key index), h the query head, so the backward regenerates it and
@@ -129,17 +142,100 @@ def _dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexp
     return tl.reshape(keep, (offs_m.shape[0], BLOCK_N))
 
 
+# How a loop over key (or query) blocks masks its tiles: a compile-time switch of each loop copy.
+NO_MASK = tl.constexpr(0)  # every key of every block is visible and in bounds
+DIAGONAL = tl.constexpr(1)  # the causal diagonal (and the end of the keys)
+BAND = tl.constexpr(2)  # the window band (and both ends): the option kernels' edge blocks
+
+LOG2_E = tl.constexpr(1.4426950408889634)  # 1/ln(2): exp(x) = exp2(x·log2(e))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 1 - 2/(exp(2x) + 1), through exp2: the same math compiled and interpreted, exact
+    at both ends (exp2 overflowing to inf gives 1, underflowing to 0 gives -1)."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2·log2(e)
+
+
+@triton.jit
+def _option_scores(qk, i, j, offset, qk_scale, softcap_scale, softcap_log2, slope,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """(s, t): the base-2 scores of the raw products qk and tanh of the soft-capped ones (qk where
+    there is no soft-capping). i, j: query and key indices broadcast to qk's shape (either
+    orientation); query i sits at key position offset + i.
+
+        s = c·tanh(scale·qk / c)·log2(e)      softcap_scale = scale / c, softcap_log2 = c·log2(e)
+        s -= slope·|offset + i - j|            slope already times log2(e)
+    """
+    if SOFTCAP:
+        t = _tanh(qk * softcap_scale)
+        s = t * softcap_log2
+    else:
+        t = qk
+        s = qk * qk_scale
+    if ALIBI:
+        s = s - slope * tl.abs(offset + i - j).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _visible(i, j, offset, window_left, window_right, T_Q, T_K):
+    """Whether query i (at key position offset + i) sees key j, both in bounds: the window band
+    pos - left <= j <= pos + right (the host passes an unbounded side as T_q + T_k)."""
+    pos = offset + i
+    return (j >= pos - window_left) & (j <= pos + window_right) & (j < T_K) & (i < T_Q)
+
+
+@triton.jit
+def _band_blocks(first, last, before, after, n, BLOCK: tl.constexpr):
+    """(lo, mid_lo, mid_hi, hi): the blocks of BLOCK along an axis of n (keys, or queries) that a
+    run of positions first..last touches through a band reaching `before` back and `after` ahead.
+    [mid_lo, mid_hi) are whole blocks every position sees (no mask), [lo, mid_lo) and [mid_hi, hi)
+    the edges (masked); the rest is skipped. Clamped at 0 before dividing: Triton's // truncates."""
+    lo = (tl.maximum(first - before, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(tl.maximum(last + after + 1, 0), n)
+    full_lo = tl.maximum(last - before, 0)
+    full_hi = tl.minimum(tl.maximum(first + after + 1, 0), n)
+    mid_lo = tl.minimum(tl.maximum(((full_lo + BLOCK - 1) // BLOCK) * BLOCK, lo), hi)
+    mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK) * BLOCK, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _fwd_scores(qk, offs_m, offs_n, offset, T_Q, T_K, qk_scale, window_left, window_right,
+                softcap_scale, softcap_log2, slope,
+                MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """The base-2 scores of one (BLOCK_M, BLOCK_N) tile, -inf where a key is hidden."""
+    if SOFTCAP or ALIBI:
+        qk, _ = _option_scores(qk, offs_m[:, None], offs_n[None, :], offset, qk_scale, softcap_scale,
+                               softcap_log2, slope, SOFTCAP, ALIBI)
+        if MASK == DIAGONAL:
+            qk = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], qk, float("-inf"))
+    elif MASK == DIAGONAL:
+        # keys past T_k only meet rows past T_q here (key <= o + i), which are never stored
+        # (the keys are shifted, not the queries: one less vector live across the loop)
+        qk = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], qk * qk_scale, float("-inf"))
+    else:
+        qk = qk * qk_scale
+    if MASK == BAND:
+        qk = tl.where(_visible(offs_m[:, None], offs_n[None, :], offset, window_left, window_right, T_Q, T_K),
+                      qk, float("-inf"))
+    return qk
+
+
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
                     stride_kn, stride_kk, stride_vn, stride_vk,
-                    off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p,
+                    off_bh, offs_m, offset, offs_d, lo, hi, T_Q, T_K, qk_scale, dropout_p,
+                    window_left, window_right, softcap_scale, softcap_log2, slope,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Streams key blocks [lo, hi) through the online softmax of one query block.
 
     acc (BLOCK_M, HEAD_DIM_PAD) fp32, l_i and m_i (BLOCK_M,) fp32; q (BLOCK_M, HEAD_DIM_PAD);
     offs_m (BLOCK_M,) the query indices; query i sits at key position offset + i.
-    Off the diagonal every key is visible and in bounds (keys < first query position < T_k): no masks.
+    Unmasked blocks (MASK = NO_MASK) hold only keys every row sees, all in bounds: no masks.
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     for start_n in range(loop_bound(lo) if INTERPRETED else lo, loop_bound(hi) if INTERPRETED else hi, BLOCK_N):
@@ -148,22 +244,22 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
         if DROPOUT:  # first, before the tiles of the step are live: fewer registers at once
             keep = _dropout_keep(Seed_val, off_bh, offs_m, start_n, dropout_p, BLOCK_N)
         kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
-                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
+                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, MASK != NO_MASK)  # (HEAD_DIM_PAD, BLOCK_N)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-        if ON_DIAGONAL:
-            # keys past T_k only meet rows past T_q here (key <= o + i), which are never stored
-            # (the keys are shifted, not the queries: one less vector live across the loop)
-            qk = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], qk * qk_scale, float("-inf"))
-        else:
-            qk = qk * qk_scale
-        # m_i is finite after the first block: key lo <= o + i is visible to every row
+        qk = _fwd_scores(qk, offs_m, offs_n, offset, T_Q, T_K, qk_scale, window_left, window_right,
+                         softcap_scale, softcap_log2, slope, MASK, SOFTCAP, ALIBI)
+        # causal: m_i is finite after the first block (key lo <= o + i is visible to every row);
+        # a band's edge may hide every key of a row so far: its maximum stays -inf, subtracted as 0
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)  # rescales what was summed under the old maximum
+        m_sub = m_ij
+        if MASK == BAND:
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)  # rescales what was summed under the old maximum
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
-                       offs_n, offs_d, T_K, HEAD_DIM, ON_DIAGONAL, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
+                       offs_n, offs_d, T_K, HEAD_DIM, MASK != NO_MASK, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
         if DROPOUT:
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -171,19 +267,22 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one variant for every length (GROUP: see the header)
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K", "window_left", "window_right"])  # GROUP: see the header
 def _attn_fwd(Q, K, V, Out, LSE, Seed,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
               H, GROUP, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
+              Sinks, Alibi, stride_az, stride_ah, window_left, window_right, softcap_scale, softcap_log2,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr):
     """Grid (cdiv(T_Q, BLOCK_M), H, B). Q, Out: (B, H, T_Q, HEAD_DIM), K, V: (B, H / GROUP, T_K,
-    HEAD_DIM), T_K >= T_Q, any strides; LSE: (B, H, T_Q) fp32 contiguous, base-2 log-sum-exp of the
-    scaled scores; Seed: one int64."""
+    HEAD_DIM), T_K >= T_Q unless BANDED, any strides; LSE: (B, H, T_Q) fp32 contiguous, base-2
+    log-sum-exp of the scaled scores; Seed: one int64. The options (see the header): Sinks (H,),
+    Alibi (B, H) fp32 with strides stride_az, stride_ah; window sides as runtime ints."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -204,32 +303,101 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + off_z * stride_az + off_h * stride_ah) * LOG2_E
+    m_i, l_i = _softmax_start(Sinks, off_h, BLOCK_M, SINKS)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    # keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
-    first = offset + start_m * BLOCK_M  # the block's first query position
-    lo = (first // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(first + BLOCK_M, T_K)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
-                                    stride_kn, stride_kk, stride_vn, stride_vk,
-                                    off_bh, offs_m, offset, offs_d, 0, lo, T_K, qk_scale, dropout_p,
-                                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
-                                    stride_kn, stride_kk, stride_vn, stride_vk,
-                                    off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p,
-                                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_walk(acc, l_i, m_i, q, K_base, V_base, seed,
+                              stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+                              offset + start_m * BLOCK_M, T_Q, T_K, qk_scale, dropout_p,
+                              window_left, window_right, softcap_scale, softcap_log2, slope,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, DOT_PRECISION, BANDED, SOFTCAP, ALIBI)
+    _fwd_store(acc, l_i, m_i, O_base, LSE, off_bh, offs_m, offs_d, stride_om, stride_ok, T_Q, dropout_scale,
+               HEAD_DIM, HEAD_DIM_PAD, DROPOUT, BANDED)
 
-    acc = acc / l_i[:, None]
+
+@triton.jit
+def _fwd_walk(acc, l_i, m_i, q, K_base, V_base, seed,
+              stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+              first, T_Q, T_K, qk_scale, dropout_p,
+              window_left, window_right, softcap_scale, softcap_log2, slope,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """The key blocks one query block visits, its first query at key position `first`: causal, the
+    blocks left of the diagonal unmasked and those on it masked; BANDED, the band's edge blocks
+    masked, the blocks between them not, the rest never visited (work grows with T·W, not T²)."""
+    if BANDED:  # the edges of the band masked, the blocks between them not, the rest skipped
+        lo, mid_lo, mid_hi, hi = _band_blocks(first, first + BLOCK_M - 1, window_left, window_right, T_K, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
+                                        stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+                                        lo, mid_lo, T_Q, T_K, qk_scale, dropout_p,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION, SOFTCAP, ALIBI)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
+                                        stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+                                        mid_lo, mid_hi, T_Q, T_K, qk_scale, dropout_p,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, NO_MASK, DROPOUT, DOT_PRECISION, SOFTCAP,
+                                        ALIBI)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
+                                        stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+                                        mid_hi, hi, T_Q, T_K, qk_scale, dropout_p,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION, SOFTCAP, ALIBI)
+    else:  # causal: keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
+        lo = (first // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(first + BLOCK_M, T_K)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
+                                        stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+                                        0, lo, T_Q, T_K, qk_scale, dropout_p,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, NO_MASK, DROPOUT, DOT_PRECISION, SOFTCAP,
+                                        ALIBI)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
+                                        stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+                                        lo, hi, T_Q, T_K, qk_scale, dropout_p,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DIAGONAL, DROPOUT, DOT_PRECISION, SOFTCAP,
+                                        ALIBI)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _softmax_start(Sinks, off_h, BLOCK_M: tl.constexpr, SINKS: tl.constexpr):
+    """(m_i, l_i) (BLOCK_M,) fp32 before the first key: nothing summed, or the head's sink as one
+    term already summed (it joins the denominator and takes no value: acc starts at 0 either way)."""
+    if SINKS:
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + off_h).to(tl.float32) * LOG2_E
+        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    return m_i, l_i
+
+
+@triton.jit
+def _fwd_store(acc, l_i, m_i, O_base, LSE, off_bh, offs_m, offs_d, stride_om, stride_ok, T_Q, dropout_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DROPOUT: tl.constexpr, BANDED: tl.constexpr):
+    """out = acc / l_i (0 for a row that saw no key: l_i = 0) and lse = m_i + log2(l_i)."""
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    if BANDED:  # such a row's acc is 0, its lse -inf (log2 never sees the 0)
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    else:
+        acc = acc / l_i[:, None]
     if DROPOUT:
         acc = acc * dropout_scale  # 1/(1-p): kept weights are scaled up
-    tl.store(LSE + off_bh.to(tl.int64) * T_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T_Q)
+    if BANDED:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(LSE + off_bh.to(tl.int64) * T_Q + offs_m, lse, mask=offs_m < T_Q)
+    else:
+        tl.store(LSE + off_bh.to(tl.int64) * T_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T_Q)
     o_ptrs = O_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
     o_mask = offs_m[:, None] < T_Q
     if PAD_D:
         o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
+    tl.store(o_ptrs, acc.to(O_base.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit

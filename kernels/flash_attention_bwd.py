@@ -21,6 +21,12 @@ T_q) the same walks shift by o: key j is seen by the queries i >= j - o, so a ke
 band starts at query block floor(max(j0 - o, 0) / BLOCK_M) and the queries from j0 + BLOCK_N - o
 (rounded up to a query block) on see the whole key block. Any BLOCK_M, BLOCK_N work.
 
+The options walk the blocks the forward walked (a band's edges masked, the blocks between them
+not, the rest skipped: _band_blocks) and recompute the same scores: soft-capping multiplies dS by
+its derivative 1 - tanh², ALiBi's bias and the sinks (inside lse) need nothing more. A row that saw
+no key has lse = -inf; its P is masked with where (exp2(s + inf) is inf), so its gradients are 0.
+The sinks' gradient is the host's (flash_attention_ops.sinks_grad).
+
 Grouped-query attention (GROUP = H / H_kv query heads per key/value head): dQ reads the shared
 k, v head in place; dK and dV of a key/value head are sums over its GROUP query heads, and one
 dK/dV program walks all of them, query head after query head, into the same registers.
@@ -33,7 +39,8 @@ q·kᵀ and dO·vᵀ twice (once per kernel): 7 matmuls of T²·D per slice in p
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.flash_attention import INTERPRETED, _dropout_keep, _load_tile, loop_bound
+from fastgpt.kernels.flash_attention import (BAND, DIAGONAL, INTERPRETED, LOG2_E, NO_MASK, _band_blocks, _dropout_keep,
+                                             _load_tile, _option_scores, _visible, loop_bound)
 
 
 @triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T (here T = T_q)
@@ -62,14 +69,17 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
                          stride_qm, stride_qk, stride_dom, stride_dok,
                          off_bh, start_n, offs_n, offs_d, lo, hi, T_Q, offset, qk_scale, dropout_p, dropout_scale,
+                         T_K, window_left, window_right, softcap_scale, softcap_log2, slope,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr,
-                         ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Accumulates dK, dV (BLOCK_N, HEAD_DIM_PAD) fp32 of one key block over query blocks [lo, hi).
 
     Works on transposed tiles (keys down, queries across) so that dK and dV come out row-major.
-    Query rows past T_q load as zero q and dO with lse = Δ = 0: their pᵀ is 1, but every term it
-    enters is multiplied by a zero dO or q, so no row mask is needed off the diagonal.
+    Query rows past T_q load as zero q and dO with lse = Δ = 0: their pᵀ is 1 (0 with ALiBi, whose
+    bias could overflow it), but every term it enters is multiplied by a zero dO or q, so no row mask
+    is needed in the causal walk (the band's edge blocks mask them; its unmasked blocks hold none).
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     for start_m in range(loop_bound(lo) if INTERPRETED else lo, loop_bound(hi) if INTERPRETED else hi, BLOCK_M):
@@ -81,11 +91,22 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
             keepT = tl.trans(_dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N))
         qT = _load_tile(Q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm,
                         offs_d, offs_m, HEAD_DIM, T_Q, PAD_D, True)  # (HEAD_DIM_PAD, BLOCK_M)
-        lse = tl.load(LSE_base + offs_m, mask=offs_m < T_Q, other=0.0)
+        if ALIBI:  # a padded row's bias is any number: lse = inf makes its pᵀ 0, never exp2 of it
+            lse = tl.load(LSE_base + offs_m, mask=offs_m < T_Q, other=float("inf"))
+        else:
+            lse = tl.load(LSE_base + offs_m, mask=offs_m < T_Q, other=0.0)
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        if ON_DIAGONAL:
+        if SOFTCAP or ALIBI:
+            sT, tT = _option_scores(qkT, offs_m[None, :], offs_n[:, None], offset, qk_scale, softcap_scale,
+                                    softcap_log2, slope, SOFTCAP, ALIBI)
+            pT = tl.math.exp2(sT - lse[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASK == DIAGONAL:
             pT = tl.where(offs_m[None, :] >= (offs_n - offset)[:, None], pT, 0.0)  # o + i >= j
+        elif MASK == BAND:  # where, not a product: a row that sees no key has pᵀ = exp2(s + inf)
+            pT = tl.where(_visible(offs_m[None, :], offs_n[:, None], offset, window_left, window_right, T_Q, T_K),
+                          pT, 0.0)
         do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
                         offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -97,11 +118,66 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, se
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(Delta_base + offs_m, mask=offs_m < T_Q, other=0.0)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)  # d(c·tanh(x/c))/dx
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one variant for every length (GROUP: see the header)
+@triton.jit
+def _dkdv_walk(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+               stride_qm, stride_qk, stride_dom, stride_dok,
+               off_bh, start_n, offs_n, offs_d, lo, mid_lo, mid_hi, hi, T_Q, T_K, offset, qk_scale, dropout_p,
+               dropout_scale, window_left, window_right, softcap_scale, softcap_log2, slope,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Walks the query blocks of one query head that see key block start_n (_dkdv_query_blocks):
+    [lo, mid_lo) masked (the diagonal, or the band's edge), [mid_lo, mid_hi) unmasked, and with a
+    band [mid_hi, hi) masked."""
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                                  stride_qm, stride_qk, stride_dom, stride_dok, off_bh, start_n, offs_n,
+                                  offs_d, lo, mid_lo, T_Q, offset, qk_scale, dropout_p, dropout_scale, T_K,
+                                  window_left, window_right, softcap_scale, softcap_log2, slope,
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND if BANDED else DIAGONAL, DROPOUT,
+                                  DOT_PRECISION, SOFTCAP, ALIBI)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                                  stride_qm, stride_qk, stride_dom, stride_dok, off_bh, start_n, offs_n,
+                                  offs_d, mid_lo, mid_hi, T_Q, offset, qk_scale, dropout_p, dropout_scale, T_K,
+                                  window_left, window_right, softcap_scale, softcap_log2, slope,
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, NO_MASK, DROPOUT, DOT_PRECISION,
+                                  SOFTCAP, ALIBI)
+    if BANDED:
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                                      stride_qm, stride_qk, stride_dom, stride_dok, off_bh, start_n, offs_n,
+                                      offs_d, mid_hi, hi, T_Q, offset, qk_scale, dropout_p, dropout_scale, T_K,
+                                      window_left, window_right, softcap_scale, softcap_log2, slope,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION,
+                                      SOFTCAP, ALIBI)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_query_blocks(start_n, offset, T_Q, window_left, window_right,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BANDED: tl.constexpr):
+    """(lo, mid_lo, mid_hi, hi): the query blocks that see key block start_n. Causal: query i sees
+    key j iff o + i >= j: queries [lo, mid_lo) straddle the diagonal (from the block of the first
+    query that sees key start_n), [mid_lo, mid_hi = T_q) see every key of the block. BANDED: key j
+    is seen by the queries at positions j - right .. j + left: [lo, mid_lo) and [mid_hi, hi) are
+    the edges, whole query blocks between them see every key, the rest never see any."""
+    if BANDED:
+        lo, mid_lo, mid_hi, hi = _band_blocks(start_n - offset, start_n + BLOCK_N - 1 - offset, window_right,
+                                              window_left, T_Q, BLOCK_M)
+    else:
+        lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
+        mid_lo = tl.minimum(tl.maximum(start_n + BLOCK_N - offset, 0), T_Q)
+        mid_lo = ((mid_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        mid_hi = T_Q
+        hi = T_Q
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K", "window_left", "window_right"])  # GROUP: see the header
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
@@ -109,11 +185,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
                    stride_doz, stride_doh, stride_dom, stride_dok,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
                    H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
+                   Alibi, stride_az, stride_ah, window_left, window_right, softcap_scale, softcap_log2,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Grid (cdiv(T_K, BLOCK_N), H / GROUP, B). Q, DO: (B, H, T_Q, HEAD_DIM); K, V and DK, DV
-    (B, H / GROUP, T_K, HEAD_DIM), DK and DV sharing one layout (stride_dk*)."""
+    (B, H / GROUP, T_K, HEAD_DIM), DK and DV sharing one layout (stride_dk*); the options as the
+    forward takes them (the sinks live in LSE)."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_hkv = tl.program_id(1)
     off_z = tl.program_id(2)
@@ -132,12 +211,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    # query i sees key j iff o + i >= j: queries [lo, mid) straddle the diagonal (from the block of
-    # the first query that sees key start_n); queries [mid, T_q) see every key of the block
     offset = T_K - T_Q
-    lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
-    mid = tl.minimum(tl.maximum(start_n + BLOCK_N - offset, 0), T_Q)
-    mid = ((mid + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    lo, mid_lo, mid_hi, hi = _dkdv_query_blocks(start_n, offset, T_Q, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, BANDED)
     # the query heads sharing k and v, in order: a fixed summation order
     for g in range(0, loop_bound(GROUP) if INTERPRETED else GROUP):
         off_h = off_hkv * GROUP + g
@@ -146,16 +222,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
         DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         LSE_base = LSE + off_bh.to(tl.int64) * T_Q
         Delta_base = Delta + off_bh.to(tl.int64) * T_Q
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
-                                      stride_qm, stride_qk, stride_dom, stride_dok,
-                                      off_bh, start_n, offs_n, offs_d, lo, mid, T_Q, offset, qk_scale, dropout_p,
-                                      dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT,
-                                      DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
-                                      stride_qm, stride_qk, stride_dom, stride_dok,
-                                      off_bh, start_n, offs_n, offs_d, mid, T_Q, T_Q, offset, qk_scale, dropout_p,
-                                      dropout_scale, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT,
-                                      DOT_PRECISION)
+        slope = 0.0
+        if ALIBI:  # per query head
+            slope = tl.load(Alibi + off_z * stride_az + off_h * stride_ah) * LOG2_E
+        dk, dv = _dkdv_walk(dk, dv, k, v, Q_base, DO_base, LSE_base, Delta_base, seed,
+                            stride_qm, stride_qk, stride_dom, stride_dok,
+                            off_bh, start_n, offs_n, offs_d, lo, mid_lo, mid_hi, hi, T_Q, T_K, offset, qk_scale,
+                            dropout_p, dropout_scale, window_left, window_right, softcap_scale, softcap_log2, slope,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, DOT_PRECISION, BANDED, SOFTCAP, ALIBI)
     dk = dk * scale  # S = scale·q·kᵀ
 
     out_offs = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk
@@ -171,11 +245,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
                        stride_kn, stride_kk, stride_vn, stride_vk,
                        off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
+                       T_Q, window_left, window_right, softcap_scale, softcap_log2, slope,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                       ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Accumulates dQ (BLOCK_M, HEAD_DIM_PAD) fp32 of one query block over key blocks [lo, hi);
     query i sits at key position offset + i.
-    Off the diagonal every key is in bounds and visible: no masks."""
+    Unmasked blocks hold only keys in bounds that every row sees: no masks."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     for start_n in range(loop_bound(lo) if INTERPRETED else lo, loop_bound(hi) if INTERPRETED else hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -183,22 +259,65 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
         if DROPOUT:
             keep = _dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N)  # before the tiles are live
         kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
-                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)  # (HEAD_DIM_PAD, BLOCK_N)
+                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, MASK != NO_MASK)  # (HEAD_DIM_PAD, BLOCK_N)
         vT = _load_tile(V_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn,
-                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, ON_DIAGONAL)
+                        offs_d, offs_n, HEAD_DIM, T_K, PAD_D, MASK != NO_MASK)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if ON_DIAGONAL:
+        if SOFTCAP or ALIBI:
+            s, t = _option_scores(qk, offs_m[:, None], offs_n[None, :], offset, qk_scale, softcap_scale,
+                                  softcap_log2, slope, SOFTCAP, ALIBI)
+            p = tl.math.exp2(s - lse[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASK == DIAGONAL:
             p = tl.where(offs_m[:, None] >= (offs_n - offset)[None, :], p, 0.0)
+        elif MASK == BAND:  # where, not a product: a row that sees no key has p = exp2(s + inf)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], offset, window_left, window_right, T_Q, T_K),
+                         p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)  # d(c·tanh(x/c))/dx
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "T_Q", "T_K"])  # one variant for every length (GROUP: see the header)
+@triton.jit
+def _dq_walk(dq, q, do, lse, delta, K_base, V_base, seed,
+             stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
+             first, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
+             window_left, window_right, softcap_scale, softcap_log2, slope,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+             DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """The key blocks the forward visited for the query block whose first query sits at key
+    position `first` (flash_attention._fwd_walk): causal, keys [0, lo) unmasked and [lo, hi) on
+    the diagonal; BANDED, the band's edges masked and the blocks between them not."""
+    if BANDED:
+        lo, mid_lo, mid_hi, hi = _band_blocks(first, first + BLOCK_M - 1, window_left, window_right, T_K, BLOCK_N)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed, stride_kn, stride_kk, stride_vn,
+                                stride_vk, off_bh, offs_m, offset, offs_d, lo, mid_lo, T_K, qk_scale, dropout_p,
+                                dropout_scale, T_Q, window_left, window_right, softcap_scale, softcap_log2, slope,
+                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION, SOFTCAP, ALIBI)
+    else:
+        mid_lo = 0
+        mid_hi = (first // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(first + BLOCK_M, T_K)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed, stride_kn, stride_kk, stride_vn, stride_vk,
+                            off_bh, offs_m, offset, offs_d, mid_lo, mid_hi, T_K, qk_scale, dropout_p, dropout_scale,
+                            T_Q, window_left, window_right, softcap_scale, softcap_log2, slope,
+                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, NO_MASK, DROPOUT, DOT_PRECISION, SOFTCAP, ALIBI)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed, stride_kn, stride_kk, stride_vn, stride_vk,
+                            off_bh, offs_m, offset, offs_d, mid_hi, hi, T_K, qk_scale, dropout_p, dropout_scale,
+                            T_Q, window_left, window_right, softcap_scale, softcap_log2, slope,
+                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND if BANDED else DIAGONAL, DROPOUT, DOT_PRECISION,
+                            SOFTCAP, ALIBI)
+    return dq
+
+
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K", "window_left", "window_right"])  # GROUP: see the header
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
@@ -206,9 +325,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                  H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
+                 Alibi, stride_az, stride_ah, window_left, window_right, softcap_scale, softcap_log2,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Grid (cdiv(T_Q, BLOCK_M), H, B). K, V: (B, H / GROUP, T_K, HEAD_DIM)."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_h = tl.program_id(1)
@@ -232,20 +353,15 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + off_z * stride_az + off_h * stride_ah) * LOG2_E
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    # keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
-    first = offset + start_m  # the block's first query position
-    lo = (first // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(first + BLOCK_M, T_K)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
-                            stride_kn, stride_kk, stride_vn, stride_vk,
-                            off_bh, offs_m, offset, offs_d, 0, lo, T_K, qk_scale, dropout_p, dropout_scale,
-                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DROPOUT, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, seed,
-                            stride_kn, stride_kk, stride_vn, stride_vk,
-                            off_bh, offs_m, offset, offs_d, lo, hi, T_K, qk_scale, dropout_p, dropout_scale,
-                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DROPOUT, DOT_PRECISION)
+    dq = _dq_walk(dq, q, do, lse, delta, K_base, V_base, seed, stride_kn, stride_kk, stride_vn, stride_vk,
+                  off_bh, offs_m, offset, offs_d, offset + start_m, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
+                  window_left, window_right, softcap_scale, softcap_log2, slope,
+                  BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, DOT_PRECISION, BANDED, SOFTCAP, ALIBI)
     dq = dq * scale
 
     dq_ptrs = (DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh

@@ -155,6 +155,16 @@ GROUPED_DKDV: dict[tuple[int, bool, int], list[KernelConfig]] = {
 }
 
 
+# The banded dK/dV (causal=False or a window: three copies of the query loop, the band's bounds
+# live across them) holds more registers than the causal one; where a list above spills with it
+# (sm_80 16-bit D=64: M32/N64/w4 12-24 bytes, M32/N128/w8 12-92, with and without dropout), it gets
+# its own: (arch, fp32 inputs, head-dim class) -> configs. The other kernels' lists keep, at worst,
+# one spill-free config per banded call (`fastgpt check` names the ones dropped).
+BANDED_DKDV: dict[tuple[int, bool, int], list[KernelConfig]] = {
+    (80, False, 64): [C(32, 64, 8, 2), C(16, 64, 8, 2)],
+}
+
+
 def keep(kernel: str, config: KernelConfig) -> bool:
     """Whether `config` is a launch worth making of `kernel` (one of KERNELS): blocks of at least
     tl.dot's smallest tile (16), and for "fwd_decode" a query block of DECODE_MAX_QUERIES rows,
@@ -195,13 +205,16 @@ def arch_of(capability: tuple[int, int]) -> int:
 
 
 def configs(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool = False,
-            grouped: bool = False) -> list[KernelConfig]:
+            grouped: bool = False, banded: bool = False) -> list[KernelConfig]:
     """The autotuner's candidates for `kernel` on a GPU of this compute capability; `grouped`: for
-    a grouped-query call (fewer key/value heads than query heads)."""
+    a grouped-query call (fewer key/value heads than query heads); `banded`: for a call with a band
+    (causal=False or a window; the grouped list first where both apply)."""
     arch, head_dims = arch_of(capability), head_dim_class(head_dim_pad)
     shipped = (SHIPPED_FP32 if fp32 else SHIPPED)[kernel][arch][head_dims]
     if grouped and kernel == "bwd_dkdv":
         shipped = GROUPED_DKDV.get((arch, fp32, head_dims), shipped)
+    elif banded and kernel == "bwd_dkdv":
+        shipped = BANDED_DKDV.get((arch, fp32, head_dims), shipped)
     return [c for c in shipped if keep(kernel, c)]
 
 

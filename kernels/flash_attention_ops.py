@@ -8,13 +8,20 @@
 
 This module imports triton; fastgpt.attention.triton_backend imports it only on first use.
 
-Shapes: q, out, dout, dq (B, H, T_q, D); k, v, dk, dv (B, H_kv, T_k, D), T_k >= T_q, the causal
-diagonal bottom-right; H_kv divides H (grouped-query attention: query head h reads key/value head
+Shapes: q, out, dout, dq (B, H, T_q, D); k, v, dk, dv (B, H_kv, T_k, D), T_k >= T_q when causal,
+the diagonal bottom-right; H_kv divides H (grouped-query attention: query head h reads key/value head
 h // (H / H_kv) inside the kernels, and dk, dv sum over each group there). Layouts: q, k, v and dout may have any strides (strides go to the kernels,
 nothing is copied). out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory, the layout the
 GPT's head merge `y.transpose(1, 2).reshape(B, T, C)` reads without a copy. lse is (B, H, T_q)
 fp32 contiguous. A forward with T_q <= DECODE_MAX_QUERIES (decoding) launches the "fwd_decode"
 configs.
+
+The options (fastgpt/attention/api.py) reach the kernels as compile-time switches (BANDED: not
+causal or a window; SOFTCAP, ALIBI, SINKS) and runtime values: the window's sides as ints (an
+unbounded side as T_q + T_k, further than any key), scale / softcap and softcap·log2(e), the
+slopes (B, H) fp32 by their strides, the sinks (H,). A plain causal call sets no switch and
+launches the kernels it always did. The sinks' gradient needs no kernel: from the forward's lse
+and the backward's Δ, dsinks_h = -Σ_{b,i} exp(sink_h - lse_bhi)·Δ_bhi.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from fastgpt.kernels.flash_attention import _attn_fwd, _dropout_mask
 from fastgpt.kernels.flash_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 
 LOG2_E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x·log2(e))
+LN_2 = 0.6931471805599453  # ln(2): log(x) = log2(x)·ln(2)
 INTERPRETING = triton.knobs.runtime.interpret  # fixed when the kernels were decorated
 
 _KERNELS = {"fwd": _attn_fwd, "fwd_decode": _attn_fwd, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq}
@@ -58,19 +66,23 @@ def check_offsets(*tensors: torch.Tensor) -> None:
                              f"attention kernels address at most 2**31 - 1 within a slice")
 
 
-# (kernel, capability, head_dim_pad, fp32, grouped, seq_bucket) -> its autotuner, made on first use
+# (kernel, capability, head_dim_pad, fp32, grouped, seq_bucket, banded) -> its autotuner, made on first use
 _TUNERS: dict[tuple, triton.runtime.Autotuner] = {}
+# The options' compile-time switches: each combination is a variant of its own, tuned on its own
+# (the backward kernels take no SINKS: the sinks live in the forward's lse).
+OPTION_SWITCHES = ("BANDED", "SOFTCAP", "ALIBI", "SINKS")
 
 
-def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, grouped: bool, seq_bucket: int):
+def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, grouped: bool, seq_bucket: int,
+           banded: bool = False):
     """The autotuned launcher of `kernel` for one GPU architecture, head dim and sequence-length
     bucket (the next power of two of T_k). One autotuner per bucket, not a tuning run per T: sampling
     grows T_k one token at a time. The autotuners share the jit function, hence its compiled kernels."""
-    key = (kernel, capability, head_dim_pad, fp32, grouped, seq_bucket)
+    key = (kernel, capability, head_dim_pad, fp32, grouped, seq_bucket, banded)
     if key not in _TUNERS:
-        candidates = cfg.configs(kernel, capability, head_dim_pad, fp32, grouped)
+        candidates = cfg.configs(kernel, capability, head_dim_pad, fp32, grouped, banded)
         configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
-        _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION"],
+        _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "DOT_PRECISION", *OPTION_SWITCHES],
                                        prune_configs_by={"early_config_prune": _spill_pruner(kernel, capability)},
                                        )(_KERNELS[kernel])
     return _TUNERS[key]
@@ -118,6 +130,7 @@ def _spill_pruner(kernel: str, capability: tuple[int, int]):
             return configs
         args = {**named_args, **{k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}}
         call = (f"D={args.get('HEAD_DIM')} dropout={args.get('DROPOUT')} "
+                + "".join(f"{name.lower()} " for name in OPTION_SWITCHES if args.get(name) is True) +
                 f"{str(args['Q'].dtype).removeprefix('torch.') if 'Q' in args else '?'} "
                 f"sm_{capability[0]}{capability[1]}")
         try:
@@ -157,50 +170,76 @@ def tuned_configs() -> dict[str, str]:
     {"fwd D=64 dropout=False T<=4096 fp32=False": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."};
     grouped-query calls' picks are marked " grouped"."""
     picks = {}
-    for (kernel, _, _, fp32, grouped, seq_bucket), tuner in _TUNERS.items():
+    for (kernel, _, _, fp32, grouped, seq_bucket, _), tuner in _TUNERS.items():
         for tuning_key, config in tuner.cache.items():
             head_dim, dropout = tuning_key[0], tuning_key[1]
-            label = f"{kernel} D={head_dim} dropout={dropout} T<={seq_bucket} fp32={fp32}" + (" grouped" if grouped else "")
+            switches = [name for name in OPTION_SWITCHES if name in _KERNELS[kernel].arg_names]
+            options = "".join(f" {name.lower()}" for name, on in zip(switches, tuning_key[3:]) if on is True)
+            label = (f"{kernel} D={head_dim} dropout={dropout} T<={seq_bucket} fp32={fp32}"
+                     + (" grouped" if grouped else "") + options)
             picks[label] = str(config)
     return picks
 
 
-def _launcher(kernel: str, q: torch.Tensor, k: torch.Tensor, head_dim_pad: int):
-    """(launchable kernel, extra launch kwargs): a fixed config in the interpreter, autotuning on a GPU."""
+def _launcher(kernel: str, q: torch.Tensor, k: torch.Tensor, head_dim_pad: int, banded: bool = False):
+    """(launchable kernel, extra launch kwargs): a fixed config in the interpreter, autotuning on a GPU
+    (over the banded lists for a call with a band)."""
     if INTERPRETING or q.device.type != "cuda":
         c = cfg.INTERPRETER_CONFIGS[kernel]
         return wrap_triton(_KERNELS[kernel]), {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}
     capability = torch.cuda.get_device_capability(q.device)
     seq_bucket = triton.next_power_of_2(k.shape[2])
     fp32, grouped = q.dtype == torch.float32, k.shape[1] < q.shape[1]
-    return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, grouped, seq_bucket)), {}
+    return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, grouped, seq_bucket, banded)), {}
 
 
 def _head_dims(D: int) -> dict:
     return {"HEAD_DIM": D, "HEAD_DIM_PAD": cfg.padded_head_dim(D)}
 
 
-def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
+def option_args(T_q: int, T_k: int, scale: float, causal: bool, window_left: int, window_right: int,
+                softcap: float, alibi_slopes: Optional[torch.Tensor]) -> tuple[tuple, dict]:
+    """(runtime args, switches) the kernels take for the options: (Alibi, stride_az, stride_ah,
+    window_left, window_right, softcap_scale, softcap_log2) and {BANDED, SOFTCAP, ALIBI}. window
+    sides are -1 when unbounded; a causal call's right side is 0."""
+    unbounded = T_q + T_k  # further than any key from any query; a wider side is clamped to it (32-bit)
+    left = unbounded if window_left < 0 else min(window_left, unbounded)
+    right = 0 if causal else (unbounded if window_right < 0 else min(window_right, unbounded))
+    strides = tuple(alibi_slopes.stride()) if alibi_slopes is not None else (0, 0)
+    softcap_args = (scale / softcap, softcap * LOG2_E) if softcap > 0 else (0.0, 0.0)
+    switches = {"BANDED": not causal or window_left >= 0, "SOFTCAP": softcap > 0, "ALIBI": alibi_slopes is not None}
+    return (alibi_slopes, *strides, left, right, *softcap_args), switches
+
+
+def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scale: float, causal: bool = True,
+                   window_left: int = -1, window_right: int = 0, softcap: float = 0.0,
+                   sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None):
     """q (B, H, T_q, D), k, v (B, H_kv, T_k, D) -> out (B, H, T_q, D), lse (B, H, T_q) fp32 (base-2
-    log-sum-exp)."""
+    log-sum-exp, -inf for a row that sees no key); sinks (H,) contiguous, alibi_slopes (B, H) fp32."""
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
     out = _empty_bthd(q)
     lse = torch.empty((B, H, T_q), device=q.device, dtype=torch.float32)
     dims = _head_dims(D)
-    kernel, launch = _launcher("fwd_decode" if T_q <= cfg.DECODE_MAX_QUERIES else "fwd", q, k, dims["HEAD_DIM_PAD"])
+    options, switches = option_args(T_q, T_k, scale, causal, window_left, window_right, softcap, alibi_slopes)
+    kernel, launch = _launcher("fwd_decode" if T_q <= cfg.DECODE_MAX_QUERIES else "fwd", q, k, dims["HEAD_DIM_PAD"],
+                               switches["BANDED"])
     dropout = dropout_p > 0.0
     kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
         q, k, v, out, lse, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, H // H_kv, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
-        **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **launch,
+        H, H // H_kv, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), sinks, *options,
+        **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **switches,
+        SINKS=sinks is not None, **launch,
     )
     return out, lse
 
 
-def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropout_p: float, scale: float):
-    """-> dq (B, H, T_q, D), dk, dv (B, H_kv, T_k, D), in the dtype of q."""
+def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropout_p: float, scale: float,
+                    causal: bool = True, window_left: int = -1, window_right: int = 0, softcap: float = 0.0,
+                    alibi_slopes: Optional[torch.Tensor] = None):
+    """-> dq (B, H, T_q, D), dk, dv (B, H_kv, T_k, D), in the dtype of q, and Δ = rowsum(dO∘out)
+    (B, H, T_q) fp32."""
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
     check_offsets(dout)
@@ -210,22 +249,31 @@ def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropo
         out, dout, delta, *_strides(out), *_strides(dout), H, T_q, **dims, BLOCK_M=cfg.PREPROCESS_BLOCK_M,
     )
     dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(k)
-    common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32))
-    scalars = (H, H // H_kv, T_q, T_k, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p))
+    options, switches = option_args(T_q, T_k, scale, causal, window_left, window_right, softcap, alibi_slopes)
+    common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32),
+                  **switches)
+    scalars = (H, H // H_kv, T_q, T_k, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), *options)
 
-    kernel, launch = _launcher("bwd_dkdv", q, k, dims["HEAD_DIM_PAD"])
+    kernel, launch = _launcher("bwd_dkdv", q, k, dims["HEAD_DIM_PAD"], switches["BANDED"])
     kernel[lambda meta: (triton.cdiv(T_k, meta["BLOCK_N"]), H_kv, B)](  # one program per key/value head
         q, k, v, dout, dk, dv, lse, delta, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         *scalars, **common, **launch,
     )
-    kernel, launch = _launcher("bwd_dq", q, k, dims["HEAD_DIM_PAD"])
+    kernel, launch = _launcher("bwd_dq", q, k, dims["HEAD_DIM_PAD"], switches["BANDED"])
     kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
         q, k, v, dout, dq, lse, delta, seed,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
         *scalars, **common, **launch,
     )
-    return dq, dk, dv
+    return dq, dk, dv, delta
+
+
+def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """dsinks (H,) in sinks' dtype: -Σ_{b,i} p_sink·Δ, p_sink = exp(sink - lse) the weight the sink
+    took in each row (lse (B, H, T_q) base 2, as the kernels keep it; Δ (B, H, T_q))."""
+    p_sink = torch.exp2(sinks.float()[None, :, None] * LOG2_E - lse)
+    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
 
 
 # --- the torch.library ops -------------------------------------------------------------------
@@ -236,14 +284,21 @@ def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropo
 # with a shape-only fake, which torch.compile also sees as one op.
 
 def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
-              dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch_forward(q, k, v, seed, dropout_p, scale)
+              dropout_p: float, scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+              sinks: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_forward(q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks,
+                          alibi_slopes)
 
 
 def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
-              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_backward(dout, q, k, v, out, lse, seed, dropout_p, scale)
+              lse: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float, scale: float, causal: bool,
+              window_left: int, window_right: int, softcap: float, sinks: Optional[torch.Tensor],
+              alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and dsinks (H,), or an empty dsinks without sinks (an op returns tensors only)."""
+    dq, dk, dv, delta = launch_backward(dout, q, k, v, out, lse, seed, dropout_p, scale, causal, window_left,
+                                        window_right, softcap, alibi_slopes)
+    dsinks = q.new_empty(0) if sinks is None else sinks_grad(sinks, lse, delta)
+    return dq, dk, dv, dsinks
 
 
 if INTERPRETING:
@@ -251,31 +306,36 @@ if INTERPRETING:
     flash_attention_bwd = torch.library.custom_op("fastgpt::flash_attention_bwd", _bwd_impl, mutates_args=())
 
     @flash_attention_fwd.register_fake
-    def _(q, k, v, seed, dropout_p, scale):
+    def _(q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes):
         B, H, T_q, D = q.shape
         return _empty_bthd(q), q.new_empty((B, H, T_q), dtype=torch.float32)
 
     @flash_attention_bwd.register_fake
-    def _(dout, q, k, v, out, lse, seed, dropout_p, scale):
-        return _empty_bthd(q), _empty_bthd(k), _empty_bthd(k)
+    def _(dout, q, k, v, out, lse, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks,
+          alibi_slopes):
+        dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
+        return _empty_bthd(q), _empty_bthd(k), _empty_bthd(k), dsinks
 else:
     flash_attention_fwd = torch.library.triton_op("fastgpt::flash_attention_fwd", _fwd_impl, mutates_args=())
     flash_attention_bwd = torch.library.triton_op("fastgpt::flash_attention_bwd", _bwd_impl, mutates_args=())
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, dropout_p, scale = inputs
+    q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    # O(B·H·T·D) saved: the inputs (views, no copies), out, lse and an 8-byte seed; no T×T tensor
-    ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.dropout_p, ctx.scale = dropout_p, scale
+    # O(B·H·T·D) saved: the inputs (views, no copies), out, lse, an 8-byte seed and the options'
+    # (H,) and (B, H) tensors; no T×T tensor
+    ctx.save_for_backward(q, k, v, out, lse, seed, sinks, alibi_slopes)
+    ctx.dropout_p, ctx.scale, ctx.causal, ctx.softcap = dropout_p, scale, causal, softcap
+    ctx.window = (window_left, window_right)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, seed, ctx.dropout_p, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, seed, sinks, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv, dsinks = flash_attention_bwd(dout, q, k, v, out, lse, seed, ctx.dropout_p, ctx.scale, ctx.causal,
+                                             *ctx.window, ctx.softcap, sinks, alibi_slopes)
+    return dq, dk, dv, None, None, None, None, None, None, None, None if sinks is None else dsinks, None
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -302,13 +362,21 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional
     return keep.bool()
 
 
-def triton_attention(q, k, v, dropout_p: float, scale: float, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The `triton` backend: q (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated -> out (B, H, T_q, D).
-    With dropout, `seed` (a 1-element int64 tensor on q's device, draw_seed) picks the mask that
-    dropout_keep_mask rebuilds; None draws one from torch's generator."""
+def triton_attention(q, k, v, dropout_p: float, scale: float, seed: Optional[torch.Tensor] = None, *,
+                     causal: bool = True, window: tuple[int, int] = (-1, 0), softcap: float = 0.0,
+                     sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+                     return_lse: bool = False):
+    """The `triton` backend: q (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated -> out (B, H, T_q, D),
+    and with return_lse (out, lse (B, H, T_q) float32, natural log, detached). With dropout, `seed`
+    (a 1-element int64 tensor on q's device, draw_seed) picks the mask that dropout_keep_mask
+    rebuilds; None draws one from torch's generator. The options as AttentionCall holds them:
+    window (left, right) with -1 unbounded, sinks (H,), alibi_slopes (B, H) float32."""
     check_offsets(q, k, v)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(q.device)
-    out, _ = flash_attention_fwd(q, k, v, seed if dropout_p > 0.0 else None, dropout_p, scale)
-    return out
-
+    sinks = None if sinks is None else sinks.contiguous()  # read at one stride in the kernel; a copy is (H,)
+    out, lse = flash_attention_fwd(q, k, v, seed if dropout_p > 0.0 else None, dropout_p, scale, causal, window[0],
+                                   window[1], float(softcap), sinks, alibi_slopes)
+    if not return_lse:
+        return out
+    return out, lse * LN_2  # base 2 in the kernels; -inf stays -inf

@@ -267,3 +267,16 @@ def test_fastgpt_parity_checks_the_options_and_the_sinks_gradient(capsys):
     assert "not supported: sdpa does not take softcap" in capsys.readouterr().out
     assert main(["parity", "--variants", "window:0"]) == 2
     assert "--variants 'window:0' is not a variant" in capsys.readouterr().err
+
+
+def test_the_readme_table_of_options_is_the_registry_s():
+    from pathlib import Path
+
+    from fastgpt.attention import get_path, kernel_path_names
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("| kernel path | options it takes |\n|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    rows = dict(line.strip("|").replace("`", "").split(" | ") for line in table.splitlines())
+    expected = {name: ", ".join(o for o in OPTIONS if o in get_path(name).options) or "none (plain causal only)"
+                for name in kernel_path_names()}
+    assert {name.strip(): value.strip() for name, value in rows.items()} == expected

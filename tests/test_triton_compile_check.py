@@ -10,6 +10,7 @@ suite compile everything again and ask for the record to be refreshed.
 
 import ast
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -67,13 +68,59 @@ def test_jobs_cover_every_kernel_arch_dtype_head_dim_and_dropout():
                 for D in cfg.CHECKED_HEAD_DIMS:
                     for dropout in (False, True):
                         for grouped in (False, True):
-                            checked = [j.config for j in jobs if (j.kernel, j.arch, j.dtype, j.head_dim, j.dropout,
-                                                                  j.grouped) == (kernel, arch, dtype, D, dropout, grouped)]
+                            checked = [j.config for j in jobs if not j.options and (
+                                j.kernel, j.arch, j.dtype, j.head_dim, j.dropout, j.grouped) == (
+                                kernel, arch, dtype, D, dropout, grouped)]
                             # grouped-query (GROUP > 1): dK/dV, which loops over the group, at each list's widest D
                             wanted = not grouped or (kernel == "bwd_dkdv" and D in triton_compile_check.GROUPED_HEAD_DIMS)
                             shipped = cfg.configs(kernel, (arch // 10, 0), cfg.padded_head_dim(D), dtype == "fp32", grouped)
                             assert checked == (shipped if wanted else []), (kernel, arch, dtype, D, dropout, grouped)
     assert {cfg.padded_head_dim(D) for D in triton_compile_check.GROUPED_HEAD_DIMS} == {64, 128, 256}
+
+
+def test_jobs_cover_every_option_variant_at_the_option_head_dims():
+    # each option a compile-time switch: each alone and all at once, every shipped config of every
+    # kernel it changes (sinks: the forward only), with and without dropout, on both archs
+    jobs = triton_compile_check.jobs([80, 90], list(triton_compile_check.DTYPES), cfg.CHECKED_HEAD_DIMS)
+    variants = triton_compile_check.OPTION_VARIANTS
+    assert {o for v in variants for o in v} == {"bidirectional", "window", "softcap", "sinks", "alibi"}
+    assert any(len(v) == 5 for v in variants)
+    assert set(triton_compile_check.OPTION_HEAD_DIMS) == {64, 128}
+    for options in variants:
+        for kernel in cfg.KERNELS:
+            for arch in (80, 90):
+                for D in cfg.CHECKED_HEAD_DIMS:
+                    for dropout in (False, True):
+                        checked = [j.config for j in jobs if (j.options, j.kernel, j.arch, j.head_dim, j.dropout)
+                                   == (options, kernel, arch, D, dropout)]
+                        wanted = D in triton_compile_check.OPTION_HEAD_DIMS and (
+                            options != ("sinks",) or kernel.startswith("fwd"))
+                        banded = bool({"bidirectional", "window"} & set(options))
+                        shipped = cfg.configs(kernel, (arch // 10, 0), cfg.padded_head_dim(D), banded=banded)
+                        assert checked == (shipped if wanted else []), (options, kernel, arch, D, dropout)
+
+
+def test_option_jobs_compile_with_their_switches_and_arguments():
+    # an option job's kernel gets its switches as constexprs and its tensors as pointers; the plain
+    # job's stay off and None, so it compiles the kernel it always did (in a compiling process)
+    code = ("import json\n"
+            "from fastgpt.verify.triton_compile import Job, _source\n"
+            "from fastgpt.kernels.flash_attention_configs import KernelConfig\n"
+            "everything = ('bidirectional', 'window', 'softcap', 'sinks', 'alibi')\n"
+            "def seen(kernel, options):\n"
+            "    s = _source(Job(kernel, 80, 'fp16', 64, True, KernelConfig(64, 64, 4, 3), options=options))\n"
+            "    names = s.fn.arg_names\n"
+            "    switches = {n: s.constants[(names.index(n),)] for n in ('BANDED', 'SOFTCAP', 'ALIBI', 'SINKS') if n in names}\n"
+            "    return {'switches': switches, 'Sinks': s.signature.get('Sinks'), 'Alibi': s.signature['Alibi']}\n"
+            "print(json.dumps([seen('fwd', ()), seen('fwd', everything), seen('bwd_dq', everything)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=_compiler_env(), capture_output=True, text=True, timeout=300)
+    plain, full, backward = json.loads(out.stdout.splitlines()[-1])
+    assert plain == {"switches": dict.fromkeys(("BANDED", "SOFTCAP", "ALIBI", "SINKS"), False),
+                     "Sinks": "constexpr", "Alibi": "constexpr"}
+    assert full == {"switches": dict.fromkeys(("BANDED", "SOFTCAP", "ALIBI", "SINKS"), True),
+                    "Sinks": "*fp16", "Alibi": "*fp32"}
+    # the backward takes no SINKS: it reads the sinks in the forward's lse
+    assert backward == {"switches": dict.fromkeys(("BANDED", "SOFTCAP", "ALIBI"), True), "Sinks": None, "Alibi": "*fp32"}
 
 
 def test_a_spilling_config_fails_the_check():
@@ -99,7 +146,9 @@ def test_static_check_passes_for_every_shipped_config(tmp_path):
     # once drew, counts 7 to 10 here)
     lines = stdout.splitlines()
     assert lines[0].split()[-2:] == ["philox/w", "status"]
-    rows = [line.split() for line in lines[1:] if line.split() and line.split()[0] in cfg.KERNELS]
+    # the option variants' rows too ("fwd+window"): a band walks three copies of the loop, which the count takes
+    rows = [line.split() for line in lines[1:] if line.split() and line.split()[0].split("+")[0] in cfg.KERNELS]
+    assert any("+" in row[0] for row in rows)
     assert rows
     for row in rows:
         block_m, block_n, warps = (int(x[1:]) for x in row[3].split("/")[:3])  # M128/N64/w8/s3

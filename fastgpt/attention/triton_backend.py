@@ -1,4 +1,6 @@
-"""`triton`: the fused causal-attention kernel in kernels/flash_attention*.py (forward, backward, dropout).
+"""`triton`: the fused attention kernels in kernels/flash_attention*.py (forward, backward, dropout),
+with every option of the API (bidirectional, a window, soft-capping, sinks, ALiBi, the lse), each a
+compile-time switch of the kernels.
 
 This module only registers the backend and answers whether it can run; the host code beside the
 kernels (launchers, the torch.library op: fastgpt.kernels.flash_attention_ops), and with it triton,
@@ -20,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from fastgpt.attention.call import AttentionCall, dtype_name
-from fastgpt.attention.registry import Backend, register_backend
+from fastgpt.attention.call import OPTIONS, AttentionCall, call_options, dtype_name
+from fastgpt.attention.registry import Backend, KernelPath, register_backend
 from fastgpt.kernels.flash_attention_configs import MAX_HEAD_DIM, MIN_HEAD_DIM  # plain Python: no triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,25 +85,35 @@ def unsupported_reason(call: AttentionCall) -> Optional[str]:
     return None
 
 
-def _triton_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+def _options(call: AttentionCall) -> dict:
+    """The call's options as triton_attention takes them (none for a plain causal call)."""
+    return call_options(call) if call.options else {}
+
+
+def _triton_path(q, k, v, call: AttentionCall):
     from fastgpt.kernels.flash_attention_ops import triton_attention
 
-    return triton_attention(q, k, v, dropout_p, scale)
+    return triton_attention(q, k, v, call.dropout_p, call.scale, **_options(call))
 
 
-def _with_dropout_mask(q, k, v, call: AttentionCall, path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, keep (B, H, T_q, T_k) bool): the kernels' mask is a function of the seed, rebuilt from it."""
+def _with_dropout_mask(q, k, v, call: AttentionCall, path) -> tuple:
+    """(out, keep (B, H, T_q, T_k) bool): the kernels' mask is a function of the seed, rebuilt from
+    it (the same function of (seed, b·H + h, query, key) whatever the options); out is (out, lse)
+    with return_lse."""
     from fastgpt.kernels.flash_attention_ops import draw_seed, dropout_keep_mask, triton_attention
 
     seed = draw_seed(q.device)
-    out = triton_attention(q, k, v, call.dropout_p, call.scale, seed)
+    out = triton_attention(q, k, v, call.dropout_p, call.scale, seed, **_options(call))
     return out, dropout_keep_mask(seed, q.shape, call.dropout_p, call.kv_len)
 
 
+DESCRIPTION = ("fused flash-attention kernel in Triton: online softmax, causal or banded block skipping, "
+               "in-kernel dropout")
+
 register_backend(Backend(
     name="triton",
-    fn=_triton_attention,
-    description="fused flash-attention kernel in Triton: online softmax, causal block skipping, in-kernel dropout",
+    paths=(KernelPath("triton", _triton_path, DESCRIPTION, options=frozenset(OPTIONS)),),
+    description=DESCRIPTION,
     unavailable_reason=unavailable_reason,
     unsupported_reason=unsupported_reason,
     emulated=lambda device: device.type == "cpu" and interpreting(),

@@ -1,6 +1,6 @@
 """`fastgpt bench attention`: every backend against eager PyTorch over a sweep of sequence lengths.
 
-For each cell (T, mode, dropout, dtype, variant) the backends available on the device run interleaved
+For each cell (T, mode, dropout, dtype) the backends, each with every variant of the sweep, available on the device run interleaved
 (A B A B ...) on the same inputs, after each was checked against the float64 reference at that
 T, D and dtype (the parity rule of fastgpt/verify/parity.py). B·T is held constant across the sweep so
 every cell processes the same number of tokens. A variant is one set of the API's options
@@ -126,21 +126,39 @@ def run_attention_benchmark(sweep: AttentionSweep, progress: bool = True) -> dic
     env = environment(device)
     # before the cells, while the machine is in the state the cells will find it
     gemm = probe_gemms(sweep.dtypes, device, sweep.gemm_n) if device.type == "cpu" else {}
-    cells = [(dtype, T, mode, p, variant) for dtype in sweep.dtypes for T in sweep.seq_lens for mode in sweep.modes
-             for p in sweep.dropouts for variant in parse_variants(sweep.variants)]
+    cells = [(dtype, T, mode, p) for dtype in sweep.dtypes for T in sweep.seq_lens for mode in sweep.modes
+             for p in sweep.dropouts]
+    variants = parse_variants(sweep.variants)
     validated: dict[tuple, Optional[str]] = {}  # (backend, T, dtype, variant) -> None if it passed, else why not
     records = []
     bar = tqdm(cells, desc="attention cells", disable=not progress, dynamic_ncols=True)
-    for dtype_name, T, mode, dropout_p, variant in bar:
-        bar.set_postfix(T=T, mode=mode, dropout=dropout_p, variant=variant.name, refresh=False)
-        cell = _Cell(sweep, device, dtype_name, T, mode, dropout_p, variant)
-        calls, statuses = _prepare_calls(cell, names, validated)
-        times = _time_calls(calls, statuses, cell)
-        records += _cell_records(cell, names, calls, statuses, times, gemm, env["device"])
-        del cell, calls  # the inputs and graphs go before the next cell allocates its own
+    for dtype_name, T, mode, dropout_p in bar:
+        bar.set_postfix(T=T, mode=mode, dropout=dropout_p, refresh=False)
+        records += _run_cell(sweep, device, (dtype_name, T, mode, dropout_p), variants, names, validated, gemm,
+                             env["device"])
     bar.close()
     _add_vs_causal(records)
     return {"environment": env, "sweep": asdict(sweep), "gemm_probe": gemm, "records": records}
+
+
+def _run_cell(sweep: AttentionSweep, device: torch.device, where: tuple, variants: list[Variant], names: list[str],
+              validated: dict[tuple, Optional[str]], gemm: dict[str, Any], device_name: str) -> list[dict[str, Any]]:
+    """One cell (dtype, T, mode, dropout): every (backend, variant) timed interleaved in one run,
+    so that a variant's multiple of causal is measured as the backends' ratios are."""
+    cells = [_Cell(sweep, device, *where, variant) for variant in variants]
+    calls, statuses = {}, {}
+    for cell in cells:
+        cell_calls, cell_statuses = _prepare_calls(cell, names, validated)
+        calls.update({(name, cell.variant.name): fn for name, fn in cell_calls.items()})
+        statuses.update({(name, cell.variant.name): status for name, status in cell_statuses.items()})
+    times = _time_calls(calls, statuses, cells[0])
+    records = []
+    for cell in cells:
+        def mine(table, v=cell.variant.name):
+            return {name: value for (name, variant), value in table.items() if variant == v}
+
+        records += _cell_records(cell, names, mine(calls), mine(statuses), mine(times), gemm, device_name)
+    return records  # the inputs and graphs go with `cells` before the next cell allocates its own
 
 
 def _add_vs_causal(records: list[dict[str, Any]]) -> None:
@@ -216,7 +234,7 @@ def _prepare_calls(cell: _Cell, names: list[str], validated: dict[tuple, Optiona
     return calls, statuses
 
 
-def _time_calls(calls: dict[str, Callable[[], Any]], statuses: dict[str, str], cell: _Cell) -> dict[str, list[float]]:
+def _time_calls(calls: dict[Any, Callable[[], Any]], statuses: dict[Any, str], cell: _Cell) -> dict[Any, list[float]]:
     """The calls' times, interleaved; none, with each status saying so, when they run out of memory."""
     try:
         return time_interleaved(calls, cell.device, cell.sweep.reps, cell.sweep.warmup) if calls else {}

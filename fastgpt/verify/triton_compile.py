@@ -9,7 +9,8 @@ no register.
 and the table layout are fastgpt.verify.compile_check's, shared by both.
 
 For each (kernel, arch, input dtype, head dim, dropout on/off, shipped config; fp32 inputs have
-configs of their own) it compiles the kernel with
+configs of their own), and for the attention options' variants (OPTION_VARIANTS: each option a
+compile-time switch, at OPTION_HEAD_DIMS in 16-bit), it compiles the kernel with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
 `ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured) and reads registers
 and spill bytes from that report, shared memory from the kernel metadata.
@@ -80,6 +81,12 @@ class Job:
     dropout: bool
     config: cfg.KernelConfig
     grouped: bool = False  # the grouped-query variant (GROUP > 1, a runtime value) instead of GROUP = 1
+    options: tuple[str, ...] = ()  # the attention options compiled in (OPTION_VARIANTS), in OPTIONS' order
+
+    @property
+    def name(self) -> str:
+        """The kernel and its variant: "bwd_dkdv/gqa", "fwd+window+softcap"."""
+        return self.kernel + ("/gqa" if self.grouped else "") + "".join(f"+{o}" for o in self.options)
 
 
 @dataclass
@@ -121,12 +128,24 @@ def _example_args(job: Job) -> dict:
     qkv = (T * 3 * H * D, D, 3 * H * D, 1)  # strides of a (B, H, T, D) view of (B, T, 3, H, D)
     bthd = (T * H * D, D, H * D, 1)  # out, dout, dq, dk, dv
     layouts = {"q": qkv, "k": qkv, "v": qkv}
-    # lengths and H are never specialised: any values do; GROUP = 1 is (a constexpr), 4 stands for any other
-    args = {"H": H, "GROUP": 4 if job.grouped else 1, "T": T, "T_Q": T, "T_K": T}
+    # lengths, H and the window's sides are never specialised: any values do; GROUP = 1 is (a
+    # constexpr), 4 stands for any other
+    args = {"H": H, "GROUP": 4 if job.grouped else 1, "T": T, "T_Q": T, "T_K": T, "window_left": T // 4,
+            "window_right": 0 if "bidirectional" not in job.options else T // 4}
     stride_names = [n for n in _kernel_fn(job.kernel).arg_names if n.startswith("stride_")]
     for i, name in enumerate(stride_names):
         args[name] = layouts.get(name[len("stride_"):-1], bthd)[i % 4]
+    args["stride_az"], args["stride_ah"] = 0, 1  # ALiBi slopes given per head, expanded over the batch
     return args
+
+
+def _switches(job: Job) -> dict:
+    """The options' compile-time switches of job's kernel (the backward kernels take no SINKS)."""
+    switches = {"BANDED": bool({"bidirectional", "window"} & set(job.options)), "SOFTCAP": "softcap" in job.options,
+                "ALIBI": "alibi" in job.options}
+    if job.kernel in ("fwd", "fwd_decode"):
+        switches["SINKS"] = "sinks" in job.options
+    return switches
 
 
 def _source(job: Job):
@@ -139,27 +158,28 @@ def _source(job: Job):
         constexprs["BLOCK_M"] = job.config.block_m
     else:
         constexprs.update(job.config.meta, DROPOUT=job.dropout,
-                          DOT_PRECISION=cfg.dot_precision(job.dtype == "fp32"))
+                          DOT_PRECISION=cfg.dot_precision(job.dtype == "fp32"), **_switches(job))
+    unused = {"Seed": not job.dropout, "Sinks": "sinks" not in job.options, "Alibi": "alibi" not in job.options}
     ints = _example_args(job)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if name == "Seed" and not job.dropout:
+        if unused.get(name):
             signature[name], constexprs[name] = "constexpr", None
             continue
         if name in ints:
             signature[name], divisible = _int_arg(ints[name], not fn.params[i].do_not_specialize)
             if signature[name] == "constexpr":
                 constexprs[name] = ints[name]
-        elif name in ("LSE", "Delta"):
+        elif name in ("LSE", "Delta", "Alibi"):
             signature[name], divisible = "*fp32", True
         elif name == "Seed":
             signature[name], divisible = "*i64", True
         elif name[0].isupper():
             signature[name], divisible = element, True
-        else:  # scale, qk_scale, dropout_p, dropout_scale
+        else:  # scale, qk_scale, dropout_p, dropout_scale, softcap_scale, softcap_log2
             signature[name], divisible = "fp32", False
         if divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -207,7 +227,9 @@ def run_job(job: Job) -> Result:
         return Result(job, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
 
 
-LOOP_COPIES = 2  # each kernel streams its tiles through two copies of its loop: off and on the diagonal
+# Each kernel streams its tiles through two copies of its loop, off and on the diagonal; with a band
+# (bidirectional or a window) through three: its two edges and the blocks between them.
+LOOP_COPIES, BANDED_LOOP_COPIES = 2, 3
 
 
 def philox_rounds_per_weight(job: Job, ptx: str) -> float:
@@ -215,13 +237,21 @@ def philox_rounds_per_weight(job: Job, ptx: str) -> float:
     thread's share of a (BLOCK_M, BLOCK_N) tile in each copy of the loop."""
     high_multiplies = sum(line.split()[0] == "mul.hi.u32" for line in ptx.splitlines() if line.strip())
     weights_per_thread = job.config.block_m * job.config.block_n / (32 * job.config.num_warps)
-    return high_multiplies / 2 / (LOOP_COPIES * weights_per_thread)
+    copies = BANDED_LOOP_COPIES if _switches(job)["BANDED"] else LOOP_COPIES
+    return high_multiplies / 2 / (copies * weights_per_thread)
 
 
 # The grouped-query variant of dK/dV, the kernel grouping changes most (a loop over the group's
 # query heads around both of its loops), at the widest head dim of each shipped list. Grouped fwd
 # and dQ differ from GROUP = 1 by one integer division; not compiled here, to keep the check's time.
 GROUPED_HEAD_DIMS = (64, 128, 256)
+# The attention options' variants (each option a compile-time switch; fastgpt/attention/api.py): each
+# option alone and all of them at once, with and without dropout, at the head dims most models run,
+# in 16-bit (the tensor-core path; fp32's own lists and bf16 take the same switches). Sinks change
+# the forward only (the backward reads them in the forward's lse).
+OPTION_VARIANTS = (("bidirectional",), ("window",), ("softcap",), ("sinks",), ("alibi",),
+                   ("bidirectional", "window", "softcap", "sinks", "alibi"))
+OPTION_HEAD_DIMS, OPTION_DTYPES = (64, 128), ("fp16",)
 
 
 def jobs(archs, dtypes, head_dims) -> list[Job]:
@@ -240,7 +270,20 @@ def jobs(archs, dtypes, head_dims) -> list[Job]:
                 if D in GROUPED_HEAD_DIMS:
                     for config in cfg.configs("bwd_dkdv", (arch // 10, 0), pad, dtype == "fp32", grouped=True):
                         out += [Job("bwd_dkdv", arch, dtype, D, dropout, config, grouped=True) for dropout in (False, True)]
+                if D in OPTION_HEAD_DIMS and dtype in OPTION_DTYPES:
+                    out += _option_jobs(arch, dtype, D)
+    return out
 
+
+def _option_jobs(arch: int, dtype: str, D: int) -> list[Job]:
+    """Every shipped config of the kernels each option variant changes, with and without dropout."""
+    out = []
+    for options in OPTION_VARIANTS:
+        kernels = ("fwd", "fwd_decode") if options == ("sinks",) else cfg.KERNELS
+        banded = bool({"bidirectional", "window"} & set(options))
+        for kernel in kernels:
+            for config in cfg.configs(kernel, (arch // 10, 0), cfg.padded_head_dim(D), dtype == "fp32", banded=banded):
+                out += [Job(kernel, arch, dtype, D, dropout, config, options=options) for dropout in (False, True)]
     return out
 
 
@@ -249,7 +292,7 @@ DROPPED = "DROPPED"  # a table status: one word, as every status is
 
 def _call(job: Job) -> tuple:
     """What one autotuning chooses among: a kernel's configs for one arch, dtype, head dim and dropout."""
-    return job.kernel + ("/gqa" if job.grouped else ""), job.arch, job.dtype, job.head_dim, job.dropout
+    return job.name, job.arch, job.dtype, job.head_dim, job.dropout
 
 
 def _call_name(call: tuple) -> str:
@@ -288,7 +331,7 @@ def table(results: list[Result], full: bool) -> str:
     for r in results:
         j = r.job
         inputs = "fp32" if j.dtype == "fp32" else "16-bit"
-        key = (j.kernel + ("/gqa" if j.grouped else ""), f"sm_{j.arch}", inputs, str(j.config))
+        key = (j.name, f"sm_{j.arch}", inputs, str(j.config))
         if full:
             key += (j.dtype, str(j.head_dim), "on" if j.dropout else "off")
         rows.setdefault(key, []).append(r)
@@ -422,7 +465,7 @@ def write_json(path: str, results: list[Result], dropped: list[Result], failures
     import triton
 
     dropped_ids = {id(r) for r in dropped}
-    rows = [{"kernel": r.job.kernel + ("/gqa" if r.job.grouped else ""), "arch": r.job.arch, "dtype": r.job.dtype,
+    rows = [{"kernel": r.job.name, "arch": r.job.arch, "dtype": r.job.dtype,
              "head_dim": r.job.head_dim, "dropout": r.job.dropout, "config": str(r.job.config),
              "config_fields": [r.job.config.block_m, r.job.config.block_n, r.job.config.num_warps,
                                r.job.config.num_stages],
@@ -447,9 +490,9 @@ def read_json(path) -> tuple[dict, list[Result]]:
         data = json.load(f)
     results = []
     for row in data["results"]:
-        kernel = row["kernel"].removesuffix("/gqa")
-        job = Job(kernel, row["arch"], row["dtype"], row["head_dim"], row["dropout"],
-                  cfg.KernelConfig(*row["config_fields"]), grouped=row["kernel"].endswith("/gqa"))
+        kernel, *options = row["kernel"].split("+")
+        job = Job(kernel.removesuffix("/gqa"), row["arch"], row["dtype"], row["head_dim"], row["dropout"],
+                  cfg.KernelConfig(*row["config_fields"]), grouped=kernel.endswith("/gqa"), options=tuple(options))
         results.append(Result(job, row["registers"], row["spill_bytes"], row["shared_bytes"], row["error"],
                               row["philox_rounds_per_weight"]))
     return data["summary"], results
