@@ -13,6 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator  # noqa: E402
 
 
+def _saved(fig, path: Path) -> Path:
+    """Lays `fig` out, writes it to `path` and frees it."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _style(ax, title: str, ylabel: str) -> None:
     """Log-log against T, with plain tick labels: 0.5, 2, 40 rather than 5×10⁻¹; 64, 128 rather than 2⁶."""
     ax.set_title(title, fontsize=10)
@@ -67,11 +75,7 @@ def plot_attention(result: dict[str, Any], out_dir: Path, name: str = "attention
                                        else "")
         fig.suptitle(f"causal attention, {dtype}, {heads}, D={rows[0]['D']}: {env['device']}, torch {env['torch']}",
                      fontsize=11)
-        fig.tight_layout()
-        path = out_dir / f"{name}_{dtype}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_saved(fig, out_dir / f"{name}_{dtype}.png"))
     return paths
 
 
@@ -97,11 +101,7 @@ def plot_variants(result: dict[str, Any], out_dir: Path, name: str = "attention"
         env = result["environment"]
         fig.suptitle(f"attention variants, {dtype}, H={rows[0]['H']}, D={rows[0]['D']} (labels: × causal): "
                      f"{env['device']}, torch {env['torch']}", fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"{name}_variants_{dtype}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_saved(fig, out_dir / f"{name}_variants_{dtype}.png"))
     return paths
 
 
@@ -157,11 +157,7 @@ def plot_generate(result: dict[str, Any], out_dir: Path, name: str = "generate")
     env = result["environment"]
     fig.suptitle(f"generation, {result['preset']} model, batch 1: {env['device']}, {env['cpu_threads']} threads, "
                  f"torch {env['torch']}", fontsize=11)
-    fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_saved(fig, out_dir / f"{name}.png")]
 
 
 def plot_training_run(run: dict[str, Any], path: Path) -> Path:
@@ -181,7 +177,4 @@ def plot_training_run(run: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{run['preset']}, {run['dtype']}, attention {run['backend']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
