@@ -280,3 +280,16 @@ def test_the_readme_table_of_options_is_the_registry_s():
     expected = {name: ", ".join(o for o in OPTIONS if o in get_path(name).options) or "none (plain causal only)"
                 for name in kernel_path_names()}
     assert {name.strip(): value.strip() for name, value in rows.items()} == expected
+
+
+def test_a_window_that_hides_no_key_is_no_option():
+    q, k, v = make_qkv((1, 2, 2, 1, 5, 8), torch.float32, "cpu")  # a decode step over 5 keys
+    assert AttentionCall.of(q, k, v, window=(4, 0)).options == frozenset()  # W = 5 sees every key
+    assert AttentionCall.of(q, k, v, window=(3, 0)).options == {"window"}
+    q, k, v = make_qkv((1, 2, 2, 4, 6, 8), torch.float32, "cpu")
+    call = AttentionCall.of(q, k, v, causal=False, window=(5, 3))  # pos 2..5: every key on both sides
+    assert call.options == {"bidirectional"} and call.window == (-1, -1)
+    assert AttentionCall.of(q, k, v, causal=False, window=(5, 2)).window == (-1, 2)
+    # the same numbers either way
+    torch.testing.assert_close(attention(q, k, v, causal=False, window=(5, 3), backend="naive"),
+                               attention(q, k, v, causal=False, backend="naive"), rtol=0, atol=0)

@@ -73,10 +73,12 @@ class AttentionCall:
         sinks, alibi_slopes and return_lse (module docstring)."""
         validate_inputs(q, k, v, dropout_p, scale, causal=options.get("causal", True))
         B, H, T_q, D = q.shape
+        fields = validate_options(q, **options)
+        fields["window"] = biting_window(fields["window"], fields["causal"], T_q, k.shape[2])
         return cls(batch=B, heads=H, kv_heads=k.shape[1], q_len=T_q, kv_len=k.shape[2], head_dim=D,
                    dtype=q.dtype, device=q.device, dropout_p=float(dropout_p),
                    scale=float(D**-0.5 if scale is None else scale), compiling=torch.compiler.is_compiling(),
-                   **validate_options(q, **options))
+                   **fields)
 
     @classmethod
     def like(cls, q: torch.Tensor, *, kv_heads: Optional[int] = None, kv_len: Optional[int] = None,
@@ -181,6 +183,18 @@ def validate_options(q: torch.Tensor, causal: bool = True, window=None, softcap:
         alibi_slopes = alibi_slopes.float().expand(B, H)
     return dict(causal=causal, window=_window(window, causal), softcap=float(softcap), sinks=sinks,
                 alibi_slopes=alibi_slopes, return_lse=return_lse)
+
+
+def biting_window(window: tuple[int, int], causal: bool, T_q: int, T_k: int) -> tuple[int, int]:
+    """`window` (normalised) with each side that hides no key of a T_q × T_k call made UNBOUNDED:
+    the positions run T_k - T_q .. T_k - 1 over keys 0 .. T_k - 1, so a left side of T_k - 1 and a
+    right side of T_q - 1 reach every key. A window that bites nothing is then no option at all, and
+    the call runs the kernels of the plain call (a decode step over a cache shorter than the window)."""
+    left, right = window
+    left = UNBOUNDED if left >= T_k - 1 else left
+    if not causal and right >= T_q - 1:
+        right = UNBOUNDED
+    return (left, right)
 
 
 def _window(window, causal: bool) -> tuple[int, int]:

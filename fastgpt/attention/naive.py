@@ -20,13 +20,6 @@ from fastgpt.attention.call import OPTIONS, UNBOUNDED, AttentionCall, call_optio
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
 
 
-def future_mask(T_q: int, T_k: Optional[int] = None, device=None) -> torch.Tensor:
-    """(T_q, T_k) bool, True where query i may not look: keys j > (T_k - T_q) + i, above diagonal
-    number 1 + T_k - T_q (the diagonal aligned bottom-right; T_k defaults to T_q)."""
-    T_k = T_q if T_k is None else T_k
-    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).triu(1 + T_k - T_q)
-
-
 def hidden_keys(T_q: int, T_k: int, causal: bool = True, window=(UNBOUNDED, 0), device=None) -> torch.Tensor:
     """(T_q, T_k) bool, True where query i may not look. Query i sits at key position
     pos = T_k - T_q + i and sees key j iff pos - left <= j <= pos + right (window (left, right),
@@ -42,6 +35,12 @@ def hidden_keys(T_q: int, T_k: int, causal: bool = True, window=(UNBOUNDED, 0), 
     if right != UNBOUNDED:
         hidden |= j > pos + right
     return hidden
+
+
+def future_mask(T_q: int, T_k: Optional[int] = None, device=None) -> torch.Tensor:
+    """(T_q, T_k) bool, True where a causal query i may not look: keys j > (T_k - T_q) + i (the
+    diagonal aligned bottom-right; T_k defaults to T_q). hidden_keys of the plain causal call."""
+    return hidden_keys(T_q, T_q if T_k is None else T_k, device=device)
 
 
 def alibi_bias(slopes: torch.Tensor, T_q: int, T_k: int) -> torch.Tensor:

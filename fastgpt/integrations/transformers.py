@@ -82,6 +82,7 @@ from typing import Callable, Optional
 import torch
 
 from fastgpt.attention.api import attention as fastgpt_attention
+from fastgpt.attention.call import UNBOUNDED  # a window side without a limit
 from fastgpt.attention.registry import get_backend
 
 try:
@@ -111,7 +112,6 @@ UNSUPPORTED_KWARGS = {
     "cu_seq_lens_k": "packed sequences (cu_seq_lens)",
 }
 
-UNBOUNDED = -1  # a window side without a limit, as fastgpt.attention.attention takes it
 
 
 def _code_of(factory_name: str):
@@ -324,22 +324,8 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
 def _attend(q, k, v, *, causal: bool, window: Optional[tuple[int, int]], **options) -> torch.Tensor:
     """One fastgpt attention call, q (B, H, T_q, D) over k, v (B, H_kv, T_k, D) -> (B, H, T_q, D);
-    the window left out where it hides no key of this call."""
-    return fastgpt_attention(q, k, v, causal=causal, window=_biting_window(window, causal, q.shape[2], k.shape[2]),
-                             **options)
-
-
-def _biting_window(window: Optional[tuple[int, int]], causal: bool, T_q: int, T_k: int):
-    """`window`, or None where it hides no key: positions run T_k - T_q .. T_k - 1 over keys
-    0 .. T_k - 1, so a left side of T_k - 1 and a right side of T_q - 1 reach every key."""
-    if window is None:
-        return None
-    left, right = window
-    left = UNBOUNDED if left >= T_k - 1 else left
-    right = UNBOUNDED if causal or right >= T_q - 1 else right
-    if left == UNBOUNDED and right == UNBOUNDED:
-        return None
-    return (left, 0 if causal else right)
+    a window that hides no key of the call is no option there (AttentionCall.of drops it)."""
+    return fastgpt_attention(q, k, v, causal=causal, window=window, **options)
 
 
 def _padded_attention(query, key, value, mask: MaskSpec, attend: Callable, name: str) -> torch.Tensor:
