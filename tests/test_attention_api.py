@@ -27,11 +27,17 @@ def test_parity_with_float64_reference(backend, shape, dtype):
     assert result.ok, f"{backend} {shape} {dtype}: errors {result.errors} over limits {result.limits}"
 
 
-def test_parity_check_catches_a_wrong_backend():
+def test_parity_check_catches_a_wrong_backend(monkeypatch):
     # A backend that forgets the causal mask must fail the same check the real ones pass.
     def leaky(q, k, v, dropout_p, scale):
         return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
 
+    # registered into copies of the registry's tables, which the test's end puts back: whatever
+    # order pytest-xdist runs the tests in, none sees this backend afterwards
+    from fastgpt.attention import registry
+
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    monkeypatch.setattr(registry, "_PATHS", dict(registry._PATHS))
     register_backend(Backend(name="_leaky_test_backend", fn=leaky, description="test only"))
     assert not check_parity("_leaky_test_backend", (2, 2, 17, 32), torch.float32).ok
 
