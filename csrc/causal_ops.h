@@ -83,6 +83,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_flash_backw
 // (fastgpt.attention.attention_with_mask).
 at::Tensor attention_dropout_keep_mask(const at::Tensor& q, int64_t T_k, bool causal, int64_t window_left,
                                        int64_t window_right, double dropout_p, int64_t seed, int64_t offset);
+// The same over packed sequences (fastgpt/attention/varlen.py): q (total_q, H, D), k, v (total_k,
+// H_kv, D), sequence b's rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (int32); alibi_slopes (B, H) per
+// sequence; lse (H, total_q). The keep mask is (B, H, max_seqlen_q, max_seqlen_k), sequence b's in
+// its [b, :, :T_q[b], :T_k[b]] corner.
+std::tuple<at::Tensor, at::Tensor> attention_flash_varlen_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, double dropout_p, int64_t seed, int64_t offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_flash_varlen_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes, double scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed, int64_t offset);
+at::Tensor attention_varlen_dropout_keep_mask(const at::Tensor& q, const at::Tensor& cu_seqlens_q,
+                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                              int64_t max_seqlen_k, bool causal, int64_t window_left,
+                                              int64_t window_right, double dropout_p, int64_t seed, int64_t offset);
 // Returns the cached causal-matrix buffers to the OS (cpu/buffer_pool.h).
 void empty_cache();
 // The keep mask causal_softmax draws for (T_q, T_k): dense bool (B, H, T_q, T_k), False at j > o + i.

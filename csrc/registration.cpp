@@ -78,6 +78,23 @@ TORCH_LIBRARY(fastgpt, m) {
   // outside each query's window.
   m.def("attention_dropout_keep_mask(Tensor q, int T_k, bool causal, int window_left, int window_right, "
         "float dropout_p, int seed, int offset) -> Tensor");
+  // The three over packed sequences (flash-attention's varlen layout): q (total_q, H, D), k and v
+  // (total_k, H_kv, D), any strides with a contiguous last dim; cu_seqlens_q and cu_seqlens_k
+  // (B + 1,) int32 on the CPU, sequence b owning query rows cu_seqlens_q[b] : cu_seqlens_q[b + 1]
+  // and key rows cu_seqlens_k[b] : cu_seqlens_k[b + 1], each sequence the call above on its own
+  // (query i at key position T_k[b] - T_q[b] + i); alibi_slopes (B, H). out (total_q, H, D), lse
+  // (H, total_q). Dropout draws the mask of the (B, H, max_q, max_k) call the sequences pad to:
+  // the keep mask is (B, H, max_seqlen_q, max_seqlen_k), sequence b's in [b, :, :T_q[b], :T_k[b]].
+  m.def("attention_flash_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "Tensor? sinks, Tensor? alibi_slopes, float scale, bool causal, int window_left, int window_right, "
+        "float softcap, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("attention_flash_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? sinks, Tensor? alibi_slopes, float scale, bool causal, "
+        "int window_left, int window_right, float softcap, float dropout_p, int seed, int offset) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("attention_varlen_dropout_keep_mask(Tensor q, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, bool causal, int window_left, int window_right, float dropout_p, int seed, int offset) "
+        "-> Tensor");
   // N of the packed layout (causal_layout.h), for the test that holds fastgpt/ext/layout.py to it.
   m.def("causal_packed_size(int T_q, int T_k) -> int", &fastgpt::cpu::causal_packed_size);
   // Whether the CPU kernels' bfloat16 products of head dim D run on AMX here (cpu/amx_matmul.h),
@@ -112,6 +129,9 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("attention_flash_forward", &fastgpt::cpu::attention_flash_forward);
   m.impl("attention_flash_backward", &fastgpt::cpu::attention_flash_backward);
   m.impl("attention_dropout_keep_mask", &fastgpt::cpu::attention_dropout_keep_mask);
+  m.impl("attention_flash_varlen_forward", &fastgpt::cpu::attention_flash_varlen_forward);
+  m.impl("attention_flash_varlen_backward", &fastgpt::cpu::attention_flash_varlen_backward);
+  m.impl("attention_varlen_dropout_keep_mask", &fastgpt::cpu::attention_varlen_dropout_keep_mask);
 }
 
 // The one op whose gradient is a C++ autograd node rather than a torch.library formula registered

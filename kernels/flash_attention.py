@@ -48,10 +48,19 @@ causal call compiles the kernel it always did:
     SINKS     the online softmax starts from the head's sink as one term already summed (m_i =
               sink, l_i = 1): it joins the denominator and the lse, and adds nothing to acc.
 
+Packed sequences (VARLEN, fastgpt/attention/varlen.py: many sequences back to back in (total, H, D)
+tensors) take one launch for the whole batch. The grid's z is the sequence: a program reads its
+sequence's first row and length from cu_seqlens, moves its pointers that many rows on (the host
+passes the packed tensors as (1, H, total, D) views whose z stride is 0), and is then the regular
+call of that one sequence, with its own T_q, T_k and offset T_k - T_q. The grid covers the longest
+sequence; a block past its own sequence's end returns at once. The lse is (H, total_q). A plain
+call folds VARLEN away: it compiles the kernel it did before.
+
 Dropout acts on the normalised weights, softmax(s)·keep/(1-p): the normaliser l_i sums the weights
 before dropout, and only the accumulation into acc sees the keep mask. The mask is a pure function of
 (seed, b·H+h, query index i, key index), h the query head, so the backward regenerates it and
-nothing is stored.
+nothing is stored. A packed sequence b counts as batch entry b, its queries and keys from 0: the
+mask of a (B, H, max T_q, max T_k) call, each sequence's corner of it, is the packed call's.
 """
 
 import triton
@@ -140,6 +149,24 @@ def _dropout_keep(seed, off_bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexp
     # so nesting the joins lays the eight out in key order
     keep = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
     return tl.reshape(keep, (offs_m.shape[0], BLOCK_N))
+
+
+@triton.jit
+def _sequence(Cu_seqlens_q, Cu_seqlens_k, off_z):
+    """(q_start, k_start, T_q, T_k): where packed sequence off_z lies, its queries at rows q_start ..
+    q_start + T_q - 1 and its keys at rows k_start .. k_start + T_k - 1 (cu_seqlens: (B + 1,) int32)."""
+    q_start = tl.load(Cu_seqlens_q + off_z)
+    k_start = tl.load(Cu_seqlens_k + off_z)
+    T_q = tl.load(Cu_seqlens_q + off_z + 1) - q_start
+    T_k = tl.load(Cu_seqlens_k + off_z + 1) - k_start
+    return q_start, k_start, T_q, T_k
+
+
+@triton.jit
+def _at_row(Ptr, start, stride):
+    """Ptr moved on to row `start`, rows `stride` elements apart (in 64 bits: a packed batch may hold
+    more than 2³¹ elements)."""
+    return Ptr + start.to(tl.int64) * stride
 
 
 # How a loop over key (or query) blocks masks its tiles: a compile-time switch of each loop copy.
@@ -273,22 +300,33 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
-              H, GROUP, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
+              H, GROUP, T_Q, T_K, qk_scale, dropout_p, dropout_scale, Cu_seqlens_q, Cu_seqlens_k,
               Sinks, Alibi, stride_az, stride_ah, window_left, window_right, softcap_scale, softcap_log2,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr):
+              BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
+              VARLEN: tl.constexpr):
     """Grid (cdiv(T_Q, BLOCK_M), H, B). Q, Out: (B, H, T_Q, HEAD_DIM), K, V: (B, H / GROUP, T_K,
     HEAD_DIM), T_K >= T_Q unless BANDED, any strides; LSE: (B, H, T_Q) fp32 contiguous, base-2
     log-sum-exp of the scaled scores; Seed: one int64. The options (see the header): Sinks (H,),
-    Alibi (B, H) fp32 with strides stride_az, stride_ah; window sides as runtime ints."""
+    Alibi (B, H) fp32 with strides stride_az, stride_ah; window sides as runtime ints.
+    VARLEN (see the header): grid (cdiv(max T_q, BLOCK_M), H, B sequences), the tensors (1, H,
+    total, HEAD_DIM) with stride_*z = 0, T_Q and T_K the totals, LSE (H, total_q)."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
     off_bh = off_z * H + off_h
     off_hkv = off_h // GROUP  # the key/value head this query head shares
+    lse_base, lse_row, lse_stride = LSE, off_bh, T_Q  # row off_bh of the (B·H, T_Q) lse
+    if VARLEN:  # off_z is a packed sequence; T_Q came in as total_q, each head's lse row (lse_stride)
+        q_start, k_start, T_Q, T_K = _sequence(Cu_seqlens_q, Cu_seqlens_k, off_z)
+        if start_m * BLOCK_M >= T_Q:  # past the sequence's end: the grid covers the longest one
+            return
+        lse_base, lse_row = LSE + q_start, off_h
+        Q, K, V = _at_row(Q, q_start, stride_qm), _at_row(K, k_start, stride_kn), _at_row(V, k_start, stride_vn)
+        Out = _at_row(Out, q_start, stride_om)
     # 64-bit slice offsets: B·H·T·D may exceed 2³¹ elements
     Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     K_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
@@ -313,8 +351,8 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
                               offset + start_m * BLOCK_M, T_Q, T_K, qk_scale, dropout_p,
                               window_left, window_right, softcap_scale, softcap_log2, slope,
                               BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, DOT_PRECISION, BANDED, SOFTCAP, ALIBI)
-    _fwd_store(acc, l_i, m_i, O_base, LSE, off_bh, offs_m, offs_d, stride_om, stride_ok, T_Q, dropout_scale,
-               HEAD_DIM, HEAD_DIM_PAD, DROPOUT, BANDED)
+    _fwd_store(acc, l_i, m_i, O_base, lse_base, lse_row, lse_stride, offs_m, offs_d, stride_om, stride_ok, T_Q,
+               dropout_scale, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, BANDED)
 
 
 @triton.jit
@@ -378,9 +416,11 @@ def _softmax_start(Sinks, off_h, BLOCK_M: tl.constexpr, SINKS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_store(acc, l_i, m_i, O_base, LSE, off_bh, offs_m, offs_d, stride_om, stride_ok, T_Q, dropout_scale,
+def _fwd_store(acc, l_i, m_i, O_base, LSE, lse_row, lse_stride, offs_m, offs_d, stride_om, stride_ok, T_Q,
+               dropout_scale,
                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DROPOUT: tl.constexpr, BANDED: tl.constexpr):
-    """out = acc / l_i (0 for a row that saw no key: l_i = 0) and lse = m_i + log2(l_i)."""
+    """out = acc / l_i (0 for a row that saw no key: l_i = 0) and lse = m_i + log2(l_i), query i's
+    at LSE + lse_row·lse_stride + i."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     if BANDED:  # such a row's acc is 0, its lse -inf (log2 never sees the 0)
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -390,9 +430,9 @@ def _fwd_store(acc, l_i, m_i, O_base, LSE, off_bh, offs_m, offs_d, stride_om, st
         acc = acc * dropout_scale  # 1/(1-p): kept weights are scaled up
     if BANDED:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        tl.store(LSE + off_bh.to(tl.int64) * T_Q + offs_m, lse, mask=offs_m < T_Q)
+        tl.store(LSE + lse_row.to(tl.int64) * lse_stride + offs_m, lse, mask=offs_m < T_Q)
     else:
-        tl.store(LSE + off_bh.to(tl.int64) * T_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T_Q)
+        tl.store(LSE + lse_row.to(tl.int64) * lse_stride + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T_Q)
     o_ptrs = O_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
     o_mask = offs_m[:, None] < T_Q
     if PAD_D:
@@ -402,12 +442,18 @@ def _fwd_store(acc, l_i, m_i, O_base, LSE, off_bh, offs_m, offs_d, stride_om, st
 
 @triton.jit
 def _dropout_mask(Seed, Keep, stride_kz, stride_kh, stride_km, stride_kn, H, T_Q, T_K, dropout_p,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  Cu_seqlens_q, Cu_seqlens_k,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
     """The keep-mask a call with this seed used (what causal_attention_with_mask gives back). Grid (cdiv(T_Q, BLOCK_M), cdiv(T_K,
-    BLOCK_N), B·H). Keep: (B, H, T_Q, T_K) int8, 1 where the weight survives dropout."""
+    BLOCK_N), B·H). Keep: (B, H, T_Q, T_K) int8, 1 where the weight survives dropout. VARLEN: T_Q, T_K
+    the longest sequences, and only sequence b's corner Keep[b, :, :T_q[b], :T_k[b]] is written."""
     off_bh = tl.program_id(2)
     off_z = off_bh // H
     off_h = off_bh % H
+    if VARLEN:
+        _, _, T_Q, T_K = _sequence(Cu_seqlens_q, Cu_seqlens_k, off_z)
+        if (tl.program_id(0) * BLOCK_M >= T_Q) | (tl.program_id(1) * BLOCK_N >= T_K):
+            return
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(tl.load(Seed), off_bh, offs_m, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_N)

@@ -31,6 +31,10 @@ Grouped-query attention (GROUP = H / H_kv query heads per key/value head): dQ re
 k, v head in place; dK and dV of a key/value head are sums over its GROUP query heads, and one
 dK/dV program walks all of them, query head after query head, into the same registers.
 
+Packed sequences (VARLEN) work as in the forward: the grid's z is the sequence, a program moves its
+pointers to its sequence's first query and key rows and exits when its block lies past the
+sequence's end; lse and Δ are (H, total_q).
+
 Every output element is written by exactly one program and summed in a fixed order, so the
 backward is deterministic (bit-equal across runs) without atomics. The price is computing
 q·kᵀ and dO·vᵀ twice (once per kernel): 7 matmuls of T²·D per slice in place of 5.
@@ -39,20 +43,31 @@ q·kᵀ and dO·vᵀ twice (once per kernel): 7 matmuls of T²·D per slice in p
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.flash_attention import (BAND, DIAGONAL, INTERPRETED, LOG2_E, NO_MASK, _band_blocks, _dropout_keep,
-                                             _load_tile, _option_scores, _visible, loop_bound)
+from fastgpt.kernels.flash_attention import (BAND, DIAGONAL, INTERPRETED, LOG2_E, NO_MASK, _at_row, _band_blocks,
+                                             _dropout_keep, _load_tile, _option_scores, _sequence, _visible,
+                                             loop_bound)
 
 
 @triton.jit(do_not_specialize=["H", "T"])  # one compiled variant for every T (here T = T_q)
 def _attn_bwd_preprocess(Out, DO, Delta,
                          stride_oz, stride_oh, stride_om, stride_ok,
                          stride_dz, stride_dh, stride_dm, stride_dk,
-                         H, T,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), H, B). Delta: (B, H, T) fp32 contiguous."""
+                         H, T, Cu_seqlens_q,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                         VARLEN: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_M), H, B). Delta: (B, H, T) fp32 contiguous. VARLEN: grid (cdiv(max T_q,
+    BLOCK_M), H, B sequences), Out and DO (1, H, total_q, D) with a z stride of 0, T = total_q, Delta
+    (H, total_q): a sequence's rows start at a 64-bit offset, as in the other kernels."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
+    rows = T  # each head's row of Delta
+    if VARLEN:  # off_z is a packed sequence: its queries' rows q_start .. q_start + T - 1
+        q_start = tl.load(Cu_seqlens_q + off_z)
+        T = tl.load(Cu_seqlens_q + off_z + 1) - q_start
+        if tl.program_id(0) * BLOCK_M >= T:
+            return
+        Out, DO, Delta = _at_row(Out, q_start, stride_om), _at_row(DO, q_start, stride_dm), Delta + q_start
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     o = _load_tile(Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
@@ -62,7 +77,10 @@ def _attn_bwd_preprocess(Out, DO, Delta,
                     + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk,
                     offs_m, offs_d, T, HEAD_DIM, True, PAD_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
-    tl.store(Delta + (off_z * H + off_h).to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    if VARLEN:
+        tl.store(Delta + off_h.to(tl.int64) * rows + offs_m, delta, mask=offs_m < T)
+    else:
+        tl.store(Delta + (off_z * H + off_h).to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
@@ -184,23 +202,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
                    stride_vz, stride_vh, stride_vn, stride_vk,
                    stride_doz, stride_doh, stride_dom, stride_dok,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
-                   H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
+                   H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale, Cu_seqlens_q, Cu_seqlens_k,
                    Alibi, stride_az, stride_ah, window_left, window_right, softcap_scale, softcap_log2,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+                   BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(T_K, BLOCK_N), H / GROUP, B). Q, DO: (B, H, T_Q, HEAD_DIM); K, V and DK, DV
     (B, H / GROUP, T_K, HEAD_DIM), DK and DV sharing one layout (stride_dk*); the options as the
-    forward takes them (the sinks live in LSE)."""
+    forward takes them (the sinks live in LSE). VARLEN: as the forward (grid (cdiv(max T_k,
+    BLOCK_N), H / GROUP, B sequences), T_Q and T_K the totals, LSE and Delta (H, total_q))."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_hkv = tl.program_id(1)
     off_z = tl.program_id(2)
     start_n = tl.program_id(0) * BLOCK_N
+    rows_q = T_Q  # each head's row of LSE and Delta
+    if VARLEN:  # off_z is a packed sequence
+        q_start, k_start, T_Q, T_K = _sequence(Cu_seqlens_q, Cu_seqlens_k, off_z)
+        if start_n >= T_K:  # past the sequence's end: the grid covers the longest one
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     K_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
     V_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    if VARLEN:
+        K_base, V_base = _at_row(K_base, k_start, stride_kn), _at_row(V_base, k_start, stride_vn)
     k = _load_tile(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
                    offs_n, offs_d, T_K, HEAD_DIM, True, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
     v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
@@ -220,8 +246,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
         off_bh = off_z * H + off_h
         Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
         DO_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-        LSE_base = LSE + off_bh.to(tl.int64) * T_Q
-        Delta_base = Delta + off_bh.to(tl.int64) * T_Q
+        LSE_base = LSE + off_bh.to(tl.int64) * rows_q
+        Delta_base = Delta + off_bh.to(tl.int64) * rows_q
+        if VARLEN:  # the sequence's rows; its lse and Δ from q_start in each head's row of total_q
+            Q_base, DO_base = _at_row(Q_base, q_start, stride_qm), _at_row(DO_base, q_start, stride_dom)
+            LSE_base = LSE + off_h.to(tl.int64) * rows_q + q_start
+            Delta_base = Delta + off_h.to(tl.int64) * rows_q + q_start
         slope = 0.0
         if ALIBI:  # per query head
             slope = tl.load(Alibi + off_z * stride_az + off_h * stride_ah) * LOG2_E
@@ -237,6 +267,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Seed,
     if PAD_D:
         out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
     slice_off = off_z.to(tl.int64) * stride_dkz + off_hkv.to(tl.int64) * stride_dkh
+    if VARLEN:
+        slice_off += k_start.to(tl.int64) * stride_dkn  # 64 bits: a packed batch may hold more than 2³¹ elements
     tl.store(DK + slice_off + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + slice_off + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
@@ -324,18 +356,26 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
                  stride_vz, stride_vh, stride_vn, stride_vk,
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
-                 H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale,
+                 H, GROUP, T_Q, T_K, scale, qk_scale, dropout_p, dropout_scale, Cu_seqlens_q, Cu_seqlens_k,
                  Alibi, stride_az, stride_ah, window_left, window_right, softcap_scale, softcap_log2,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
-    """Grid (cdiv(T_Q, BLOCK_M), H, B). K, V: (B, H / GROUP, T_K, HEAD_DIM)."""
+                 BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr):
+    """Grid (cdiv(T_Q, BLOCK_M), H, B). K, V: (B, H / GROUP, T_K, HEAD_DIM). VARLEN: as the forward."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
     off_bh = off_z * H + off_h
     start_m = tl.program_id(0) * BLOCK_M
+    lse_base, delta_base, lse_row, lse_stride = LSE, Delta, off_bh, T_Q  # row off_bh of the (B·H, T_Q) lse, Δ
+    if VARLEN:  # off_z is a packed sequence; T_Q came in as total_q, each head's lse row (lse_stride)
+        q_start, k_start, T_Q, T_K = _sequence(Cu_seqlens_q, Cu_seqlens_k, off_z)
+        if start_m >= T_Q:  # past the sequence's end: the grid covers the longest one
+            return
+        lse_base, delta_base, lse_row = LSE + q_start, Delta + q_start, off_h
+        Q, K, V = _at_row(Q, q_start, stride_qm), _at_row(K, k_start, stride_kn), _at_row(V, k_start, stride_vn)
+        DO, DQ = _at_row(DO, q_start, stride_dom), _at_row(DQ, q_start, stride_dqm)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offset = T_K - T_Q  # query i sits at key position offset + i
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -348,8 +388,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Seed,
                    offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
     do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
                     offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
-    delta = tl.load(Delta + off_bh.to(tl.int64) * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
+    lse = tl.load(lse_base + lse_row.to(tl.int64) * lse_stride + offs_m, mask=offs_m < T_Q, other=0.0)
+    delta = tl.load(delta_base + lse_row.to(tl.int64) * lse_stride + offs_m, mask=offs_m < T_Q, other=0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)

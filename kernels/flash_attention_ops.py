@@ -20,8 +20,10 @@ The options (fastgpt/attention/api.py) reach the kernels as compile-time switche
 causal or a window; SOFTCAP, ALIBI, SINKS) and runtime values: the window's sides as ints (an
 unbounded side as T_q + T_k, further than any key), scale / softcap and softcap·log2(e), the
 slopes (B, H) fp32 by their strides, the sinks (H,). A plain causal call sets no switch and
-launches the kernels it always did. The sinks' gradient needs no kernel: from the forward's lse
-and the backward's Δ, dsinks_h = -Σ_{b,i} exp(sink_h - lse_bhi)·Δ_bhi.
+launches the kernels it always did. Packed sequences (varlen) reach the op as (1, H, total, D)
+views with cu_seqlens and the longest lengths, and the kernels' VARLEN switch: one launch of each
+kernel for every sequence; lse and Δ are then (1, H, total_q). The sinks' gradient needs no
+kernel: from the forward's lse and the backward's Δ, dsinks_h = -Σ_{b,i} exp(sink_h - lse_bhi)·Δ_bhi.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ _KERNELS = {"fwd": _attn_fwd, "fwd_decode": _attn_fwd, "bwd_dkdv": _attn_bwd_dkd
 log = logging.getLogger(__name__)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())
+def _strides(t: torch.Tensor, packed: bool = False) -> tuple[int, int, int, int]:
+    """t's strides; `packed`: t is a (1, H, total, D) view of packed sequences, whose z stride the
+    kernels must not apply (their z is then the sequence, which moves the pointers by rows)."""
+    return (0, *t.stride()[1:]) if packed else tuple(t.stride())
 
 
 def _empty_bthd(x: torch.Tensor) -> torch.Tensor:
@@ -56,11 +60,13 @@ def _empty_bthd(x: torch.Tensor) -> torch.Tensor:
     return torch.empty((B, T, H, D), device=x.device, dtype=x.dtype).transpose(1, 2)
 
 
-def check_offsets(*tensors: torch.Tensor) -> None:
-    """In-slice offsets are 32-bit in the kernels; (b, h) slice offsets are 64-bit."""
+def check_offsets(*tensors: torch.Tensor, rows: Optional[int] = None) -> None:
+    """In-slice offsets are 32-bit in the kernels; (b, h) slice offsets, and a packed sequence's
+    first row, are 64-bit. `rows`: the longest packed sequence of (1, H, total, D) tensors."""
     for t in tensors:
         _, _, T, D = t.shape
-        span = (T - 1) * t.stride(2) + (D - 1) * t.stride(3)
+        T = T if rows is None else rows
+        span = (max(T, 1) - 1) * t.stride(2) + (D - 1) * t.stride(3)
         if span >= 2**31:
             raise ValueError(f"one (b, h) slice spans {span} elements with strides {t.stride()}; the Triton "
                              f"attention kernels address at most 2**31 - 1 within a slice")
@@ -69,8 +75,8 @@ def check_offsets(*tensors: torch.Tensor) -> None:
 # (kernel, capability, head_dim_pad, fp32, grouped, seq_bucket, banded) -> its autotuner, made on first use
 _TUNERS: dict[tuple, triton.runtime.Autotuner] = {}
 # The options' compile-time switches: each combination is a variant of its own, tuned on its own
-# (the backward kernels take no SINKS: the sinks live in the forward's lse).
-OPTION_SWITCHES = ("BANDED", "SOFTCAP", "ALIBI", "SINKS")
+# (the backward kernels take no SINKS: the sinks live in the forward's lse). VARLEN: packed sequences.
+OPTION_SWITCHES = ("BANDED", "SOFTCAP", "ALIBI", "SINKS", "VARLEN")
 
 
 def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, grouped: bool, seq_bucket: int,
@@ -181,14 +187,16 @@ def tuned_configs() -> dict[str, str]:
     return picks
 
 
-def _launcher(kernel: str, q: torch.Tensor, k: torch.Tensor, head_dim_pad: int, banded: bool = False):
+def _launcher(kernel: str, q: torch.Tensor, k: torch.Tensor, head_dim_pad: int, banded: bool = False,
+              keys: Optional[int] = None):
     """(launchable kernel, extra launch kwargs): a fixed config in the interpreter, autotuning on a GPU
-    (over the banded lists for a call with a band)."""
+    (over the banded lists for a call with a band). `keys`: the longest sequence's keys (T_k unless
+    the sequences are packed), which picks the autotuner's length bucket."""
     if INTERPRETING or q.device.type != "cuda":
         c = cfg.INTERPRETER_CONFIGS[kernel]
         return wrap_triton(_KERNELS[kernel]), {**c.meta, "num_warps": c.num_warps, "num_stages": c.num_stages}
     capability = torch.cuda.get_device_capability(q.device)
-    seq_bucket = triton.next_power_of_2(k.shape[2])
+    seq_bucket = triton.next_power_of_2(k.shape[2] if keys is None else keys)
     fp32, grouped = q.dtype == torch.float32, k.shape[1] < q.shape[1]
     return wrap_triton(_tuned(kernel, capability, head_dim_pad, fp32, grouped, seq_bucket, banded)), {}
 
@@ -211,60 +219,80 @@ def option_args(T_q: int, T_k: int, scale: float, causal: bool, window_left: int
     return (alibi_slopes, *strides, left, right, *softcap_args), switches
 
 
+def _sequences(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], max_q: int,
+               max_k: int) -> tuple[int, int, int]:
+    """(B, longest T_q, longest T_k): what the grid covers. Packed (cu_seqlens_q given): q, k are
+    (1, H, total, D) and B is the number of sequences; else q's batch and lengths."""
+    if cu_seqlens_q is None:
+        return q.shape[0], q.shape[2], k.shape[2]
+    return cu_seqlens_q.numel() - 1, max_q, max_k
+
+
 def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scale: float, causal: bool = True,
                    window_left: int = -1, window_right: int = 0, softcap: float = 0.0,
-                   sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None):
+                   sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+                   cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+                   max_q: int = 0, max_k: int = 0):
     """q (B, H, T_q, D), k, v (B, H_kv, T_k, D) -> out (B, H, T_q, D), lse (B, H, T_q) fp32 (base-2
-    log-sum-exp, -inf for a row that sees no key); sinks (H,) contiguous, alibi_slopes (B, H) fp32."""
+    log-sum-exp, -inf for a row that sees no key); sinks (H,) contiguous, alibi_slopes (B, H) fp32.
+    Packed sequences: B = 1, T_q and T_k the totals, cu_seqlens_q/_k (B_seq + 1,) int32 and the
+    longest lengths max_q, max_k; alibi_slopes (B_seq, H)."""
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
+    packed = cu_seqlens_q is not None
+    batch, longest_q, longest_k = _sequences(q, k, cu_seqlens_q, max_q, max_k)
     out = _empty_bthd(q)
     lse = torch.empty((B, H, T_q), device=q.device, dtype=torch.float32)
     dims = _head_dims(D)
     options, switches = option_args(T_q, T_k, scale, causal, window_left, window_right, softcap, alibi_slopes)
-    kernel, launch = _launcher("fwd_decode" if T_q <= cfg.DECODE_MAX_QUERIES else "fwd", q, k, dims["HEAD_DIM_PAD"],
-                               switches["BANDED"])
+    kernel, launch = _launcher("fwd_decode" if longest_q <= cfg.DECODE_MAX_QUERIES else "fwd", q, k,
+                               dims["HEAD_DIM_PAD"], switches["BANDED"], longest_k)
     dropout = dropout_p > 0.0
-    kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
+    kernel[lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), H, batch)](
         q, k, v, out, lse, seed,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, H // H_kv, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), sinks, *options,
+        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(out, packed),
+        H, H // H_kv, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), cu_seqlens_q, cu_seqlens_k,
+        sinks, *options,
         **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **switches,
-        SINKS=sinks is not None, **launch,
+        SINKS=sinks is not None, VARLEN=packed, **launch,
     )
     return out, lse
 
 
 def launch_backward(dout, q, k, v, out, lse, seed: Optional[torch.Tensor], dropout_p: float, scale: float,
                     causal: bool = True, window_left: int = -1, window_right: int = 0, softcap: float = 0.0,
-                    alibi_slopes: Optional[torch.Tensor] = None):
+                    alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None, max_q: int = 0, max_k: int = 0):
     """-> dq (B, H, T_q, D), dk, dv (B, H_kv, T_k, D), in the dtype of q, and Δ = rowsum(dO∘out)
-    (B, H, T_q) fp32."""
+    (B, H, T_q) fp32. Packed sequences as launch_forward takes them."""
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
-    check_offsets(dout)
+    packed = cu_seqlens_q is not None
+    batch, longest_q, longest_k = _sequences(q, k, cu_seqlens_q, max_q, max_k)
+    check_offsets(dout, rows=longest_q if packed else None)
     dims = _head_dims(D)
     delta = torch.empty_like(lse)
-    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(T_q, cfg.PREPROCESS_BLOCK_M), H, B)](
-        out, dout, delta, *_strides(out), *_strides(dout), H, T_q, **dims, BLOCK_M=cfg.PREPROCESS_BLOCK_M,
+    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(longest_q, cfg.PREPROCESS_BLOCK_M), H, batch)](
+        out, dout, delta, *_strides(out, packed), *_strides(dout, packed), H, T_q, cu_seqlens_q, **dims,
+        BLOCK_M=cfg.PREPROCESS_BLOCK_M, VARLEN=packed,
     )
     dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(k)
     options, switches = option_args(T_q, T_k, scale, causal, window_left, window_right, softcap, alibi_slopes)
     common = dict(**dims, DROPOUT=dropout_p > 0.0, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32),
-                  **switches)
-    scalars = (H, H // H_kv, T_q, T_k, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), *options)
+                  **switches, VARLEN=packed)
+    scalars = (H, H // H_kv, T_q, T_k, scale, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), cu_seqlens_q,
+               cu_seqlens_k, *options)
+    strides = [_strides(t, packed) for t in (q, k, v, dout)]
 
-    kernel, launch = _launcher("bwd_dkdv", q, k, dims["HEAD_DIM_PAD"], switches["BANDED"])
-    kernel[lambda meta: (triton.cdiv(T_k, meta["BLOCK_N"]), H_kv, B)](  # one program per key/value head
-        q, k, v, dout, dk, dv, lse, delta, seed,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
-        *scalars, **common, **launch,
+    kernel, launch = _launcher("bwd_dkdv", q, k, dims["HEAD_DIM_PAD"], switches["BANDED"], longest_k)
+    kernel[lambda meta: (triton.cdiv(longest_k, meta["BLOCK_N"]), H_kv, batch)](  # one program per key/value head
+        q, k, v, dout, dk, dv, lse, delta, seed, *strides[0], *strides[1], *strides[2], *strides[3],
+        *_strides(dk, packed), *scalars, **common, **launch,
     )
-    kernel, launch = _launcher("bwd_dq", q, k, dims["HEAD_DIM_PAD"], switches["BANDED"])
-    kernel[lambda meta: (triton.cdiv(T_q, meta["BLOCK_M"]), H, B)](
-        q, k, v, dout, dq, lse, delta, seed,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        *scalars, **common, **launch,
+    kernel, launch = _launcher("bwd_dq", q, k, dims["HEAD_DIM_PAD"], switches["BANDED"], longest_k)
+    kernel[lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), H, batch)](
+        q, k, v, dout, dq, lse, delta, seed, *strides[0], *strides[1], *strides[2], *strides[3],
+        *_strides(dq, packed), *scalars, **common, **launch,
     )
     return dq, dk, dv, delta
 
@@ -285,18 +313,21 @@ def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> t
 
 def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
               dropout_p: float, scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-              sinks: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+              sinks: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+              cu_seqlens_k: Optional[torch.Tensor], max_q: int, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_forward(q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks,
-                          alibi_slopes)
+                          alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
 
 
 def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float, scale: float, causal: bool,
               window_left: int, window_right: int, softcap: float, sinks: Optional[torch.Tensor],
-              alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+              cu_seqlens_k: Optional[torch.Tensor], max_q: int,
+              max_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and dsinks (H,), or an empty dsinks without sinks (an op returns tensors only)."""
     dq, dk, dv, delta = launch_backward(dout, q, k, v, out, lse, seed, dropout_p, scale, causal, window_left,
-                                        window_right, softcap, alibi_slopes)
+                                        window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
     dsinks = q.new_empty(0) if sinks is None else sinks_grad(sinks, lse, delta)
     return dq, dk, dv, dsinks
 
@@ -306,13 +337,14 @@ if INTERPRETING:
     flash_attention_bwd = torch.library.custom_op("fastgpt::flash_attention_bwd", _bwd_impl, mutates_args=())
 
     @flash_attention_fwd.register_fake
-    def _(q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes):
+    def _(q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes,
+          cu_seqlens_q, cu_seqlens_k, max_q, max_k):
         B, H, T_q, D = q.shape
         return _empty_bthd(q), q.new_empty((B, H, T_q), dtype=torch.float32)
 
     @flash_attention_bwd.register_fake
     def _(dout, q, k, v, out, lse, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks,
-          alibi_slopes):
+          alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k):
         dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
         return _empty_bthd(q), _empty_bthd(k), _empty_bthd(k), dsinks
 else:
@@ -321,21 +353,24 @@ else:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes = inputs
+    (q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes,
+     cu_seqlens_q, cu_seqlens_k, max_q, max_k) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    # O(B·H·T·D) saved: the inputs (views, no copies), out, lse, an 8-byte seed and the options'
-    # (H,) and (B, H) tensors; no T×T tensor
-    ctx.save_for_backward(q, k, v, out, lse, seed, sinks, alibi_slopes)
+    # O(B·H·T·D) saved: the inputs (views, no copies), out, lse, an 8-byte seed, the options'
+    # (H,) and (B, H) tensors and the packed sequences' (B + 1,) offsets; no T×T tensor
+    ctx.save_for_backward(q, k, v, out, lse, seed, sinks, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
     ctx.dropout_p, ctx.scale, ctx.causal, ctx.softcap = dropout_p, scale, causal, softcap
-    ctx.window = (window_left, window_right)
+    ctx.window, ctx.longest = (window_left, window_right), (max_q, max_k)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, seed, sinks, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, seed, sinks, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv, dsinks = flash_attention_bwd(dout, q, k, v, out, lse, seed, ctx.dropout_p, ctx.scale, ctx.causal,
-                                             *ctx.window, ctx.softcap, sinks, alibi_slopes)
-    return dq, dk, dv, None, None, None, None, None, None, None, None if sinks is None else dsinks, None
+                                             *ctx.window, ctx.softcap, sinks, alibi_slopes, cu_seqlens_q,
+                                             cu_seqlens_k, *ctx.longest)
+    return (dq, dk, dv, None, None, None, None, None, None, None, None if sinks is None else dsinks, None,
+            None, None, None, None)
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -348,16 +383,22 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional[int] = None) -> torch.Tensor:
+def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional[int] = None,
+                      cu_seqlens_q: Optional[torch.Tensor] = None,
+                      cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The (B, H, T_q, T_k) bool keep-mask of a call with this seed, q.shape (B, H, T_q, D) and T_k
     keys (default T_q), from the same Philox counters the kernels use:
-    naive_attention(..., keep_mask=mask) is that call's exact reference."""
+    naive_attention(..., keep_mask=mask) is that call's exact reference. Packed sequences
+    (cu_seqlens_q/_k (B + 1,) int32; T_q, T_k the longest): sequence b's mask in
+    keep[b, :, :T_q[b], :T_k[b]], the rest False (not drawn)."""
     B, H, T_q = shape[0], shape[1], shape[2]
     T_k = T_q if T_k is None else T_k
-    keep = torch.empty((B, H, T_q, T_k), device=seed.device, dtype=torch.int8)
-    block = 64
+    packed = cu_seqlens_q is not None
+    keep = (torch.zeros if packed else torch.empty)((B, H, T_q, T_k), device=seed.device, dtype=torch.int8)
+    block = 128 if INTERPRETING else 64  # the interpreter pays a fixed cost per program: fewer, larger tiles
     _dropout_mask[(triton.cdiv(T_q, block), triton.cdiv(T_k, block), B * H)](
-        seed, keep, *_strides(keep), H, T_q, T_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
+        seed, keep, *_strides(keep), H, T_q, T_k, dropout_p, cu_seqlens_q, cu_seqlens_k, BLOCK_M=block,
+        BLOCK_N=block, VARLEN=packed,
     )
     return keep.bool()
 
@@ -365,18 +406,31 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional
 def triton_attention(q, k, v, dropout_p: float, scale: float, seed: Optional[torch.Tensor] = None, *,
                      causal: bool = True, window: tuple[int, int] = (-1, 0), softcap: float = 0.0,
                      sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, varlen=None):
     """The `triton` backend: q (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated -> out (B, H, T_q, D),
     and with return_lse (out, lse (B, H, T_q) float32, natural log, detached). With dropout, `seed`
     (a 1-element int64 tensor on q's device, draw_seed) picks the mask that dropout_keep_mask
     rebuilds; None draws one from torch's generator. The options as AttentionCall holds them:
-    window (left, right) with -1 unbounded, sinks (H,), alibi_slopes (B, H) float32."""
-    check_offsets(q, k, v)
+    window (left, right) with -1 unbounded, sinks (H,), alibi_slopes (B, H) float32.
+
+    `varlen` (a VarlenLayout, fastgpt/attention/varlen.py): packed sequences, q (total_q, H, D), k, v
+    (total_k, H_kv, D) -> out (total_q, H, D) and lse (H, total_q); alibi_slopes (B, H), B the
+    number of sequences. One launch of each kernel serves every sequence."""
+    if varlen is not None:
+        q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D) views
+        check_offsets(q, rows=varlen.max_q)
+        check_offsets(k, v, rows=varlen.max_k)
+        packed = (varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_q, varlen.max_k)
+    else:
+        check_offsets(q, k, v)
+        packed = (None, None, 0, 0)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(q.device)
     sinks = None if sinks is None else sinks.contiguous()  # read at one stride in the kernel; a copy is (H,)
     out, lse = flash_attention_fwd(q, k, v, seed if dropout_p > 0.0 else None, dropout_p, scale, causal, window[0],
-                                   window[1], float(softcap), sinks, alibi_slopes)
+                                   window[1], float(softcap), sinks, alibi_slopes, *packed)
+    if varlen is not None:
+        out, lse = out[0].transpose(0, 1), lse[0]  # (total_q, H, D) and (H, total_q)
     if not return_lse:
         return out
     return out, lse * LN_2  # base 2 in the kernels; -inf stays -inf

@@ -19,6 +19,8 @@ from fastgpt.attention import (
     refusal,
     select_kernel,
 )
+from fastgpt.attention.registry import choose
+from fastgpt.attention.varlen import varlen_call
 from fastgpt.verify.parity import compare, make_qkv
 
 
@@ -187,6 +189,10 @@ def _call_with(options_used: frozenset, q, k):
                    window=(3, 0 if "bidirectional" not in options_used else 2) if "window" in options_used else None,
                    sinks=torch.zeros(H) if "sinks" in options_used else None,
                    alibi_slopes=torch.ones(B, H) if "alibi" in options_used else None)
+    if "varlen" in options_used:  # the batch as packed sequences of equal length
+        packed_q, packed_k = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k))
+        cu = torch.arange(B + 1, dtype=torch.int32) * q.shape[2]
+        return varlen_call(packed_q, packed_k, packed_k, cu, cu, **options)
     return AttentionCall.of(q, k, k, **options)
 
 
@@ -200,8 +206,11 @@ def test_every_path_that_lacks_an_option_refuses_it_by_name_and_auto_never_picks
             if option not in path.options:
                 reason = path.options_refusal(call)
                 assert reason is not None and option in reason
-    chosen = select_kernel(q, k, k, **{"causal": False} if option == "bidirectional" else {},
-                           **_option_kwargs(option, q))
+    if option == "varlen":
+        chosen = choose(call)
+    else:
+        chosen = select_kernel(q, k, k, **{"causal": False} if option == "bidirectional" else {},
+                               **_option_kwargs(option, q))
     assert option in chosen.options
 
 

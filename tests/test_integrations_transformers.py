@@ -99,19 +99,24 @@ def test_the_triton_kernels_in_gpt2_and_grouped_query_llama(kind):
     test_logits_and_gradients_match_transformers_sdpa(kind, "triton")
 
 
+@pytest.mark.parametrize("gaps", [False, True])
 @pytest.mark.parametrize("kind", MODELS)
-def test_a_padded_batch_is_exact_at_every_real_token(kind):
+def test_a_padded_batch_is_exact_at_every_real_token(kind, gaps):
     # left padding (as generation pads), right padding (as training batches), none, and all three
-    # in one batch: one call per distinct run of real tokens
+    # in one batch (or padding between real tokens): one varlen call per layer over the real tokens
     name = fastgpt_hf.register("sdpa")
     B, T = 3, 17
     input_ids = tokens(B, T)
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, :5] = 0
     mask[1, 11:] = 0
+    if gaps:
+        mask[2, 3:6] = 0
     real = mask.bool()[..., None]
     dout = torch.randn(B, T, VOCAB, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * real
+    fastgpt.attention.kernels_ran(reset=True)
     got = logits_and_grads(build(kind, name), input_ids, dout, mask)
+    assert fastgpt.attention.kernels_ran() == {"sdpa": 2}  # one call per layer, whatever the padding
     oracle = logits_and_grads(build(kind, "sdpa"), input_ids, dout, mask, dtype=torch.float64)
     same_dtype = logits_and_grads(build(kind, "sdpa"), input_ids, dout, mask)
     for results in (got, oracle, same_dtype):  # padded positions' logits are left out (zeros here)
@@ -190,12 +195,40 @@ def test_output_attentions_is_refused(kind):
         model(tokens(1, 5), output_attentions=True)
 
 
-def test_padding_between_real_tokens_is_refused():
-    model = build("llama", fastgpt_hf.register("sdpa"))
+def test_padding_between_real_tokens_under_a_window_is_refused():
     mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]])
-    with pytest.raises(ValueError, match=r"attention_mask row 0 has padding between real tokens \(11011\); .* takes "
-                                         r"left or right padding"):
-        model(tokens(2, 5), attention_mask=mask)
+    with pytest.raises(ValueError, match=r"attention_mask row 0 has padding between real tokens \(11011\) in a layer "
+                                         r"with a window of \(2, 0\); .* takes left or right padding there"):
+        transformers.MistralForCausalLM._from_config(
+            transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=3),
+            attn_implementation=fastgpt_hf.register("sdpa"))(tokens(2, 5), attention_mask=mask)
+
+
+@pytest.mark.parametrize("flattening_kwargs", [False, True])
+def test_packed_documents_give_the_logits_and_gradients_of_each_alone(flattening_kwargs):
+    # transformers' padding-free training: three documents in one row, position_ids restarting at
+    # each (DataCollatorWithFlattening), with or without its cu_seq_lens arguments
+    name = fastgpt_hf.register("naive")
+    lengths = (6, 1, 9)
+    docs = [tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    model = build("llama", name).double()
+    ids = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 6, 7, 16], dtype=torch.int32)
+    extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9) if flattening_kwargs else {}
+    dout = torch.randn(1, 16, VOCAB, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    fastgpt.attention.kernels_ran(reset=True)
+    packed = model(ids, position_ids=position_ids, use_cache=False, **extra).logits
+    assert fastgpt.attention.kernels_ran() == {"naive": 2}  # one varlen call per layer
+    packed.backward(dout)
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = torch.cat([model(doc, use_cache=False).logits for doc in docs], dim=1)
+    alone.backward(dout)
+    torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[n], p.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_a_layer_without_a_mask_follows_its_is_causal():
@@ -247,9 +280,6 @@ def test_masks_it_cannot_describe_are_refused_by_name():
     model = transformers.Gemma3TextModel._from_config(config, attn_implementation=name)
     with pytest.raises(ValueError, match=r"does not support a mask the model overlays with or_mask_function"):
         model(tokens(1, 5))
-    # packed sequences: position_ids that restart inside a row (transformers looks for them without a cache)
-    with pytest.raises(ValueError, match=r"does not support packed sequences \(position_ids restarting inside a row"):
-        build("llama", name)(tokens(1, 6), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
     chunked = transformers.masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"does not support chunked attention \(chunked_overlay"):
         fastgpt_hf.describe_mask_function(chunked, name)
@@ -270,8 +300,8 @@ def test_arguments_that_change_the_math_are_refused():
     q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
     with pytest.raises(ValueError, match=r"does not support a position bias added to the scores \(position_bias="):
         fastgpt_hf.attention(layer, q, k, k, None, position_bias=torch.zeros(1, 4, 3, 3), name=name)
-    with pytest.raises(ValueError, match=r"does not support packed sequences \(cu_seq_lens\) \(cu_seq_lens_q="):
-        fastgpt_hf.attention(layer, q, k, k, None, cu_seq_lens_q=torch.tensor([0, 3]), name=name)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q = \[0, 2\] must start at 0, never decrease, and end at 3"):
+        fastgpt_hf.attention(layer, q, k, k, None, cu_seq_lens_q=torch.tensor([0, 2]), name=name)
     out, weights = fastgpt_hf.attention(layer, q, k, k, None, position_bias=None, name=name)  # None: absent
     assert out.shape == (1, 3, 4, 16) and weights is None
 

@@ -44,6 +44,31 @@ struct Band {
   }
 };
 
+// One sequence of a call: the batch entry of the (B, H, T, D) tensors that holds it, its first
+// query and key rows there, and its band.
+struct Sequence {
+  int64_t entry, q0, k0;
+  Band band;
+};
+
+// The sequences of a call. A regular call has B of them, sequence b in batch entry b, each T_q × T_k.
+// A packed (varlen) call's tensors are (1, H, total, D) views, sequence b owning the query rows
+// [cu_q[b], cu_q[b + 1]) and the key rows [cu_k[b], cu_k[b + 1]); T_q and T_k are the longest.
+// Either way the dropout stream keys query i of sequence b, head h, by the flat row (b·H + h)·T_q + i,
+// so a packed call draws the mask of the (B, H, T_q, T_k) call its sequences would pad to.
+struct Sequences {
+  int64_t count, T_q, T_k;
+  bool causal;
+  int64_t left, right;
+  const int32_t* cu_q = nullptr;  // (count + 1), or null: a regular call
+  const int32_t* cu_k = nullptr;
+
+  Sequence operator[](int64_t b) const {
+    if (cu_q == nullptr) return {b, 0, 0, Band(T_q, T_k, causal, left, right)};
+    return {0, cu_q[b], cu_k[b], Band(cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], causal, left, right)};
+  }
+};
+
 // What acts on a score besides the band.
 struct ScoreMods {
   float scale, softcap;   // softcap 0: off

@@ -15,7 +15,9 @@ from fastgpt.attention.api import (
     select_kernel,
 )
 from fastgpt.attention.call import OPTIONS, AttentionCall, validate_inputs
-from fastgpt.attention.naive import naive_attention
+from fastgpt.attention.naive import naive_attention, naive_varlen_attention
+from fastgpt.attention.padding import padded_attention
+from fastgpt.attention.paged import PAGE_SIZES, paged_attention, write_pages
 from fastgpt.attention.registry import (
     Backend,
     KernelPath,
@@ -27,6 +29,12 @@ from fastgpt.attention.registry import (
     kernels_ran,
     refusal,
     register_backend,
+)
+from fastgpt.attention.varlen import (
+    VarlenLayout,
+    flash_attn_varlen_func,
+    varlen_attention,
+    varlen_attention_with_mask,
 )
 
 __all__ = [
@@ -45,8 +53,17 @@ __all__ = [
     "kernel_path_names",
     "kernels_ran",
     "naive_attention",
+    "naive_varlen_attention",
+    "padded_attention",
+    "paged_attention",
+    "write_pages",
+    "PAGE_SIZES",
     "refusal",
     "register_backend",
     "select_kernel",
     "validate_inputs",
+    "VarlenLayout",
+    "flash_attn_varlen_func",
+    "varlen_attention",
+    "varlen_attention_with_mask",
 ]

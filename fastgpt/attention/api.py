@@ -182,7 +182,11 @@ def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dr
     naive_attention(q, k, v, dropout_p, scale, keep_mask=keep, **options) is then that call's
     exact reference. Only backends whose kernels draw a mask that can be rebuilt give it: "triton"
     and "ext". With return_lse=True, out is (out, lse)."""
-    call = AttentionCall.of(q, k, v, dropout_p, scale, **options)
+    return run_with_mask(q, k, v, AttentionCall.of(q, k, v, dropout_p, scale, **options), backend)
+
+
+def run_with_mask(q, k, v, call: AttentionCall, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, keep) of a validated call on `backend`'s path, through its with_dropout_mask."""
     path = choose(call, backend)
     owner = get_backend(path.backend)
     if owner.with_dropout_mask is None:

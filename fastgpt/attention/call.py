@@ -18,6 +18,9 @@ takes (registry.py refuses the rest by name):
     sinks         (H,) one learnable logit per query head in every row's softmax denominator
     alibi_slopes  (B, H) float32 (given as (H,) or (B, H)): -slope·|pos - j| added to the scores
     return_lse    the call also returns each row's log-sum-exp (B, H, T_q) float32
+    varlen        packed sequences (varlen.py): q (total_q, H, D), k, v (total_k, H_kv, D) and a
+                  VarlenLayout; batch, q_len and kv_len are then the number of sequences and the
+                  longest query and key lengths, and the lse is (H, total_q)
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CALL_KINDS = ("plain", "dropout", "cached")
 # The options beyond plain causal attention, as `AttentionCall.options` names them.
-OPTIONS = ("bidirectional", "window", "softcap", "sinks", "alibi", "return_lse")
+OPTIONS = ("bidirectional", "window", "softcap", "sinks", "alibi", "return_lse", "varlen")
 UNBOUNDED = -1  # a window side without a limit
 
 
@@ -63,8 +66,12 @@ class AttentionCall:
     sinks: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     alibi_slopes: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     return_lse: bool = False
+    # packed sequences (varlen.py), or None: a (B, H, T, D) call
+    varlen: Optional["VarlenLayout"] = field(default=None, compare=False, repr=False)
     # traced by torch.compile: paths whose autograd lives outside torch.library cannot be traced
     compiling: bool = False
+    # some input (q, k, v, sinks) will want a gradient: forward-only paths refuse the call
+    needs_grad: bool = False
 
     @classmethod
     def of(cls, q, k, v, dropout_p: float = 0.0, scale: Optional[float] = None, **options) -> "AttentionCall":
@@ -78,7 +85,7 @@ class AttentionCall:
         return cls(batch=B, heads=H, kv_heads=k.shape[1], q_len=T_q, kv_len=k.shape[2], head_dim=D,
                    dtype=q.dtype, device=q.device, dropout_p=float(dropout_p),
                    scale=float(D**-0.5 if scale is None else scale), compiling=torch.compiler.is_compiling(),
-                   **fields)
+                   needs_grad=needs_grad(q, k, v, fields["sinks"]), **fields)
 
     @classmethod
     def like(cls, q: torch.Tensor, *, kv_heads: Optional[int] = None, kv_len: Optional[int] = None,
@@ -97,9 +104,12 @@ class AttentionCall:
     @property
     def kind(self) -> str:
         """What `backend="auto"` orders by (CALL_KINDS): "dropout" (dropout_p > 0), "cached" (a causal
-        call with fewer queries than keys: the new tokens of a KV-cache step) or "plain"."""
+        call with fewer queries than keys: the new tokens of a KV-cache step; never a varlen call)
+        or "plain"."""
         if self.dropout_p > 0:
             return "dropout"
+        if self.varlen is not None:  # many sequences in one call: never the tiny call of one decode step
+            return "plain"
         return "cached" if self.causal and self.q_len < self.kv_len else "plain"
 
     @property
@@ -108,7 +118,8 @@ class AttentionCall:
         used = {"bidirectional": not self.causal,
                 "window": self.window != (UNBOUNDED, 0 if self.causal else UNBOUNDED),
                 "softcap": self.softcap > 0, "sinks": self.sinks is not None,
-                "alibi": self.alibi_slopes is not None, "return_lse": self.return_lse}
+                "alibi": self.alibi_slopes is not None, "return_lse": self.return_lse,
+                "varlen": self.varlen is not None}
         return frozenset(name for name, on in used.items() if on)
 
     @property
@@ -122,8 +133,14 @@ class AttentionCall:
         text = (f"{self.device.type} {dtype_name(self.dtype)} B={self.batch} H={self.heads}{gqa} "
                 f"T_q={self.q_len} T_k={self.kv_len} D={self.head_dim} dropout_p={self.dropout_p}")
         extras = {"bidirectional": "causal=False", "window": f"window={self.window}", "softcap": f"softcap={self.softcap}",
-                  "sinks": "sinks", "alibi": "alibi_slopes", "return_lse": "return_lse"}
+                  "sinks": "sinks", "alibi": "alibi_slopes", "return_lse": "return_lse",
+                  "varlen": f"varlen (total_q={self.varlen.total_q if self.varlen else 0})"}
         return text + "".join(f" {extras[name]}" for name in OPTIONS if name in self.options)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want a gradient of any of these tensors (None entries skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def validate_inputs(q, k, v, dropout_p: float, scale: Optional[float], causal: bool = True) -> None:
@@ -168,10 +185,11 @@ def call_options(call: AttentionCall) -> dict:
 
 
 def validate_options(q: torch.Tensor, causal: bool = True, window=None, softcap: float = 0.0, sinks=None,
-                     alibi_slopes=None, return_lse: bool = False) -> dict:
+                     alibi_slopes=None, return_lse: bool = False, *, batch: Optional[int] = None) -> dict:
     """The options as AttentionCall's fields (window normalised, slopes as (B, H) float32), or a
-    TypeError/ValueError naming the argument, its value and the limit."""
-    B, H = q.shape[0], q.shape[1]
+    TypeError/ValueError naming the argument, its value and the limit. `batch`: the number of
+    sequences B where q is packed (total_q, H, D); q's first dimension otherwise."""
+    B, H = (q.shape[0] if batch is None else batch), q.shape[1]
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0 turns it off); got {softcap!r}")
     if not isinstance(return_lse, bool):

@@ -14,14 +14,19 @@ over those op calls (fastgpt/ext/attention_function.py); under torch.compile eac
 node, with its own formula. The T_q × T_k matrices are materialised, once each, in the packed
 layout (fastgpt/ext/layout.py: the causal part only); the dropout mask is regenerated, never stored.
 
-Four kernel paths, best first (backend="ext" takes the first that runs the call):
+Five kernel paths, best first (backend="ext" takes the first that runs the call):
 
+    ext.cpu_split_kv    CPU decode steps over long caches (split-KV, fastgpt/attention/split_kv.py):
+                        the keys in chunks run as one packed call of ext.cpu_flash's kernels,
+                        merged by their lse; forward only, declines caches shorter than
+                        SPLIT_MIN_KEYS (there one worker per head is faster)
     ext.cpu_flash       CPU float32: the flash kernels (csrc/cpu/attention_flash.cpp), no T×T matrix
                         stored, P recomputed in the backward; a C++ autograd node. Every option of
                         api.py (causal=False, window, softcap, sinks, ALiBi, return_lse), in float32
                         and bfloat16 (float32 products over converted tiles), runs its general
                         kernels (csrc/cpu/attention_flash_options.cpp; ops.attention_flash), which
-                        skip the keys outside a window
+                        skip the keys outside a window; so do packed sequences (varlen.py;
+                        ops.attention_flash_varlen), the whole batch in one call
     ext.cpu_flash_amx   CPU bfloat16 on AMX-BF16 tiles (csrc/cpu/attention_flash_amx.cpp), the same;
                         plain causal calls only
     ext.cpu_packed      CPU float32 and bfloat16: the packed ops above (csrc/cpu/); plain causal only
@@ -45,6 +50,8 @@ import torch
 
 from fastgpt.attention.call import OPTIONS, AttentionCall, dtype_name
 from fastgpt.attention.registry import Backend, KernelPath, choose, record, register_backend
+from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines, split_kv_attention,
+                                       split_refusal)
 
 
 def ext_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -84,9 +91,13 @@ def _run_flash(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset:
         return _run_causal_flash(q, k, v, call, seed, offset)
     from fastgpt.ext import ops
 
-    out, lse = ops.attention_flash(q, k, v, call.scale, call.dropout_p, _eager_seed(call, seed), offset,
-                                   causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
-                                   alibi_slopes=call.alibi_slopes)
+    options = dict(causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
+                   alibi_slopes=call.alibi_slopes)
+    if call.varlen is not None:  # packed sequences: the whole batch in one call of the kernels
+        out, lse = ops.attention_flash_varlen(q, k, v, call.varlen.cu_seqlens_q, call.varlen.cu_seqlens_k, call.scale,
+                                              call.dropout_p, _eager_seed(call, seed), offset, **options)
+    else:
+        out, lse = ops.attention_flash(q, k, v, call.scale, call.dropout_p, _eager_seed(call, seed), offset, **options)
     return (out, lse) if call.return_lse else out
 
 
@@ -124,11 +135,16 @@ def _attention_per_op(q, k, v, call: AttentionCall, seed: Optional[int], offset:
 
 def _with_dropout_mask(q, k, v, call: AttentionCall, path: KernelPath) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, keep (B, H, T_q, T_k) bool) of one call on `path`: the mask comes from (seed, offset)
-    alone, so it is rebuilt from the seed the call used. With return_lse, out is (out, lse)."""
+    alone, so it is rebuilt from the seed the call used. With return_lse, out is (out, lse). A
+    varlen call's keep is (B, H, max_q, max_k), sequence b's in keep[b, :, :T_q[b], :T_k[b]]."""
     from fastgpt.ext import layout, ops
 
     seed = int(ops.draw_seed())
-    if path.name == "ext.cpu_flash" and (call.options or call.dtype != torch.float32):  # the general flash op
+    if call.varlen is not None:
+        seqs = call.varlen
+        keep = ops.attention_varlen_dropout_keep_mask(q, seqs.cu_seqlens_q, seqs.cu_seqlens_k, seqs.max_q, seqs.max_k,
+                                                      call.dropout_p, seed, causal=call.causal, window=call.window)
+    elif path.name == "ext.cpu_flash" and (call.options or call.dtype != torch.float32):  # the general flash op
         keep = ops.attention_dropout_keep_mask(q, call.kv_len, call.dropout_p, seed, causal=call.causal,
                                                window=call.window)
     else:
@@ -137,7 +153,17 @@ def _with_dropout_mask(q, k, v, call: AttentionCall, path: KernelPath) -> tuple[
     return _RUNNERS[path.name](q, k, v, call, seed), keep
 
 
-_RUNNERS = {"ext.cpu_flash": _run_flash, "ext.cpu_flash_amx": _run_causal_flash, "ext.cpu_packed": _run_packed,
+def _run_split_kv(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset: int = 0):
+    """ext.cpu_split_kv: a decode step's keys in chunks, one packed call of ext.cpu_flash's kernels
+    over them, merged by their lse (fastgpt/attention/split_kv.py). No dropout, so no seed."""
+    return split_kv_attention(q, k, v, call, "ext.cpu_flash")
+
+
+def _split_kv_refusal(call: AttentionCall) -> Optional[str]:
+    return split_refusal(call) or _flash_dtypes(call)
+
+
+_RUNNERS = {"ext.cpu_split_kv": _run_split_kv, "ext.cpu_flash": _run_flash, "ext.cpu_flash_amx": _run_causal_flash, "ext.cpu_packed": _run_packed,
             "ext.cuda": _run_packed}
 
 
@@ -262,11 +288,16 @@ def _load_refusal(device: torch.device) -> Optional[str]:
     return _unavailable_reason(device)  # loaded: on CUDA the ops may still lack CUDA kernels
 
 
-# Why the causal-only paths take no option: their layout and loops hold the causal triangle only.
+# Why the causal-only paths take no option: their layout and loops hold the causal triangle only,
+# and they take the (B, H, T, D) layout only (ext.cpu_flash runs packed sequences on CPU).
 _PACKED_WHY = "the packed layout holds the causal triangle and its ops the plain causal softmax only"
-_PACKED_NOTES = {name: _PACKED_WHY for name in OPTIONS}
-_AMX_NOTES = {name: "the AMX tile loop is plain causal only; ext.cpu_flash runs bfloat16 with every option "
-                    "(float32 products over converted tiles)" for name in OPTIONS}
+_PACKED_NOTES = {**{name: _PACKED_WHY for name in OPTIONS},
+                 "varlen": "its ops take the (B, H, T, D) layout only; ext.cpu_flash runs packed sequences"}
+_CUDA_NOTES = {**_PACKED_NOTES, "varlen": "the CUDA kernels take the (B, H, T, D) layout only"}
+_AMX_NOTES = {**{name: "the AMX tile loop is plain causal only; ext.cpu_flash runs bfloat16 with every option "
+                       "(float32 products over converted tiles)" for name in OPTIONS},
+              "varlen": "the AMX tile loop takes the (B, H, T, D) layout only; ext.cpu_flash runs packed sequences "
+                        "in bfloat16 (float32 products over converted tiles)"}
 
 
 def _path(name: str, description: str, **checks) -> KernelPath:
@@ -279,6 +310,10 @@ register_backend(Backend(
     description="C++/CUDA ops (csrc/): causal matmuls that skip the tiles above the diagonal and a fused "
                 "scale+mask+softmax+dropout; on CPU flash kernels that store no T×T matrix and take every option",
     paths=(
+        _path("ext.cpu_split_kv", "CPU decode steps over long caches (split-KV): the keys in chunks, run in parallel "
+              "as one packed call of ext.cpu_flash's kernels, merged by their lse; forward only",
+              unavailable_reason=_cpu_only, unsupported_reason=_split_kv_refusal, declines=split_declines,
+              options=SPLIT_KV_OPTIONS, option_notes=SPLIT_KV_NOTES),
         _path("ext.cpu_flash", "CPU flash kernels, float32 (bfloat16 as float32 products) and every option: no "
               "T×T matrix stored, P recomputed in the backward, the keys outside a window skipped",
               unavailable_reason=_cpu_only, unsupported_reason=_flash_dtypes, declines=_flash_declines,
@@ -289,7 +324,7 @@ register_backend(Backend(
         _path("ext.cpu_packed", "CPU packed causal ops: the T×T weights stored over their lower half",
               unavailable_reason=_cpu_only, detail=_products, option_notes=_PACKED_NOTES),
         _path("ext.cuda", "CUDA kernels of the packed causal ops", unavailable_reason=_cuda_only,
-              option_notes=_PACKED_NOTES),
+              option_notes=_CUDA_NOTES),
     ),
     unavailable_reason=_unavailable_reason,
     unsupported_reason=_unsupported_reason,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fastgpt.attention.call import OPTIONS, UNBOUNDED, AttentionCall, call_options, validate_options
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
+from fastgpt.attention.varlen import VarlenLayout, varlen_layout
 
 
 def hidden_keys(T_q: int, T_k: int, causal: bool = True, window=(UNBOUNDED, 0), device=None) -> torch.Tensor:
@@ -34,6 +35,32 @@ def hidden_keys(T_q: int, T_k: int, causal: bool = True, window=(UNBOUNDED, 0), 
         hidden |= j < pos - left
     if right != UNBOUNDED:
         hidden |= j > pos + right
+    return hidden
+
+
+def varlen_positions(layout: VarlenLayout, device=None) -> tuple[torch.Tensor, ...]:
+    """(seq_q, pos (total_q,), seq_k, j (total_k,)): each packed query's sequence and key position
+    within it (T_k[b] - T_q[b] + i), each packed key's sequence and index within it."""
+    q_lens, k_lens = (torch.tensor(lens, device=device) for lens in (layout.q_lens, layout.k_lens))
+    seq_q = torch.repeat_interleave(torch.arange(layout.batch, device=device), q_lens)
+    seq_k = torch.repeat_interleave(torch.arange(layout.batch, device=device), k_lens)
+    i = torch.arange(layout.total_q, device=device) - (q_lens.cumsum(0) - q_lens)[seq_q]
+    j = torch.arange(layout.total_k, device=device) - (k_lens.cumsum(0) - k_lens)[seq_k]
+    return seq_q, i + (k_lens - q_lens)[seq_q], seq_k, j
+
+
+def varlen_hidden_keys(layout: VarlenLayout, causal: bool = True, window=(UNBOUNDED, 0), device=None) -> torch.Tensor:
+    """(total_q, total_k) bool, True where a packed query may not look: every key of another
+    sequence, and within its own what hidden_keys hides (block-diagonal)."""
+    seq_q, pos, seq_k, j = varlen_positions(layout, device)
+    left, right = window
+    if causal:
+        right = 0 if right == UNBOUNDED else min(right, 0)
+    hidden = seq_q[:, None] != seq_k[None, :]
+    if left != UNBOUNDED:
+        hidden |= j[None, :] < pos[:, None] - left
+    if right != UNBOUNDED:
+        hidden |= j[None, :] > pos[:, None] + right
     return hidden
 
 
@@ -128,7 +155,41 @@ def _weights_times_v(att, v, dropout_p: float, keep_mask, out_shape) -> torch.Te
     return (att @ v.unsqueeze(2)).view(out_shape)
 
 
+def naive_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, dropout_p: float = 0.0, scale: Optional[float] = None,
+                           keep_mask: Optional[torch.Tensor] = None, **options):
+    """The reference of varlen_attention (fastgpt/attention/varlen.py): each packed sequence through
+    naive_attention on its own. q (total_q, H, D), k, v (total_k, H_kv, D) -> (total_q, H, D), and
+    with return_lse also lse (H, total_q) float32. `keep_mask` (B, H, max_q, max_k) bool, sequence
+    b's in keep_mask[b, :, :T_q[b], :T_k[b]], replaces the random dropout draw."""
+    layout = varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, causal=options.get("causal", True))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _naive_varlen(q, k, v, layout, dropout_p, scale, keep_mask, options)
+
+
+def _naive_varlen(q, k, v, layout: VarlenLayout, dropout_p: float, scale: float, keep_mask, options: dict):
+    """One naive_attention per sequence, (1, H, T, D) views of its rows; the pieces concatenated."""
+    opts = validate_options(q, batch=layout.batch, **options)
+    opts["window"] = tuple(opts["window"])
+    slopes = opts.pop("alibi_slopes")
+    outs, lses = [], []
+    for b, (q0, k0, T_q, T_k) in enumerate(zip(layout.q_starts(), layout.k_starts(), layout.q_lens, layout.k_lens)):
+        if T_q == 0:
+            continue
+        q_b = q[q0:q0 + T_q].transpose(0, 1).unsqueeze(0)  # (1, H, T_q, D)
+        k_b, v_b = (t[k0:k0 + T_k].transpose(0, 1).unsqueeze(0) for t in (k, v))  # (1, H_kv, T_k, D)
+        keep = None if keep_mask is None else keep_mask[b:b + 1, :, :T_q, :T_k]
+        out, lse = naive_attention(q_b, k_b, v_b, dropout_p, scale, keep, **{**opts, "return_lse": True},
+                                   alibi_slopes=None if slopes is None else slopes[b:b + 1])
+        outs.append(out[0].transpose(0, 1))  # (T_q, H, D)
+        lses.append(lse[0])  # (H, T_q)
+    out = torch.cat(outs)
+    return (out, torch.cat(lses, dim=1)) if opts["return_lse"] else out
+
+
 def _naive_path(q, k, v, call: AttentionCall):
+    if call.varlen is not None:
+        return _naive_varlen(q, k, v, call.varlen, call.dropout_p, call.scale, None, call_options(call))
     if not call.options:
         return naive_attention(q, k, v, call.dropout_p, call.scale)
     return naive_attention(q, k, v, call.dropout_p, call.scale, **call_options(call))

@@ -13,6 +13,9 @@ The options it can express exactly it takes: a bidirectional call (no mask), a w
 (T_q, T_k) mask of the visible keys) and ALiBi (an additive (B, H, T_q, T_k) mask in q's dtype, -inf
 where hidden). Soft-capping, sinks and the log-sum-exp have no place in SDPA's signature: refused
 by name. A row that sees no key comes out 0 from PyTorch's CPU kernels, as the API promises.
+Packed sequences (varlen.py) run as one call over every token with a block-diagonal mask
+(total_q × total_k): one call, but a mask and work quadratic in the total length, not in each
+sequence's (PyTorch's own varlen attention runs on CUDA only; it is not used here).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.attention.call import AttentionCall
-from fastgpt.attention.naive import alibi_bias, hidden_keys
+from fastgpt.attention.naive import alibi_bias, hidden_keys, varlen_hidden_keys, varlen_positions
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
 
-TAKES = frozenset({"bidirectional", "window", "alibi"})
+TAKES = frozenset({"bidirectional", "window", "alibi", "varlen"})
 REFUSES = {
     "softcap": "PyTorch's SDPA has no soft-capping (a mask cannot express a function of the score)",
     "sinks": "PyTorch's SDPA has no attention sinks (a sink joins the denominator without a key)",
@@ -57,7 +60,29 @@ def _sdpa_backend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
+def _sdpa_varlen(q, k, v, call: AttentionCall) -> torch.Tensor:
+    """Packed sequences as one SDPA call over all the tokens with a block-diagonal mask
+    (total_q, total_k): what PyTorch's CPU kernels can run (its varlen attention is CUDA-only), at
+    the cost of a mask quadratic in the total length. q (total_q, H, D) -> (total_q, H, D)."""
+    layout = call.varlen
+    hidden = varlen_hidden_keys(layout, call.causal, call.window, q.device)  # (total_q, total_k)
+    mask = ~hidden
+    if call.alibi_slopes is not None:
+        seq_q, pos, seq_k, j = varlen_positions(layout, q.device)
+        exact = torch.float64 if q.dtype == torch.float64 else torch.float32
+        slopes = call.alibi_slopes.to(q.device, exact)[seq_q].T  # (H, total_q): each query's sequence's slopes
+        bias = -slopes[:, :, None] * (pos[:, None] - j[None, :]).abs().to(exact)  # (H, total_q, total_k)
+        mask = bias.masked_fill(hidden, float("-inf")).to(q.dtype)[None]
+    as_batch = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, heads, total, D) views
+    out = F.scaled_dot_product_attention(*as_batch, attn_mask=mask, dropout_p=call.dropout_p, scale=call.scale,
+                                         enable_gqa=call.grouped)
+    out = _nan_query_rows_restored(out, as_batch[0], call.dropout_p)
+    return out[0].transpose(0, 1)
+
+
 def _sdpa_path(q, k, v, call: AttentionCall) -> torch.Tensor:
+    if call.varlen is not None:
+        return _sdpa_varlen(q, k, v, call)
     if not call.options:
         return _sdpa_backend(q, k, v, call.dropout_p, call.scale)
     T_q, T_k = call.q_len, call.kv_len

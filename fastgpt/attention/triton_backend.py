@@ -1,6 +1,7 @@
 """`triton`: the fused attention kernels in kernels/flash_attention*.py (forward, backward, dropout),
-with every option of the API (bidirectional, a window, soft-capping, sinks, ALiBi, the lse), each a
-compile-time switch of the kernels.
+with every option of the API (bidirectional, a window, soft-capping, sinks, ALiBi, the lse, packed
+sequences), each a compile-time switch of the kernels; a packed (varlen) call is one launch of each
+kernel for all its sequences.
 
 This module only registers the backend and answers whether it can run; the host code beside the
 kernels (launchers, the torch.library op: fastgpt.kernels.flash_attention_ops), and with it triton,
@@ -24,6 +25,8 @@ import torch
 
 from fastgpt.attention.call import OPTIONS, AttentionCall, call_options, dtype_name
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
+from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines, split_kv_attention,
+                                       split_refusal)
 from fastgpt.kernels.flash_attention_configs import MAX_HEAD_DIM, MIN_HEAD_DIM  # plain Python: no triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -93,26 +96,40 @@ def _options(call: AttentionCall) -> dict:
 def _triton_path(q, k, v, call: AttentionCall):
     from fastgpt.kernels.flash_attention_ops import triton_attention
 
-    return triton_attention(q, k, v, call.dropout_p, call.scale, **_options(call))
+    return triton_attention(q, k, v, call.dropout_p, call.scale, **_options(call), varlen=call.varlen)
 
 
 def _with_dropout_mask(q, k, v, call: AttentionCall, path) -> tuple:
     """(out, keep (B, H, T_q, T_k) bool): the kernels' mask is a function of the seed, rebuilt from
     it (the same function of (seed, b·H + h, query, key) whatever the options); out is (out, lse)
-    with return_lse."""
+    with return_lse. A varlen call's keep is (B, H, max_q, max_k), sequence b's in
+    keep[b, :, :T_q[b], :T_k[b]]: the kernels count a packed sequence's queries and keys from 0."""
     from fastgpt.kernels.flash_attention_ops import draw_seed, dropout_keep_mask, triton_attention
 
     seed = draw_seed(q.device)
-    out = triton_attention(q, k, v, call.dropout_p, call.scale, seed, **_options(call))
-    return out, dropout_keep_mask(seed, q.shape, call.dropout_p, call.kv_len)
+    out = triton_attention(q, k, v, call.dropout_p, call.scale, seed, **_options(call), varlen=call.varlen)
+    packed = () if call.varlen is None else (call.varlen.cu_seqlens_q, call.varlen.cu_seqlens_k)
+    return out, dropout_keep_mask(seed, (call.batch, call.heads, call.q_len), call.dropout_p, call.kv_len, *packed)
+
+
+def _split_kv_path(q, k, v, call: AttentionCall):
+    return split_kv_attention(q, k, v, call, "triton")
+
+
+def _split_kv_refusal(call: AttentionCall) -> Optional[str]:
+    return split_refusal(call) or unsupported_reason(call)
 
 
 DESCRIPTION = ("fused flash-attention kernel in Triton: online softmax, causal or banded block skipping, "
                "in-kernel dropout")
+SPLIT_DESCRIPTION = ("decode steps over long caches (split-KV): the keys in chunks, run in parallel as one packed "
+                     "launch of the triton kernels, merged by their lse; forward only")
 
 register_backend(Backend(
     name="triton",
-    paths=(KernelPath("triton", _triton_path, DESCRIPTION, options=frozenset(OPTIONS)),),
+    paths=(KernelPath("triton.split_kv", _split_kv_path, SPLIT_DESCRIPTION, unsupported_reason=_split_kv_refusal,
+                      declines=split_declines, options=SPLIT_KV_OPTIONS, option_notes=SPLIT_KV_NOTES),
+           KernelPath("triton", _triton_path, DESCRIPTION, options=frozenset(OPTIONS))),
     description=DESCRIPTION,
     unavailable_reason=unavailable_reason,
     unsupported_reason=unsupported_reason,

@@ -7,6 +7,8 @@ as on the command line.
     softcap[:C]     soft-capping at C (default 50, Gemma-2's attention cap)
     sinks           one learnable sink logit per query head
     alibi           ALiBi with the original paper's geometric slopes
+    varlen          the batch as packed sequences of different lengths (fastgpt/attention/varlen.py);
+                    `fastgpt parity` checks it, the attention timings do not take it
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-FORMS = "causal, bidirectional, window:W, softcap[:C], sinks, alibi"
+FORMS = "causal, bidirectional, window:W, softcap[:C], sinks, alibi, varlen"
 DEFAULT_SOFTCAP = 50.0
 
 
@@ -28,14 +30,16 @@ class Variant:
     softcap: float = 0.0
     sinks: bool = False
     alibi: bool = False
+    varlen: bool = False  # a layout, not an option of the call: options() leaves it out
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
         """One --variants entry; a ValueError naming it and the forms there are."""
         kind, _, value = text.partition(":")
         try:
-            if kind in ("causal", "bidirectional", "sinks", "alibi") and not value:
-                return cls(text, causal=kind != "bidirectional", sinks=kind == "sinks", alibi=kind == "alibi")
+            if kind in ("causal", "bidirectional", "sinks", "alibi", "varlen") and not value:
+                return cls(text, causal=kind != "bidirectional", sinks=kind == "sinks", alibi=kind == "alibi",
+                           varlen=kind == "varlen")
             if kind == "window" and int(value) >= 1:
                 return cls(text, window=int(value))
             if kind == "softcap" and (not value or float(value) > 0):
@@ -72,8 +76,12 @@ class Variant:
         return (W * (W + 1) / 2 + (T - W) * W) / causal_pairs  # rows < W see i + 1 keys, the rest W
 
 
-def parse_variants(texts: list[str]) -> list[Variant]:
+def parse_variants(texts: list[str], packed: bool = False) -> list[Variant]:
+    """The --variants entries; "varlen" only where `packed` (fastgpt parity), else a ValueError."""
     variants = [Variant.parse(t) for t in texts]
+    if not packed and any(v.varlen for v in variants):
+        raise ValueError("--variants varlen: the attention timings take the (B, H, T, D) layout; packed sequences "
+                         "are checked by `fastgpt parity --variants varlen` and timed by `fastgpt bench packing`")
     seen = [v.name for v in variants]
     if len(set(seen)) != len(seen):
         raise ValueError(f"--variants {' '.join(texts)} names a variant twice")

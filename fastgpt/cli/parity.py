@@ -20,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32", "float64"])
     parser.add_argument("--variants", nargs="+", default=["causal"],
                         help="option sets to check, as `fastgpt bench attention --variants` names them: causal, "
-                             "bidirectional, window:W, softcap[:C], sinks, alibi (default: causal)")
+                             "bidirectional, window:W, softcap[:C], sinks, alibi, varlen (packed sequences of "
+                             "different lengths; default: causal)")
     return parser
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.bench.variants import parse_variants
 
     device = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    variants = parse_variants(args.variants)
+    variants = parse_variants(args.variants, packed=True)
     known = list(dict.fromkeys([*backend_names(), *kernel_path_names()]))
     for name in args.backends or []:
         if name not in known:
@@ -67,7 +68,9 @@ def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[
     that ran and those that failed (a backend unavailable on the device is one failure)."""
     from fastgpt.attention import AttentionCall, backend_names, get_backend, get_path
     from fastgpt.attention.registry import path_refusal
-    from fastgpt.verify.parity import ALL_SHAPES, DTYPE_NAMES, check_parity, make_qkv, shape_id
+    from fastgpt.attention.varlen import varlen_call
+    from fastgpt.verify.parity import (ALL_SHAPES, DTYPE_NAMES, check_parity, check_varlen_parity, make_packed,
+                                       make_qkv, shape_id)
 
     backend = get_backend(name)
     reason = backend.unavailable_reason(device)
@@ -80,7 +83,10 @@ def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[
         for shape in ALL_SHAPES:
             q, k, v = make_qkv(shape, dtype, device)
             options = variant.options(q.shape[0], q.shape[1], device)
-            call = AttentionCall.of(q, k, v, **options)
+            if variant.varlen:
+                call = varlen_call(*make_packed(shape, dtype, device), **options)
+            else:
+                call = AttentionCall.of(q, k, v, **options)
             reason = backend.backend_refusal(call)
             if reason is None and name not in backend_names():  # a kernel path: its own refusal too
                 reason = path_refusal(get_path(name), call, named=True)
@@ -90,7 +96,8 @@ def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[
             if reason is not None:
                 print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} not supported: {reason}")
                 continue
-            result = check_parity(name, shape, dtype, device, **options)
+            check = check_varlen_parity if variant.varlen else check_parity
+            result = check(name, shape, dtype, device, **options)
             cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
             status = "ok" if result.ok else f"FAIL ({result.worst})"
             if "dsinks" in result.errors:

@@ -140,7 +140,9 @@ ATTENTION_OPS = ("causal_matmul_nt", "causal_matmul_nn", "causal_matmul_tn", "ca
 REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "empty_cache", "skinny_linear",
                   "cpu_bf16_uses_amx", "set_cpu_isa", "cpu_isa_available", "dropout", "causal_attention_probs",
                   "causal_attention_grad_scores", "causal_attention_flash_forward", "causal_attention_flash_backward",
-                  "causal_attention_flash", "attention_flash_forward", "attention_flash_backward", "attention_dropout_keep_mask")
+                  "causal_attention_flash", "attention_flash_forward", "attention_flash_backward", "attention_dropout_keep_mask",
+                  "attention_flash_varlen_forward", "attention_flash_varlen_backward",
+                  "attention_varlen_dropout_keep_mask")
 
 
 def ops_without_cuda_kernels() -> list[str]:

@@ -39,6 +39,13 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
     attention_dropout_keep_mask(q, T_k, causal, window_left, window_right, dropout_p, seed, offset)
                                   the dense (B,H,T_q,T_k) bool mask attention_flash draws, False
                                   outside each query's window
+    attention_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, dropout_p, seed, offset, *,
+                           causal, window, softcap, sinks, alibi_slopes) -> (out, lse)
+                                  attention_flash over packed sequences in one call: q (total_q,H,D),
+                                  k, v (total_k,H_kv,D), cu_seqlens (B+1,) int32; out (total_q,H,D),
+                                  lse (H,total_q) (fastgpt/attention/varlen.py's contract)
+    attention_varlen_dropout_keep_mask(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
+                                  its (B,H,max_q,max_k) bool mask, sequence b's in [b, :, :T_q[b], :T_k[b]]
     skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
                                   inference only (fastgpt/model/linear.py decides when the model uses it)
 
@@ -196,14 +203,16 @@ def causal_attention_flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torc
 
 
 class _AttentionFlash(torch.autograd.Function):
-    """attention_flash_forward and _backward as one node: gradients for q, k, v and sinks; lse is an
-    output without one (flash-attention's convention)."""
+    """attention_flash_forward and _backward as one node (their varlen ops when `packed` holds
+    (cu_seqlens_q, cu_seqlens_k)): gradients for q, k, v and sinks; lse is an output without one
+    (flash-attention's convention)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, alibi_slopes, args):
+    def forward(ctx, q, k, v, sinks, alibi_slopes, args, packed=()):
         sinks32 = None if sinks is None else sinks.detach().float().contiguous()
-        out, lse = _ops.attention_flash_forward(q, k, v, sinks32, alibi_slopes, *args)
-        ctx.save_for_backward(q, k, v, out, lse, sinks32, alibi_slopes)
+        forward_op = _ops.attention_flash_varlen_forward if packed else _ops.attention_flash_forward
+        out, lse = forward_op(q, k, v, *packed, sinks32, alibi_slopes, *args)
+        ctx.save_for_backward(q, k, v, out, lse, sinks32, alibi_slopes, *packed)
         ctx.args = args
         ctx.sinks_dtype = None if sinks is None else sinks.dtype
         ctx.mark_non_differentiable(lse)
@@ -212,10 +221,11 @@ class _AttentionFlash(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sinks32, slopes = ctx.saved_tensors
-        dq, dk, dv, dsinks = _ops.attention_flash_backward(dout, q, k, v, out, lse, sinks32, slopes, *ctx.args)
+        q, k, v, out, lse, sinks32, slopes, *packed = ctx.saved_tensors
+        backward_op = _ops.attention_flash_varlen_backward if packed else _ops.attention_flash_backward
+        dq, dk, dv, dsinks = backward_op(dout, q, k, v, out, lse, *packed, sinks32, slopes, *ctx.args)
         dsinks = dsinks.to(ctx.sinks_dtype) if ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None
+        return dq, dk, dv, dsinks, None, None, None
 
 
 def attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0,
@@ -245,6 +255,69 @@ def attention_dropout_keep_mask(q: torch.Tensor, T_k: int, dropout_p: float, see
     check_softmax_args(1.0, dropout_p, seed, offset)
     return _ops.attention_dropout_keep_mask(q, T_k, causal, window[0], 0 if causal else window[1], float(dropout_p),
                                             seed, offset)
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, softcap, sinks, alibi_slopes) -> int:
+    """attention_flash_varlen's arguments: q (total_q, H, D), k and v (total_k, H_kv, D), cu_seqlens
+    (B + 1,) int32 on the CPU (their values the C++ op checks); the options as attention_flash takes
+    them, alibi_slopes (H,) or (B, H). Returns B."""
+    for name, t, dims in (("q", q, "(total_q, H, D)"), ("k", k, "(total_k, H_kv, D)"), ("v", v, "(total_k, H_kv, D)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shown = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 3-dim tensor {dims} in a varlen call; got {shown}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not (isinstance(cu, torch.Tensor) and cu.dtype == torch.int32 and cu.dim() == 1 and cu.numel() >= 2
+                and cu.device.type == "cpu"):
+            shown = f"{cu.dtype} {tuple(cu.shape)} on {cu.device}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise ValueError(f"{name} must be a (B + 1,) int32 tensor on the CPU, B >= 1; got {shown}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries and cu_seqlens_k {cu_seqlens_k.numel()}; "
+                         "both must be (B + 1,) for the same B sequences")
+    views = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]  # (1, H, total, D)
+    check_attention_options(*views, False, window, softcap, sinks, None)  # causality is per sequence: the op checks it
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False; got {causal!r}")
+    B, H = cu_seqlens_q.numel() - 1, q.shape[1]
+    if alibi_slopes is not None and not (isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.is_floating_point()
+                                         and tuple(alibi_slopes.shape) in ((H,), (B, H))):
+        shown = (f"{alibi_slopes.dtype} {tuple(alibi_slopes.shape)}" if isinstance(alibi_slopes, torch.Tensor)
+                 else type(alibi_slopes).__name__)
+        raise ValueError(f"alibi_slopes must be a floating tensor of shape ({H},) or ({B}, {H}); got {shown}")
+    return B
+
+
+def attention_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
+                           offset: int = 0, *, causal: bool = True, window=(-1, 0), softcap: float = 0.0,
+                           sinks: Optional[torch.Tensor] = None,
+                           alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): attention_flash over packed sequences, the whole batch in one call of the kernels.
+    q (total_q, H, D), k, v (total_k, H_kv, D) (views of a fused projection are read in place);
+    cu_seqlens_q, cu_seqlens_k (B + 1,) int32, sequence b owning query rows cu_seqlens_q[b] :
+    cu_seqlens_q[b + 1] and key rows cu_seqlens_k[b] : cu_seqlens_k[b + 1], each the call of
+    attention_flash on its own (fastgpt/attention/varlen.py); alibi_slopes (H,) or (B, H).
+    out (total_q, H, D) is differentiable in q, k, v and sinks; lse (H, total_q) float32 is not.
+    Dropout draws attention_varlen_dropout_keep_mask's mask."""
+    B = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, softcap, sinks, alibi_slopes)
+    check_softmax_args(scale, dropout_p, seed, offset)
+    slopes = (None if alibi_slopes is None
+              else alibi_slopes.detach().float().expand(B, q.shape[1]).contiguous())  # (B, H)
+    args = (float(scale), causal, window[0], 0 if causal else window[1], float(softcap), float(dropout_p), seed, offset)
+    packed = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+    return _AttentionFlash.apply(q, k, v, sinks, slopes, args, packed)
+
+
+def attention_varlen_dropout_keep_mask(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                                       max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, seed: int,
+                                       offset: int = 0, *, causal: bool = True, window=(-1, 0)) -> torch.Tensor:
+    """The (B, H, max_seqlen_q, max_seqlen_k) bool keep mask attention_flash_varlen(q, ..., dropout_p,
+    seed, offset, causal=..., window=...) applies, sequence b's in [b, :, :T_q[b], :T_k[b]] and False
+    elsewhere: the (B, H, max_q, max_k) call's mask, sequence by sequence. Only q's shape
+    (total_q, H, D) is used; max_seqlen_q/k at least the longest sequences."""
+    check_softmax_args(1.0, dropout_p, seed, offset)
+    return _ops.attention_varlen_dropout_keep_mask(q, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                                                   max_seqlen_q, max_seqlen_k, causal, window[0],
+                                                   0 if causal else window[1], float(dropout_p), seed, offset)
 
 
 def causal_matmul_nn(p: torch.Tensor, x: torch.Tensor, T_q: int) -> torch.Tensor:
@@ -518,6 +591,24 @@ def _fake_attention_mask(q, T_k, causal, window_left, window_right, dropout_p, s
     return q.new_empty((*q.shape[:3], T_k), dtype=torch.bool)
 
 
+def _fake_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, *args):  # -> (out, lse)
+    _fake_check_same(q, k, v)
+    _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
+    total_q, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((H, total_q), dtype=torch.float32)
+
+
+def _fake_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, *args):
+    _fake_check_same(dout, q, k, v, out)  # -> (dq, dk, dv, dsinks)
+    _fake_kv_heads(q.shape[1], k.shape[1], "k", "q")
+    return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape),
+            lse.new_empty((q.shape[1] if sinks is not None else 0,)))
+
+
+def _fake_varlen_mask(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args):
+    return q.new_empty((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k), dtype=torch.bool)
+
+
 def _fake_dropout(x, p, seed, offset=0):
     return x.new_empty(x.shape)
 
@@ -559,6 +650,9 @@ FAKES = {
     "attention_flash_forward": _fake_attention_flash_options_forward,
     "attention_flash_backward": _fake_attention_flash_options_backward,
     "attention_dropout_keep_mask": _fake_attention_mask,
+    "attention_flash_varlen_forward": _fake_varlen_forward,
+    "attention_flash_varlen_backward": _fake_varlen_backward,
+    "attention_varlen_dropout_keep_mask": _fake_varlen_mask,
     "dropout_seeded": _fake_dropout,
 }
 # (backward, setup_context); the ops not listed have no backward (their gradients are not needed),

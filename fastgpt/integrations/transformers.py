@@ -21,8 +21,8 @@ transformers 5.x looks up two functions by that name, and calls them in every fo
       None        the plain causal mask with the newest query on the newest key, which
                   fastgpt's attention draws itself (bottom-right), with no mask tensor at all
       MaskSpec    anything else it can describe to fastgpt's attention: causal or not, a window
-                  of keys around each query, and for a padded batch the run of real keys of
-                  each sequence (KeyRanges)
+                  of keys around each query, for a padded batch which keys are real (key_mask),
+                  for packed sequences which document each token belongs to (documents)
       (raises)    a pattern it cannot describe, below
 
   The patterns it recognises are transformers' own functions, composed with and_masks:
@@ -34,6 +34,11 @@ transformers 5.x looks up two functions by that name, and calls them in every fo
       sliding_window_bidirectional_overlay(W)
                                             keys |i - j| <= W: window (W, W), ModernBERT's local
                                             layers (W = local_attention // 2)
+      packed_sequence_mask_function and remap_positions_for_packed_sequence
+                                            packed sequences (position_ids that restart at 0
+                                            inside a row, transformers' padding-free training):
+                                            each document attends within itself, its window
+                                            counted from its own first token
 
   the attention function, once per layer:
       attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -48,15 +53,18 @@ transformers 5.x looks up two functions by that name, and calls them in every fo
   models) is not read. A window that hides no key of a call (a decode step over the last W - 1
   cached keys) is left out, so that the call runs the kernels of plain causal attention.
 
-A padded batch is computed exactly when each sequence's real tokens are one run of positions (left
-padding, as batched generation uses; right padding, as training batches do). Over a run
-[start, end) of keys, the mask ∧ padding is the mask of the slice with its diagonal bottom-right,
-so each distinct run is one attention call on its slice: its queries over its keys. A plain
-bidirectional mask (no window) hides keys only: every query, padded or not, reads the run's real
-keys, as eager computes it (and as cross-attention needs, whose queries are another sequence). The
-kernels know no per-sequence offset, so a batch of B different runs costs B calls where an
-unpadded batch costs one. Outputs at padded queries of causal or windowed masks are zeros (as
-transformers' flash_attention_2 leaves them); no real token ever reads them.
+A padded batch is one varlen call (fastgpt.attention.padded_attention): the real tokens of every
+row are gathered into the packed layout, attended as one sequence per row, and scattered back; no
+padding is computed. Over its real tokens, the mask ∧ padding of a row is the mask of those tokens
+alone with the diagonal bottom-right, for left padding, right padding, or (causal or bidirectional,
+without a window) gaps anywhere. A plain bidirectional mask (no window) hides keys only: every
+query, padded or not, reads the row's real keys, as eager computes it (and as cross-attention
+needs, whose queries are another sequence). Outputs at padded queries of causal or windowed masks
+are zeros (as transformers' flash_attention_2 leaves them); no real token ever reads them.
+
+Packed sequences (transformers' padding-free path: position_ids restarting inside a row, as
+DataCollatorWithFlattening makes them, with or without its cu_seq_lens_q/cu_seq_lens_k
+arguments) are one varlen call over the B·T tokens, one sequence per document.
 
 A sliding layer's cache (DynamicSlidingWindowLayer) keeps the last W - 1 keys: the mask function
 gets their offset, and the newest query stays on the newest key, so the bottom-right window is
@@ -64,26 +72,28 @@ the same keys eager masks.
 
 Refused with a ValueError that names what is unsupported, never approximated:
   - masks a model overlays (or_mask_function, and_mask_function beyond a window: image tokens,
-    bidirectional blocks), chunked attention, packed sequences (position_ids restarting in a row);
+    bidirectional blocks), chunked attention;
   - keys beyond the newest query in a causal or windowed mask (a static, preallocated cache), or
     an attention_mask whose length is not the keys';
-  - padding between real tokens (a row of the mask that is not one run of ones), or a 4D mask
-    tensor prepared outside the mask function;
+  - padding between real tokens with a window (which measures distances the gaps would change),
+    or a 4D mask tensor prepared outside the mask function;
   - output_attentions=True (no fastgpt backend returns the attention weights);
-  - position biases (T5's position_bias), packed inputs (cu_seq_lens): UNSUPPORTED_KWARGS.
+  - position biases (T5's position_bias): UNSUPPORTED_KWARGS; cu_seq_lens with a padded batch.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from fastgpt.attention.api import attention as fastgpt_attention
 from fastgpt.attention.call import UNBOUNDED  # a window side without a limit
+from fastgpt.attention.padding import padded_attention
 from fastgpt.attention.registry import get_backend
+from fastgpt.attention.varlen import varlen_attention
 
 try:
     import transformers
@@ -108,8 +118,6 @@ except ImportError:
 # Attention-function arguments that change the math; each is refused unless absent or None.
 UNSUPPORTED_KWARGS = {
     "position_bias": "a position bias added to the scores",
-    "cu_seq_lens_q": "packed sequences (cu_seq_lens)",
-    "cu_seq_lens_k": "packed sequences (cu_seq_lens)",
 }
 
 
@@ -131,9 +139,9 @@ _REFUSED_PATTERNS = {
     "or_masks": "a mask the model overlays with or_mask_function (image tokens, bidirectional blocks)",
     "chunked_overlay": "chunked attention",
     "blockwise_overlay": "blockwise attention (bidirectional blocks)",
-    "packed_sequence_mask_function": "packed sequences (position_ids restarting inside a row)",
-    "remap_positions_for_packed_sequence": "packed sequences (position_ids restarting inside a row)",
 }
+_PACKED = masking.packed_sequence_mask_function(torch.zeros(1, 1)).__code__  # same document as the key
+_REMAPPED = masking.remap_positions_for_packed_sequence(causal_mask_function, torch.zeros(1, 1)).__code__
 
 _REGISTERED: dict[str, str] = {}  # name -> backend, the implementations register() added
 
@@ -176,32 +184,18 @@ def _check_name(name) -> None:
 
 
 @dataclass(frozen=True)
-class KeyRanges:
-    """The padding of a batch: sequence b's real tokens are keys starts[b] .. ends[b] - 1 of
-    kv_length (start == end: none)."""
-
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
-    kv_length: int
-
-    def groups(self) -> dict[tuple[int, int], list[int]]:
-        """{(start, end): the sequences with that run}: one attention call each."""
-        found: dict[tuple[int, int], list[int]] = {}
-        for b, run in enumerate(zip(self.starts, self.ends)):
-            found.setdefault(run, []).append(b)
-        return found
-
-
-@dataclass(frozen=True)
 class MaskSpec:
     """A mask as fastgpt's attention takes it: query i sits at key position T_k - T_q + i (the
     newest query on the newest key) and sees key j iff causal allows (j <= pos) and the window
     (left, right) does (pos - left <= j <= pos + right; UNBOUNDED: no limit; None: no window);
-    `keys` the padded batch's runs of real keys, None where every key is real."""
+    `key_mask` (B, T_k) bool, True at the real keys of a padded batch, None where every key is real;
+    `documents` (B, T) the document of each token of packed sequences (each attends within its own),
+    None where each row is one sequence."""
 
     causal: bool = True
     window: Optional[tuple[int, int]] = None
-    keys: Optional[KeyRanges] = None
+    key_mask: Optional[torch.Tensor] = field(default=None, compare=False)
+    documents: Optional[torch.Tensor] = field(default=None, compare=False)
 
 
 def mask_spec(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
@@ -210,6 +204,7 @@ def mask_spec(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_off
     """transformers' mask function for `name`: None (plain causal, nothing padded), a MaskSpec, or
     a ValueError. attention_mask is the (B, kv_offset + kv_length) 2D padding mask or None."""
     causal, window = describe_mask_function(mask_function, name)
+    documents = _documents(mask_function)
     q_offset = int(q_offset)  # a tensor in static caches
     first_key, last_key, last_query = kv_offset, kv_offset + kv_length - 1, q_offset + q_length - 1
     if (causal or window is not None) and last_query != last_key:
@@ -217,10 +212,10 @@ def mask_spec(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_off
             f"attn_implementation={name!r} needs the newest query to be the newest key; got queries at positions "
             f"{q_offset}..{last_query} and keys at {first_key}..{last_key} (a static, preallocated cache has empty "
             f"slots past the newest token; use the default dynamic cache)")
-    keys = _key_ranges(batch_size, kv_length, kv_offset, attention_mask, name)
-    if causal and window is None and keys is None:
+    key_mask = _key_mask(batch_size, kv_length, kv_offset, attention_mask, window, name)
+    if causal and window is None and key_mask is None and documents is None:
         return None
-    return MaskSpec(causal, window, keys)
+    return MaskSpec(causal, window, key_mask, documents)
 
 
 def describe_mask_function(mask_function: Callable, name: str = "fastgpt") -> tuple[bool, Optional[tuple[int, int]]]:
@@ -232,8 +227,13 @@ def describe_mask_function(mask_function: Callable, name: str = "fastgpt") -> tu
         code = getattr(part, "__code__", None)
         if part is causal_mask_function:
             causal = True
-        elif part is bidirectional_mask_function:
-            continue
+        elif part is bidirectional_mask_function or code is _PACKED:
+            continue  # packed sequences: the documents (_documents), not a pattern of positions
+        elif code is _REMAPPED:  # positions counted within each packed document: the pattern inside
+            inner_causal, inner_window = describe_mask_function(_closure(part)["mask_function"], name)
+            causal = causal or inner_causal
+            reach = inner_window or (UNBOUNDED, UNBOUNDED)
+            left, right = _narrower(left, reach[0]), _narrower(right, reach[1])
         elif code is not None and (code is _CAUSAL_WINDOW or code is _BIDIRECTIONAL_WINDOW):
             size = _closure(part).get("sliding_window")
             if isinstance(size, bool) or not isinstance(size, int) or size < (1 if code is _CAUSAL_WINDOW else 0):
@@ -249,6 +249,14 @@ def describe_mask_function(mask_function: Callable, name: str = "fastgpt") -> tu
         right = 0
     unbounded = (UNBOUNDED, 0 if causal else UNBOUNDED)
     return causal, (None if (left, right) == unbounded else (left, right))
+
+
+def _documents(mask_function: Callable) -> Optional[torch.Tensor]:
+    """The (B, T) document ids of packed sequences the mask keeps apart, or None."""
+    for part in _and_parts(mask_function):
+        if getattr(part, "__code__", None) is _PACKED:
+            return _closure(part)["packed_sequence_mask"]
+    return None
 
 
 def _and_parts(mask_function: Callable) -> list[Callable]:
@@ -277,9 +285,9 @@ def _pattern_name(mask_function: Callable) -> str:
     return f"{_REFUSED_PATTERNS.get(factory, 'this mask')} ({qualname})"
 
 
-def _key_ranges(batch_size: int, kv_length: int, kv_offset: int, attention_mask: Optional[torch.Tensor],
-                name: str) -> Optional[KeyRanges]:
-    """The run of real keys of each sequence, from the 2D padding mask; None where all are real."""
+def _key_mask(batch_size: int, kv_length: int, kv_offset: int, attention_mask: Optional[torch.Tensor],
+              window: Optional[tuple[int, int]], name: str) -> Optional[torch.Tensor]:
+    """(B, kv_length) bool, True at the real keys, from the 2D padding mask; None where all are real."""
     if attention_mask is None:
         return None
     if attention_mask.shape != (batch_size, kv_offset + kv_length):
@@ -289,19 +297,16 @@ def _key_ranges(batch_size: int, kv_length: int, kv_offset: int, attention_mask:
     real = attention_mask[:, kv_offset:].bool()  # (B, T_k): True at real tokens
     if bool(real.all()):
         return None
-    positions = torch.arange(kv_length, device=real.device)
-    starts = torch.where(real, positions, kv_length).amin(dim=1)  # first real token, kv_length if none
-    ends = torch.where(real, positions + 1, 0).amax(dim=1)  # one past the last, 0 if none
-    one_run = (ends - starts).clamp(min=0) == real.sum(dim=1)
-    starts, ends, one_run = starts.tolist(), ends.tolist(), one_run.tolist()  # one sync per forward
-    if not all(one_run):
-        b = one_run.index(False)
-        row = "".join("1" if x else "0" for x in real[b].tolist())
-        raise ValueError(
-            f"attention_mask row {b} has padding between real tokens ({row}); attn_implementation={name!r} takes "
-            f"left or right padding, each row one run of ones")
-    runs = [(s, e) if s < e else (0, 0) for s, e in zip(starts, ends)]  # (0, 0): no real token
-    return KeyRanges(tuple(s for s, _ in runs), tuple(e for _, e in runs), kv_length)
+    if window is not None:
+        gaps = ((real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0].long() > 1).nonzero().flatten()
+        if gaps.numel() > 0:
+            b = int(gaps[0])
+            row = "".join("1" if x else "0" for x in real[b].tolist())
+            raise ValueError(
+                f"attention_mask row {b} has padding between real tokens ({row}) in a layer with a window of "
+                f"{window}; attn_implementation={name!r} takes left or right padding there (a gap would shorten "
+                f"the distances the window measures)")
+    return real
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -313,42 +318,49 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     mask = _mask_spec(module, attention_mask, is_causal, name)
     _refuse_unsupported(kwargs, name)
     softcap = kwargs.get("softcap")
-    attend = functools.partial(_attend, causal=mask.causal, window=mask.window, softcap=float(softcap or 0.0),
-                               sinks=kwargs.get("s_aux"), dropout_p=dropout, scale=scaling, backend=backend)
-    if mask.keys is None:
-        out = attend(query, key, value)
-    else:
-        out = _padded_attention(query, key, value, mask, attend, name)
+    options = dict(causal=mask.causal, window=mask.window, softcap=float(softcap or 0.0), sinks=kwargs.get("s_aux"),
+                   dropout_p=dropout, scale=scaling, backend=backend)
+    cu_seq_lens = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if mask.documents is not None or cu_seq_lens != (None, None):
+        if mask.key_mask is not None:
+            raise ValueError(f"attn_implementation={name!r} got packed sequences (cu_seq_lens or position_ids that "
+                             "restart) together with a padded attention_mask; pass one or the other")
+        return _packed_attention(query, key, value, mask.documents, cu_seq_lens, options, name), None
+    if mask.key_mask is None:
+        out = fastgpt_attention(query, key, value, **options)
+    else:  # a padded batch: one varlen call over the real tokens
+        out = padded_attention(query, key, value, _checked_key_mask(mask.key_mask, key, name), **options)
     return out.transpose(1, 2), None  # (B, H, T_q, D) -> (B, T_q, H, D)
 
 
-def _attend(q, k, v, *, causal: bool, window: Optional[tuple[int, int]], **options) -> torch.Tensor:
-    """One fastgpt attention call, q (B, H, T_q, D) over k, v (B, H_kv, T_k, D) -> (B, H, T_q, D);
-    a window that hides no key of the call is no option there (AttentionCall.of drops it)."""
-    return fastgpt_attention(q, k, v, causal=causal, window=window, **options)
+def _checked_key_mask(key_mask: torch.Tensor, key: torch.Tensor, name: str) -> torch.Tensor:
+    if key_mask.shape != (key.shape[0], key.shape[2]):
+        raise ValueError(f"attn_implementation={name!r}: the mask was made for {key_mask.shape[0]} sequences of "
+                         f"{key_mask.shape[1]} keys, but this layer has {key.shape[0]} of {key.shape[2]}")
+    return key_mask
 
 
-def _padded_attention(query, key, value, mask: MaskSpec, attend: Callable, name: str) -> torch.Tensor:
-    """One attention call per distinct run of real keys, on its slice -> (B, H, T_q, D)."""
-    B, H, T_q, D = query.shape
-    T_k = key.shape[2]
-    ranges = mask.keys
-    if ranges.kv_length != T_k or len(ranges.starts) != B:
-        raise ValueError(f"attn_implementation={name!r}: the mask was made for {len(ranges.starts)} sequences of "
-                         f"{ranges.kv_length} keys, but this layer has {B} of {T_k}")
-    every_query = not mask.causal and mask.window is None  # a mask on the keys only
-    first_query = T_k - T_q  # the queries are the last T_q positions
-    out = query.new_zeros(B, H, T_q, D)  # padded queries stay zero unless every query reads the run
-    for (start, end), rows in ranges.groups().items():
-        q_from = first_query if every_query else max(start, first_query)  # a query before the run is padding
-        q_to = T_k if every_query else end
-        if end <= start or q_to <= q_from:
-            continue
-        index = torch.tensor(rows, device=query.device)
-        q_rows = slice(q_from - first_query, q_to - first_query)  # that run's queries ...
-        y = attend(query[index, :, q_rows], key[index, :, start:end], value[index, :, start:end])  # ... over its keys
-        out[index, :, q_rows] = y
-    return out
+def _packed_attention(query, key, value, documents: Optional[torch.Tensor], cu_seq_lens: tuple, options: dict,
+                      name: str) -> torch.Tensor:
+    """Packed documents as one varlen call: query (B, H, T, D), key, value (B, H_kv, T, D) ->
+    (B, T, H, D). The documents' edges come from cu_seq_lens_q/_k where the caller gives them
+    (over the B·T flattened tokens), else from the mask's document ids."""
+    B, H, T, D = query.shape
+    if key.shape[2] != T:
+        raise ValueError(f"attn_implementation={name!r}: packed sequences need as many keys as queries; got "
+                         f"{T} queries over {key.shape[2]} keys")
+    if cu_seq_lens == (None, None):
+        # a document starts where the id changes, and at every row's start
+        flat = documents.to(query.device).reshape(-1)
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1]
+        starts[::T] = True
+        edges = torch.cat([starts.nonzero().flatten(), flat.new_tensor([B * T])]).to(torch.int32)
+        cu_seq_lens = (edges, edges)
+    cu_q, cu_k = (cu if cu is not None else cu_seq_lens[1 - i] for i, cu in enumerate(cu_seq_lens))
+    packed = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (query, key, value)]  # (B·T, heads, D)
+    out = varlen_attention(*packed, cu_q, cu_k, **options)  # (B·T, H, D)
+    return out.view(B, T, H, D)
 
 
 def _mask_spec(module, attention_mask, is_causal: Optional[bool], name: str) -> MaskSpec:

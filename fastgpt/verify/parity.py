@@ -21,13 +21,15 @@ The harness, from the most general piece to the attention-specific one:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from fastgpt.attention.api import attention
-from fastgpt.attention.naive import naive_attention
+from fastgpt.attention.naive import naive_attention, naive_varlen_attention
+from fastgpt.attention.varlen import varlen_attention
 
 # (B, H, T_q, T_k, D): every sequence length {1, 17, 64, 100, 257} and head dim {16, 32, 48, 64, 80,
 # 96, 128} appears at least once, B and H > 1; odd T on purpose (not multiples of any block size).
@@ -217,17 +219,58 @@ def check_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: in
     fastgpt.attention.attention takes them (the same for both). Sinks are an input like q, k and v:
     cast to `dtype`, their gradient compared as "dsinks"."""
     q, k, v = make_qkv(shape, dtype, device, seed)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
+    result = _compare_with_sinks(functools.partial(attention, backend=backend), naive_attention, (q, k, v), dtype,
+                                 seed, options)
+    return replace(result, backend=backend, shape=tuple(shape))
+
+
+def _compare_with_sinks(fn, reference_fn, qkv, dtype: torch.dtype, seed: int, options: dict) -> ParityResult:
+    """compare() of fn(q, k, v, **options) against reference_fn's, the sinks (if any) an input whose
+    gradient is compared too; the upstream gradient drawn from seed + 1."""
+    q = qkv[0]
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(q.device)
+    options = dict(options)
     sinks = options.pop("sinks", None)
-    inputs, grad_names = (q, k, v), GRAD_NAMES
+    inputs, grad_names = tuple(qkv), GRAD_NAMES
     if sinks is not None:
-        inputs, grad_names = (q, k, v, sinks), GRAD_NAMES + ("dsinks",)
+        inputs, grad_names = (*qkv, sinks), GRAD_NAMES + ("dsinks",)
 
     def under_test(q, k, v, *sinks):
-        return attention(q, k, v, backend=backend, **options, **({"sinks": sinks[0]} if sinks else {}))
+        return fn(q, k, v, **options, **({"sinks": sinks[0]} if sinks else {}))
 
     def reference(q, k, v, *sinks):
-        return naive_attention(q, k, v, **options, **({"sinks": sinks[0]} if sinks else {}))
+        return reference_fn(q, k, v, **options, **({"sinks": sinks[0]} if sinks else {}))
 
-    result = compare(under_test, reference, inputs, dout, dtype, grad_names)
+    return compare(under_test, reference, inputs, dout, dtype, grad_names)
+
+
+def make_packed(shape, dtype, device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A parity shape (B, H, T_q, T_k, D) as B packed sequences of different lengths: sequence b
+    keeps the last max(1, T_q - 7b) queries and as many more keys as the shape has (T_k - T_q), so
+    the batch mixes long and short sequences with T_q != T_k where the shape has it. Returns q
+    (total_q, H, D), k, v (total_k, H_kv, D) (rows of make_qkv's strided views) and int32
+    cu_seqlens_q, cu_seqlens_k."""
+    q4, k4, v4 = make_qkv(shape, dtype, device, seed)
+    B, T_q, T_k = q4.shape[0], q4.shape[2], k4.shape[2]
+    q_lens = [max(1, T_q - 7 * b) for b in range(B)]
+    k_lens = [max(0, n + T_k - T_q) for n in q_lens]
+    q = torch.cat([q4[b, :, T_q - n:].transpose(0, 1) for b, n in enumerate(q_lens)])
+    k, v = (torch.cat([t[b, :, T_k - n:].transpose(0, 1) for b, n in enumerate(k_lens)]) for t in (k4, v4))
+    cu_q, cu_k = (torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32) for lens in (q_lens, k_lens))
+    return q, k, v, cu_q, cu_k
+
+
+def check_varlen_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: int = 0,
+                        **options) -> ParityResult:
+    """check_parity for packed sequences (make_packed's batch): `backend`'s varlen_attention against
+    naive_varlen_attention, outputs and gradients, the same rule."""
+    q, k, v, cu_q, cu_k = make_packed(shape, dtype, device, seed)
+
+    def under_test(q, k, v, **options):
+        return varlen_attention(q, k, v, cu_q, cu_k, backend=backend, **options)
+
+    def reference(q, k, v, **options):
+        return naive_varlen_attention(q, k, v, cu_q, cu_k, **options)
+
+    result = _compare_with_sinks(under_test, reference, (q, k, v), dtype, seed, options)
     return replace(result, backend=backend, shape=tuple(shape))

@@ -9,8 +9,9 @@ no register.
 and the table layout are fastgpt.verify.compile_check's, shared by both.
 
 For each (kernel, arch, input dtype, head dim, dropout on/off, shipped config; fp32 inputs have
-configs of their own), and for the attention options' variants (OPTION_VARIANTS: each option a
-compile-time switch, at OPTION_HEAD_DIMS in 16-bit), it compiles the kernel with
+configs of their own), for the attention options' variants (OPTION_VARIANTS: each option a
+compile-time switch, at OPTION_HEAD_DIMS in 16-bit) and for packed sequences (VARLEN_VARIANTS: the
+VARLEN switch, its tensors (1, H, total, D) views with a z stride of 0), it compiles the kernel with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
 `ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured) and reads registers
 and spill bytes from that report, shared memory from the kernel metadata.
@@ -81,7 +82,7 @@ class Job:
     dropout: bool
     config: cfg.KernelConfig
     grouped: bool = False  # the grouped-query variant (GROUP > 1, a runtime value) instead of GROUP = 1
-    options: tuple[str, ...] = ()  # the attention options compiled in (OPTION_VARIANTS), in OPTIONS' order
+    options: tuple[str, ...] = ()  # the options compiled in (OPTION_VARIANTS, VARLEN_VARIANTS), in OPTIONS' order
 
     @property
     def name(self) -> str:
@@ -128,6 +129,9 @@ def _example_args(job: Job) -> dict:
     qkv = (T * 3 * H * D, D, 3 * H * D, 1)  # strides of a (B, H, T, D) view of (B, T, 3, H, D)
     bthd = (T * H * D, D, H * D, 1)  # out, dout, dq, dk, dv
     layouts = {"q": qkv, "k": qkv, "v": qkv}
+    if "varlen" in job.options:  # (1, H, total, D) views of packed sequences: the z stride is 0
+        qkv, bthd = (0, *qkv[1:]), (0, *bthd[1:])
+        layouts = {"q": qkv, "k": qkv, "v": qkv}
     # lengths, H and the window's sides are never specialised: any values do; GROUP = 1 is (a
     # constexpr), 4 stands for any other
     args = {"H": H, "GROUP": 4 if job.grouped else 1, "T": T, "T_Q": T, "T_K": T, "window_left": T // 4,
@@ -142,7 +146,7 @@ def _example_args(job: Job) -> dict:
 def _switches(job: Job) -> dict:
     """The options' compile-time switches of job's kernel (the backward kernels take no SINKS)."""
     switches = {"BANDED": bool({"bidirectional", "window"} & set(job.options)), "SOFTCAP": "softcap" in job.options,
-                "ALIBI": "alibi" in job.options}
+                "ALIBI": "alibi" in job.options, "VARLEN": "varlen" in job.options}
     if job.kernel in ("fwd", "fwd_decode"):
         switches["SINKS"] = "sinks" in job.options
     return switches
@@ -155,11 +159,13 @@ def _source(job: Job):
     element = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[job.dtype]
     constexprs = {"HEAD_DIM": job.head_dim, "HEAD_DIM_PAD": cfg.padded_head_dim(job.head_dim)}
     if job.kernel == "bwd_preprocess":
-        constexprs["BLOCK_M"] = job.config.block_m
+        constexprs.update(BLOCK_M=job.config.block_m, VARLEN="varlen" in job.options)
     else:
         constexprs.update(job.config.meta, DROPOUT=job.dropout,
                           DOT_PRECISION=cfg.dot_precision(job.dtype == "fp32"), **_switches(job))
-    unused = {"Seed": not job.dropout, "Sinks": "sinks" not in job.options, "Alibi": "alibi" not in job.options}
+    packed = "varlen" in job.options
+    unused = {"Seed": not job.dropout, "Sinks": "sinks" not in job.options, "Alibi": "alibi" not in job.options,
+              "Cu_seqlens_q": not packed, "Cu_seqlens_k": not packed}
     ints = _example_args(job)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -177,6 +183,8 @@ def _source(job: Job):
             signature[name], divisible = "*fp32", True
         elif name == "Seed":
             signature[name], divisible = "*i64", True
+        elif name.startswith("Cu_seqlens"):
+            signature[name], divisible = "*i32", True
         elif name[0].isupper():
             signature[name], divisible = element, True
         else:  # scale, qk_scale, dropout_p, dropout_scale, softcap_scale, softcap_log2
@@ -252,6 +260,11 @@ GROUPED_HEAD_DIMS = (64, 128, 256)
 OPTION_VARIANTS = (("bidirectional",), ("window",), ("softcap",), ("sinks",), ("alibi",),
                    ("bidirectional", "window", "softcap", "sinks", "alibi"))
 OPTION_HEAD_DIMS, OPTION_DTYPES = (64, 128), ("fp16",)
+# Packed sequences (VARLEN, a compile-time switch of every kernel): alone in 16-bit and fp32
+# (whose thin lists leave the fewest spare registers), with every option at once in 16-bit, and the
+# grouped dK/dV, at the option head dims.
+VARLEN_VARIANTS = {"fp16": (("varlen",), ("bidirectional", "window", "softcap", "sinks", "alibi", "varlen")),
+                   "fp32": (("varlen",),)}
 
 
 def jobs(archs, dtypes, head_dims) -> list[Job]:
@@ -272,6 +285,27 @@ def jobs(archs, dtypes, head_dims) -> list[Job]:
                         out += [Job("bwd_dkdv", arch, dtype, D, dropout, config, grouped=True) for dropout in (False, True)]
                 if D in OPTION_HEAD_DIMS and dtype in OPTION_DTYPES:
                     out += _option_jobs(arch, dtype, D)
+                if D in OPTION_HEAD_DIMS:
+                    out += _varlen_jobs(arch, dtype, D)
+    return out
+
+
+def _varlen_jobs(arch: int, dtype: str, D: int) -> list[Job]:
+    """Every shipped config of each kernel with packed sequences (VARLEN_VARIANTS), with and without
+    dropout; Δ's kernel; and the grouped dK/dV with them."""
+    out, fp32, pad = [], dtype == "fp32", cfg.padded_head_dim(D)
+    if VARLEN_VARIANTS.get(dtype):
+        out.append(Job("bwd_preprocess", arch, dtype, D, False, cfg.KernelConfig(cfg.PREPROCESS_BLOCK_M, 0, 4, 1),
+                       options=("varlen",)))
+    for options in VARLEN_VARIANTS.get(dtype, ()):
+        banded = bool({"bidirectional", "window"} & set(options))
+        for kernel in cfg.KERNELS:
+            for config in cfg.configs(kernel, (arch // 10, 0), pad, fp32, banded=banded):
+                out += [Job(kernel, arch, dtype, D, dropout, config, options=options) for dropout in (False, True)]
+        if options == ("varlen",) and not fp32:
+            for config in cfg.configs("bwd_dkdv", (arch // 10, 0), pad, fp32, grouped=True):
+                out += [Job("bwd_dkdv", arch, dtype, D, dropout, config, grouped=True, options=options)
+                        for dropout in (False, True)]
     return out
 
 
