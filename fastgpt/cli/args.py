@@ -54,6 +54,18 @@ def _flag_type(annotation) -> Any:
 FORMER_FLAGS = {"backend": "--attention", "dropout_p": "--dropout"}
 
 
+# What a flag's name alone does not say: the forms of --data and the batching of documents.
+FIELD_HELP = {
+    "data": "the corpus: one UTF-8 text file; a folder of text files (each regular file not named '.*', "
+            "sorted by name, one document); or a .jsonl file (one JSON object per line, its \"text\" field "
+            "the document). Default: $FASTGPT_DATA, else tiny-shakespeare as shipped",
+    "pack": "documents only: pack each batch row with whole documents back to back, filling block_size "
+            "exactly, attention kept inside each document (one varlen call). Default (--no-pack): one "
+            "document (or a block_size piece of a long one) per row, right-padded, the pads ignored by the loss",
+    "text_field": "the field of each .jsonl line that holds its document (default: text)",
+}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ModelConfig and TrainConfig field (n_layer -> --n-layer), default None: not given."""
     for cls in _config_classes():
@@ -62,10 +74,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for field in dataclasses.fields(cls):
             flag = "--" + field.name.replace("_", "-")
             kind = _flag_type(hints[field.name])
+            help_text = FIELD_HELP.get(field.name)
             if kind is bool:
-                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=help_text)
                 continue
-            group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=kind.__name__.upper())
+            group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=help_text)
             if field.name in FORMER_FLAGS:
                 group.add_argument(FORMER_FLAGS[field.name], dest=field.name, type=kind, default=None,
                                    help=argparse.SUPPRESS)

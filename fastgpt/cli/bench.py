@@ -1,4 +1,4 @@
-"""`fastgpt bench attention | generate | train`: the benchmarks of fastgpt/bench/, as tables, CSV/JSON and plots.
+"""`fastgpt bench attention | generate | train | packing | decode`: the benchmarks of fastgpt/bench/, as tables, CSV/JSON and plots.
 
 Every flag is checked, and the out-dir made and proven writable, before the work: a sweep of
 minutes is never run only to be refused or lost at the end.
@@ -13,19 +13,22 @@ from fastgpt.cli.train import keep_freed_memory
 
 NAME = "bench"
 HELP = ("benchmark the backends against eager PyTorch (tables, CSV/JSON, plots); generate: sampling with and "
-        "without the KV cache")
+        "without the KV cache, batched; packing: documents padded vs packed; decode: long-context split-KV")
 
 # The kinds of `fastgpt bench` that read each flag of one kind only: any other kind would ignore it.
 BENCH_FLAG_KINDS = {
     "--smoke": ("attention", "generate"),
-    "--seq-lens": ("attention",), "--tokens": ("attention",), "--kv-heads": ("attention",),
+    "--seq-lens": ("attention",), "--tokens": ("attention",), "--kv-heads": ("attention", "decode"),
     "--dtypes": ("attention",), "--modes": ("attention",), "--dropouts": ("attention",), "--variants": ("attention",),
     "--validate-max-t": ("attention",),
-    "--reps": ("attention", "generate", "train"),
-    "--dtype": ("attention", "train", "train --profile"),
-    "--preset": ("generate", "train", "train --profile"),
+    "--reps": ("attention", "generate", "train", "packing", "decode"),
+    "--dtype": ("attention", "train", "train --profile", "packing"),
+    "--preset": ("generate", "train", "train --profile", "packing"),
     "--linear": ("generate",),
-    "--steps": ("train", "train --profile"), "--data": ("train", "train --profile"),
+    "--batched": ("generate",), "--num-prompts": ("generate",), "--page-size": ("generate",),
+    "--steps": ("train", "train --profile", "packing"), "--data": ("train", "train --profile", "packing"),
+    "--block-size": ("packing",), "--batch-size": ("packing",), "--write-speeches": ("packing",),
+    "--kv-lens": ("decode",), "--heads": ("decode",), "--head-dim": ("decode",),
     "--peak-flops": ("train",),
     "--profile": ("train",),
 }
@@ -35,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastgpt.run.config import DTYPES, PRESETS  # and with them torch, before `run`
 
     parser = subparsers.add_parser(NAME, help=HELP)
-    parser.add_argument("what", choices=["attention", "train", "generate"])
+    parser.add_argument("what", choices=["attention", "train", "generate", "packing", "decode"])
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--out-dir", default="bench_results", help="where the JSON, CSV and PNGs go")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
@@ -60,6 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "shakespeare-char, random weights)")
     parser.add_argument("--linear", nargs="+", default=None, choices=["auto", "torch", "skinny"],
                         help="generate: kernels of the linear layers (default: torch skinny; fastgpt/model/linear.py)")
+    _add_generate_batched_arguments(parser)
+    _add_packing_and_decode_arguments(parser)
     parser.add_argument("--steps", type=at_least_one, default=None,
                         help="train: steps per timed repetition (default 5); with --profile, the run's iterations "
                              "(default: the preset's max_iters)")
@@ -74,6 +79,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_generate_batched_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batched", action="store_true",
+                        help="generate: N prompts in one batch over the paged KV cache against N single-prompt "
+                             "generations, tokens/s and peak memory (instead of the KV-cache cases; linear kernel "
+                             "torch unless --linear)")
+    parser.add_argument("--num-prompts", type=at_least_one, default=None, help="generate --batched: N (default 16)")
+    parser.add_argument("--page-size", type=at_least_one, default=None,
+                        help="generate --batched: positions per page, a multiple of 16 from 16 to 4096 (default 16)")
+
+
+def _add_packing_and_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-size", type=at_least_one, default=None, help="packing: tokens per row (default 256)")
+    parser.add_argument("--batch-size", type=at_least_one, default=None, help="packing: rows per step (default: the "
+                                                                                "preset's)")
+    parser.add_argument("--write-speeches", default=None, metavar="PATH",
+                        help="packing: write tiny-shakespeare's speeches as documents (.jsonl, or a new folder) and stop")
+    parser.add_argument("--kv-lens", type=at_least_one, nargs="+", default=None,
+                        help="decode: the cache lengths T_k of one decode step (default 4096 16384 65536)")
+    parser.add_argument("--heads", type=at_least_one, default=None, help="decode: query heads (default 8)")
+    parser.add_argument("--head-dim", type=at_least_one, default=None, help="decode: head dim D (default 64)")
+
+
 def run(args: argparse.Namespace) -> int:
     _refuse_ignored_flags(args)
     if args.device not in (None, "auto"):
@@ -82,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
         files, pngs = _bench_attention(args)
     elif args.what == "generate":
         files, pngs = _bench_generate(args)
+    elif args.what == "packing":
+        files, pngs = _bench_packing(args)
+        if not files:  # --write-speeches: nothing timed
+            return 0
+    elif args.what == "decode":
+        files, pngs = _bench_decode(args)
     elif args.profile:
         files, pngs = _bench_train_profile(args)
     else:
@@ -138,6 +171,12 @@ def _bench_generate(args: argparse.Namespace):
     from fastgpt.bench.report import prepare_out_dir, write_results
 
     check_backend_names(args.backends, allow_auto=True)
+    if args.batched:
+        return _bench_generate_batched(args)
+    for flag in ("num_prompts", "page_size"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to bench generate --batched; without --batched "
+                             "it would be ignored: drop it")
     out_dir = prepare_out_dir(args.out_dir)
     device = {None: "cpu", "auto": "cuda" if _torch_cuda_available() else "cpu"}.get(args.device, args.device)
     result = run_generate_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3,
@@ -145,6 +184,68 @@ def _bench_generate(args: argparse.Namespace):
                                     linear=args.linear)
     print(generate_markdown(result))
     return write_results(result, out_dir, "generate"), plot_generate(result, out_dir)
+
+
+def _bench_generate_batched(args: argparse.Namespace):
+    """Times batched against sequential generation; the results' files and plot."""
+    from fastgpt.attention.paged import check_page_size
+    from fastgpt.bench.generate import BATCHED_PROMPTS, batched_markdown, plot_batched, run_batched_benchmark
+    from fastgpt.bench.report import prepare_out_dir, write_results
+
+    page_size = check_page_size(args.page_size or 16, "--page-size")
+    out_dir = prepare_out_dir(args.out_dir)
+    device = {None: "cpu", "auto": "cuda" if _torch_cuda_available() else "cpu"}.get(args.device, args.device)
+    result = run_batched_benchmark(args.preset or "shakespeare-char", args.backends, args.reps or 3, device,
+                                   args.smoke, args.num_prompts or BATCHED_PROMPTS, page_size, args.linear,
+                                   progress=not args.no_progress)
+    print(batched_markdown(result))
+    return write_results(result, out_dir, "generate_batched"), plot_batched(result, out_dir)
+
+
+def _bench_packing(args: argparse.Namespace):
+    """Trains on documents padded and packed, interleaved; the results' files and plot."""
+    from fastgpt.bench.common import check_backend_names
+    from fastgpt.bench.packing import (packing_markdown, plot_packing, run_packing_benchmark, shakespeare_speeches,
+                                       write_documents)
+    from fastgpt.bench.report import prepare_out_dir, write_results
+    from fastgpt.run.trainer import resolve_device
+
+    if args.write_speeches:
+        speeches = shakespeare_speeches()
+        print(f"wrote {len(speeches):,} speeches to {write_documents(speeches, args.write_speeches)}")
+        return {}, []
+    if args.backends is not None and len(args.backends) != 1:
+        raise ValueError(f"--backends: packing runs one attention backend in both modes; got {len(args.backends)}: "
+                         f"{' '.join(args.backends)}")
+    check_backend_names(args.backends, allow_auto=True)
+    out_dir = prepare_out_dir(args.out_dir)
+    kept = resolve_device(args.device or "auto").type == "cpu" and keep_freed_memory(True)
+    preset = args.preset or "cpu"
+    overrides = {"block_size": args.block_size or 256, **({"batch_size": args.batch_size} if args.batch_size else {})}
+    result = run_packing_benchmark(preset, args.device or "auto", steps=args.steps or 3, reps=args.reps or 5,
+                                   backend=args.backends[0] if args.backends else "auto", data=args.data,
+                                   dtype=args.dtype or "fp32", overrides=overrides, progress=not args.no_progress)
+    result["environment"]["keep_freed_memory"] = kept
+    print(packing_markdown(result))
+    return write_results(result, out_dir, f"packing_{preset}"), [plot_packing(result, out_dir / f"packing_{preset}.png")]
+
+
+def _bench_decode(args: argparse.Namespace):
+    """Times one long-context decode step per kernel path (split-KV or not); the results' files and plot."""
+    from fastgpt.bench.common import check_backend_names
+    from fastgpt.bench.decode import DEFAULT_KV_LENS, DEFAULT_PATHS, print_table, run_decode_benchmark, save
+    from fastgpt.bench.report import prepare_out_dir
+
+    check_backend_names(args.backends, allow_auto=False)
+    out_dir = prepare_out_dir(args.out_dir)
+    heads, kv_heads = args.heads or 8, args.kv_heads or 1
+    if heads % kv_heads != 0:
+        raise ValueError(f"--kv-heads {kv_heads} must divide --heads {heads}")
+    result = run_decode_benchmark(args.kv_lens or DEFAULT_KV_LENS, heads, kv_heads, args.head_dim or 64,
+                                  args.backends or DEFAULT_PATHS, args.reps or 20, args.device or "cpu")
+    print_table(result)
+    paths = save(result, out_dir)
+    return {"json": paths[0]}, paths[1:]
 
 
 def _bench_train_profile(args: argparse.Namespace):

@@ -1,4 +1,8 @@
-"""`fastgpt sample`: text from a checkpoint, streamed to stdout; the speed goes to stderr."""
+"""`fastgpt sample`: text from a checkpoint, streamed to stdout; the speed goes to stderr.
+
+With `--prompts FILE` (one prompt per line), every prompt is generated in one batch over the paged
+KV cache: fastgpt/cli/sample_batch.py.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,19 @@ HELP = "generate text from a checkpoint"
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(NAME, help=HELP)
     parser.add_argument("--out-dir", default="out", help="directory holding ckpt.pt (default: out)")
-    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    parser.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="generate for every line of FILE (UTF-8, one prompt per line; empty lines are skipped) "
+                             "in one batch over the paged KV cache; each sequence is printed whole, with its index, "
+                             "as soon as it finishes")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="--prompts: the most sequences generated at once (default 16); a finished one's place "
+                             "and pages go to the next waiting prompt")
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="--prompts: positions per page of the KV cache, a multiple of 16 from 16 to 4096 "
+                             "(default 16)")
+    parser.add_argument("--stop", default=None,
+                        help="--prompts: a sequence ends when its new text ends with this string (not printed)")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -41,6 +57,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompts is not None:
+        from fastgpt.cli.sample_batch import run_prompts
+
+        return run_prompts(args, _load_model)
+    for flag in ("batch_size", "page_size", "stop"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --prompts FILE only; one --prompt would ignore it")
+    if args.prompt is None:
+        args.prompt = "\n"
     with interrupts_deferred():  # a Ctrl-C during the imports waits for them (fastgpt/cli/__init__.py says why)
         import time
 

@@ -9,12 +9,16 @@ import torch
 import torch.nn as nn
 
 from fastgpt.attention.api import attention
+from fastgpt.attention.paged import layout_attention, layout_write
 from fastgpt.attention.registry import get_backend
+from fastgpt.attention.varlen import varlen_attention
 from fastgpt.model.dropout import ResidualDropout
 from fastgpt.model.linear import Linear
 
 if TYPE_CHECKING:
     from fastgpt.model.kv_cache import LayerKV
+    from fastgpt.model.packing import Packing
+    from fastgpt.model.paged_kv import PagedLayer
 
 
 class CausalSelfAttention(nn.Module):
@@ -66,13 +70,23 @@ class CausalSelfAttention(nn.Module):
             get_backend(name)  # an unknown name fails now, not at the next forward
         self.backend = name
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional["LayerKV"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional["LayerKV"] = None,
+                packing: Optional["Packing"] = None, paged: Optional["PagedLayer"] = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). With `kv_cache` (generation), x holds the T newest tokens: their
         k and v are appended to the cache and their queries attend over every position it keeps
-        (all of them, or with a window the last W: fastgpt/model/kv_cache.py)."""
+        (all of them, or with a window the last W: fastgpt/model/kv_cache.py). With `packing`, each
+        row holds whole documents back to back and each token attends within its own document:
+        one varlen call over the B·T tokens (fastgpt/model/packing.py). With `paged` (batched
+        generation), x (1, total_q, C) holds the new tokens of many sequences back to back: their keys
+        and values go into the pages, then they attend over their own sequences' pages
+        (fastgpt/model/paged_kv.py)."""
         B, T, C = x.shape
         D, H, H_kv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=2)  # (B, T, H·D), 2 × (B, T, H_kv·D)
+        if packing is not None:
+            return self.resid_dropout(self.proj(self._packed(q, k, v, packing).reshape(B, T, C)))
+        if paged is not None:
+            return self.resid_dropout(self.proj(self._paged(q, k, v, paged).reshape(B, T, C)))
         # (B, T, heads·D) -> (B, heads, T, D): strided views, no copy; backends accept any strides
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, H_kv, D).transpose(1, 2)
@@ -85,6 +99,29 @@ class CausalSelfAttention(nn.Module):
                       **self.attention_options())
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
+
+    def _packed(self, q, k, v, packing: "Packing") -> torch.Tensor:
+        """q (B, T, H·D), k, v (B, T, H_kv·D) -> (B·T, H, D): the documents as packed sequences."""
+        B, T, _ = q.shape
+        D, H, H_kv = self.head_dim, self.n_head, self.n_kv_head
+        # (B, T, heads·D) -> (B·T, heads, D): views, the packed layout of varlen_attention
+        q, k, v = q.reshape(B * T, H, D), k.reshape(B * T, H_kv, D), v.reshape(B * T, H_kv, D)
+        cu = packing.cu_seqlens
+        return varlen_attention(q, k, v, cu, cu, packing.max_len, packing.max_len,
+                                dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
+                                **self.attention_options())
+
+    def _paged(self, q, k, v, paged: "PagedLayer") -> torch.Tensor:
+        """q (1, total_q, H·D), k, v (1, total_q, H_kv·D) -> (total_q, H, D): the new tokens' keys and
+        values written to their pages first, so a sequence that shares a page another one fills in
+        this step reads it filled (fastgpt/model/paged_kv.py), then one call over the pages."""
+        if self.training and self.dropout_p > 0:
+            raise ValueError("the paged KV cache serves generation: call model.eval() first (no dropout)")
+        total = q.shape[1]
+        D, H, H_kv = self.head_dim, self.n_head, self.n_kv_head
+        layout_write(paged.k_pages, paged.v_pages, paged.layout, k.reshape(total, H_kv, D), v.reshape(total, H_kv, D))
+        return layout_attention(q.reshape(total, H, D), paged.k_pages, paged.v_pages, paged.layout,
+                                backend=self.backend, **self.attention_options())
 
     def attention_options(self) -> dict:
         """The options this layer passes to `fastgpt.attention.attention` besides causal=True, only

@@ -26,6 +26,8 @@ from fastgpt.model.attention import CausalSelfAttention
 from fastgpt.model.dropout import ResidualDropout
 from fastgpt.model.kv_cache import CACHE_POLICIES, KVCache, LayerKV, plan_step
 from fastgpt.model.linear import Linear, check_linear_kernel
+from fastgpt.model.packing import Packing
+from fastgpt.model.paged_kv import PagedLayer, PagedStep, PagePool
 
 
 @dataclass
@@ -235,8 +237,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), kv_cache)
+    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None,
+                packing: Optional[Packing] = None, paged: Optional[PagedLayer] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), kv_cache, packing, paged)
         x = x + self.mlp(self.ln2(x))
         return x
 
@@ -273,10 +276,30 @@ class GPT(LanguageModel):
         """An empty cache: block_size positions per layer, or with a sliding window the last W (rolling)."""
         return KVCache(self.config.n_layer, self.config.block_size, self.config.window)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None):
+    def make_page_pool(self, max_sequences: int, page_size: int = 16, max_length: Optional[int] = None) -> PagePool:
+        """A paged KV cache (fastgpt/model/paged_kv.py) for max_sequences live sequences of up to
+        max_length positions each (default and at most block_size), in the model's dtype and on its
+        device: ceil(max_length / page_size) pages per sequence, num_pages × page_size × n_layer × 2 ×
+        H_kv × D × dtype size bytes."""
+        config, weight = self.config, self.lm_head.weight
+        max_length = config.block_size if max_length is None else min(max_length, config.block_size)
+        pages_per_sequence = -(-max_length // page_size)
+        return PagePool(config.n_layer, config.n_kv_head or config.n_head, config.n_embd // config.n_head, page_size,
+                        max_sequences * pages_per_sequence, weight.dtype, weight.device)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                packing: Optional[Packing] = None, paged: Optional[PagedStep] = None):
         """idx (B, T) -> logits (B, T, V), loss. With `kv_cache` (generation), idx holds the T tokens
-        that follow the cache's `length` positions; their keys and values join the cache."""
+        that follow the cache's `length` positions; their keys and values join the cache. With
+        `packing` (training on documents), each row holds whole documents back to back: positions
+        count from each document's start and attention stays inside it (fastgpt/model/packing.py).
+        With `paged` (batched generation), idx (1, total_q) holds the new tokens of many sequences back
+        to back, at the positions the step gives, over the pages of fastgpt/model/paged_kv.py."""
         B, T = idx.shape
+        if packing is not None:
+            return self._forward_packed(idx, targets, packing)
+        if paged is not None:
+            return self._forward_paged(idx, paged)
         start = 0 if kv_cache is None else kv_cache.length  # absolute position of idx[:, 0]
         if start + T > self.config.block_size:
             if kv_cache is None:
@@ -289,6 +312,33 @@ class GPT(LanguageModel):
             x = block(x, None if kv_cache is None else kv_cache.layers[i])
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         return logits, self._loss(logits, targets)
+
+    def _forward_packed(self, idx: torch.Tensor, targets: Optional[torch.Tensor], packing: Packing):
+        B, T = idx.shape
+        if packing.positions.shape != (B, T) or packing.cu_seqlens[-1] != B * T:
+            raise ValueError(f"packing covers positions {tuple(packing.positions.shape)} but idx is ({B}, {T})")
+        if T > self.config.block_size:
+            raise ValueError(f"idx has T={T} tokens but block_size is {self.config.block_size}; crop the context")
+        x = self.token_embedding(idx) + self.position_embedding(packing.positions)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, None, packing)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return logits, self._loss(logits, targets)
+
+    def _forward_paged(self, idx: torch.Tensor, paged: PagedStep):
+        """idx (1, total_q) -> logits (1, total_q, V), loss None: one step of batched generation."""
+        positions = paged.positions  # (total_q,)
+        if idx.shape != (1, positions.numel()):
+            raise ValueError(f"idx has shape {tuple(idx.shape)}; a paged step takes (1, {positions.numel()}): "
+                             "the new tokens of every sequence back to back")
+        longest = max(paged.layout.k_lens)  # host lengths: no device read
+        if longest > self.config.block_size:
+            raise ValueError(f"a sequence reaches position {longest - 1} but block_size is {self.config.block_size}: "
+                             "the learned positions end there; stop the sequence")
+        x = self.token_embedding(idx) + self.position_embedding(positions)  # (1, total_q, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, paged=paged.layer(i))
+        return self.lm_head(self.ln_f(x)), None  # (1, total_q, V)
 
 
 def build_model(config: ModelConfig) -> LanguageModel:

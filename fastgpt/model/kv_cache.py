@@ -1,5 +1,9 @@
 """The KV cache of generation: each layer's keys and values kept between steps, and when to rebuild them.
 
+This is the cache of one batch generated in lockstep (`generate`, `fastgpt sample --prompt`): one
+contiguous buffer per layer. Many prompts of different lengths at once, finishing at different
+times, use the paged cache instead (fastgpt/model/paged_kv.py, fastgpt/model/batched.py).
+
 Without a cache, every new token re-runs the whole context through the model (the lecture's
 `generate`). With one, a prompt pass (prefill) stores every layer's k and v, and each later step
 runs only the newest token (decode): its query attends over the cached keys, T_q = 1 < T_k, with

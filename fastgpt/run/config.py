@@ -24,6 +24,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 @dataclass
 class TrainConfig:
     data: Optional[str] = None  # corpus path; None: $FASTGPT_DATA, else tiny-shakespeare as packaged
+    # A folder of text files or a .jsonl file is a corpus of documents (fastgpt/run/documents.py):
+    # batches of one document per row, padded; with pack, documents back to back, attention within each.
+    pack: bool = False
+    text_field: Optional[str] = None  # the field of a .jsonl line that holds its document; None: "text"
     out_dir: str = "out"  # checkpoint, metrics.jsonl and loss-curve PNG go here
     device: str = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
     seed: int = 1337
@@ -78,6 +82,9 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"peak_tflops must be > 0 (or unset); got {self.peak_tflops}")
+        if self.text_field is not None and not self.text_field:
+            raise ValueError("text_field is empty (--text-field ''): name the field of a .jsonl line that holds its "
+                             "document, or leave it out for 'text'")
         if not str(self.out_dir).strip():
             # Path("") is the current folder: the run would scatter its files wherever it was started
             raise ValueError(f"out_dir is empty ({str(self.out_dir)!r}): name the folder the run's checkpoint and "

@@ -5,7 +5,8 @@ Where the text comes from, first match wins:
     2. the FASTGPT_DATA environment variable,
     3. tiny-shakespeare as shipped inside the package (bz2-compressed, public domain), so that
        `fastgpt train` needs no file and no network.
-Any UTF-8 text file works as a corpus; its vocabulary is the set of characters it contains.
+Any UTF-8 text file works as a corpus; its vocabulary is the set of characters it contains. A
+folder of text files or a .jsonl file is a corpus of documents instead (fastgpt/run/documents.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ PACKAGED_CORPUS = "corpus/tinyshakespeare.txt.bz2"
 TRAIN_FRACTION = 0.9  # the lecture's split: first 90% train, last 10% val
 
 
-def resolve_corpus_path(path: Optional[str | os.PathLike] = None) -> Optional[Path]:
-    """The corpus file to read (`path`, else $FASTGPT_DATA), or None for the packaged tiny-shakespeare."""
+def resolve_corpus_path(path: Optional[str | os.PathLike] = None, folders: bool = False) -> Optional[Path]:
+    """The corpus file to read (`path`, else $FASTGPT_DATA), or None for the packaged tiny-shakespeare.
+    With `folders`, a folder is returned too (a folder of documents: fastgpt/run/documents.py)."""
     source = "--data" if path is not None else "FASTGPT_DATA"
     if path is None:
         path = os.environ.get("FASTGPT_DATA") or None
@@ -40,6 +42,8 @@ def resolve_corpus_path(path: Optional[str | os.PathLike] = None) -> Optional[Pa
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist (from {source})") from None
     except OSError as e:  # a folder on the way that cannot be entered, a symlink loop, a file used as a folder
         raise ValueError(f"corpus {str(path)!r} cannot be reached ({e.strerror}) (from {source})") from None
+    if stat.S_ISDIR(mode) and folders:
+        return path
     if stat.S_ISDIR(mode):
         raise ValueError(f"corpus {str(path)!r} is a directory (from {source}); pass a UTF-8 text file")
     if not stat.S_ISREG(mode):

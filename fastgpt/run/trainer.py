@@ -22,7 +22,9 @@ The loop (Trainer.run), each part a method of its own:
         _step_and_report()                                          # step(), the progress display
 
 and step() is set the learning rate, then per micro-batch _micro_batch() and _forward_backward(),
-then _optimizer_step(). The loop's other jobs live in modules of their own: the checkpoint policy
+then _optimizer_step(). The batches are random windows of one text (fastgpt/run/data.py) or, for a
+folder or a .jsonl file of documents, padded or packed rows of documents (fastgpt/run/documents.py);
+a document run also reports its real tokens per second, the pads left out. The loop's other jobs live in modules of their own: the checkpoint policy
 (when to evaluate and save; the lock on out_dir, the guard against overwriting another run, leftover
 temporary files: fastgpt/run/checkpoint_policy.py), the metrics log (fastgpt/run/metrics_log.py),
 the progress display (fastgpt/run/progress.py) and the reading of a run back from its checkpoint
@@ -57,6 +59,8 @@ from fastgpt.run.checkpoint_policy import CheckpointPolicy
 from fastgpt.run.config import DTYPES, TrainConfig, split_fields
 from fastgpt.machine.cpu_features import bf16_cpu_warning
 from fastgpt.run.data import CharDataset, CharTokenizer
+from fastgpt.run.documents import (DocumentBatch, DocumentDataset, batch_loss, check_model_takes_packing,
+                                   load_training_data, packed_attention_call)
 from fastgpt.run.flops import device_peak_flops, training_flops_per_step
 from fastgpt.run.metrics_log import METRICS_NAME, MetricsLog
 from fastgpt.model.gpt import GPT, ModelConfig, build_model, num_parameters
@@ -142,10 +146,14 @@ def checked_train_config(cfg: TrainConfig) -> TrainConfig:
 
 
 class Trainer:
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Optional[CharDataset] = None):
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 dataset: Optional[CharDataset | DocumentDataset] = None):
         self.train_config = checked_train_config(train_config)
         self._join_processes()
-        self.dataset = dataset if dataset is not None else CharDataset.load(train_config.data)
+        cfg = train_config
+        self.dataset = dataset if dataset is not None else load_training_data(cfg.data, cfg.pack, cfg.text_field)
+        self.real_tokens = 0  # targets that trained (not pads) in this process's micro-batches, for document runs
+        self._window_real_tokens = 0  # real_tokens when the progress window opened
         self.model_config = self._fit_to_corpus(model_config)
         self._build_model_and_optimizer()
         self._wrap_for_training()
@@ -168,6 +176,7 @@ class Trainer:
         """model_config with the corpus's vocabulary, checked against the corpus."""
         model_config.vocab_size = self.dataset.tokenizer.vocab_size
         model_config.validate()
+        check_model_takes_packing(self.dataset, model_config.model)
         self.dataset.check_block_size(model_config.block_size)
         return model_config
 
@@ -212,8 +221,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for j in range(self.micro_steps):
-            x, y = self._micro_batch(j)
-            total += self._forward_backward(x, y, last=j == self.micro_steps - 1)
+            total += self._forward_backward(self._micro_batch(j), last=j == self.micro_steps - 1)
         self._optimizer_step()
         self.iter += 1
         return total / self.micro_steps
@@ -222,15 +230,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _micro_batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's j-th micro-batch of the step: inputs and targets, (batch_size, block_size) each."""
+    def _micro_batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor] | DocumentBatch:
+        """This process's j-th micro-batch of the step: inputs and targets, (batch_size, block_size)
+        each (and for documents, the packing and the count of real tokens)."""
         cfg = self.train_config
         micro = self.rank + j * self.world_size  # which micro-batch of the global batch
         with self.phases("data"):
             generator = torch.Generator().manual_seed(batch_seed(cfg.seed, self.iter, micro, cfg.gradient_accumulation_steps))
-            return self.dataset.get_batch("train", cfg.batch_size, self.model_config.block_size, generator, self.device)
+            batch = self.dataset.get_batch("train", cfg.batch_size, self.model_config.block_size, generator, self.device)
+        if isinstance(batch, DocumentBatch):
+            self.real_tokens += batch.real_tokens
+        return batch
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+    def _forward_backward(self, batch: tuple[torch.Tensor, torch.Tensor] | DocumentBatch, last: bool) -> torch.Tensor:
         """Accumulates the gradients of one micro-batch; returns its detached fp32 loss."""
         # Gradients are averaged over the processes once, after the last micro-batch: the earlier
         # ones only accumulate locally.
@@ -238,7 +250,7 @@ class Trainer:
             else contextlib.nullcontext()
         with sync:
             with self.phases("forward"), self.autocast():
-                _, loss = self.train_model(x, y)
+                loss = batch_loss(self.train_model, batch)
             with self.phases("backward"):
                 # / micro_steps here and DDP's mean over the processes: the mean over the global batch
                 self.scaler.scale(loss / self.micro_steps).backward()
@@ -268,9 +280,9 @@ class Trainer:
             generator = torch.Generator().manual_seed(cfg.seed + 1)
             total = torch.zeros((), device=self.device)
             for _ in range(cfg.eval_iters):
-                x, y = self.dataset.get_batch(split, cfg.batch_size, self.model_config.block_size, generator, self.device)
+                batch = self.dataset.get_batch(split, cfg.batch_size, self.model_config.block_size, generator, self.device)
                 with self.autocast():
-                    total += self.eval_model(x, y)[1].float()
+                    total += batch_loss(self.eval_model, batch).float()
             losses[split] = (total / cfg.eval_iters).item()
         self.eval_model.train()
         return losses
@@ -285,11 +297,20 @@ class Trainer:
                             dtype=self.autocast_dtype)
         options = self.model.blocks[0].attn.attention_options()  # a window, softcap, sinks: what paths may refuse
         try:
+            if self.packed:  # one varlen call over the packed rows
+                return choose(packed_attention_call(mc.block_size, mc.n_head, mc.n_kv_head, mc.n_embd // mc.n_head,
+                                                    self.device, self.autocast_dtype, mc.dropout_p, options),
+                              mc.backend).name
             return choose(AttentionCall.like(probe, kv_heads=mc.n_kv_head, dropout_p=mc.dropout_p, **options),
                           mc.backend).name
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"--dtype {self.train_config.dtype} runs the attention in {str(self.autocast_dtype).removeprefix('torch.')}: "
                           f"{e}") from None
+
+    @property
+    def packed(self) -> bool:
+        """Whether the batches are packed documents (--pack)."""
+        return isinstance(self.dataset, DocumentDataset) and self.dataset.pack
 
     def attention_backend(self) -> str:
         """The backend of attention_kernel() ("ext" for "ext.cpu_flash"), or "none" (bigram)."""
@@ -422,6 +443,8 @@ class Trainer:
         kernel = self.attention_kernel()
         if self.is_main:
             print(self._describe(kernel))
+            if isinstance(self.dataset, DocumentDataset):
+                print(self.dataset.describe())
             if self.device.type == "cpu" and self.autocast_dtype == torch.bfloat16 and (warning := bf16_cpu_warning()):
                 print(f"fastgpt: warning: --dtype bf16: {warning}")
         return kernel.partition(".")[0]
@@ -433,12 +456,14 @@ class Trainer:
         # the last step's loss over the global batch: a collective, so every process takes part
         step_loss = distributed.mean(loss).item() if loss is not None else None
         losses = self._on_rank0(lambda: self._evaluate_finite(step_loss))  # None elsewhere
+        real = self._real_tokens_per_s(progress)  # a collective too
         self.elapsed_s = time.perf_counter() - run_start
         self._on_rank0(lambda: self._written(metrics.path, lambda: metrics.append(
-            self._record(losses, step_loss, progress, backend))))
+            self._record(losses, step_loss, progress, backend, real))))
         self.save()  # reached only with finite losses: a diverged run keeps its last good checkpoint
         if self.is_main:
-            progress.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            rate = f", {real:,.0f} real tokens/s of {progress.tokens_per_s():,.0f} tokens/s" if real is not None else ""
+            progress.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{rate}")
         progress.new_window()
 
     def _step_and_report(self, progress: Progress) -> torch.Tensor:
@@ -489,9 +514,22 @@ class Trainer:
             f"a lower learning rate: fastgpt train --resume --out-dir {self.out_dir} --learning-rate LR"
         )
 
+    def _real_tokens_per_s(self, progress: Progress) -> Optional[float]:
+        """Targets that trained (pads left out) per second over the progress window, every process's
+        together; None on one text (every token is real) or before a step was timed. Every process calls it."""
+        if not isinstance(self.dataset, DocumentDataset):
+            return None
+        counted = torch.tensor(float(self.real_tokens - self._window_real_tokens), device=self.device)
+        self._window_real_tokens = self.real_tokens
+        total = distributed.mean(counted).item() * self.world_size
+        return total / progress.window_s if progress.window_s > 0 else None
+
     def _record(self, losses: dict[str, float], step_loss: Optional[float], progress: Progress,
-                backend: str) -> dict[str, Any]:
-        """The metrics record of the evaluation at this iteration."""
+                backend: str, real_tokens_per_s: Optional[float] = None) -> dict[str, Any]:
+        """The metrics record of the evaluation at this iteration; a document run's adds its batching
+        and real_tokens_per_s (tokens_per_s counts every position, pads too)."""
+        documents = {} if not isinstance(self.dataset, DocumentDataset) else {
+            "batching": self.dataset.mode, "real_tokens_per_s": real_tokens_per_s}
         return {
             "iter": self.iter,
             "train_loss": losses["train"],
@@ -504,6 +542,7 @@ class Trainer:
             # every kernel that ran since the last record, by name, with its calls (training and evaluation)
             "kernels": {**attention_kernels_ran(reset=True), **model_kernels.kernels_ran(reset=True)},
             "lr": learning_rate_at(max(self.iter - 1, 0), self.train_config),
+            **documents,
         }
 
     def _progress(self) -> Progress:
