@@ -8,7 +8,7 @@ import torch
 from fastgpt.attention import attention, kernels_ran, naive_varlen_attention, refusal, varlen_attention
 from fastgpt.attention.call import AttentionCall
 from fastgpt.attention.registry import choose
-from fastgpt.attention.split_kv import SPLIT_MIN_KEYS, merge_partials, split_kv_attention, split_refusal
+from fastgpt.attention.split_kv import CPU_SPLIT_MIN_KEYS, merge_partials, split_kv_attention, split_refusal
 from fastgpt.attention.varlen import varlen_call
 
 H, H_KV, D = 4, 2, 16
@@ -69,14 +69,17 @@ def test_a_single_sequence_in_the_batched_layout_is_split_without_a_copy():
 
 @pytest.mark.skipif("ext.cpu_flash" not in INNER, reason="the ext library is not available here")
 def test_auto_splits_long_decode_steps_only_and_the_path_runs_by_name():
-    q, k, v, cu_q, cu_k = decode_batch((SPLIT_MIN_KEYS + 5, 40))
+    q, k, v, cu_q, cu_k = decode_batch((CPU_SPLIT_MIN_KEYS + 5, 40))  # H = 4 query heads over H_kv = 2
     kernels_ran(reset=True)
     out = varlen_attention(q, k, v, cu_q, cu_k, backend="ext")
     assert kernels_ran() == {"ext.cpu_split_kv": 1, "ext.cpu_flash": 1}  # the split, and the packed call inside it
     torch.testing.assert_close(out.double(), naive_varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k),
                                rtol=2e-5, atol=2e-5)
-    short = decode_batch((SPLIT_MIN_KEYS - 1, 40))
+    short = decode_batch((CPU_SPLIT_MIN_KEYS - 1, 40))
     assert choose(varlen_call(*short), "ext").name == "ext.cpu_flash"  # declined: too short to pay
+    q1, k1, v1, _, _ = decode_batch((CPU_SPLIT_MIN_KEYS + 5, 40))
+    one_per_head = varlen_call(q1[:, :2], k1, v1, cu_q, cu_k)  # H = H_kv: the unsplit kernel reads the cache once
+    assert choose(one_per_head, "ext").name == "ext.cpu_flash"
     assert choose(varlen_call(*short), "ext.cpu_split_kv").name == "ext.cpu_split_kv"  # by name, it runs
     with pytest.raises(ValueError, match="ext.cpu_split_kv does not take bidirectional"):
         varlen_attention(*short, causal=False, backend="ext.cpu_split_kv")

@@ -18,8 +18,8 @@ Five kernel paths, best first (backend="ext" takes the first that runs the call)
 
     ext.cpu_split_kv    CPU decode steps over long caches (split-KV, fastgpt/attention/split_kv.py):
                         the keys in chunks run as one packed call of ext.cpu_flash's kernels,
-                        merged by their lse; forward only, declines caches shorter than
-                        SPLIT_MIN_KEYS (there one worker per head is faster)
+                        merged by their lse; forward only; declines all but long caches
+                        shared by several query heads (split_declines_cpu: where it measured faster)
     ext.cpu_flash       CPU float32: the flash kernels (csrc/cpu/attention_flash.cpp), no T×T matrix
                         stored, P recomputed in the backward; a C++ autograd node. Every option of
                         api.py (causal=False, window, softcap, sinks, ALiBi, return_lse), in float32
@@ -50,7 +50,7 @@ import torch
 
 from fastgpt.attention.call import OPTIONS, AttentionCall, dtype_name
 from fastgpt.attention.registry import Backend, KernelPath, choose, record, register_backend
-from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines, split_kv_attention,
+from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines_cpu, split_kv_attention,
                                        split_refusal)
 
 
@@ -312,7 +312,7 @@ register_backend(Backend(
     paths=(
         _path("ext.cpu_split_kv", "CPU decode steps over long caches (split-KV): the keys in chunks, run in parallel "
               "as one packed call of ext.cpu_flash's kernels, merged by their lse; forward only",
-              unavailable_reason=_cpu_only, unsupported_reason=_split_kv_refusal, declines=split_declines,
+              unavailable_reason=_cpu_only, unsupported_reason=_split_kv_refusal, declines=split_declines_cpu,
               options=SPLIT_KV_OPTIONS, option_notes=SPLIT_KV_NOTES),
         _path("ext.cpu_flash", "CPU flash kernels, float32 (bfloat16 as float32 products) and every option: no "
               "T×T matrix stored, P recomputed in the backward, the keys outside a window skipped",

@@ -39,10 +39,14 @@ import torch
 from fastgpt.attention.call import UNBOUNDED, AttentionCall
 from fastgpt.attention.varlen import varlen_attention
 
-# Split when a sequence has at least this many visible keys; each chunk holds this many (the last
-# fewer). Both from the decode benchmark (docs/benchmarks.md, "Split-KV decoding").
-SPLIT_MIN_KEYS = 4096
+# Each chunk holds CHUNK_KEYS keys (the last fewer). backend="ext" splits a CPU decode step when a
+# sequence has at least CPU_SPLIT_MIN_KEYS visible keys and several query heads share each key/value
+# head: where the decode benchmark measured the split faster (docs/benchmarks.md, "Split-KV
+# decoding"). On a GPU the split is for parallelism; GPU_SPLIT_MIN_KEYS is flash-decoding's regime,
+# not yet measured here.
 CHUNK_KEYS = 1024
+CPU_SPLIT_MIN_KEYS = 32768
+GPU_SPLIT_MIN_KEYS = 4096
 # What a split-KV kernel path takes (a decode step is the newest token over its cache: causal)
 SPLIT_KV_OPTIONS = frozenset({"window", "softcap", "sinks", "alibi", "return_lse", "varlen"})
 SPLIT_KV_NOTES = {"bidirectional": "split-KV serves causal decode steps (the newest token over its cache)"}
@@ -65,11 +69,24 @@ def split_refusal(call: AttentionCall) -> Optional[str]:
     return None
 
 
-def split_declines(call: AttentionCall, min_keys: int = SPLIT_MIN_KEYS) -> Optional[str]:
-    """Why auto passes over split-KV for a call it could run: every sequence's visible keys are short."""
+def split_declines_cpu(call: AttentionCall) -> Optional[str]:
+    """Why a choice by backend passes over the CPU split: the cache is short, or each key/value head
+    serves one query head (then the unsplit kernel reads the cache once and the split only adds
+    its merge)."""
     longest = _visible_keys(call.kv_len, call.window)
-    if longest < min_keys:
-        return f"{longest} visible keys: below {min_keys}, one worker per head reads them faster than a split and a merge"
+    if longest < CPU_SPLIT_MIN_KEYS:
+        return (f"{longest} visible keys: below {CPU_SPLIT_MIN_KEYS}, the unsplit kernel is faster on CPU than a "
+                "split and a merge")
+    if not call.grouped:
+        return "one query head per key/value head: the unsplit kernel reads the cache once; a split adds its merge"
+    return None
+
+
+def split_declines_gpu(call: AttentionCall) -> Optional[str]:
+    """Why a choice by backend passes over the GPU split: every sequence's visible keys are short."""
+    longest = _visible_keys(call.kv_len, call.window)
+    if longest < GPU_SPLIT_MIN_KEYS:
+        return f"{longest} visible keys: below {GPU_SPLIT_MIN_KEYS}, too few to spread over more programs"
     return None
 
 

@@ -25,7 +25,7 @@ import torch
 
 from fastgpt.attention.call import OPTIONS, AttentionCall, call_options, dtype_name
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
-from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines, split_kv_attention,
+from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines_gpu, split_kv_attention,
                                        split_refusal)
 from fastgpt.kernels.flash_attention_configs import MAX_HEAD_DIM, MIN_HEAD_DIM  # plain Python: no triton
 
@@ -128,7 +128,7 @@ SPLIT_DESCRIPTION = ("decode steps over long caches (split-KV): the keys in chun
 register_backend(Backend(
     name="triton",
     paths=(KernelPath("triton.split_kv", _split_kv_path, SPLIT_DESCRIPTION, unsupported_reason=_split_kv_refusal,
-                      declines=split_declines, options=SPLIT_KV_OPTIONS, option_notes=SPLIT_KV_NOTES),
+                      declines=split_declines_gpu, options=SPLIT_KV_OPTIONS, option_notes=SPLIT_KV_NOTES),
            KernelPath("triton", _triton_path, DESCRIPTION, options=frozenset(OPTIONS))),
     description=DESCRIPTION,
     unavailable_reason=unavailable_reason,
