@@ -77,8 +77,7 @@ def test_auto_splits_long_decode_steps_only_and_the_path_runs_by_name():
                                rtol=2e-5, atol=2e-5)
     short = decode_batch((CPU_SPLIT_MIN_KEYS - 1, 40))
     assert choose(varlen_call(*short), "ext").name == "ext.cpu_flash"  # declined: too short to pay
-    q1, k1, v1, _, _ = decode_batch((CPU_SPLIT_MIN_KEYS + 5, 40))
-    one_per_head = varlen_call(q1[:, :2], k1, v1, cu_q, cu_k)  # H = H_kv: the unsplit kernel reads the cache once
+    one_per_head = varlen_call(q[:, :2], k, v, cu_q, cu_k)  # H = H_kv: the split pays only on longer caches
     assert choose(one_per_head, "ext").name == "ext.cpu_flash"
     assert choose(varlen_call(*short), "ext.cpu_split_kv").name == "ext.cpu_split_kv"  # by name, it runs
     with pytest.raises(ValueError, match="ext.cpu_split_kv does not take bidirectional"):

@@ -41,11 +41,12 @@ from fastgpt.attention.varlen import varlen_attention
 
 # Each chunk holds CHUNK_KEYS keys (the last fewer). backend="ext" splits a CPU decode step when a
 # sequence has at least CPU_SPLIT_MIN_KEYS visible keys and several query heads share each key/value
-# head: where the decode benchmark measured the split faster (docs/benchmarks.md, "Split-KV
-# decoding"). On a GPU the split is for parallelism; GPU_SPLIT_MIN_KEYS is flash-decoding's regime,
-# not yet measured here.
+# head, or CPU_SPLIT_MIN_KEYS_UNGROUPED without sharing: where the decode benchmark measured the
+# split faster (docs/benchmarks.md, "Split-KV decoding"). On a GPU the split is for parallelism;
+# GPU_SPLIT_MIN_KEYS is flash-decoding's regime, not yet measured here.
 CHUNK_KEYS = 1024
-CPU_SPLIT_MIN_KEYS = 32768
+CPU_SPLIT_MIN_KEYS = 65536
+CPU_SPLIT_MIN_KEYS_UNGROUPED = 262144
 GPU_SPLIT_MIN_KEYS = 4096
 # What a split-KV kernel path takes (a decode step is the newest token over its cache: causal)
 SPLIT_KV_OPTIONS = frozenset({"window", "softcap", "sinks", "alibi", "return_lse", "varlen"})
@@ -70,15 +71,15 @@ def split_refusal(call: AttentionCall) -> Optional[str]:
 
 
 def split_declines_cpu(call: AttentionCall) -> Optional[str]:
-    """Why a choice by backend passes over the CPU split: the cache is short, or each key/value head
-    serves one query head (then the unsplit kernel reads the cache once and the split only adds
-    its merge)."""
+    """Why a choice by backend passes over the CPU split: the cache is too short for it. With one
+    query head per key/value head the unsplit kernel reads the cache once and the split pays for
+    its merge later than where several query heads each stream the whole cache."""
     longest = _visible_keys(call.kv_len, call.window)
-    if longest < CPU_SPLIT_MIN_KEYS:
-        return (f"{longest} visible keys: below {CPU_SPLIT_MIN_KEYS}, the unsplit kernel is faster on CPU than a "
+    least = CPU_SPLIT_MIN_KEYS if call.grouped else CPU_SPLIT_MIN_KEYS_UNGROUPED
+    if longest < least:
+        grouping = "grouped heads" if call.grouped else "one query head per key/value head"
+        return (f"{longest} visible keys: below {least} ({grouping}), the unsplit kernel is faster on CPU than a "
                 "split and a merge")
-    if not call.grouped:
-        return "one query head per key/value head: the unsplit kernel reads the cache once; a split adds its merge"
     return None
 
 
