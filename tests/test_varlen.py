@@ -239,3 +239,19 @@ def test_fastgpt_parity_checks_packed_sequences_and_the_timings_refuse_them(caps
     assert "-- varlen" in out and "FAIL" not in out and " ok" in out
     with pytest.raises(ValueError, match="--variants varlen: the attention timings take the"):
         parse_variants(["causal", "varlen"])
+
+
+def test_the_lengths_are_read_once_per_cu_seqlens_and_again_after_a_change(monkeypatch):
+    import fastgpt.attention.varlen as varlen
+
+    q, k, v, cu, _ = packed((3, 5))
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self is cu) or real_tolist(self))
+    for _ in range(3):
+        varlen_attention(q, k, v, cu, cu, backend="naive")
+    assert sum(reads) == 1  # one tensor, read once for three calls (as q's and as k's)
+    cu[1] = 4  # an in-place change: read again, and checked again
+    with pytest.raises(ValueError, match="sequence 0 has 4 queries but 3 keys"):  # the new values
+        varlen.varlen_layout(q, k, cu, torch.tensor([0, 3, 8], dtype=torch.int32))
+    assert sum(reads) == 2

@@ -27,13 +27,15 @@ alibi_slopes (H,) or (B, H) with B the number of sequences. A causal call needs 
 every sequence; sequences of length 0 are allowed. The lse comes back (H, total_q), as
 flash-attention's varlen functions give it.
 
-The sequence lengths are read on the host once per call (one small copy, and on a GPU one
-synchronisation), to refuse a cu_seqlens that would send a kernel outside q, k or v; flash-attention
-trusts it. max_seqlen_q/max_seqlen_k may be given (at least the longest sequence) or left None.
+The sequence lengths are read on the host (one small copy, and on a GPU one synchronisation), to
+refuse a cu_seqlens that would send a kernel outside q, k or v; flash-attention trusts it. The
+copy is made once per cu_seqlens tensor (and made again after an in-place change), so a model that
+passes the same one to every layer pays it once per forward. max_seqlen_q/max_seqlen_k may be given (at least the longest sequence) or left None.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -92,11 +94,31 @@ def _lengths(name: str, cu: torch.Tensor, total: int, rows: str, device: torch.d
         raise ValueError(f"{name} has dtype {cu.dtype}; it must be int32 or int64")
     if cu.device != device and device.type != "meta":
         raise ValueError(f"{name} is on device {cu.device} but q is on {device}: they must share one device")
-    values = cu.tolist()
+    values = _host_values(cu)
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
         shown = values if len(values) <= 8 else values[:4] + ["..."] + values[-3:]
         raise ValueError(f"{name} = {shown} must start at 0, never decrease, and end at {total} ({rows})")
     return tuple(b - a for a, b in zip(values, values[1:]))
+
+
+# The host copies of the cu_seqlens read so far: {id: (weak reference, version, values)}. A model
+# passes one cu_seqlens to every layer, so the copy (on a GPU, a synchronisation) is made once per
+# forward, not once per layer. A copy is reused only for the same live tensor object at the same
+# version (an in-place change bumps it), so it can never answer for other values.
+_HOST_VALUES: dict[int, tuple[weakref.ref, int, list[int]]] = {}
+
+
+def _host_values(cu: torch.Tensor) -> list[int]:
+    known = _HOST_VALUES.get(id(cu))
+    if known is not None and known[0]() is cu and known[1] == cu._version:
+        return known[2]
+    values = cu.tolist()
+    if len(_HOST_VALUES) >= 64:  # forget the dead ones
+        for key in [key for key, (ref, _, _) in _HOST_VALUES.items() if ref() is None]:
+            del _HOST_VALUES[key]
+    if len(_HOST_VALUES) < 64:
+        _HOST_VALUES[id(cu)] = (weakref.ref(cu), cu._version, values)
+    return values
 
 
 def _max_seqlen(name: str, given, actual: int) -> None:
