@@ -246,8 +246,8 @@ def test_the_lengths_are_read_once_per_cu_seqlens_and_again_after_a_change(monke
 
     q, k, v, cu, _ = packed((3, 5))
     reads = []
-    real_tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self is cu) or real_tolist(self))
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: reads.append(self is cu) or real_to(self, *a, **kw))
     for _ in range(3):
         varlen_attention(q, k, v, cu, cu, backend="naive")
     assert sum(reads) == 1  # one tensor, read once for three calls (as q's and as k's)
@@ -255,3 +255,29 @@ def test_the_lengths_are_read_once_per_cu_seqlens_and_again_after_a_change(monke
     with pytest.raises(ValueError, match="sequence 0 has 4 queries but 3 keys"):  # the new values
         varlen.varlen_layout(q, k, cu, torch.tensor([0, 3, 8], dtype=torch.int32))
     assert sum(reads) == 2
+    with torch.inference_mode():  # inference tensors keep no version: read at every call, and never cached
+        frozen = torch.tensor([0, 3, 8], dtype=torch.int32)
+        varlen_attention(q, k, v, frozen, frozen, backend="naive")
+        varlen_attention(q, k, v, frozen, frozen, backend="naive")
+    assert id(frozen) not in varlen._READ
+
+
+def test_the_newest_cu_seqlens_is_remembered_however_many_are_alive():
+    import fastgpt.attention.varlen as varlen
+
+    q, k, v, _, _ = packed((3, 5))
+    alive = [torch.tensor([0, 3, 8], dtype=torch.int32) for _ in range(100)]
+    for cu in alive:
+        varlen.varlen_layout(q, k, cu, cu)
+    assert len(varlen._READ) <= 64 and id(alive[-1]) in varlen._READ
+
+
+def test_the_kernels_read_a_private_copy_of_cu_seqlens():
+    from fastgpt.attention.varlen import varlen_call
+
+    q, k, v, cu, _ = packed((3, 5))
+    call = varlen_call(q, k, v, cu, cu)
+    cu.numpy()[1] = 7  # a change the version counter does not see
+    assert call.varlen.cu_seqlens_q.tolist() == [0, 3, 8]
+    again = varlen_call(q, k, v, cu, cu)  # answered from what was read: consistent with its own copy
+    assert again.varlen.cu_seqlens_q.tolist() == [0, 3, 8] and again.varlen.q_lens == (3, 5)

@@ -84,8 +84,10 @@ class VarlenLayout:
         return replace(self, cu_seqlens_q=self.cu_seqlens_q.to(device), cu_seqlens_k=self.cu_seqlens_k.to(device))
 
 
-def _lengths(name: str, cu: torch.Tensor, total: int, rows: str, device: torch.device) -> tuple[int, ...]:
-    """The sequence lengths of a cu_seqlens, or a ValueError naming it, its value and the limit."""
+def _lengths(name: str, cu: torch.Tensor, total: int, rows: str,
+             device: torch.device) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(the sequence lengths, an int32 copy of cu for the kernels) of a cu_seqlens, or a ValueError
+    naming it, its value and the limit."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D integer torch.Tensor (B + 1,); got {type(cu).__name__}")
     if cu.dim() != 1 or cu.numel() < 2:
@@ -94,31 +96,37 @@ def _lengths(name: str, cu: torch.Tensor, total: int, rows: str, device: torch.d
         raise ValueError(f"{name} has dtype {cu.dtype}; it must be int32 or int64")
     if cu.device != device and device.type != "meta":
         raise ValueError(f"{name} is on device {cu.device} but q is on {device}: they must share one device")
-    values = _host_values(cu)
+    values, private = _host_values(cu)
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
         shown = values if len(values) <= 8 else values[:4] + ["..."] + values[-3:]
         raise ValueError(f"{name} = {shown} must start at 0, never decrease, and end at {total} ({rows})")
-    return tuple(b - a for a, b in zip(values, values[1:]))
+    return tuple(b - a for a, b in zip(values, values[1:])), private
 
 
-# The host copies of the cu_seqlens read so far: {id: (weak reference, version, values)}. A model
-# passes one cu_seqlens to every layer, so the copy (on a GPU, a synchronisation) is made once per
-# forward, not once per layer. A copy is reused only for the same live tensor object at the same
-# version (an in-place change bumps it), so it can never answer for other values.
-_HOST_VALUES: dict[int, tuple[weakref.ref, int, list[int]]] = {}
+# The cu_seqlens read so far: {id: (weak reference, version, host values, int32 device copy)}. A
+# model passes one cu_seqlens to every layer, so the read (on a GPU, a synchronisation) is made once
+# per forward, not once per layer. An entry answers only for the same live tensor at the same version
+# (an in-place change bumps it), and the kernels read its private copy, never the caller's tensor:
+# a change the version does not see (through .numpy() or .data) cannot send them out of bounds.
+# Inference tensors keep no version, so they are read every time.
+_READ: dict[int, tuple[weakref.ref, int, list[int], torch.Tensor]] = {}
 
 
-def _host_values(cu: torch.Tensor) -> list[int]:
-    known = _HOST_VALUES.get(id(cu))
+def _host_values(cu: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    cacheable = not cu.is_inference()
+    known = _READ.get(id(cu)) if cacheable else None
     if known is not None and known[0]() is cu and known[1] == cu._version:
-        return known[2]
-    values = cu.tolist()
-    if len(_HOST_VALUES) >= 64:  # forget the dead ones
-        for key in [key for key, (ref, _, _) in _HOST_VALUES.items() if ref() is None]:
-            del _HOST_VALUES[key]
-    if len(_HOST_VALUES) < 64:
-        _HOST_VALUES[id(cu)] = (weakref.ref(cu), cu._version, values)
-    return values
+        return known[2], known[3]
+    private = cu.to(torch.int32, copy=True)
+    values = private.tolist()
+    if cacheable:
+        if len(_READ) >= 64:  # forget the dead ones, then the oldest
+            for key in [key for key, entry in _READ.items() if entry[0]() is None]:
+                del _READ[key]
+            while len(_READ) >= 64:
+                del _READ[next(iter(_READ))]
+        _READ[id(cu)] = (weakref.ref(cu), cu._version, values, private)
+    return values, private
 
 
 def _max_seqlen(name: str, given, actual: int) -> None:
@@ -131,8 +139,8 @@ def _max_seqlen(name: str, given, actual: int) -> None:
 def varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                   causal: bool = True) -> VarlenLayout:
     """The layout of a packed call, validated (q (total_q, H, D), k (total_k, H_kv, D))."""
-    q_lens = _lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q's rows, total_q", q.device)
-    k_lens = _lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k's rows, total_k", q.device)
+    q_lens, cu_q = _lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q's rows, total_q", q.device)
+    k_lens, cu_k = _lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k's rows, total_k", q.device)
     if len(q_lens) != len(k_lens):
         raise ValueError(f"cu_seqlens_q holds {len(q_lens)} sequences and cu_seqlens_k {len(k_lens)}: "
                          "each sequence needs its queries and its keys")
@@ -144,8 +152,7 @@ def varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqle
                              "T_k >= T_q in every sequence (causal=False takes any)")
     _max_seqlen("max_seqlen_q", max_seqlen_q, max(q_lens))
     _max_seqlen("max_seqlen_k", max_seqlen_k, max(k_lens))
-    as_int32 = [cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k)]
-    return VarlenLayout(*as_int32, q_lens, k_lens)
+    return VarlenLayout(cu_q, cu_k, q_lens, k_lens)
 
 
 def _check_packed(q, k, v) -> None:
