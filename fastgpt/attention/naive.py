@@ -49,10 +49,12 @@ def varlen_positions(layout: VarlenLayout, device=None) -> tuple[torch.Tensor, .
     return seq_q, i + (k_lens - q_lens)[seq_q], seq_k, j
 
 
-def varlen_hidden_keys(layout: VarlenLayout, causal: bool = True, window=(UNBOUNDED, 0), device=None) -> torch.Tensor:
+def varlen_hidden_keys(layout: VarlenLayout, causal: bool = True, window=(UNBOUNDED, 0), device=None,
+                       positions: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
     """(total_q, total_k) bool, True where a packed query may not look: every key of another
-    sequence, and within its own what hidden_keys hides (block-diagonal)."""
-    seq_q, pos, seq_k, j = varlen_positions(layout, device)
+    sequence, and within its own what hidden_keys hides (block-diagonal). `positions`:
+    varlen_positions(layout), where the caller has them already."""
+    seq_q, pos, seq_k, j = positions if positions is not None else varlen_positions(layout, device)
     left, right = window
     if causal:
         right = 0 if right == UNBOUNDED else min(right, 0)

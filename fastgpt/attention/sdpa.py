@@ -65,10 +65,11 @@ def _sdpa_varlen(q, k, v, call: AttentionCall) -> torch.Tensor:
     (total_q, total_k): what PyTorch's CPU kernels can run (its varlen attention is CUDA-only), at
     the cost of a mask quadratic in the total length. q (total_q, H, D) -> (total_q, H, D)."""
     layout = call.varlen
-    hidden = varlen_hidden_keys(layout, call.causal, call.window, q.device)  # (total_q, total_k)
+    positions = varlen_positions(layout, q.device)  # each packed query's and key's sequence and place in it
+    hidden = varlen_hidden_keys(layout, call.causal, call.window, positions=positions)  # (total_q, total_k)
     mask = ~hidden
     if call.alibi_slopes is not None:
-        seq_q, pos, seq_k, j = varlen_positions(layout, q.device)
+        seq_q, pos, seq_k, j = positions
         exact = torch.float64 if q.dtype == torch.float64 else torch.float32
         slopes = call.alibi_slopes.to(q.device, exact)[seq_q].T  # (H, total_q): each query's sequence's slopes
         bias = -slopes[:, :, None] * (pos[:, None] - j[None, :]).abs().to(exact)  # (H, total_q, total_k)

@@ -80,8 +80,6 @@ class VarlenLayout:
     def k_starts(self) -> list[int]:
         return [0, *torch.tensor(self.k_lens).cumsum(0).tolist()]
 
-    def to(self, device) -> "VarlenLayout":
-        return replace(self, cu_seqlens_q=self.cu_seqlens_q.to(device), cu_seqlens_k=self.cu_seqlens_k.to(device))
 
 
 def _lengths(name: str, cu: torch.Tensor, total: int, rows: str,
