@@ -97,6 +97,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_flash_varle
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes, double scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed, int64_t offset);
+// The varlen forward over a paged KV cache (fastgpt/attention/paged.py): k_pages, v_pages (num_pages,
+// page_size, H_kv, D) contiguous, read in place; sequence b's key j at page block_table[b][j /
+// page_size] (int32 (B, max_pages)), slot j % page_size; cu_seqlens_k counts each sequence's keys.
+// Forward only, no dropout (a paged cache serves inference).
+std::tuple<at::Tensor, at::Tensor> attention_flash_paged_forward(
+    const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap);
 at::Tensor attention_varlen_dropout_keep_mask(const at::Tensor& q, const at::Tensor& cu_seqlens_q,
                                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                               int64_t max_seqlen_k, bool causal, int64_t window_left,

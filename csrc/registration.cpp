@@ -92,6 +92,11 @@ TORCH_LIBRARY(fastgpt, m) {
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? sinks, Tensor? alibi_slopes, float scale, bool causal, "
         "int window_left, int window_right, float softcap, float dropout_p, int seed, int offset) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The forward over a paged KV cache: k_pages, v_pages (num_pages, page_size, H_kv, D) contiguous,
+  // read in place through block_table (B, max_pages) int32; cu_seqlens_k counts each sequence's keys.
+  m.def("attention_flash_paged_forward(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? sinks, Tensor? alibi_slopes, float scale, bool causal, "
+        "int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
   m.def("attention_varlen_dropout_keep_mask(Tensor q, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
         "int max_seqlen_k, bool causal, int window_left, int window_right, float dropout_p, int seed, int offset) "
         "-> Tensor");
@@ -132,6 +137,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("attention_flash_varlen_forward", &fastgpt::cpu::attention_flash_varlen_forward);
   m.impl("attention_flash_varlen_backward", &fastgpt::cpu::attention_flash_varlen_backward);
   m.impl("attention_varlen_dropout_keep_mask", &fastgpt::cpu::attention_varlen_dropout_keep_mask);
+  m.impl("attention_flash_paged_forward", &fastgpt::cpu::attention_flash_paged_forward);
 }
 
 // The one op whose gradient is a C++ autograd node rather than a torch.library formula registered

@@ -56,6 +56,14 @@ call of that one sequence, with its own T_q, T_k and offset T_k - T_q. The grid 
 sequence; a block past its own sequence's end returns at once. The lse is (H, total_q). A plain
 call folds VARLEN away: it compiles the kernel it did before.
 
+A paged KV cache (PAGED, with VARLEN: fastgpt/attention/paged.py) keeps each sequence's keys and
+values in fixed-size pages of a pool, anywhere: the host passes the pool as (1, H_kv, num_pages ·
+page_size, D) views and a block table (B, max_pages) int32. K and V then stay at the pool's first
+row, and the key tile of keys j (BLOCK_N,) is loaded from rows block_table[b, j // page_size] ·
+page_size + j % page_size: a gather of whole rows, each still contiguous along D. Everything else
+is the packed call's, in the same order, so a paged call gives the packed call's bits. Forward
+only: a paged cache serves inference.
+
 Dropout acts on the normalised weights, softmax(s)·keep/(1-p): the normaliser l_i sums the weights
 before dropout, and only the accumulation into acc sees the keep mask. The mask is a pure function of
 (seed, b·H+h, query index i, key index), h the query head, so the backward regenerates it and
@@ -251,18 +259,35 @@ def _fwd_scores(qk, offs_m, offs_n, offset, T_Q, T_K, qk_scale, window_left, win
 
 
 @triton.jit
+def _key_rows(Table, offs_n, T_K, page_size, CHECK: tl.constexpr, PAGED: tl.constexpr):
+    """The rows of K and V that hold keys offs_n (BLOCK_N,): offs_n themselves, or PAGED their slots
+    in the pool through the sequence's block-table row Table, page Table[j // page_size] at slot
+    j % page_size (64-bit: a pool may hold more than 2³¹ elements). CHECK: the tile may reach past
+    the sequence's last key, whose table entries are never read."""
+    if PAGED:
+        if CHECK:
+            page = tl.load(Table + offs_n // page_size, mask=offs_n < T_K, other=0)
+        else:
+            page = tl.load(Table + offs_n // page_size)
+        return page.to(tl.int64) * page_size + offs_n % page_size
+    else:
+        return offs_n
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
                     stride_kn, stride_kk, stride_vn, stride_vk,
                     off_bh, offs_m, offset, offs_d, lo, hi, T_Q, T_K, qk_scale, dropout_p,
-                    window_left, window_right, softcap_scale, softcap_log2, slope,
+                    window_left, window_right, softcap_scale, softcap_log2, slope, Table, page_size,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr):
     """Streams key blocks [lo, hi) through the online softmax of one query block.
 
     acc (BLOCK_M, HEAD_DIM_PAD) fp32, l_i and m_i (BLOCK_M,) fp32; q (BLOCK_M, HEAD_DIM_PAD);
     offs_m (BLOCK_M,) the query indices; query i sits at key position offset + i.
     Unmasked blocks (MASK = NO_MASK) hold only keys every row sees, all in bounds: no masks.
+    PAGED: the keys' rows come through the block-table row Table (_key_rows).
     """
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     for start_n in range(loop_bound(lo) if INTERPRETED else lo, loop_bound(hi) if INTERPRETED else hi, BLOCK_N):
@@ -270,7 +295,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if DROPOUT:  # first, before the tiles of the step are live: fewer registers at once
             keep = _dropout_keep(Seed_val, off_bh, offs_m, start_n, dropout_p, BLOCK_N)
-        kT = _load_tile(K_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
+        rows = _key_rows(Table, offs_n, T_K, page_size, MASK != NO_MASK, PAGED)
+        kT = _load_tile(K_base + offs_d[:, None] * stride_kk + rows[None, :] * stride_kn,
                         offs_d, offs_n, HEAD_DIM, T_K, PAD_D, MASK != NO_MASK)  # (HEAD_DIM_PAD, BLOCK_N)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
         qk = _fwd_scores(qk, offs_m, offs_n, offset, T_Q, T_K, qk_scale, window_left, window_right,
@@ -285,7 +311,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
         alpha = tl.math.exp2(m_i - m_sub)  # rescales what was summed under the old maximum
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
+        v = _load_tile(V_base + rows[:, None] * stride_vn + offs_d[None, :] * stride_vk,
                        offs_n, offs_d, T_K, HEAD_DIM, MASK != NO_MASK, PAD_D)  # (BLOCK_N, HEAD_DIM_PAD)
         if DROPOUT:
             p = tl.where(keep, p, 0.0)
@@ -294,7 +320,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, Seed_val,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["H", "T_Q", "T_K", "window_left", "window_right"])  # GROUP: see the header
+@triton.jit(do_not_specialize=["H", "T_Q", "T_K", "window_left", "window_right", "stride_bt"])  # GROUP: the header
 def _attn_fwd(Q, K, V, Out, LSE, Seed,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
@@ -302,17 +328,20 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
               stride_oz, stride_oh, stride_om, stride_ok,
               H, GROUP, T_Q, T_K, qk_scale, dropout_p, dropout_scale, Cu_seqlens_q, Cu_seqlens_k,
               Sinks, Alibi, stride_az, stride_ah, window_left, window_right, softcap_scale, softcap_log2,
+              Block_table, stride_bt, page_size,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
-              VARLEN: tl.constexpr):
+              VARLEN: tl.constexpr, PAGED: tl.constexpr):
     """Grid (cdiv(T_Q, BLOCK_M), H, B). Q, Out: (B, H, T_Q, HEAD_DIM), K, V: (B, H / GROUP, T_K,
     HEAD_DIM), T_K >= T_Q unless BANDED, any strides; LSE: (B, H, T_Q) fp32 contiguous, base-2
     log-sum-exp of the scaled scores; Seed: one int64. The options (see the header): Sinks (H,),
     Alibi (B, H) fp32 with strides stride_az, stride_ah; window sides as runtime ints.
     VARLEN (see the header): grid (cdiv(max T_q, BLOCK_M), H, B sequences), the tensors (1, H,
-    total, HEAD_DIM) with stride_*z = 0, T_Q and T_K the totals, LSE (H, total_q)."""
+    total, HEAD_DIM) with stride_*z = 0, T_Q and T_K the totals, LSE (H, total_q). PAGED (with
+    VARLEN): K, V the pool (1, H_kv, num_pages · page_size, HEAD_DIM), Block_table (B, max_pages)
+    int32 with row stride stride_bt, cu_seqlens_k counting each sequence's keys."""
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -325,8 +354,11 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
         if start_m * BLOCK_M >= T_Q:  # past the sequence's end: the grid covers the longest one
             return
         lse_base, lse_row = LSE + q_start, off_h
-        Q, K, V = _at_row(Q, q_start, stride_qm), _at_row(K, k_start, stride_kn), _at_row(V, k_start, stride_vn)
-        Out = _at_row(Out, q_start, stride_om)
+        Q, Out = _at_row(Q, q_start, stride_qm), _at_row(Out, q_start, stride_om)
+        if PAGED:  # the keys stay in their pages, found through the sequence's block-table row
+            Block_table = _at_row(Block_table, off_z, stride_bt)
+        else:
+            K, V = _at_row(K, k_start, stride_kn), _at_row(V, k_start, stride_vn)
     # 64-bit slice offsets: B·H·T·D may exceed 2³¹ elements
     Q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     K_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
@@ -338,19 +370,15 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                    offs_m, offs_d, T_Q, HEAD_DIM, True, PAD_D)  # (BLOCK_M, HEAD_DIM_PAD)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    slope = 0.0
-    if ALIBI:
-        slope = tl.load(Alibi + off_z * stride_az + off_h * stride_ah) * LOG2_E
+    seed, slope = _seed_and_slope(Seed, Alibi, off_z * stride_az + off_h * stride_ah, DROPOUT, ALIBI)
     m_i, l_i = _softmax_start(Sinks, off_h, BLOCK_M, SINKS)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     acc, l_i, m_i = _fwd_walk(acc, l_i, m_i, q, K_base, V_base, seed,
                               stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
                               offset + start_m * BLOCK_M, T_Q, T_K, qk_scale, dropout_p,
-                              window_left, window_right, softcap_scale, softcap_log2, slope,
-                              BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, DOT_PRECISION, BANDED, SOFTCAP, ALIBI)
+                              window_left, window_right, softcap_scale, softcap_log2, slope, Block_table, page_size,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, DOT_PRECISION, BANDED, SOFTCAP, ALIBI,
+                              PAGED)
     _fwd_store(acc, l_i, m_i, O_base, lse_base, lse_row, lse_stride, offs_m, offs_d, stride_om, stride_ok, T_Q,
                dropout_scale, HEAD_DIM, HEAD_DIM_PAD, DROPOUT, BANDED)
 
@@ -359,10 +387,10 @@ def _attn_fwd(Q, K, V, Out, LSE, Seed,
 def _fwd_walk(acc, l_i, m_i, q, K_base, V_base, seed,
               stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
               first, T_Q, T_K, qk_scale, dropout_p,
-              window_left, window_right, softcap_scale, softcap_log2, slope,
+              window_left, window_right, softcap_scale, softcap_log2, slope, Table, page_size,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+              BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr):
     """The key blocks one query block visits, its first query at key position `first`: causal, the
     blocks left of the diagonal unmasked and those on it masked; BANDED, the band's edge blocks
     masked, the blocks between them not, the rest never visited (work grows with T·W, not T²)."""
@@ -371,35 +399,49 @@ def _fwd_walk(acc, l_i, m_i, q, K_base, V_base, seed,
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                         stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
                                         lo, mid_lo, T_Q, T_K, qk_scale, dropout_p,
-                                        window_left, window_right, softcap_scale, softcap_log2, slope,
-                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION, SOFTCAP, ALIBI)
+                                        window_left, window_right, softcap_scale, softcap_log2, slope, Table, page_size,
+                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION, SOFTCAP,
+                                        ALIBI, PAGED)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                         stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
                                         mid_lo, mid_hi, T_Q, T_K, qk_scale, dropout_p,
-                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope, Table, page_size,
                                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, NO_MASK, DROPOUT, DOT_PRECISION, SOFTCAP,
-                                        ALIBI)
+                                        ALIBI, PAGED)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                         stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
                                         mid_hi, hi, T_Q, T_K, qk_scale, dropout_p,
-                                        window_left, window_right, softcap_scale, softcap_log2, slope,
-                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION, SOFTCAP, ALIBI)
+                                        window_left, window_right, softcap_scale, softcap_log2, slope, Table, page_size,
+                                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, BAND, DROPOUT, DOT_PRECISION, SOFTCAP,
+                                        ALIBI, PAGED)
     else:  # causal: keys [0, lo) precede every query of the block; [lo, hi) straddle the diagonal
         lo = (first // BLOCK_N) * BLOCK_N
         hi = tl.minimum(first + BLOCK_M, T_K)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                         stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
                                         0, lo, T_Q, T_K, qk_scale, dropout_p,
-                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope, Table, page_size,
                                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, NO_MASK, DROPOUT, DOT_PRECISION, SOFTCAP,
-                                        ALIBI)
+                                        ALIBI, PAGED)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, seed,
                                         stride_kn, stride_kk, stride_vn, stride_vk, off_bh, offs_m, offset, offs_d,
                                         lo, hi, T_Q, T_K, qk_scale, dropout_p,
-                                        window_left, window_right, softcap_scale, softcap_log2, slope,
+                                        window_left, window_right, softcap_scale, softcap_log2, slope, Table, page_size,
                                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DIAGONAL, DROPOUT, DOT_PRECISION, SOFTCAP,
-                                        ALIBI)
+                                        ALIBI, PAGED)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _seed_and_slope(Seed, Alibi, at, DROPOUT: tl.constexpr, ALIBI: tl.constexpr):
+    """(the dropout seed, 0 without dropout; the program's ALiBi slope Alibi[at] in base 2, 0 without)."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + at) * LOG2_E
+    return seed, slope
 
 
 @triton.jit

@@ -24,6 +24,9 @@ launches the kernels it always did. Packed sequences (varlen) reach the op as (1
 views with cu_seqlens and the longest lengths, and the kernels' VARLEN switch: one launch of each
 kernel for every sequence; lse and Δ are then (1, H, total_q). The sinks' gradient needs no
 kernel: from the forward's lse and the backward's Δ, dsinks_h = -Σ_{b,i} exp(sink_h - lse_bhi)·Δ_bhi.
+A paged KV cache (PAGED, forward only) reaches the forward as a packed call whose k, v are the pools
+(num_pages, page_size, H_kv, D), passed as (1, H_kv, num_pages · page_size, D) views, with the
+block table (B, max_pages) int32 and the page size.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def check_offsets(*tensors: torch.Tensor, rows: Optional[int] = None) -> None:
 _TUNERS: dict[tuple, triton.runtime.Autotuner] = {}
 # The options' compile-time switches: each combination is a variant of its own, tuned on its own
 # (the backward kernels take no SINKS: the sinks live in the forward's lse). VARLEN: packed sequences.
-OPTION_SWITCHES = ("BANDED", "SOFTCAP", "ALIBI", "SINKS", "VARLEN")
+OPTION_SWITCHES = ("BANDED", "SOFTCAP", "ALIBI", "SINKS", "VARLEN", "PAGED")
 
 
 def _tuned(kernel: str, capability: tuple[int, int], head_dim_pad: int, fp32: bool, grouped: bool, seq_bucket: int,
@@ -232,11 +235,12 @@ def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scal
                    window_left: int = -1, window_right: int = 0, softcap: float = 0.0,
                    sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
                    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-                   max_q: int = 0, max_k: int = 0):
+                   max_q: int = 0, max_k: int = 0, block_table: Optional[torch.Tensor] = None, page_size: int = 0):
     """q (B, H, T_q, D), k, v (B, H_kv, T_k, D) -> out (B, H, T_q, D), lse (B, H, T_q) fp32 (base-2
     log-sum-exp, -inf for a row that sees no key); sinks (H,) contiguous, alibi_slopes (B, H) fp32.
     Packed sequences: B = 1, T_q and T_k the totals, cu_seqlens_q/_k (B_seq + 1,) int32 and the
-    longest lengths max_q, max_k; alibi_slopes (B_seq, H)."""
+    longest lengths max_q, max_k; alibi_slopes (B_seq, H). Paged (block_table (B_seq, max_pages)
+    int32 contiguous): k, v the pools as (1, H_kv, num_pages · page_size, D) views."""
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
     packed = cu_seqlens_q is not None
@@ -252,9 +256,9 @@ def launch_forward(q, k, v, seed: Optional[torch.Tensor], dropout_p: float, scal
         q, k, v, out, lse, seed,
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(out, packed),
         H, H // H_kv, T_q, T_k, scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), cu_seqlens_q, cu_seqlens_k,
-        sinks, *options,
+        sinks, *options, block_table, 0 if block_table is None else block_table.stride(0), page_size,
         **dims, DROPOUT=dropout, DOT_PRECISION=cfg.dot_precision(q.dtype == torch.float32), **switches,
-        SINKS=sinks is not None, VARLEN=packed, **launch,
+        SINKS=sinks is not None, VARLEN=packed, PAGED=block_table is not None, **launch,
     )
     return out, lse
 
@@ -314,9 +318,10 @@ def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> t
 def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
               dropout_p: float, scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
               sinks: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-              cu_seqlens_k: Optional[torch.Tensor], max_q: int, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+              cu_seqlens_k: Optional[torch.Tensor], max_q: int, max_k: int, block_table: Optional[torch.Tensor],
+              page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_forward(q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks,
-                          alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+                          alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k, block_table, page_size)
 
 
 def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -338,7 +343,7 @@ if INTERPRETING:
 
     @flash_attention_fwd.register_fake
     def _(q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes,
-          cu_seqlens_q, cu_seqlens_k, max_q, max_k):
+          cu_seqlens_q, cu_seqlens_k, max_q, max_k, block_table, page_size):
         B, H, T_q, D = q.shape
         return _empty_bthd(q), q.new_empty((B, H, T_q), dtype=torch.float32)
 
@@ -354,7 +359,10 @@ else:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, seed, dropout_p, scale, causal, window_left, window_right, softcap, sinks, alibi_slopes,
-     cu_seqlens_q, cu_seqlens_k, max_q, max_k) = inputs
+     cu_seqlens_q, cu_seqlens_k, max_q, max_k, block_table, _) = inputs
+    if block_table is not None:  # the paths that run a paged call refuse one that wants gradients
+        raise RuntimeError("the Triton kernels read a paged KV cache forward only: no input of a paged call may "
+                           "require grad")
     out, lse = output
     ctx.mark_non_differentiable(lse)
     # O(B·H·T·D) saved: the inputs (views, no copies), out, lse, an 8-byte seed, the options'
@@ -370,7 +378,7 @@ def _backward(ctx, dout, dlse):
                                              *ctx.window, ctx.softcap, sinks, alibi_slopes, cu_seqlens_q,
                                              cu_seqlens_k, *ctx.longest)
     return (dq, dk, dv, None, None, None, None, None, None, None, None if sinks is None else dsinks, None,
-            None, None, None, None)
+            None, None, None, None, None, None)
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -406,7 +414,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, T_k: Optional
 def triton_attention(q, k, v, dropout_p: float, scale: float, seed: Optional[torch.Tensor] = None, *,
                      causal: bool = True, window: tuple[int, int] = (-1, 0), softcap: float = 0.0,
                      sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
-                     return_lse: bool = False, varlen=None):
+                     return_lse: bool = False, varlen=None, paged=None):
     """The `triton` backend: q (B, H, T_q, D), k, v (B, H_kv, T_k, D), already validated -> out (B, H, T_q, D),
     and with return_lse (out, lse (B, H, T_q) float32, natural log, detached). With dropout, `seed`
     (a 1-element int64 tensor on q's device, draw_seed) picks the mask that dropout_keep_mask
@@ -415,15 +423,22 @@ def triton_attention(q, k, v, dropout_p: float, scale: float, seed: Optional[tor
 
     `varlen` (a VarlenLayout, fastgpt/attention/varlen.py): packed sequences, q (total_q, H, D), k, v
     (total_k, H_kv, D) -> out (total_q, H, D) and lse (H, total_q); alibi_slopes (B, H), B the
-    number of sequences. One launch of each kernel serves every sequence."""
+    number of sequences. One launch of each kernel serves every sequence.
+
+    `paged` (a PagedLayout, fastgpt/attention/paged.py, with its varlen): k, v are the pools
+    (num_pages, page_size, H_kv, D), read in place through the block table; forward only."""
+    pages = (None, 0)
+    if paged is not None:  # the pools as (num_pages · page_size, H_kv, D): rows are found through the table
+        k, v = k.flatten(0, 1), v.flatten(0, 1)
+        pages = (paged.block_table, paged.page_size)
     if varlen is not None:
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D) views
         check_offsets(q, rows=varlen.max_q)
-        check_offsets(k, v, rows=varlen.max_k)
-        packed = (varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_q, varlen.max_k)
+        check_offsets(k, v, rows=paged.page_size if paged is not None else varlen.max_k)  # paged: 64-bit rows
+        packed = (varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_q, varlen.max_k, *pages)
     else:
         check_offsets(q, k, v)
-        packed = (None, None, 0, 0)
+        packed = (None, None, 0, 0, *pages)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(q.device)
     sinks = None if sinks is None else sinks.contiguous()  # read at one stride in the kernel; a copy is (H,)

@@ -19,6 +19,7 @@ from fastgpt.attention import (
     refusal,
     select_kernel,
 )
+from fastgpt.attention.paged import paged_call, paged_layout
 from fastgpt.attention.registry import choose
 from fastgpt.attention.varlen import varlen_call
 from fastgpt.verify.parity import compare, make_qkv
@@ -189,9 +190,14 @@ def _call_with(options_used: frozenset, q, k):
                    window=(3, 0 if "bidirectional" not in options_used else 2) if "window" in options_used else None,
                    sinks=torch.zeros(H) if "sinks" in options_used else None,
                    alibi_slopes=torch.ones(B, H) if "alibi" in options_used else None)
-    if "varlen" in options_used:  # the batch as packed sequences of equal length
+    if "varlen" in options_used or "paged" in options_used:  # the batch as packed sequences of equal length
         packed_q, packed_k = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k))
         cu = torch.arange(B + 1, dtype=torch.int32) * q.shape[2]
+        if "paged" in options_used:  # ... their keys in pages of 16, in the pool's order
+            pages = torch.zeros(B, 16, k.shape[1], k.shape[3])
+            pages[:, :k.shape[2]] = k.transpose(1, 2)
+            layout = paged_layout(torch.arange(B, dtype=torch.int32)[:, None], torch.full((B,), k.shape[2]), 16, B, cu)
+            return paged_call(packed_q, pages, pages, layout, **options)
         return varlen_call(packed_q, packed_k, packed_k, cu, cu, **options)
     return AttentionCall.of(q, k, k, **options)
 
@@ -200,13 +206,13 @@ def _call_with(options_used: frozenset, q, k):
 def test_every_path_that_lacks_an_option_refuses_it_by_name_and_auto_never_picks_it(option):
     q, k, _ = make_qkv((1, 4, 2, 6, 6, 16), torch.float32, "cpu")
     call = _call_with(frozenset({option}), q, k)
-    assert call.options == {option}
+    assert call.options == ({"varlen", "paged"} if option == "paged" else {option})  # paged: a varlen call
     for name in backend_names():
         for path in get_backend(name).paths:
             if option not in path.options:
                 reason = path.options_refusal(call)
                 assert reason is not None and option in reason
-    if option == "varlen":
+    if option in ("varlen", "paged"):
         chosen = choose(call)
     else:
         chosen = select_kernel(q, k, k, **{"causal": False} if option == "bidirectional" else {},

@@ -12,28 +12,7 @@ from fastgpt.attention.paged import paged_attention, write_pages
 from fastgpt.attention.varlen import varlen_attention
 from fastgpt.model.gpt import ModelConfig, build_model
 from fastgpt.model.paged_kv import PagePool, pool_bytes
-
-H, H_KV, D = 4, 2, 16  # grouped-query: two query heads per key/value head
-
-
-def scattered_pages(lengths, page_size, dtype, seed=0):
-    """Sequences of these lengths, contiguous (total, H_kv, D) and in pages taken in random order."""
-    g = torch.Generator().manual_seed(seed)
-    pages_each = [-(-n // page_size) for n in lengths]
-    num_pages = sum(pages_each) + 3  # a few pages no sequence uses
-    order = torch.randperm(num_pages, generator=g).tolist()
-    table = torch.zeros(len(lengths), max(pages_each), dtype=torch.int32)
-    for b, n in enumerate(pages_each):
-        table[b, :n] = torch.tensor(order[:n])
-        order = order[n:]
-    k = torch.randn(sum(lengths), H_KV, D, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(sum(lengths), H_KV, D, generator=g, dtype=torch.float64).to(dtype)
-    k_pages = torch.full((num_pages, page_size, H_KV, D), float("nan"), dtype=dtype)  # unused slots: never read
-    v_pages = k_pages.clone()
-    seq_lens = torch.tensor(lengths)
-    cu = torch.tensor([0, *lengths]).cumsum(0)
-    write_pages(k_pages, v_pages, table, seq_lens, k, v, cu)
-    return k, v, k_pages, v_pages, table, seq_lens
+from paged_cases import D, H, H_KV, scattered_pages
 
 
 @pytest.mark.parametrize("page_size", [16, 256])
@@ -148,13 +127,23 @@ def test_the_pool_takes_what_its_docstring_says():
     assert pool.bytes == 5 * 32 * 3 * 2 * 2 * 8 * 2 == pool_bytes(5, 32, 3, 2, 8, torch.bfloat16)
 
 
+# the paths the GPT's paged steps run: naive and sdpa gather the pages, ext.cpu_flash and triton read them in place
+IN_PLACE = {"ext": "ext.cpu_flash", "triton": "triton"}
+
+
 @pytest.mark.parametrize("page_size", [16, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "ext", "triton"])
 def test_the_gpts_paged_steps_give_its_contiguous_cache_logits(backend, dtype, page_size):
+    from fastgpt.attention import AttentionCall, kernels_ran, refusal
+
+    probe = AttentionCall.like(torch.empty(1, 4, 1, 16, dtype=dtype), kv_heads=2, kv_len=4)
+    if backend in IN_PLACE and refusal(probe, IN_PLACE[backend]) is not None:
+        pytest.skip(f"{IN_PLACE[backend]} cannot run here: {refusal(probe, IN_PLACE[backend])}")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                                    dropout_p=0.0, backend=backend)).to(dtype).eval()
+    kernels_ran(reset=True)
+    model = build_model(ModelConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                    dropout_p=0.0, backend=backend)).to(dtype).eval()  # head dim 16: Triton's least
     pool = model.make_page_pool(3, page_size)
     pool.admit("other", list(range(30)))  # pages taken before, so the sequence's are not 0, 1, ...
     idx = torch.randint(65, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -167,7 +156,9 @@ def test_the_gpts_paged_steps_give_its_contiguous_cache_logits(backend, dtype, p
         for t in range(20, 24):
             pool.reserve("s", t + 1)
             paged.append(model(idx[:, t:t + 1], paged=pool.step(["s"], [1]))[0])
+    if backend in IN_PLACE:  # every paged step of both layers read the pages in place
+        assert kernels_ran()[IN_PLACE[backend]] >= 5 * 2
     if backend == "naive":  # the same kernel path on the same shapes: the same bits
         assert all(torch.equal(p, c) for p, c in zip(paged, contiguous))
-    else:  # sdpa runs packed sequences as one masked call: the same math, other rounding
+    else:  # sdpa runs packed sequences as one masked call, ext the regular call another path: other rounding
         torch.testing.assert_close(torch.cat(paged, 1), torch.cat(contiguous, 1))

@@ -100,6 +100,27 @@ def test_jobs_cover_every_option_variant_at_the_option_head_dims():
                         assert checked == (shipped if wanted else []), (options, kernel, arch, D, dropout)
 
 
+def test_jobs_cover_the_paged_forward_at_the_option_head_dims():
+    # a paged cache switches the forward only (inference: no dropout), every shipped config of both
+    # forward kernels, alone in fp16 and fp32 and with every option in fp16
+    jobs = triton_compile_check.jobs([80, 90], list(triton_compile_check.DTYPES), cfg.CHECKED_HEAD_DIMS)
+    paged = [j for j in jobs if "paged" in j.options]
+    assert {j.kernel for j in paged} == {"fwd", "fwd_decode"} and not any(j.dropout for j in paged)
+    for dtype, variants in triton_compile_check.PAGED_VARIANTS.items():
+        for options in variants:
+            assert "varlen" in options
+            for kernel in ("fwd", "fwd_decode"):
+                for arch in (80, 90):
+                    for D in triton_compile_check.OPTION_HEAD_DIMS:
+                        checked = [j.config for j in paged if (j.options, j.kernel, j.arch, j.dtype, j.head_dim)
+                                   == (options, kernel, arch, dtype, D)]
+                        banded = bool({"bidirectional", "window"} & set(options))
+                        shipped = cfg.configs(kernel, (arch // 10, 0), cfg.padded_head_dim(D), dtype == "fp32",
+                                              banded=banded)
+                        assert checked == shipped, (options, kernel, arch, dtype, D)
+    assert {dtype for dtype in triton_compile_check.PAGED_VARIANTS} == {"fp16", "fp32"}
+
+
 def test_option_jobs_compile_with_their_switches_and_arguments():
     # an option job's kernel gets its switches as constexprs and its tensors as pointers; the plain
     # job's stay off and None, so it compiles the kernel it always did (in a compiling process)
@@ -112,9 +133,14 @@ def test_option_jobs_compile_with_their_switches_and_arguments():
             "    names = s.fn.arg_names\n"
             "    switches = {n: s.constants[(names.index(n),)] for n in ('BANDED', 'SOFTCAP', 'ALIBI', 'SINKS') if n in names}\n"
             "    return {'switches': switches, 'Sinks': s.signature.get('Sinks'), 'Alibi': s.signature['Alibi']}\n"
-            "print(json.dumps([seen('fwd', ()), seen('fwd', everything), seen('bwd_dq', everything)]))\n")
+            "def paging(options):\n"
+            "    s = _source(Job('fwd_decode', 90, 'fp16', 64, False, KernelConfig(16, 64, 4, 2), options=options))\n"
+            "    return [s.constants[(s.fn.arg_names.index('PAGED'),)], s.signature['Block_table']]\n"
+            "print(json.dumps([seen('fwd', ()), seen('fwd', everything), seen('bwd_dq', everything),\n"
+            "                  paging(()), paging(('varlen', 'paged'))]))\n")
     out = subprocess.run([sys.executable, "-c", code], env=_compiler_env(), capture_output=True, text=True, timeout=300)
-    plain, full, backward = json.loads(out.stdout.splitlines()[-1])
+    plain, full, backward, unpaged, paged = json.loads(out.stdout.splitlines()[-1])
+    assert unpaged == [False, "constexpr"] and paged == [True, "*i32"]
     assert plain == {"switches": dict.fromkeys(("BANDED", "SOFTCAP", "ALIBI", "SINKS"), False),
                      "Sinks": "constexpr", "Alibi": "constexpr"}
     assert full == {"switches": dict.fromkeys(("BANDED", "SOFTCAP", "ALIBI", "SINKS"), True),
@@ -151,6 +177,9 @@ def test_static_check_passes_for_every_shipped_config(tmp_path):
     assert any("+" in row[0] for row in rows)
     assert rows
     for row in rows:
+        if row[-2] == "-":  # no dropout compiled: only the paged forward, which serves inference
+            assert "+paged" in row[0], row
+            continue
         block_m, block_n, warps = (int(x[1:]) for x in row[3].split("/")[:3])  # M128/N64/w8/s3
         weights_per_thread = block_m * block_n / (32 * warps)
         assert 0.5 < float(row[-2]) <= 10 / min(8, weights_per_thread), row

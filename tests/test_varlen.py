@@ -237,7 +237,7 @@ def test_fastgpt_parity_checks_packed_sequences_and_the_timings_refuse_them(caps
     assert main(["parity", "--backends", "sdpa", "--variants", "varlen", "--dtypes", "float32"]) == 0
     out = capsys.readouterr().out
     assert "-- varlen" in out and "FAIL" not in out and " ok" in out
-    with pytest.raises(ValueError, match="--variants varlen: the attention timings take the"):
+    with pytest.raises(ValueError, match="--variants varlen/paged: the attention timings take the"):
         parse_variants(["causal", "varlen"])
 
 

@@ -12,6 +12,8 @@
 //   attention_flash_varlen_forward / _backward / attention_varlen_dropout_keep_mask: the same over
 //   packed sequences, q (total_q, H, D), k and v (total_k, H_kv, D), cu_seqlens_q and cu_seqlens_k
 //   (B + 1,) int32; lse (H, total_q); keep (B, H, max_q, max_k)
+//   attention_flash_paged_forward: the varlen forward over a paged KV cache (fastgpt/attention/paged.py),
+//   k and v the pool (num_pages, page_size, H_kv, D) read in place through a block table
 //
 // Query i sits at key position pos = T_k - T_q + i and sees the keys [begin(i), end(i)) of its
 // band (Band, attention_band.h). Both ends never decrease with i, so row block r (the m <= 64 queries from
@@ -34,6 +36,11 @@
 // rows still have one writer. A regular call is B sequences of T_q × T_k, sequence b its batch
 // entry b. Dropout keys a packed call's query i of sequence b, head h, by the flat row
 // (b·H + h)·max_q + i and its key index j in the sequence: the (B, H, max_q, max_k) call's mask.
+//
+// A paged call is a packed call whose keys are not back to back: sequence b's key j lives in row
+// block_table[b][j / page_size]·page_size + j % page_size of the pool. A row block's span of keys is
+// gathered from its pages into the float32 buffer the packed bfloat16 call converts into, and from
+// there the products and the softmax are the packed call's, in the same order: its bits.
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -115,6 +122,36 @@ struct RowBlockItems {
   }
 };
 
+// Where a paged call's keys are (null for a packed or regular call): sequence b's key j in pool row
+// table[b·table_ld + j / page]·page + j % page.
+struct PagedKeys {
+  const int32_t* table;
+  int64_t table_ld, page;
+
+  // Keys [j0, j0 + n) of sequence b of one head (its pool rows at head + row·ld) as float32 rows
+  // in buf (ld_out = D), one page's run of rows at a time.
+  template <typename scalar_t>
+  const float* gather(const scalar_t* head, int64_t ld, int64_t b, int64_t j0, int64_t n, int64_t D,
+                      std::vector<float>& buf, int64_t& ld_out) const {
+    buf.resize(std::max<size_t>(buf.size(), static_cast<size_t>(n * D)));
+    for (int64_t i = 0; i < n;) {
+      const int64_t j = j0 + i, in_page = std::min(n - i, page - j % page);
+      const scalar_t* src = head + (static_cast<int64_t>(table[b * table_ld + j / page]) * page + j % page) * ld;
+      for (int64_t r = 0; r < in_page; ++r) {
+        float* dst = buf.data() + (i + r) * D;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          std::copy(src + r * ld, src + r * ld + D, dst);
+        } else {
+          to_float(src + r * ld, dst, D);
+        }
+      }
+      i += in_page;
+    }
+    ld_out = D;
+    return buf.data();
+  }
+};
+
 // Softmax rows of one row block: s (m × w) holds q·k over keys [b0, b0 + w) and becomes P; lse of
 // the rows into lse_rows.
 void forward_block_rows(float* s, int64_t m, int64_t w, int64_t r0, int64_t b0, const SeqHead& sh,
@@ -130,7 +167,8 @@ void forward_block_rows(float* s, int64_t m, int64_t w, int64_t r0, int64_t b0, 
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Sequences& seqs,
-                    const ScoreMods& mods, const DropoutStream& ds, at::Tensor& out, at::Tensor& lse) {
+                    const ScoreMods& mods, const DropoutStream& ds, const PagedKeys* paged, at::Tensor& out,
+                    at::Tensor& lse) {
   const int64_t D = q.size(3), group = q.size(1) / k.size(1), T = q.size(2);
   const auto Q = rows4<scalar_t>(q), K = rows4<scalar_t>(k), V = rows4<scalar_t>(v), O = rows4<scalar_t>(out);
   float* lse_data = lse.data_ptr<float>();
@@ -155,8 +193,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         std::fill(lse_data + sh.lse0 + r0, lse_data + sh.lse0 + r0 + m, sh.sink != nullptr ? *sh.sink : kNegInf);
       } else {
         const float* qf = rows_as_float(Q.at(sh.head) + (sh.q0 + r0) * Q.ld, Q.ld, m, D, q_buf, ldq);
-        const float* kf = rows_as_float(K.at(kv) + (seq.k0 + b0) * K.ld, K.ld, w, D, k_buf, ldk);
-        const float* vf = rows_as_float(V.at(kv) + (seq.k0 + b0) * V.ld, V.ld, w, D, v_buf, ldv);
+        const float* kf = paged != nullptr ? paged->gather(K.at(kv), K.ld, b, b0, w, D, k_buf, ldk)
+                                           : rows_as_float(K.at(kv) + (seq.k0 + b0) * K.ld, K.ld, w, D, k_buf, ldk);
+        const float* vf = paged != nullptr ? paged->gather(V.at(kv), V.ld, b, b0, w, D, v_buf, ldv)
+                                           : rows_as_float(V.at(kv) + (seq.k0 + b0) * V.ld, V.ld, w, D, v_buf, ldv);
         s_buf.resize(std::max<size_t>(s_buf.size(), static_cast<size_t>(m * w)));
         gemm(false, true, m, w, D, 1.0f, qf, ldq, kf, ldk, 0.0f, s_buf.data(), w);  // q·kᵀ (m × w)
         forward_block_rows(s_buf.data(), m, w, r0, b0, sh, mods, ds, lse_data + sh.lse0 + r0, mult);
@@ -440,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
                                                const Sequences& seqs, const std::optional<at::Tensor>& sinks,
                                                const std::optional<at::Tensor>& alibi_slopes, double scale,
                                                double softcap, double dropout_p, int64_t seed, int64_t offset,
-                                               const char* op) {
+                                               const char* op, const PagedKeys* paged = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T_q = q.size(2), D = q.size(3);
   check_scale_dropout(scale, dropout_p, seqs.count * H * seqs.T_q, op);
   at::Tensor out = empty_heads_interleaved(B, H, T_q, D, q.options());
@@ -450,9 +490,10 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
   const ScoreMods mods = score_mods(sinks32, slopes32, scale, softcap, H);
   const auto ds = make_dropout_stream(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), dropout_p);
   if (q.scalar_type() == at::kBFloat16) {
-    forward_kernel<c10::BFloat16>(rows_readable(q), rows_readable(k), rows_readable(v), seqs, mods, ds, out, lse);
+    forward_kernel<c10::BFloat16>(rows_readable(q), rows_readable(k), rows_readable(v), seqs, mods, ds, paged, out,
+                                  lse);
   } else {
-    forward_kernel<float>(rows_readable(q), rows_readable(k), rows_readable(v), seqs, mods, ds, out, lse);
+    forward_kernel<float>(rows_readable(q), rows_readable(k), rows_readable(v), seqs, mods, ds, paged, out, lse);
   }
   return {out, lse};
 }
@@ -579,6 +620,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_flash_varle
       run_backward(dout.unsqueeze(0).transpose(1, 2), q4, k4, v4, out.unsqueeze(0).transpose(1, 2), lse.unsqueeze(0),
                    seqs, sinks, alibi_slopes, scale, softcap, dropout_p, seed, offset, op);
   return {packed_of(dq), packed_of(dk), packed_of(dv), dsinks};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_flash_paged_forward(
+    const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap) {
+  constexpr const char* op = "fastgpt::attention_flash_paged_forward";
+  TORCH_CHECK(k_pages.dim() == 4 && v_pages.sizes() == k_pages.sizes() && k_pages.is_contiguous() &&
+                  v_pages.is_contiguous(),
+              op, ": k_pages and v_pages have shapes ", k_pages.sizes(), " and ", v_pages.sizes(),
+              "; they must be contiguous (num_pages, page_size, H_kv, D) alike");
+  const int64_t num_pages = k_pages.size(0), page = k_pages.size(1);
+  TORCH_CHECK(page >= 1, op, ": page_size (k_pages.size(1)) is ", page, "; it must be at least 1");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.is_contiguous() &&
+                  block_table.device().is_cpu() && block_table.size(0) == cu_seqlens_k.numel() - 1,
+              op, ": block_table is ", block_table.scalar_type(), " of shape ", block_table.sizes(), " on ",
+              block_table.device(), "; it must be a contiguous (B, max_pages) int32 tensor on the CPU, B = ",
+              cu_seqlens_k.numel() - 1, " sequences");
+  TORCH_CHECK(cu_seqlens_k.scalar_type() == at::kInt && cu_seqlens_k.dim() == 1 && cu_seqlens_k.numel() >= 2,
+              op, ": cu_seqlens_k must be a (B + 1,) int32 tensor; got ", cu_seqlens_k.scalar_type(), " ",
+              cu_seqlens_k.sizes());
+  const at::Tensor k_rows = k_pages.view({num_pages * page, k_pages.size(2), k_pages.size(3)});
+  const at::Tensor v_rows = v_pages.view({num_pages * page, v_pages.size(2), v_pages.size(3)});
+  const auto [q4, k4, v4] = packed_views(q, k_rows, v_rows, op);
+  const int64_t total_k = cu_seqlens_k.is_contiguous() ? cu_seqlens_k[-1].item<int64_t>() : -1;
+  const Sequences seqs =
+      packed_sequences(cu_seqlens_q, cu_seqlens_k, q.size(0), total_k, causal, window_left, window_right, op);
+  check_options_args(q4, k4, v4, sinks, alibi_slopes, seqs.count, softcap, op);
+  const int64_t max_pages = block_table.size(1);
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  for (int64_t b = 0; b < seqs.count; ++b) {  // every page a sequence reads lies in the pool
+    const int64_t T_k = seqs[b].band.T_k;
+    TORCH_CHECK(T_k <= max_pages * page, op, ": sequence ", b, " has ", T_k, " keys but its block table row holds ",
+                max_pages, " pages of ", page);
+    for (int64_t p = 0; p * page < T_k; ++p) {
+      const int32_t at_p = table[b * max_pages + p];
+      TORCH_CHECK(at_p >= 0 && at_p < num_pages, op, ": block_table[", b, "][", p, "] = ", at_p,
+                  " is outside the pool's pages 0 .. ", num_pages - 1);
+    }
+  }
+  const PagedKeys paged{table, max_pages, page};
+  const auto [out, lse] =
+      run_forward(q4, k4, v4, seqs, sinks, alibi_slopes, scale, softcap, 0.0, 0, 0, op, &paged);
+  return {packed_of(out), lse.select(0, 0)};  // (total_q, H, D), (H, total_q)
 }
 
 at::Tensor attention_varlen_dropout_keep_mask(const at::Tensor& q, const at::Tensor& cu_seqlens_q,

@@ -21,6 +21,8 @@ takes (registry.py refuses the rest by name):
     varlen        packed sequences (varlen.py): q (total_q, H, D), k, v (total_k, H_kv, D) and a
                   VarlenLayout; batch, q_len and kv_len are then the number of sequences and the
                   longest query and key lengths, and the lse is (H, total_q)
+    paged         a varlen call over a paged KV cache (paged.py): k, v are the pools (num_pages,
+                  page_size, H_kv, D) and a PagedLayout says where each sequence's keys are
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CALL_KINDS = ("plain", "dropout", "cached")
 # The options beyond plain causal attention, as `AttentionCall.options` names them.
-OPTIONS = ("bidirectional", "window", "softcap", "sinks", "alibi", "return_lse", "varlen")
+OPTIONS = ("bidirectional", "window", "softcap", "sinks", "alibi", "return_lse", "varlen", "paged")
 UNBOUNDED = -1  # a window side without a limit
 
 
@@ -68,6 +70,8 @@ class AttentionCall:
     return_lse: bool = False
     # packed sequences (varlen.py), or None: a (B, H, T, D) call
     varlen: Optional["VarlenLayout"] = field(default=None, compare=False, repr=False)
+    # a varlen call whose keys and values are in the pages of a KV cache (paged.py), or None
+    paged: Optional["PagedLayout"] = field(default=None, compare=False, repr=False)
     # traced by torch.compile: paths whose autograd lives outside torch.library cannot be traced
     compiling: bool = False
     # some input (q, k, v, sinks) will want a gradient: forward-only paths refuse the call
@@ -119,7 +123,7 @@ class AttentionCall:
                 "window": self.window != (UNBOUNDED, 0 if self.causal else UNBOUNDED),
                 "softcap": self.softcap > 0, "sinks": self.sinks is not None,
                 "alibi": self.alibi_slopes is not None, "return_lse": self.return_lse,
-                "varlen": self.varlen is not None}
+                "varlen": self.varlen is not None, "paged": self.paged is not None}
         return frozenset(name for name, on in used.items() if on)
 
     @property
@@ -134,8 +138,17 @@ class AttentionCall:
                 f"T_q={self.q_len} T_k={self.kv_len} D={self.head_dim} dropout_p={self.dropout_p}")
         extras = {"bidirectional": "causal=False", "window": f"window={self.window}", "softcap": f"softcap={self.softcap}",
                   "sinks": "sinks", "alibi": "alibi_slopes", "return_lse": "return_lse",
-                  "varlen": f"varlen (total_q={self.varlen.total_q if self.varlen else 0})"}
+                  "varlen": f"varlen (total_q={self.varlen.total_q if self.varlen else 0})",
+                  "paged": f"paged (page_size={self.paged.page_size if self.paged else 0})"}
         return text + "".join(f" {extras[name]}" for name in OPTIONS if name in self.options)
+
+
+def forward_only_refusal(call: AttentionCall) -> Optional[str]:
+    """Why a path that reads a paged KV cache in place, forward only, cannot run `call`, or None."""
+    if call.paged is not None and call.needs_grad:
+        return ("it reads a paged KV cache in place, forward only, and an input of this call requires grad "
+                "(run it under torch.no_grad(), or name backend='sdpa' or 'naive', which gather the pages)")
+    return None
 
 
 def needs_grad(*tensors) -> bool:

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from fastgpt.attention.call import OPTIONS, AttentionCall, dtype_name
+from fastgpt.attention.call import OPTIONS, AttentionCall, dtype_name, forward_only_refusal
 from fastgpt.attention.registry import Backend, KernelPath, choose, record, register_backend
 from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines_cpu, split_kv_attention,
                                        split_refusal)
@@ -93,7 +93,10 @@ def _run_flash(q, k, v, call: AttentionCall, seed: Optional[int] = None, offset:
 
     options = dict(causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
                    alibi_slopes=call.alibi_slopes)
-    if call.varlen is not None:  # packed sequences: the whole batch in one call of the kernels
+    if call.paged is not None:  # a paged KV cache, read in place: forward only (_flash_refusal refuses gradients)
+        out, lse = ops.attention_flash_paged(q, k, v, call.paged.block_table, call.varlen.cu_seqlens_q,
+                                             call.varlen.cu_seqlens_k, call.scale, **options)
+    elif call.varlen is not None:  # packed sequences: the whole batch in one call of the kernels
         out, lse = ops.attention_flash_varlen(q, k, v, call.varlen.cu_seqlens_q, call.varlen.cu_seqlens_k, call.scale,
                                               call.dropout_p, _eager_seed(call, seed), offset, **options)
     else:
@@ -187,6 +190,11 @@ def _flash_dtypes(call: AttentionCall) -> Optional[str]:
     if call.dtype not in (torch.float32, torch.bfloat16):
         return f"float32 and bfloat16 only; got {dtype_name(call.dtype)}"
     return _untraced(call)
+
+
+def _flash_refusal(call: AttentionCall) -> Optional[str]:
+    """ext.cpu_flash's: its dtypes, a traced call, and a paged call that wants gradients."""
+    return _flash_dtypes(call) or forward_only_refusal(call)
 
 
 def _flash_declines(call: AttentionCall) -> Optional[str]:
@@ -292,12 +300,16 @@ def _load_refusal(device: torch.device) -> Optional[str]:
 # and they take the (B, H, T, D) layout only (ext.cpu_flash runs packed sequences on CPU).
 _PACKED_WHY = "the packed layout holds the causal triangle and its ops the plain causal softmax only"
 _PACKED_NOTES = {**{name: _PACKED_WHY for name in OPTIONS},
-                 "varlen": "its ops take the (B, H, T, D) layout only; ext.cpu_flash runs packed sequences"}
-_CUDA_NOTES = {**_PACKED_NOTES, "varlen": "the CUDA kernels take the (B, H, T, D) layout only"}
+                 "varlen": "its ops take the (B, H, T, D) layout only; ext.cpu_flash runs packed sequences",
+                 "paged": "its ops take the (B, H, T, D) layout only; ext.cpu_flash reads paged caches in place"}
+_CUDA_NOTES = {**_PACKED_NOTES, "varlen": "the CUDA kernels take the (B, H, T, D) layout only",
+               "paged": "the CUDA kernels take the (B, H, T, D) layout only"}
 _AMX_NOTES = {**{name: "the AMX tile loop is plain causal only; ext.cpu_flash runs bfloat16 with every option "
                        "(float32 products over converted tiles)" for name in OPTIONS},
               "varlen": "the AMX tile loop takes the (B, H, T, D) layout only; ext.cpu_flash runs packed sequences "
-                        "in bfloat16 (float32 products over converted tiles)"}
+                        "in bfloat16 (float32 products over converted tiles)",
+              "paged": "the AMX tile loop takes the (B, H, T, D) layout only; ext.cpu_flash reads paged caches in "
+                       "place in bfloat16"}
 
 
 def _path(name: str, description: str, **checks) -> KernelPath:
@@ -316,7 +328,7 @@ register_backend(Backend(
               options=SPLIT_KV_OPTIONS, option_notes=SPLIT_KV_NOTES),
         _path("ext.cpu_flash", "CPU flash kernels, float32 (bfloat16 as float32 products) and every option: no "
               "T×T matrix stored, P recomputed in the backward, the keys outside a window skipped",
-              unavailable_reason=_cpu_only, unsupported_reason=_flash_dtypes, declines=_flash_declines,
+              unavailable_reason=_cpu_only, unsupported_reason=_flash_refusal, declines=_flash_declines,
               detail=_flash_products, options=frozenset(OPTIONS)),
         _path("ext.cpu_flash_amx", "CPU bfloat16 flash kernels on AMX-BF16 tiles",
               unavailable_reason=_cpu_only, unsupported_reason=_flash_bf16_amx, declines=_fewer_heads_than_threads,

@@ -7,6 +7,9 @@ forward (T_q×T_k with fewer queries than keys):
     softmax                    # read T·T, write T·T
     dropout                    # read T·T, write T·T (plus the mask)
     out = att @ v              # read T·T + T·D, write T·D
+
+Packed sequences (varlen) run one sequence at a time; a paged KV cache is first gathered into the
+packed layout (PagedLayout.gather), so the reference never reads a page in place.
 """
 
 from __future__ import annotations
@@ -190,6 +193,8 @@ def _naive_varlen(q, k, v, layout: VarlenLayout, dropout_p: float, scale: float,
 
 
 def _naive_path(q, k, v, call: AttentionCall):
+    if call.paged is not None:  # k, v are the pools: the sequences' keys gathered into the packed layout
+        k, v = call.paged.gather(k, v)
     if call.varlen is not None:
         return _naive_varlen(q, k, v, call.varlen, call.dropout_p, call.scale, None, call_options(call))
     if not call.options:

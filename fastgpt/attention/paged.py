@@ -28,11 +28,13 @@ fastgpt.attention.attention, per sequence, bottom-right:
 Page sizes: multiples of 16 from 16 to 4096 (PAGE_SIZES). Entries of block_table past a sequence's
 last page are never read and not checked. There is no dropout: a paged cache serves inference.
 
-The only implementation here is the reference: it gathers each sequence's pages into the packed
-layout of varlen_attention (fastgpt/attention/varlen.py: one copy of every key and value the step
-reads) and runs ONE varlen_attention call with the caller's backend, so the numbers are those of
-that backend's varlen kernel path on the same keys. Kernels that read the pages in place are kernel
-paths of their own, to come.
+Kernel paths: `ext.cpu_flash` (CPU, float32 and bfloat16) and `triton` read the pages in place
+through the block table, each key tile gathered from its pages by the kernel: the packed call's
+arithmetic in the same order, so a paged call gives the bits of varlen_attention on the same path
+over the gathered keys. They are forward only (a call whose inputs want gradients is refused by
+name). `naive` (the reference) and `sdpa` gather the pages into the packed layout first (one copy
+of every key and value the step reads, through which gradients flow) and run their varlen path:
+the "paged" option of the registry names which path did what.
 
 For a model, which calls attention once per layer over the same pages: paged_layout() validates the
 block table and lengths once per step, and layout_attention() / layout_write() use it per layer.
@@ -40,13 +42,14 @@ block table and lengths once per step, and layout_attention() / layout_write() u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
-from fastgpt.attention.call import _shape
-from fastgpt.attention.varlen import varlen_attention
+from fastgpt.attention.call import AttentionCall, _shape
+from fastgpt.attention.registry import choose, record
+from fastgpt.attention.varlen import VarlenLayout, layout_call
 
 PAGE_SIZE_STEP = 16  # a page is a whole number of the kernels' 16-row tiles
 MAX_PAGE_SIZE = 4096
@@ -65,17 +68,41 @@ def check_page_size(page_size, name: str = "page_size") -> int:
 class PagedLayout:
     """One step's sequences over the pages, validated: where each key is and where each new key goes."""
     page_size: int
-    cu_seqlens_q: torch.Tensor = field(repr=False)  # (B + 1,) int32 on the device: the new tokens' rows
-    cu_seqlens_k: torch.Tensor = field(repr=False)  # (B + 1,) int32: the gathered keys' rows
-    key_slots: torch.Tensor = field(repr=False)  # (total_k,) int64: flat index page·page_size + offset of each key
-    new_slots: torch.Tensor = field(repr=False)  # (total_q,) int64: the slots of the new tokens' keys
+    varlen: VarlenLayout  # the new tokens' rows (cu_seqlens_q) and each sequence's key count (cu_seqlens_k)
+    block_table: torch.Tensor = field(repr=False)  # (B, max_pages) int32 on the device, contiguous: a copy
+    new_slots: torch.Tensor = field(repr=False)  # (total_q,) int64: flat index page·page_size + offset of each new key
     positions: torch.Tensor = field(repr=False)  # (total_q,) int64: each new token's position in its sequence
-    q_lens: tuple[int, ...]
-    k_lens: tuple[int, ...]
 
     @property
     def batch(self) -> int:
-        return len(self.k_lens)
+        return self.varlen.batch
+
+    @property
+    def cu_seqlens_q(self) -> torch.Tensor:
+        return self.varlen.cu_seqlens_q
+
+    @property
+    def q_lens(self) -> tuple[int, ...]:
+        return self.varlen.q_lens
+
+    @property
+    def k_lens(self) -> tuple[int, ...]:
+        return self.varlen.k_lens
+
+    def key_slots(self) -> torch.Tensor:
+        """(total_k,) int64: the flat slot page·page_size + offset of every key, sequence by sequence."""
+        device = self.block_table.device
+        lens = torch.tensor(self.k_lens, device=device)
+        seq = torch.repeat_interleave(torch.arange(self.batch, device=device), lens)  # (total_k,) each key's sequence
+        j = torch.arange(seq.numel(), device=device) - self.varlen.cu_seqlens_k[:-1].long()[seq]  # its position
+        return self.block_table[seq, j // self.page_size].long() * self.page_size + j % self.page_size
+
+    def gather(self, k_pages: torch.Tensor, v_pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of every sequence, back to back: (num_pages, page_size, H_kv, D) pools ->
+        k, v (total_k, H_kv, D), the packed layout of varlen_attention (one copy; gradients flow back)."""
+        slots = self.key_slots()
+        return (k_pages.reshape(-1, *k_pages.shape[2:]).index_select(0, slots),
+                v_pages.reshape(-1, *v_pages.shape[2:]).index_select(0, slots))
 
 
 def _host_ints(name: str, t, dims: int) -> list:
@@ -118,22 +145,22 @@ def paged_layout(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: i
     q_lens = _q_lens(cu_seqlens_q, len(lens))
     max_pages = block_table.shape[1]
     _check_lengths(lens, q_lens, max_pages, page_size)
-    key_slots, new_slots, positions = [], [], []
+    new_slots, positions = [], []
     for b, (row, n, t) in enumerate(zip(table, lens, q_lens)):
         used = row[:-(-n // page_size)]  # the pages that hold positions 0 .. n - 1
         bad = [p for p in used if not 0 <= p < num_pages]
         if bad:
             raise ValueError(f"block_table[{b}] holds page {bad[0]}, outside the pool's pages 0 .. {num_pages - 1}")
-        slots = [used[pos // page_size] * page_size + pos % page_size for pos in range(n)]
-        key_slots += slots
-        new_slots += slots[n - t:]
+        new_slots += [used[pos // page_size] * page_size + pos % page_size for pos in range(n - t, n)]
         positions += range(n - t, n)
     device = block_table.device if device is None else device
     cu_q = torch.tensor([0, *q_lens], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
     cu_k = torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
     as_index = dict(dtype=torch.int64, device=device)
-    return PagedLayout(page_size, cu_q, cu_k, torch.tensor(key_slots, **as_index), torch.tensor(new_slots, **as_index),
-                       torch.tensor(positions, **as_index), tuple(q_lens), tuple(lens))
+    # the kernels read this copy, never the caller's table (which may change after the checks)
+    table_copy = torch.tensor(table, dtype=torch.int32).reshape(len(table), max_pages).to(device)
+    return PagedLayout(page_size, VarlenLayout(cu_q, cu_k, tuple(q_lens), tuple(lens)), table_copy,
+                       torch.tensor(new_slots, **as_index), torch.tensor(positions, **as_index))
 
 
 def _check_pages(k_pages, v_pages, q: Optional[torch.Tensor] = None) -> None:
@@ -162,20 +189,32 @@ def layout_write(k_pages: torch.Tensor, v_pages: torch.Tensor, layout: PagedLayo
     v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, layout.new_slots, v.to(v_pages.dtype))
 
 
+def paged_call(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, layout: PagedLayout,
+               scale: Optional[float] = None, **options) -> AttentionCall:
+    """The AttentionCall of a paged step, validated: a varlen call (batch the sequences, q_len and
+    kv_len the longest) with the layout in its `paged` field; k, v are the pools."""
+    if q.dim() != 3 or q.shape[0] != layout.new_slots.numel():
+        raise ValueError(f"q has shape {_shape(q)}; it must be (total_q, H, D) with total_q = "
+                         f"{layout.new_slots.numel()}, the new tokens the layout's sequences bring")
+    if layout.block_table.device != q.device:
+        raise ValueError(f"the layout is on {layout.block_table.device} but q on {q.device}: make it with "
+                         "device=q.device")
+    call = layout_call(q, k_pages.flatten(0, 1), v_pages.flatten(0, 1), layout.varlen, 0.0, scale, **options)
+    return replace(call, paged=layout)
+
+
 def layout_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, layout: PagedLayout, *,
                      causal: bool = True, window=None, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
                      alibi_slopes: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                      return_lse: bool = False, backend: str = "auto"):
-    """paged_attention over a layout made once per step: the pages gathered, one varlen call."""
-    if q.shape[0] != layout.new_slots.numel():
-        raise ValueError(f"q has {q.shape[0]} rows but the layout's sequences bring {layout.new_slots.numel()} "
-                         "new tokens (total_q)")
-    # (num_pages, page_size, H_kv, D) -> (total_k, H_kv, D): every sequence's keys, back to back
-    k = k_pages.reshape(-1, *k_pages.shape[2:]).index_select(0, layout.key_slots)
-    v = v_pages.reshape(-1, *v_pages.shape[2:]).index_select(0, layout.key_slots)
-    return varlen_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, max(layout.q_lens),
-                            max(layout.k_lens), causal=causal, window=window, softcap=softcap, sinks=sinks,
-                            alibi_slopes=alibi_slopes, scale=scale, return_lse=return_lse, backend=backend)
+    """paged_attention over a layout made once per step: one call of the chosen kernel path, which
+    reads the pages in place or gathers them (module docstring)."""
+    _check_pages(k_pages, v_pages, q)
+    call = paged_call(q, k_pages, v_pages, layout, scale, causal=causal, window=window, softcap=softcap, sinks=sinks,
+                      alibi_slopes=alibi_slopes, return_lse=return_lse)
+    path = choose(call, backend)
+    record(path)
+    return path.fn(q, k_pages, v_pages, call)
 
 
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,

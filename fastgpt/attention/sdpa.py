@@ -15,7 +15,8 @@ where hidden). Soft-capping, sinks and the log-sum-exp have no place in SDPA's s
 by name. A row that sees no key comes out 0 from PyTorch's CPU kernels, as the API promises.
 Packed sequences (varlen.py) run as one call over every token with a block-diagonal mask
 (total_q × total_k): one call, but a mask and work quadratic in the total length, not in each
-sequence's (PyTorch's own varlen attention runs on CUDA only; it is not used here).
+sequence's (PyTorch's own varlen attention runs on CUDA only; it is not used here). A paged KV
+cache (paged.py) is gathered into that packed layout first: one copy of the keys the step reads.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastgpt.attention.call import AttentionCall
 from fastgpt.attention.naive import alibi_bias, hidden_keys, varlen_hidden_keys, varlen_positions
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
 
-TAKES = frozenset({"bidirectional", "window", "alibi", "varlen"})
+TAKES = frozenset({"bidirectional", "window", "alibi", "varlen", "paged"})
 REFUSES = {
     "softcap": "PyTorch's SDPA has no soft-capping (a mask cannot express a function of the score)",
     "sinks": "PyTorch's SDPA has no attention sinks (a sink joins the denominator without a key)",
@@ -82,6 +83,8 @@ def _sdpa_varlen(q, k, v, call: AttentionCall) -> torch.Tensor:
 
 
 def _sdpa_path(q, k, v, call: AttentionCall) -> torch.Tensor:
+    if call.paged is not None:  # k, v are the pools: the sequences' keys gathered into the packed layout
+        k, v = call.paged.gather(k, v)
     if call.varlen is not None:
         return _sdpa_varlen(q, k, v, call)
     if not call.options:

@@ -50,7 +50,9 @@ CPU_SPLIT_MIN_KEYS_UNGROUPED = 262144
 GPU_SPLIT_MIN_KEYS = 4096
 # What a split-KV kernel path takes (a decode step is the newest token over its cache: causal)
 SPLIT_KV_OPTIONS = frozenset({"window", "softcap", "sinks", "alibi", "return_lse", "varlen"})
-SPLIT_KV_NOTES = {"bidirectional": "split-KV serves causal decode steps (the newest token over its cache)"}
+SPLIT_KV_NOTES = {"bidirectional": "split-KV serves causal decode steps (the newest token over its cache)",
+                  "paged": "split-KV chunks keys that lie back to back; the backend's flash path reads paged caches "
+                           "in place"}
 
 
 def split_refusal(call: AttentionCall) -> Optional[str]:

@@ -1,7 +1,7 @@
 """`triton`: the fused attention kernels in kernels/flash_attention*.py (forward, backward, dropout),
 with every option of the API (bidirectional, a window, soft-capping, sinks, ALiBi, the lse, packed
-sequences), each a compile-time switch of the kernels; a packed (varlen) call is one launch of each
-kernel for all its sequences.
+sequences, a paged KV cache read in place), each a compile-time switch of the kernels; a packed
+(varlen) call is one launch of each kernel for all its sequences.
 
 This module only registers the backend and answers whether it can run; the host code beside the
 kernels (launchers, the torch.library op: fastgpt.kernels.flash_attention_ops), and with it triton,
@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from fastgpt.attention.call import OPTIONS, AttentionCall, call_options, dtype_name
+from fastgpt.attention.call import OPTIONS, AttentionCall, call_options, dtype_name, forward_only_refusal
 from fastgpt.attention.registry import Backend, KernelPath, register_backend
 from fastgpt.attention.split_kv import (SPLIT_KV_NOTES, SPLIT_KV_OPTIONS, split_declines_gpu, split_kv_attention,
                                        split_refusal)
@@ -96,7 +96,8 @@ def _options(call: AttentionCall) -> dict:
 def _triton_path(q, k, v, call: AttentionCall):
     from fastgpt.kernels.flash_attention_ops import triton_attention
 
-    return triton_attention(q, k, v, call.dropout_p, call.scale, **_options(call), varlen=call.varlen)
+    return triton_attention(q, k, v, call.dropout_p, call.scale, **_options(call), varlen=call.varlen,
+                            paged=call.paged)
 
 
 def _with_dropout_mask(q, k, v, call: AttentionCall, path) -> tuple:
@@ -129,7 +130,8 @@ register_backend(Backend(
     name="triton",
     paths=(KernelPath("triton.split_kv", _split_kv_path, SPLIT_DESCRIPTION, unsupported_reason=_split_kv_refusal,
                       declines=split_declines_gpu, options=SPLIT_KV_OPTIONS, option_notes=SPLIT_KV_NOTES),
-           KernelPath("triton", _triton_path, DESCRIPTION, options=frozenset(OPTIONS))),
+           KernelPath("triton", _triton_path, DESCRIPTION, unsupported_reason=forward_only_refusal,
+                      options=frozenset(OPTIONS))),
     description=DESCRIPTION,
     unavailable_reason=unavailable_reason,
     unsupported_reason=unsupported_reason,

@@ -170,11 +170,22 @@ def varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seql
     """The AttentionCall of a packed call, validated: batch = the number of sequences, q_len and
     kv_len the longest ones; `options` as attention takes them."""
     _check_packed(q, k, v)
-    causal = options.get("causal", True)
-    # the (B, H, T, D) checks of dtype, device, heads and head dim, on one-sequence views
+    layout = varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options.get("causal", True))
+    return layout_call(q, k, v, layout, dropout_p, scale, **options)
+
+
+def _check_like_q(q, k, v, dropout_p: float, scale: Optional[float]) -> None:
+    """The (B, H, T, D) checks of dtype, device, heads and head dim, on one-sequence views."""
     validate_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2),
                     dropout_p, scale, causal=False)
-    layout = varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+
+
+def layout_call(q, k, v, layout: VarlenLayout, dropout_p: float = 0.0, scale: Optional[float] = None,
+                **options) -> AttentionCall:
+    """The AttentionCall of packed q (total_q, H, D) over k, v (rows, H_kv, D) whose sequences
+    `layout` holds, validated as varlen_call validates (its lengths already checked: a paged call's
+    k and v are the pools, whose rows are not the keys one after another)."""
+    _check_like_q(q, k, v, dropout_p, scale)
     meta_q = torch.empty(layout.batch, q.shape[1], layout.max_q, q.shape[2], dtype=q.dtype, device="meta")
     meta_k = torch.empty(layout.batch, k.shape[1], max(layout.max_k, 1), k.shape[2], dtype=q.dtype, device="meta")
     sinks, slopes = options.get("sinks"), options.get("alibi_slopes")

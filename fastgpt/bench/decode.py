@@ -79,29 +79,38 @@ def print_table(result: dict[str, Any]) -> None:
 
 def plot_decode(result: dict[str, Any], path: Path) -> Path:
     """Milliseconds per decode step against T_k, one line per kernel path."""
+    config = result["config"]
+    title = (f"decode, B=1, H={config['heads']}, H_kv={config['kv_heads']}, D={config['head_dim']}, float32\n"
+             f"{result['environment']['device']}")
+    return plot_step_times(result["rows"], lambda r: r["path"], "cached keys T_k", title, path)
+
+
+def plot_step_times(rows: list[dict], label, xlabel: str, title: str, path: Path, dashed=lambda name: False) -> Path:
+    """Milliseconds per step (median, p20-p80 bars) against T_k, one line per label(row) of the timed
+    rows, dashed where dashed(label) says so; log-log axes."""
     from fastgpt.bench.plots import _saved, plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    timed = [r for r in result["rows"] if "refused" not in r]
-    for name in dict.fromkeys(r["path"] for r in timed):
-        mine = [r for r in timed if r["path"] == name]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    timed = [r for r in rows if "refused" not in r]
+    for name in dict.fromkeys(label(r) for r in timed):
+        mine = [r for r in timed if label(r) == name]
         ax.errorbar([r["T_k"] for r in mine], [r["median_s"] * 1e3 for r in mine],
                     yerr=[[(r["median_s"] - r["p20_s"]) * 1e3 for r in mine],
-                          [(r["p80_s"] - r["median_s"]) * 1e3 for r in mine]], marker="o", capsize=3, label=name)
-    config = result["config"]
+                          [(r["p80_s"] - r["median_s"]) * 1e3 for r in mine]], marker="o", capsize=3, label=name,
+                    linestyle="--" if dashed(name) else "-")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("cached keys T_k")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("ms per decode step (median, p20-p80)")
-    ax.set_title(f"decode, B=1, H={config['heads']}, H_kv={config['kv_heads']}, D={config['head_dim']}, float32\n"
-                 f"{result['environment']['device']}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _saved(fig, path)
 
 
-def save(result: dict[str, Any], out_dir: Path, name: str = "decode") -> list[Path]:
+def save(result: dict[str, Any], out_dir: Path, name: str = "decode", plot=plot_decode) -> list[Path]:
+    """The result as out_dir/name.json and its plot as name.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(result, indent=1))
-    return [json_path, plot_decode(result, out_dir / f"{name}.png")]
+    return [json_path, plot(result, out_dir / f"{name}.png")]

@@ -9,6 +9,8 @@ as on the command line.
     alibi           ALiBi with the original paper's geometric slopes
     varlen          the batch as packed sequences of different lengths (fastgpt/attention/varlen.py);
                     `fastgpt parity` checks it, the attention timings do not take it
+    paged[:P]       those packed sequences' keys in a paged KV cache of P positions a page (default 16),
+                    pages in random order (fastgpt/attention/paged.py); forward only; `fastgpt parity`
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-FORMS = "causal, bidirectional, window:W, softcap[:C], sinks, alibi, varlen"
+from fastgpt.attention.paged import PAGE_SIZES
+
+FORMS = "causal, bidirectional, window:W, softcap[:C], sinks, alibi, varlen, paged[:P]"
+DEFAULT_PAGE_SIZE = 16
 DEFAULT_SOFTCAP = 50.0
 
 
@@ -31,6 +36,7 @@ class Variant:
     sinks: bool = False
     alibi: bool = False
     varlen: bool = False  # a layout, not an option of the call: options() leaves it out
+    paged: int = 0  # the page size of a paged KV cache (a layout too), 0: none
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
@@ -44,9 +50,12 @@ class Variant:
                 return cls(text, window=int(value))
             if kind == "softcap" and (not value or float(value) > 0):
                 return cls(text, softcap=float(value) if value else DEFAULT_SOFTCAP)
+            if kind == "paged" and (not value or int(value) in PAGE_SIZES):
+                return cls(text, paged=int(value) if value else DEFAULT_PAGE_SIZE)
         except ValueError:
             pass
-        raise ValueError(f"--variants {text!r} is not a variant; the forms are: {FORMS} (W an int >= 1, C > 0)")
+        raise ValueError(f"--variants {text!r} is not a variant; the forms are: {FORMS} (W an int >= 1, C > 0, "
+                         f"P a multiple of {PAGE_SIZES.step} from {PAGE_SIZES.start} to {PAGE_SIZES.stop - 1})")
 
     def options(self, B: int, H: int, device: torch.device) -> dict[str, Any]:
         """The keyword arguments of fastgpt.attention.attention for this variant."""
@@ -77,11 +86,12 @@ class Variant:
 
 
 def parse_variants(texts: list[str], packed: bool = False) -> list[Variant]:
-    """The --variants entries; "varlen" only where `packed` (fastgpt parity), else a ValueError."""
+    """The --variants entries; "varlen" and "paged" only where `packed` (fastgpt parity), else a ValueError."""
     variants = [Variant.parse(t) for t in texts]
-    if not packed and any(v.varlen for v in variants):
-        raise ValueError("--variants varlen: the attention timings take the (B, H, T, D) layout; packed sequences "
-                         "are checked by `fastgpt parity --variants varlen` and timed by `fastgpt bench packing`")
+    if not packed and any(v.varlen or v.paged for v in variants):
+        raise ValueError("--variants varlen/paged: the attention timings take the (B, H, T, D) layout; packed "
+                         "sequences and paged caches are checked by `fastgpt parity --variants varlen paged` and "
+                         "timed by `fastgpt bench packing` and `fastgpt bench decode --page-size`")
     seen = [v.name for v in variants]
     if len(set(seen)) != len(seen):
         raise ValueError(f"--variants {' '.join(texts)} names a variant twice")

@@ -13,7 +13,8 @@ from fastgpt.cli.train import keep_freed_memory
 
 NAME = "bench"
 HELP = ("benchmark the backends against eager PyTorch (tables, CSV/JSON, plots); generate: sampling with and "
-        "without the KV cache, batched; packing: documents padded vs packed; decode: long-context split-KV")
+        "without the KV cache, batched; packing: documents padded vs packed; decode: long-context split-KV, "
+        "or with --page-size a paged KV cache read in place")
 
 # The kinds of `fastgpt bench` that read each flag of one kind only: any other kind would ignore it.
 BENCH_FLAG_KINDS = {
@@ -25,9 +26,9 @@ BENCH_FLAG_KINDS = {
     "--dtype": ("attention", "train", "train --profile", "packing"),
     "--preset": ("generate", "train", "train --profile", "packing"),
     "--linear": ("generate",),
-    "--batched": ("generate",), "--num-prompts": ("generate",), "--page-size": ("generate",),
+    "--batched": ("generate",), "--num-prompts": ("generate",), "--page-size": ("generate", "decode"),
     "--steps": ("train", "train --profile", "packing"), "--data": ("train", "train --profile", "packing"),
-    "--block-size": ("packing",), "--batch-size": ("packing",), "--write-speeches": ("packing",),
+    "--block-size": ("packing",), "--batch-size": ("packing", "decode"), "--write-speeches": ("packing",),
     "--kv-lens": ("decode",), "--heads": ("decode",), "--head-dim": ("decode",),
     "--peak-flops": ("train",),
     "--profile": ("train",),
@@ -86,13 +87,15 @@ def _add_generate_batched_arguments(parser: argparse.ArgumentParser) -> None:
                              "torch unless --linear)")
     parser.add_argument("--num-prompts", type=at_least_one, default=None, help="generate --batched: N (default 16)")
     parser.add_argument("--page-size", type=at_least_one, default=None,
-                        help="generate --batched: positions per page, a multiple of 16 from 16 to 4096 (default 16)")
+                        help="generate --batched: positions per page, a multiple of 16 from 16 to 4096 (default 16); "
+                             "decode: time a step of --batch-size sequences over a paged cache of this page size "
+                             "(in place, gathered, contiguous) instead of split-KV")
 
 
 def _add_packing_and_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=at_least_one, default=None, help="packing: tokens per row (default 256)")
-    parser.add_argument("--batch-size", type=at_least_one, default=None, help="packing: rows per step (default: the "
-                                                                                "preset's)")
+    parser.add_argument("--batch-size", type=at_least_one, default=None,
+                        help="packing: rows per step (default: the preset's); decode --page-size: sequences (default 16)")
     parser.add_argument("--write-speeches", default=None, metavar="PATH",
                         help="packing: write tiny-shakespeare's speeches as documents (.jsonl, or a new folder) and stop")
     parser.add_argument("--kv-lens", type=at_least_one, nargs="+", default=None,
@@ -231,20 +234,41 @@ def _bench_packing(args: argparse.Namespace):
 
 
 def _bench_decode(args: argparse.Namespace):
-    """Times one long-context decode step per kernel path (split-KV or not); the results' files and plot."""
+    """Times one long-context decode step per kernel path (split-KV or not), or with --page-size one step
+    over a paged cache; the results' files and plot."""
+    from fastgpt.attention.paged import check_page_size
     from fastgpt.bench.common import check_backend_names
     from fastgpt.bench.decode import DEFAULT_KV_LENS, DEFAULT_PATHS, print_table, run_decode_benchmark, save
     from fastgpt.bench.report import prepare_out_dir
 
     check_backend_names(args.backends, allow_auto=False)
+    if args.batch_size is not None and args.page_size is None:
+        raise ValueError("--batch-size times the paged decode step: give --page-size too (split-KV decodes B = 1)")
+    if args.page_size is not None:
+        check_page_size(args.page_size, "--page-size")
     out_dir = prepare_out_dir(args.out_dir)
-    heads, kv_heads = args.heads or 8, args.kv_heads or 1
+    heads, kv_heads = args.heads or 8, args.kv_heads or (2 if args.page_size else 1)
     if heads % kv_heads != 0:
         raise ValueError(f"--kv-heads {kv_heads} must divide --heads {heads}")
+    if args.page_size is not None:
+        return _bench_paged_decode(args, out_dir, heads, kv_heads)
     result = run_decode_benchmark(args.kv_lens or DEFAULT_KV_LENS, heads, kv_heads, args.head_dim or 64,
                                   args.backends or DEFAULT_PATHS, args.reps or 20, args.device or "cpu")
     print_table(result)
     paths = save(result, out_dir)
+    return {"json": paths[0]}, paths[1:]
+
+
+def _bench_paged_decode(args: argparse.Namespace, out_dir, heads: int, kv_heads: int):
+    """Times one decode step over a paged KV cache per kernel path and way; the results' files and plot."""
+    from fastgpt.bench import paged_decode
+
+    result = paged_decode.run_paged_decode_benchmark(args.kv_lens or paged_decode.DEFAULT_KV_LENS, args.page_size,
+                                                     args.batch_size or 16, heads, kv_heads, args.head_dim or 64,
+                                                     args.backends or paged_decode.DEFAULT_PATHS, args.reps or 20,
+                                                     args.device or "cpu")
+    paged_decode.print_table(result)
+    paths = paged_decode.save(result, out_dir, f"decode_paged_P{args.page_size}")
     return {"json": paths[0]}, paths[1:]
 
 

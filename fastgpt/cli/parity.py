@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--variants", nargs="+", default=["causal"],
                         help="option sets to check, as `fastgpt bench attention --variants` names them: causal, "
                              "bidirectional, window:W, softcap[:C], sinks, alibi, varlen (packed sequences of "
-                             "different lengths; default: causal)")
+                             "different lengths), paged[:P] (their keys in a paged KV cache of P positions a "
+                             "page, default 16; the output only); default: causal")
     return parser
 
 
@@ -68,9 +69,7 @@ def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[
     that ran and those that failed (a backend unavailable on the device is one failure)."""
     from fastgpt.attention import AttentionCall, backend_names, get_backend, get_path
     from fastgpt.attention.registry import path_refusal
-    from fastgpt.attention.varlen import varlen_call
-    from fastgpt.verify.parity import (ALL_SHAPES, DTYPE_NAMES, check_parity, check_varlen_parity, make_packed,
-                                       make_qkv, shape_id)
+    from fastgpt.verify.parity import ALL_SHAPES, DTYPE_NAMES, make_qkv, shape_id
 
     backend = get_backend(name)
     reason = backend.unavailable_reason(device)
@@ -83,10 +82,7 @@ def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[
         for shape in ALL_SHAPES:
             q, k, v = make_qkv(shape, dtype, device)
             options = variant.options(q.shape[0], q.shape[1], device)
-            if variant.varlen:
-                call = varlen_call(*make_packed(shape, dtype, device), **options)
-            else:
-                call = AttentionCall.of(q, k, v, **options)
+            call = _variant_call(variant, shape, dtype, device, q, k, v, options)
             reason = backend.backend_refusal(call)
             if reason is None and name not in backend_names():  # a kernel path: its own refusal too
                 reason = path_refusal(get_path(name), call, named=True)
@@ -96,9 +92,9 @@ def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[
             if reason is not None:
                 print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} not supported: {reason}")
                 continue
-            check = check_varlen_parity if variant.varlen else check_parity
-            result = check(name, shape, dtype, device, **options)
-            cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" for k in ("out", "dq", "dk", "dv"))
+            result = _variant_check(variant)(name, shape, dtype, device, **options)
+            cells = " ".join(f"{result.errors[k]:>9.2e}/{result.limits[k]:<9.2e}" if k in result.errors
+                             else f"{'-':>9} {'':<9}" for k in ("out", "dq", "dk", "dv"))
             status = "ok" if result.ok else f"FAIL ({result.worst})"
             if "dsinks" in result.errors:
                 status += f"  dsinks {result.errors['dsinks']:.2e}/{result.limits['dsinks']:.2e}"
@@ -106,3 +102,30 @@ def _check_backend(name: str, dtype_names: list[str], device, variant) -> tuple[
             failures += not result.ok
             print(f"{name:<8} {dtype_name:<9} {shape_id(shape):<24} {cells}  {status}")
     return checks, failures
+
+
+def _variant_call(variant, shape, dtype, device, q, k, v, options):
+    """The AttentionCall the variant makes at `shape`: regular (q, k, v), packed or paged."""
+    from fastgpt.attention import AttentionCall
+    from fastgpt.attention.paged import paged_call, paged_layout
+    from fastgpt.attention.varlen import varlen_call
+    from fastgpt.verify.parity import make_packed, make_paged
+
+    if variant.paged:
+        q, k_pages, v_pages, table, seq_lens, cu_q = make_paged(shape, dtype, device, variant.paged)
+        layout = paged_layout(table, seq_lens, variant.paged, k_pages.shape[0], cu_q, device)
+        return paged_call(q, k_pages, v_pages, layout, **options)
+    if variant.varlen:
+        return varlen_call(*make_packed(shape, dtype, device), **options)
+    return AttentionCall.of(q, k, v, **options)
+
+
+def _variant_check(variant):
+    """The parity check of the variant's layout, as a function (backend, shape, dtype, device, **options)."""
+    import functools
+
+    from fastgpt.verify.parity import check_paged_parity, check_parity, check_varlen_parity
+
+    if variant.paged:
+        return functools.partial(check_paged_parity, page_size=variant.paged)
+    return check_varlen_parity if variant.varlen else check_parity

@@ -142,7 +142,7 @@ REGISTERED_OPS = (*ATTENTION_OPS, "dropout_keep_mask", "causal_packed_size", "em
                   "causal_attention_grad_scores", "causal_attention_flash_forward", "causal_attention_flash_backward",
                   "causal_attention_flash", "attention_flash_forward", "attention_flash_backward", "attention_dropout_keep_mask",
                   "attention_flash_varlen_forward", "attention_flash_varlen_backward",
-                  "attention_varlen_dropout_keep_mask")
+                  "attention_varlen_dropout_keep_mask", "attention_flash_paged_forward")
 
 
 def ops_without_cuda_kernels() -> list[str]:

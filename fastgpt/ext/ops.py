@@ -46,6 +46,11 @@ reads key/value head h // G, G = H / H_kv, in place (H_kv = H: plain multi-head 
                                   lse (H,total_q) (fastgpt/attention/varlen.py's contract)
     attention_varlen_dropout_keep_mask(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
                                   its (B,H,max_q,max_k) bool mask, sequence b's in [b, :, :T_q[b], :T_k[b]]
+    attention_flash_paged(q, k_pages, v_pages, block_table, cu_seqlens_q, cu_seqlens_k, scale, *,
+                          causal, window, softcap, sinks, alibi_slopes) -> (out, lse)
+                                  attention_flash_varlen's forward over a paged KV cache, the pages
+                                  (num_pages,page_size,H_kv,D) read in place (fastgpt/attention/paged.py);
+                                  forward only
     skinny_linear(x, weight, bias)  x · weightᵀ + bias for x of few rows (decode), float32 CPU,
                                   inference only (fastgpt/model/linear.py decides when the model uses it)
 
@@ -284,6 +289,38 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, softcap, 
                  else type(alibi_slopes).__name__)
         raise ValueError(f"alibi_slopes must be a floating tensor of shape ({H},) or ({B}, {H}); got {shown}")
     return B
+
+
+def attention_flash_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, scale: float, *, causal: bool = True,
+                          window=(-1, 0), softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                          alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): attention_flash_varlen's forward with the keys and values in a paged cache, read in
+    place: k_pages, v_pages (num_pages, page_size, H_kv, D) contiguous; sequence b's key j at
+    k_pages[block_table[b, j // page_size], j % page_size], block_table (B, max_pages) int32;
+    cu_seqlens_k (B + 1,) int32 counts each sequence's keys (the op checks every page it reads lies
+    in the pool). Forward only: no input may need a gradient (fastgpt.attention.paged_attention
+    gathers the pages, on a path with a backward, for that)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_pages, v_pages, sinks)):
+        raise ValueError("attention_flash_paged is forward only: q, k_pages, v_pages and sinks must not require grad "
+                         "(run it under torch.no_grad(), or use paged_attention with backend='sdpa' or 'naive')")
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if not (isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_contiguous()):
+            shown = f"{tuple(t.shape)} with strides {t.stride()}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a contiguous (num_pages, page_size, H_kv, D) tensor; got {shown}")
+    B = _check_varlen(q, k_pages.flatten(0, 1), v_pages.flatten(0, 1), cu_seqlens_q, cu_seqlens_k, causal, window,
+                      softcap, sinks, alibi_slopes)
+    if not (isinstance(block_table, torch.Tensor) and block_table.dtype == torch.int32 and block_table.dim() == 2
+            and block_table.shape[0] == B and block_table.device.type == "cpu"):
+        shown = (f"{block_table.dtype} {tuple(block_table.shape)} on {block_table.device}"
+                 if isinstance(block_table, torch.Tensor) else type(block_table).__name__)
+        raise ValueError(f"block_table must be a (B, max_pages) int32 tensor on the CPU, B = {B}; got {shown}")
+    sinks32 = None if sinks is None else sinks.detach().float().contiguous()
+    slopes = (None if alibi_slopes is None
+              else alibi_slopes.detach().float().expand(B, q.shape[1]).contiguous())  # (B, H)
+    return _ops.attention_flash_paged_forward(q, k_pages, v_pages, block_table.contiguous(), cu_seqlens_q,
+                                              cu_seqlens_k, sinks32, slopes, float(scale), causal, window[0],
+                                              0 if causal else window[1], float(softcap))
 
 
 def attention_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

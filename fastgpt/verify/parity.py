@@ -29,6 +29,7 @@ import torch
 
 from fastgpt.attention.api import attention
 from fastgpt.attention.naive import naive_attention, naive_varlen_attention
+from fastgpt.attention.paged import paged_attention, write_pages
 from fastgpt.attention.varlen import varlen_attention
 
 # (B, H, T_q, T_k, D): every sequence length {1, 17, 64, 100, 257} and head dim {16, 32, 48, 64, 80,
@@ -258,6 +259,46 @@ def make_packed(shape, dtype, device, seed: int = 0) -> tuple[torch.Tensor, ...]
     k, v = (torch.cat([t[b, :, T_k - n:].transpose(0, 1) for b, n in enumerate(k_lens)]) for t in (k4, v4))
     cu_q, cu_k = (torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32) for lens in (q_lens, k_lens))
     return q, k, v, cu_q, cu_k
+
+
+def make_paged(shape, dtype, device, page_size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """make_packed's batch with its keys and values in a paged KV cache of `page_size` positions a
+    page, the pages in random order (drawn from seed) among a few no sequence uses. Returns q
+    (total_q, H, D), k_pages, v_pages (num_pages, page_size, H_kv, D), block_table (B, max_pages)
+    int32, seq_lens (B,) and cu_seqlens_q, all on `device`."""
+    q, k, v, cu_q, cu_k = make_packed(shape, dtype, device, seed)
+    k_lens = (cu_k[1:] - cu_k[:-1]).tolist()
+    pages_each = [max(1, -(-n // page_size)) for n in k_lens]
+    order = torch.randperm(sum(pages_each) + 2, generator=torch.Generator().manual_seed(seed)).tolist()
+    table = torch.zeros(len(k_lens), max(pages_each), dtype=torch.int32)
+    for b, n in enumerate(pages_each):
+        table[b, :n] = torch.tensor(order[:n])
+        order = order[n:]
+    k_pages, v_pages = (torch.zeros(len(order) + sum(pages_each), page_size, *k.shape[1:], dtype=dtype, device=device)
+                        for _ in range(2))
+    seq_lens = torch.tensor(k_lens, device=device)
+    write_pages(k_pages, v_pages, table.to(device), seq_lens, k, v, cu_k)
+    return q, k_pages, v_pages, table.to(device), seq_lens, cu_q
+
+
+def check_paged_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: int = 0, page_size: int = 16,
+                       **options) -> ParityResult:
+    """check_varlen_parity's batch over a paged KV cache (make_paged): `backend`'s paged_attention
+    against naive_varlen_attention over the same keys, the output only (a paged cache serves
+    inference: the paths that read pages in place have no backward), the same rule."""
+    q, k_pages, v_pages, table, seq_lens, cu_q = make_paged(shape, dtype, device, page_size, seed)
+    _, k, v, _, cu_k = make_packed(shape, dtype, device, seed)
+    sinks = options.pop("sinks", None)
+
+    def in_dtype(t_dtype):
+        return {**options, **({"sinks": sinks.to(t_dtype)} if sinks is not None else {})}
+
+    with torch.no_grad():
+        got = paged_attention(q, k_pages, v_pages, table, seq_lens, cu_q, backend=backend, **in_dtype(dtype))
+        oracle = naive_varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, **in_dtype(torch.float64))
+        same_dtype = naive_varlen_attention(q, k, v, cu_q, cu_k, **in_dtype(dtype))
+    result = assess({"out": got}, {"out": oracle}, {"out": same_dtype}, dtype)
+    return replace(result, backend=backend, shape=tuple(shape))
 
 
 def check_varlen_parity(backend: str, shape, dtype: torch.dtype, device="cpu", seed: int = 0,

@@ -10,8 +10,9 @@ and the table layout are fastgpt.verify.compile_check's, shared by both.
 
 For each (kernel, arch, input dtype, head dim, dropout on/off, shipped config; fp32 inputs have
 configs of their own), for the attention options' variants (OPTION_VARIANTS: each option a
-compile-time switch, at OPTION_HEAD_DIMS in 16-bit) and for packed sequences (VARLEN_VARIANTS: the
-VARLEN switch, its tensors (1, H, total, D) views with a z stride of 0), it compiles the kernel with
+compile-time switch, at OPTION_HEAD_DIMS in 16-bit), for packed sequences (VARLEN_VARIANTS: the
+VARLEN switch, its tensors (1, H, total, D) views with a z stride of 0) and for a paged KV cache
+(PAGED_VARIANTS: the forward's PAGED switch, keys through a block table), it compiles the kernel with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, runs the bundled
 `ptxas -v` on the PTX (Triton's own cubin step, whose -v report is captured) and reads registers
 and spill bytes from that report, shared memory from the kernel metadata.
@@ -82,7 +83,8 @@ class Job:
     dropout: bool
     config: cfg.KernelConfig
     grouped: bool = False  # the grouped-query variant (GROUP > 1, a runtime value) instead of GROUP = 1
-    options: tuple[str, ...] = ()  # the options compiled in (OPTION_VARIANTS, VARLEN_VARIANTS), in OPTIONS' order
+    # the options compiled in (OPTION_VARIANTS, VARLEN_VARIANTS, PAGED_VARIANTS), in OPTIONS' order
+    options: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -140,6 +142,7 @@ def _example_args(job: Job) -> dict:
     for i, name in enumerate(stride_names):
         args[name] = layouts.get(name[len("stride_"):-1], bthd)[i % 4]
     args["stride_az"], args["stride_ah"] = 0, 1  # ALiBi slopes given per head, expanded over the batch
+    args["stride_bt"], args["page_size"] = 7, 16  # a block table's row (never specialised), a page of 16 keys
     return args
 
 
@@ -149,6 +152,7 @@ def _switches(job: Job) -> dict:
                 "ALIBI": "alibi" in job.options, "VARLEN": "varlen" in job.options}
     if job.kernel in ("fwd", "fwd_decode"):
         switches["SINKS"] = "sinks" in job.options
+        switches["PAGED"] = "paged" in job.options
     return switches
 
 
@@ -165,7 +169,7 @@ def _source(job: Job):
                           DOT_PRECISION=cfg.dot_precision(job.dtype == "fp32"), **_switches(job))
     packed = "varlen" in job.options
     unused = {"Seed": not job.dropout, "Sinks": "sinks" not in job.options, "Alibi": "alibi" not in job.options,
-              "Cu_seqlens_q": not packed, "Cu_seqlens_k": not packed}
+              "Cu_seqlens_q": not packed, "Cu_seqlens_k": not packed, "Block_table": "paged" not in job.options}
     ints = _example_args(job)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -183,7 +187,7 @@ def _source(job: Job):
             signature[name], divisible = "*fp32", True
         elif name == "Seed":
             signature[name], divisible = "*i64", True
-        elif name.startswith("Cu_seqlens"):
+        elif name.startswith("Cu_seqlens") or name == "Block_table":
             signature[name], divisible = "*i32", True
         elif name[0].isupper():
             signature[name], divisible = element, True
@@ -265,6 +269,11 @@ OPTION_HEAD_DIMS, OPTION_DTYPES = (64, 128), ("fp16",)
 # grouped dK/dV, at the option head dims.
 VARLEN_VARIANTS = {"fp16": (("varlen",), ("bidirectional", "window", "softcap", "sinks", "alibi", "varlen")),
                    "fp32": (("varlen",),)}
+# A paged KV cache (PAGED, a switch of the forward only: a paged cache serves inference, without
+# dropout): alone and with every option in 16-bit, alone in fp32, at the option head dims.
+PAGED_VARIANTS = {"fp16": (("varlen", "paged"),
+                           ("bidirectional", "window", "softcap", "sinks", "alibi", "varlen", "paged")),
+                  "fp32": (("varlen", "paged"),)}
 
 
 def jobs(archs, dtypes, head_dims) -> list[Job]:
@@ -286,7 +295,18 @@ def jobs(archs, dtypes, head_dims) -> list[Job]:
                 if D in OPTION_HEAD_DIMS and dtype in OPTION_DTYPES:
                     out += _option_jobs(arch, dtype, D)
                 if D in OPTION_HEAD_DIMS:
-                    out += _varlen_jobs(arch, dtype, D)
+                    out += _varlen_jobs(arch, dtype, D) + _paged_jobs(arch, dtype, D)
+    return out
+
+
+def _paged_jobs(arch: int, dtype: str, D: int) -> list[Job]:
+    """Every shipped config of the forward kernels with a paged KV cache (PAGED_VARIANTS), no dropout."""
+    out, fp32, pad = [], dtype == "fp32", cfg.padded_head_dim(D)
+    for options in PAGED_VARIANTS.get(dtype, ()):
+        banded = bool({"bidirectional", "window"} & set(options))
+        for kernel in ("fwd", "fwd_decode"):
+            out += [Job(kernel, arch, dtype, D, False, config, options=options)
+                    for config in cfg.configs(kernel, (arch // 10, 0), pad, fp32, banded=banded)]
     return out
 
 
