@@ -39,8 +39,9 @@
 //
 // A paged call is a packed call whose keys are not back to back: sequence b's key j lives in row
 // block_table[b][j / page_size]·page_size + j % page_size of the pool. A row block's span of keys is
-// gathered from its pages into the float32 buffer the packed bfloat16 call converts into, and from
-// there the products and the softmax are the packed call's, in the same order: its bits.
+// gathered from its pages into float32 rows (the buffer the packed bfloat16 call converts into), once
+// for the query heads that share the key/value head, and from there each head's products and softmax
+// are the packed call's, in the same order: its bits.
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -165,44 +166,80 @@ void forward_block_rows(float* s, int64_t m, int64_t w, int64_t r0, int64_t b0, 
   }
 }
 
+// Per thread, the forward's float32 copies and scratch.
+struct ForwardScratch {
+  std::vector<float> s, q, k, v, o, mult;
+};
+
+// Row block [r0, r0 + m) of one (sequence, query head) over its keys [b0, b0 + w), given as float32
+// rows kf, vf (null when w = 0): its out rows and lse.
+template <typename scalar_t>
+void forward_block(const Rows4<scalar_t>& Q, const Rows4<scalar_t>& O, float* lse_data, const SeqHead& sh, int64_t r0,
+                   int64_t m, int64_t b0, int64_t w, const float* kf, int64_t ldk, const float* vf, int64_t ldv,
+                   const ScoreMods& mods, const DropoutStream& ds, int64_t D, ForwardScratch& t) {
+  scalar_t* o_dst = O.at(sh.head) + (sh.q0 + r0) * O.ld;
+  int64_t ldq, ldo;
+  float* o = float_rows(o_dst, O.ld, m, D, t.o, ldo);
+  if (w == 0) {  // no row of the block sees a key
+    for (int64_t i = 0; i < m; ++i) std::fill(o + i * ldo, o + i * ldo + D, 0.0f);
+    std::fill(lse_data + sh.lse0 + r0, lse_data + sh.lse0 + r0 + m, sh.sink != nullptr ? *sh.sink : kNegInf);
+  } else {
+    const float* qf = rows_as_float(Q.at(sh.head) + (sh.q0 + r0) * Q.ld, Q.ld, m, D, t.q, ldq);
+    t.s.resize(std::max<size_t>(t.s.size(), static_cast<size_t>(m * w)));
+    gemm(false, true, m, w, D, 1.0f, qf, ldq, kf, ldk, 0.0f, t.s.data(), w);  // q·kᵀ (m × w)
+    forward_block_rows(t.s.data(), m, w, r0, b0, sh, mods, ds, lse_data + sh.lse0 + r0, t.mult);
+    gemm(false, false, m, D, w, 1.0f, t.s.data(), w, vf, ldv, 0.0f, o, ldo);  // out = P·v
+  }
+  store_rows(o, o_dst, O.ld, m, D);
+}
+
+// How many query heads a forward work item runs: the whole group of a key/value head where the
+// items (sequence, key/value head, row block) still outnumber the threads several times over, so
+// that its keys are read (gathered, converted) once for the group while they are in cache; else
+// one, and the items are (sequence, head, row block). Each head's block is computed the same way
+// either way: the choice moves no bit.
+int64_t forward_heads_per_item(const Sequences& seqs, int64_t group, int64_t kv_heads) {
+  if (group == 1) return 1;
+  int64_t blocks = 0;
+  for (int64_t b = 0; b < seqs.count; ++b) blocks += row_blocks(seqs[b].band.T_q);
+  return blocks * kv_heads >= 4 * at::get_num_threads() ? group : 1;
+}
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Sequences& seqs,
                     const ScoreMods& mods, const DropoutStream& ds, const PagedKeys* paged, at::Tensor& out,
                     at::Tensor& lse) {
   const int64_t D = q.size(3), group = q.size(1) / k.size(1), T = q.size(2);
+  const int64_t heads_per_item = forward_heads_per_item(seqs, group, k.size(1));
   const auto Q = rows4<scalar_t>(q), K = rows4<scalar_t>(k), V = rows4<scalar_t>(v), O = rows4<scalar_t>(out);
   float* lse_data = lse.data_ptr<float>();
-  const RowBlockItems items(seqs, mods.H, [D](const Band& band, int64_t r0, int64_t m) {
-    return static_cast<double>(m * (band.span(r0, m).second * (2 * D + 8) + D));
-  });
+  const auto block_cost = [D, heads_per_item](const Band& band, int64_t r0, int64_t m) {
+    return static_cast<double>(heads_per_item * m * (band.span(r0, m).second * (2 * D + 8) + D));
+  };
+  const RowBlockItems items(seqs, mods.H / heads_per_item, block_cost);
   parallel_for_balanced(items.size(), [&items](int64_t item) { return items.cost_before(item); }, kMinCostPerThread,
                         [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf, q_buf, k_buf, v_buf, o_buf, mult;
+    ForwardScratch t;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = items.sequence(item);
-      const auto [h, r] = items.head_and_block(item, b);
+      const auto [slot, r] = items.head_and_block(item, b);
       const Sequence seq = seqs[b];
-      const SeqHead sh = seq_head(seqs, seq, b, h, mods, T);
-      const int64_t r0 = r * kBlock, m = block_rows(sh.band.T_q, r), kv = seq.entry * K.heads + h / group;
-      const auto [b0, w] = sh.band.span(r0, m);
-      scalar_t* o_dst = O.at(sh.head) + (sh.q0 + r0) * O.ld;
-      int64_t ldq, ldk, ldv, ldo;
-      float* o = float_rows(o_dst, O.ld, m, D, o_buf, ldo);
-      if (w == 0) {  // no row of the block sees a key
-        for (int64_t i = 0; i < m; ++i) std::fill(o + i * ldo, o + i * ldo + D, 0.0f);
-        std::fill(lse_data + sh.lse0 + r0, lse_data + sh.lse0 + r0 + m, sh.sink != nullptr ? *sh.sink : kNegInf);
-      } else {
-        const float* qf = rows_as_float(Q.at(sh.head) + (sh.q0 + r0) * Q.ld, Q.ld, m, D, q_buf, ldq);
-        const float* kf = paged != nullptr ? paged->gather(K.at(kv), K.ld, b, b0, w, D, k_buf, ldk)
-                                           : rows_as_float(K.at(kv) + (seq.k0 + b0) * K.ld, K.ld, w, D, k_buf, ldk);
-        const float* vf = paged != nullptr ? paged->gather(V.at(kv), V.ld, b, b0, w, D, v_buf, ldv)
-                                           : rows_as_float(V.at(kv) + (seq.k0 + b0) * V.ld, V.ld, w, D, v_buf, ldv);
-        s_buf.resize(std::max<size_t>(s_buf.size(), static_cast<size_t>(m * w)));
-        gemm(false, true, m, w, D, 1.0f, qf, ldq, kf, ldk, 0.0f, s_buf.data(), w);  // q·kᵀ (m × w)
-        forward_block_rows(s_buf.data(), m, w, r0, b0, sh, mods, ds, lse_data + sh.lse0 + r0, mult);
-        gemm(false, false, m, D, w, 1.0f, s_buf.data(), w, vf, ldv, 0.0f, o, ldo);  // out = P·v
+      const int64_t h0 = slot * heads_per_item, kv = seq.entry * K.heads + h0 / group;
+      const int64_t r0 = r * kBlock, m = block_rows(seq.band.T_q, r);
+      const auto [b0, w] = seq.band.span(r0, m);
+      const float *kf = nullptr, *vf = nullptr;
+      int64_t ldk = 0, ldv = 0;
+      if (w > 0 && paged != nullptr) {
+        kf = paged->gather(K.at(kv), K.ld, b, b0, w, D, t.k, ldk);
+        vf = paged->gather(V.at(kv), V.ld, b, b0, w, D, t.v, ldv);
+      } else if (w > 0) {
+        kf = rows_as_float(K.at(kv) + (seq.k0 + b0) * K.ld, K.ld, w, D, t.k, ldk);
+        vf = rows_as_float(V.at(kv) + (seq.k0 + b0) * V.ld, V.ld, w, D, t.v, ldv);
       }
-      store_rows(o, o_dst, O.ld, m, D);
+      for (int64_t h = h0; h < h0 + heads_per_item; ++h) {
+        forward_block(Q, O, lse_data, seq_head(seqs, seq, b, h, mods, T), r0, m, b0, w, kf, ldk, vf, ldv, mods, ds,
+                      D, t);
+      }
     }
   });
 }
