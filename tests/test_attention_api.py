@@ -15,8 +15,8 @@ from fastgpt.verify.parity import PARITY_SHAPES, check_parity, make_qkv, shape_i
 def _registry_restored(monkeypatch):
     """Backends a test registers are gone after it: later tests see the real registry."""
     registry.backend_names()  # load the built-ins first, so they are part of what is restored
-    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
-    monkeypatch.setattr(registry, "_PATHS", dict(registry._PATHS))
+    monkeypatch.setattr(registry.ATTENTION, "backends", dict(registry.ATTENTION.backends))
+    monkeypatch.setattr(registry.ATTENTION, "paths", dict(registry.ATTENTION.paths))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -36,8 +36,8 @@ def test_parity_check_catches_a_wrong_backend(monkeypatch):
     # order pytest-xdist runs the tests in, none sees this backend afterwards
     from fastgpt.attention import registry
 
-    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
-    monkeypatch.setattr(registry, "_PATHS", dict(registry._PATHS))
+    monkeypatch.setattr(registry.ATTENTION, "backends", dict(registry.ATTENTION.backends))
+    monkeypatch.setattr(registry.ATTENTION, "paths", dict(registry.ATTENTION.paths))
     register_backend(Backend(name="_leaky_test_backend", fn=leaky, description="test only"))
     assert not check_parity("_leaky_test_backend", (2, 2, 17, 32), torch.float32).ok
 

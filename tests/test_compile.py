@@ -63,7 +63,7 @@ def test_the_trainer_prepares_the_backend_it_compiles(backend, small_corpus, tmp
         pytest.skip("auto picks ext on CPU only where the extension builds")
     prepared = []
     ext = registry.get_backend("ext")
-    monkeypatch.setitem(registry._BACKENDS, "ext", dataclasses.replace(ext, prepare=prepared.append))
+    monkeypatch.setitem(registry.ATTENTION.backends, "ext", dataclasses.replace(ext, prepare=prepared.append))
     monkeypatch.setattr(torch, "compile", lambda model: model)  # what runs before compiling, not the compile
     config = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, dropout_p=0.2, progress=False,
                   sample_tokens=0, compile=True, backend=backend, data=str(small_corpus), out_dir=str(tmp_path))

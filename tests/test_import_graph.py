@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # benchmarks and the GPU report sit above all of that, and the command line on top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("fastgpt.machine", "fastgpt.kernels", "fastgpt.ext")),
-    ("attention", ("fastgpt.attention",)),
+    ("attention", ("fastgpt.attention", "fastgpt.ops")),
     ("model", ("fastgpt.model", "fastgpt.integrations")),
     ("run", ("fastgpt.run",)),
     ("verify", ("fastgpt.verify",)),

@@ -46,3 +46,14 @@ def test_info_text_names_versions_extension_and_paths(capsys):
         assert f"  {name} " in text
     assert "auto, plain calls: " in text and "model kernels on cpu: " in text
     assert "options: bidirectional, window, softcap, sinks, alibi, return_lse" in text
+
+
+def test_info_lists_the_fused_ops_paths_and_their_options(capsys):
+    from fastgpt.ops import REGISTRIES
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    for registry in REGISTRIES:
+        assert f"{registry.op} kernel paths:" in text
+        for name in registry.kernel_path_names():
+            assert f"  {name}  {registry.get_path(name).description}; options: " in text

@@ -1,5 +1,7 @@
-"""The registry: the one place that knows every attention kernel path, chooses one per call, and
-records which ran.
+"""The registry: the one place that knows every kernel path of an op, chooses one per call, and
+records which ran. Attention's is ATTENTION (this module's functions are its methods); each fused
+op of fastgpt/ops/ has a Registry of its own, with its own options, kinds of call and `auto`
+order, and the same rules below.
 
 A *backend* is a family of kernels behind one name ("naive", "sdpa", "triton", "ext"); a *kernel
 path* is one concrete way a backend runs a call, named "<backend>" where the backend has one and
@@ -82,9 +84,9 @@ class KernelPath:
     options: frozenset[str] = frozenset()
     option_notes: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
-    def options_refusal(self, call: AttentionCall) -> Optional[str]:
-        """Why the path takes none of the call's options it lacks (named), or None."""
-        missing = [name for name in OPTIONS if name in call.options - self.options]
+    def options_refusal(self, call: AttentionCall, order: tuple[str, ...] = OPTIONS) -> Optional[str]:
+        """Why the path takes none of the call's options it lacks (named, in the op's `order`), or None."""
+        missing = [name for name in order if name in call.options - self.options]
         if not missing:
             return None
         notes = "; ".join(f"{name}: {self.option_notes[name]}" for name in missing if name in self.option_notes)
@@ -142,7 +144,7 @@ class Backend:
         reason = self.unavailable_reason(call.device)
         if reason is not None:
             return reason
-        if call.grouped and not self.grouped_query:
+        if getattr(call, "grouped", False) and not self.grouped_query:
             return f"grouped-query attention (H={call.heads} query heads over H_kv={call.kv_heads}) is not supported"
         return self.unsupported_reason(call)
 
@@ -150,11 +152,11 @@ class Backend:
 _said: set[tuple[str, str, str]] = set()
 
 
-def _say_unavailable_once(name: str, device: torch.device, reason: str) -> None:
-    key = (name, device.type, reason)
+def _say_unavailable_once(op: str, name: str, device: torch.device, reason: str) -> None:
+    key = (f"{op} {name}", device.type, reason)
     if key not in _said:
         _said.add(key)
-        log.info("attention backend %r cannot run on %s here: %s", name, device.type, reason)
+        log.info("%s backend %r cannot run on %s here: %s", op, name, device.type, reason)
 
 
 # The order in which `backend="auto"` tries backends, per device type and per kind of call
@@ -175,163 +177,179 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     # sdpa, so it runs only by name. ext's CUDA kernels likewise.
 }
 
-_BACKENDS: dict[str, Backend] = {}
-_PATHS: dict[str, tuple[Backend, KernelPath]] = {}
 
+class Registry:
+    """The backends and kernel paths of one op ("attention", "layer_norm", ...), its `auto` order
+    (per device type and kind of call), and the choice of a path per call. A call is any value with
+    `device`, `dtype`, `kind` (one of `kinds`), `options` (a frozenset of `options`' names),
+    `compiling` and `describe()`; AttentionCall is attention's. Every op's paths count in the one
+    record of what ran (`kernels_ran`), so their names are unique across ops."""
 
-def register_backend(backend: Backend) -> None:
-    """Adds `backend` and its paths; a second backend of the same name is an error."""
-    if backend.name == "auto":
-        raise ValueError("backend name 'auto' is reserved for automatic selection")
-    existing = _BACKENDS.get(backend.name)
-    if existing is not None and existing.paths != backend.paths:
-        raise ValueError(f"an attention backend named {backend.name!r} is already registered")
-    _BACKENDS[backend.name] = backend
-    for path in backend.paths:
-        _PATHS[path.name] = (backend, path)
+    def __init__(self, op: str, options: tuple[str, ...], kinds: tuple[str, ...],
+                 order: dict[str, dict[str, tuple[str, ...]]], record_prefix: str = ""):
+        self.op, self.options, self.kinds, self.order = op, options, kinds, order
+        self.record_prefix = record_prefix  # what kernels_ran() puts before a path's name: "layer_norm:"
+        self.backends: dict[str, Backend] = {}
+        self.paths: dict[str, tuple[Backend, KernelPath]] = {}
+        self._announced: set[tuple] = set()
 
+    def register_backend(self, backend: Backend) -> None:
+        """Adds `backend` and its paths; a second backend of the same name is an error."""
+        if backend.name == "auto":
+            raise ValueError("backend name 'auto' is reserved for automatic selection")
+        existing = self.backends.get(backend.name)
+        if existing is not None and existing.paths != backend.paths:
+            raise ValueError(f"an {self.op} backend named {backend.name!r} is already registered")
+        self.backends[backend.name] = backend
+        for path in backend.paths:
+            self.paths[path.name] = (backend, path)
 
-def backend_names() -> list[str]:
-    """Every registered backend, available here or not."""
-    return list(_BACKENDS)
+    def backend_names(self) -> list[str]:
+        """Every registered backend, available here or not."""
+        return list(self.backends)
 
+    def kernel_path_names(self) -> list[str]:
+        """Every registered kernel path, backend by backend, each backend's best first."""
+        return list(self.paths)
 
-def kernel_path_names() -> list[str]:
-    """Every registered kernel path, backend by backend, each backend's best first."""
-    return list(_PATHS)
+    def get_backend(self, name: str) -> Backend:
+        """The backend called `name` (or owning the path `name`); an unknown name lists the known ones."""
+        if name in self.backends:
+            return self.backends[name]
+        if name in self.paths:
+            return self.paths[name][0]
+        known = ", ".join(["auto", *self.backends, *(p for p in self.paths if p not in self.backends)])
+        raise ValueError(f"backend={name!r} is not a known {self.op} backend or kernel path; choose one of: {known}")
 
+    def get_path(self, name: str) -> KernelPath:
+        self.get_backend(name)  # an unknown name: the error that lists the known ones
+        if name not in self.paths:
+            paths = ", ".join(p.name for p in self.backends[name].paths)
+            raise ValueError(f"{name!r} is a backend with several kernel paths ({paths}), not one path")
+        return self.paths[name][1]
 
-def get_backend(name: str) -> Backend:
-    """The backend called `name` (or owning the path `name`); an unknown name lists the known ones."""
-    if name in _BACKENDS:
-        return _BACKENDS[name]
-    if name in _PATHS:
-        return _PATHS[name][0]
-    known = ", ".join(["auto", *_BACKENDS, *(p for p in _PATHS if p not in _BACKENDS)])
-    raise ValueError(f"backend={name!r} is not a known attention backend or kernel path; choose one of: {known}")
+    def available_backends(self, device: torch.device | str = "cpu") -> list[str]:
+        """The backends that can run on `device` in this process (each may still refuse some calls)."""
+        device = torch.device(device)
+        return [name for name, b in self.backends.items() if b.unavailable_reason(device) is None]
 
+    def auto_order(self, device: torch.device, kind: str) -> tuple[str, ...]:
+        """The backends `backend="auto"` tries, in order, for a call of `kind` on `device`."""
+        if kind not in self.kinds:
+            raise ValueError(f"kind must be one of {', '.join(self.kinds)}; got {kind!r}")
+        return self.order.get(device.type, self.order["default"])[kind]
 
-def get_path(name: str) -> KernelPath:
-    get_backend(name)  # an unknown name: the error that lists the known ones
-    if name not in _PATHS:
-        raise ValueError(f"{name!r} is a backend with several kernel paths ({', '.join(p.name for p in _BACKENDS[name].paths)}), "
-                         "not one path")
-    return _PATHS[name][1]
+    def path_refusal(self, path: KernelPath, call, named: bool = False) -> Optional[str]:
+        """Why `path` does not run `call` (its device, the call, or unless `named`, a decline), or
+        None. The backend's own refusal (Backend.backend_refusal) is asked first, separately."""
+        return (path.unavailable_reason(call.device) or path.options_refusal(call, self.options)
+                or path.unsupported_reason(call) or (None if named else path.declines(call)))
 
+    def first_path(self, backend: Backend, call) -> tuple[Optional[KernelPath], list[str]]:
+        """The backend's best path for the call, or None and each path's reason."""
+        reasons = []
+        for path in backend.paths:
+            reason = self.path_refusal(path, call)
+            if reason is None:
+                return path, reasons
+            reasons.append(f"{path.name}: {reason}" if len(backend.paths) > 1 else reason)
+        return None, reasons
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run on `device` in this process (each may still refuse some calls)."""
-    device = torch.device(device)
-    return [name for name, b in _BACKENDS.items() if b.unavailable_reason(device) is None]
+    def choose(self, call, backend: str = "auto") -> KernelPath:
+        """The kernel path that runs `call`; never a silent substitute.
 
-
-def auto_order(device: torch.device, kind: str) -> tuple[str, ...]:
-    """The backends `backend="auto"` tries, in order, for a call of `kind` (CALL_KINDS) on `device`."""
-    if kind not in CALL_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(CALL_KINDS)}; got {kind!r}")
-    return AUTO_ORDER.get(device.type, AUTO_ORDER["default"])[kind]
-
-
-def path_refusal(path: KernelPath, call: AttentionCall, named: bool = False) -> Optional[str]:
-    """Why `path` does not run `call` (its device, the call, or unless `named`, a decline), or None.
-    The backend's own refusal (Backend.backend_refusal) is asked first, separately."""
-    return (path.unavailable_reason(call.device) or path.options_refusal(call) or path.unsupported_reason(call)
-            or (None if named else path.declines(call)))
-
-
-def _first_path(backend: Backend, call: AttentionCall) -> tuple[Optional[KernelPath], list[str]]:
-    """The backend's best path for the call, or None and each path's reason."""
-    reasons = []
-    for path in backend.paths:
-        reason = path_refusal(path, call)
-        if reason is None:
-            return path, reasons
-        reasons.append(f"{path.name}: {reason}" if len(backend.paths) > 1 else reason)
-    return None, reasons
-
-
-def choose(call: AttentionCall, backend: str = "auto") -> KernelPath:
-    """The kernel path that runs `call`; never a silent substitute.
-
-    A named backend or path that cannot run raises (RuntimeError when it is unavailable here,
-    ValueError when it does not take the call). "auto" takes the first path of the device's order
-    for the kind of call that can run it.
-    """
-    if backend == "auto":
-        return _choose_auto(call)
-    owner = get_backend(backend)
-    reason = owner.unavailable_reason(call.device)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r} is not available on device {call.device}: {reason}")
-    reason = owner.backend_refusal(call)
-    if reason is not None:
-        raise ValueError(f"backend={backend!r} does not support this call: {reason}")
-    if backend not in _BACKENDS:  # a path's name: that path, declines or not
-        path = _PATHS[backend][1]
-        reason = path_refusal(path, call, named=True)
+        A named backend or path that cannot run raises (RuntimeError when it is unavailable here,
+        ValueError when it does not take the call). "auto" takes the first path of the device's
+        order for the kind of call that can run it.
+        """
+        if backend == "auto":
+            return self._choose_auto(call)
+        owner = self.get_backend(backend)
+        reason = owner.unavailable_reason(call.device)
         if reason is not None:
-            kind = RuntimeError if path.unavailable_reason(call.device) else ValueError
-            raise kind(f"kernel path {backend!r} cannot run this call ({call.describe()}): {reason}")
-        return _chosen(path, call, backend)
-    path, reasons = _first_path(owner, call)  # a backend's name: its best path for the call
-    if path is None:
-        raise ValueError(f"backend={backend!r} does not support this call ({call.describe()}): " + "; ".join(reasons))
-    return _chosen(path, call, backend)
-
-
-def _choose_auto(call: AttentionCall) -> KernelPath:
-    refusals = []
-    for name in auto_order(call.device, call.kind):
-        backend = _BACKENDS[name]
-        reason = backend.backend_refusal(call)
-        if reason is None:
-            reason = backend.load_refusal(call.device)
+            raise RuntimeError(f"backend={backend!r} is not available on device {call.device}: {reason}")
+        reason = owner.backend_refusal(call)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} does not support this call: {reason}")
+        if backend not in self.backends:  # a path's name: that path, declines or not
+            path = self.paths[backend][1]
+            reason = self.path_refusal(path, call, named=True)
             if reason is not None:
-                _say_unavailable_once(name, call.device, reason)
-        elif backend.unavailable_reason(call.device) is not None:
-            _say_unavailable_once(name, call.device, reason)
+                kind = RuntimeError if path.unavailable_reason(call.device) else ValueError
+                raise kind(f"kernel path {backend!r} cannot run this call ({call.describe()}): {reason}")
+            return self._chosen(path, call, backend)
+        path, reasons = self.first_path(owner, call)  # a backend's name: its best path for the call
+        if path is None:
+            raise ValueError(f"backend={backend!r} does not support this call ({call.describe()}): "
+                             + "; ".join(reasons))
+        return self._chosen(path, call, backend)
+
+    def _choose_auto(self, call) -> KernelPath:
+        refusals = []
+        for name in self.auto_order(call.device, call.kind):
+            backend = self.backends[name]
+            reason = backend.backend_refusal(call)
+            if reason is None:
+                reason = backend.load_refusal(call.device)
+                if reason is not None:
+                    _say_unavailable_once(self.op, name, call.device, reason)
+            elif backend.unavailable_reason(call.device) is not None:
+                _say_unavailable_once(self.op, name, call.device, reason)
+            if reason is not None:
+                refusals.append(f"{name}: {reason}")
+                continue
+            path, reasons = self.first_path(backend, call)
+            if path is not None:
+                return self._chosen(path, call, "auto")
+            refusals.append(f"{name}: " + "; ".join(reasons))
+        raise RuntimeError(f"no {self.op} kernel can run this call ({call.describe()}): " + "; ".join(refusals))
+
+    def refusal(self, call, backend: str = "auto") -> Optional[str]:
+        """Why `backend` (a backend, a kernel path or "auto") would not run `call` here, or None,
+        and then what it needs is loaded: what benchmarks and tests ask before timing or comparing
+        it. Unlike a call, a named backend whose library fails to build is a reason here, not an error."""
+        if backend == "auto":
+            try:
+                self._choose_auto(call)
+            except RuntimeError as e:
+                return str(e)
+            return None
+        owner = self.get_backend(backend)
+        reason = owner.backend_refusal(call) or owner.load_refusal(call.device)
         if reason is not None:
-            refusals.append(f"{name}: {reason}")
-            continue
-        path, reasons = _first_path(backend, call)
-        if path is not None:
-            return _chosen(path, call, "auto")
-        refusals.append(f"{name}: " + "; ".join(reasons))
-    raise RuntimeError(f"no attention kernel can run this call ({call.describe()}): " + "; ".join(refusals))
+            return reason
+        if backend not in self.backends:
+            return self.path_refusal(self.paths[backend][1], call, named=True)
+        path, reasons = self.first_path(owner, call)
+        return None if path is not None else "; ".join(reasons)
+
+    def record(self, path: KernelPath) -> None:
+        """Counts one call of `path` in kernels_ran(), under this op's prefix."""
+        _ran[self.record_prefix + path.name] = _ran.get(self.record_prefix + path.name, 0) + 1
+
+    def _chosen(self, path: KernelPath, call, asked: str) -> KernelPath:
+        key = (call.device.type, call.dtype, call.kind, asked, path.name, call.options)
+        if key not in self._announced and not call.compiling:  # a trace logs nothing: its eager calls did
+            self._announced.add(key)
+            options = ", ".join(name for name in self.options if name in call.options)
+            log.info("%s: backend=%r runs kernel path %r for %s %s calls (%s call%s)%s", self.op, asked, path.name,
+                     call.device.type, dtype_name(call.dtype), call.kind, f"; {options}" if options else "",
+                     f", dropout {call.dropout_p}" if hasattr(call, "dropout_p") else "")
+        return path
 
 
-def refusal(call: AttentionCall, backend: str = "auto") -> Optional[str]:
-    """Why `backend` (a backend, a kernel path or "auto") would not run `call` here, or None, and
-    then what it needs is loaded: what benchmarks and tests ask before timing or comparing it.
-    Unlike a call, a named backend whose library fails to build is a reason here, not an error."""
-    if backend == "auto":
-        try:
-            _choose_auto(call)
-        except RuntimeError as e:
-            return str(e)
-        return None
-    owner = get_backend(backend)
-    reason = owner.backend_refusal(call) or owner.load_refusal(call.device)
-    if reason is not None:
-        return reason
-    if backend not in _BACKENDS:
-        return path_refusal(_PATHS[backend][1], call, named=True)
-    path, reasons = _first_path(owner, call)
-    return None if path is not None else "; ".join(reasons)
-
-
-_announced: set[tuple] = set()
-
-
-def _chosen(path: KernelPath, call: AttentionCall, asked: str) -> KernelPath:
-    key = (call.device.type, call.dtype, call.kind, asked, path.name, call.options)
-    if key not in _announced and not call.compiling:  # a trace logs nothing: its eager calls did
-        _announced.add(key)
-        options = ", ".join(name for name in OPTIONS if name in call.options)
-        log.info("attention: backend=%r runs kernel path %r for %s %s calls (%s call%s), dropout %s",
-                 asked, path.name, call.device.type, dtype_name(call.dtype), call.kind,
-                 f"; {options}" if options else "", call.dropout_p)
-    return path
+# Attention's registry, and its methods as the module's functions (what the rest of fastgpt calls).
+ATTENTION = Registry("attention", OPTIONS, CALL_KINDS, AUTO_ORDER)
+register_backend = ATTENTION.register_backend
+backend_names = ATTENTION.backend_names
+kernel_path_names = ATTENTION.kernel_path_names
+get_backend = ATTENTION.get_backend
+get_path = ATTENTION.get_path
+available_backends = ATTENTION.available_backends
+auto_order = ATTENTION.auto_order
+path_refusal = ATTENTION.path_refusal
+choose = ATTENTION.choose
+refusal = ATTENTION.refusal
 
 
 # ---- the record of what ran ---------------------------------------------------------------------
@@ -340,11 +358,12 @@ _ran: dict[str, int] = {}
 
 
 def record(path: KernelPath) -> None:
-    _ran[path.name] = _ran.get(path.name, 0) + 1
+    ATTENTION.record(path)
 
 
 def kernels_ran(reset: bool = False) -> dict[str, int]:
-    """{kernel path: attention calls} since the process started or the last reset=True."""
+    """{kernel path: calls} since the process started or the last reset=True: attention's paths by
+    name, another op's as "<op>:<path>" ("linear_cross_entropy:torch")."""
     counts = dict(_ran)
     if reset:
         _ran.clear()

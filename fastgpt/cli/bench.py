@@ -1,4 +1,5 @@
-"""`fastgpt bench attention | generate | train | packing | decode`: the benchmarks of fastgpt/bench/, as tables, CSV/JSON and plots.
+"""`fastgpt bench attention | generate | train | packing | decode | cross-entropy`: the benchmarks of fastgpt/bench/,
+as tables, CSV/JSON and plots.
 
 Every flag is checked, and the out-dir made and proven writable, before the work: a sweep of
 minutes is never run only to be refused or lost at the end.
@@ -14,15 +15,16 @@ from fastgpt.cli.train import keep_freed_memory
 NAME = "bench"
 HELP = ("benchmark the backends against eager PyTorch (tables, CSV/JSON, plots); generate: sampling with and "
         "without the KV cache, batched; packing: documents padded vs packed; decode: long-context split-KV, "
-        "or with --page-size a paged KV cache read in place")
+        "or with --page-size a paged KV cache read in place; cross-entropy: the LM head and its loss, memory and time")
 
 # The kinds of `fastgpt bench` that read each flag of one kind only: any other kind would ignore it.
 BENCH_FLAG_KINDS = {
     "--smoke": ("attention", "generate"),
-    "--seq-lens": ("attention",), "--tokens": ("attention",), "--kv-heads": ("attention", "decode"),
+    "--seq-lens": ("attention",), "--tokens": ("attention", "cross-entropy"), "--kv-heads": ("attention", "decode"),
     "--dtypes": ("attention",), "--modes": ("attention",), "--dropouts": ("attention",), "--variants": ("attention",),
     "--validate-max-t": ("attention",),
-    "--reps": ("attention", "generate", "train", "packing", "decode"),
+    "--reps": ("attention", "generate", "train", "packing", "decode", "cross-entropy"),
+    "--vocab-sizes": ("cross-entropy",), "--hidden": ("cross-entropy",),
     "--dtype": ("attention", "train", "train --profile", "packing"),
     "--preset": ("generate", "train", "train --profile", "packing"),
     "--linear": ("generate",),
@@ -39,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastgpt.run.config import DTYPES, PRESETS  # and with them torch, before `run`
 
     parser = subparsers.add_parser(NAME, help=HELP)
-    parser.add_argument("what", choices=["attention", "train", "generate", "packing", "decode"])
+    parser.add_argument("what", choices=["attention", "train", "generate", "packing", "decode", "cross-entropy"])
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--out-dir", default="bench_results", help="where the JSON, CSV and PNGs go")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
@@ -47,7 +49,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="attention, generate: a tiny run, to check the harness")
     parser.add_argument("--seq-lens", type=at_least_one, nargs="+", default=None, help="attention: the T sweep")
-    parser.add_argument("--tokens", type=at_least_one, default=None, help="attention: B·T, held constant")
+    parser.add_argument("--tokens", type=at_least_one, default=None,
+                        help="attention: B·T, held constant; cross-entropy: the rows N (default 1024)")
+    parser.add_argument("--vocab-sizes", type=at_least_one, nargs="+", default=None,
+                        help="cross-entropy: the vocabularies V (default 32768 131072)")
+    parser.add_argument("--hidden", type=at_least_one, default=None, help="cross-entropy: the hidden width H "
+                                                                            "(default 512)")
     parser.add_argument("--kv-heads", type=at_least_one, default=None,
                         help="attention: key/value heads (grouped-query; must divide the sweep's heads)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float16", "bfloat16", "float32"])
@@ -118,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
     elif args.what == "decode":
         files, pngs = _bench_decode(args)
+    elif args.what == "cross-entropy":
+        files, pngs = _bench_cross_entropy(args)
     elif args.profile:
         files, pngs = _bench_train_profile(args)
     else:
@@ -270,6 +279,22 @@ def _bench_paged_decode(args: argparse.Namespace, out_dir, heads: int, kv_heads:
     paged_decode.print_table(result)
     paths = paged_decode.save(result, out_dir, f"decode_paged_P{args.page_size}")
     return {"json": paths[0]}, paths[1:]
+
+
+def _bench_cross_entropy(args: argparse.Namespace):
+    """Times the LM head and its loss per kernel path, with its peak memory; the results' files and plot."""
+    from fastgpt.bench import cross_entropy
+    from fastgpt.bench.report import prepare_out_dir
+
+    paths = args.backends or cross_entropy.DEFAULT_PATHS
+    cross_entropy.check_paths(paths)
+    out_dir = prepare_out_dir(args.out_dir)
+    result = cross_entropy.run_cross_entropy_benchmark(args.vocab_sizes or cross_entropy.DEFAULT_VOCAB_SIZES,
+                                                       args.tokens or 1024, args.hidden or 512, paths,
+                                                       args.reps or 3, args.device or "cpu")
+    cross_entropy.print_table(result)
+    files = cross_entropy.save(result, out_dir)
+    return {"json": files[0]}, files[1:]
 
 
 def _bench_train_profile(args: argparse.Namespace):

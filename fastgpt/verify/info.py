@@ -114,7 +114,16 @@ def report() -> dict[str, Any]:
             "descriptions": {name: get_path(name).description for name in kernel_path_names()},
             "options": {name: [o for o in OPTIONS if o in get_path(name).options] for name in kernel_path_names()},
             "auto_order": {d.type: {kind: list(auto_order(d, kind)) for kind in CALL_KINDS} for d in devices},
-            "model_kernels": model_kernels()}
+            "model_kernels": model_kernels(), "ops": op_paths()}
+
+
+def op_paths() -> dict[str, dict[str, dict[str, Any]]]:
+    """{op: {kernel path: {"description", "options"}}} of the fused ops beside attention (fastgpt.ops)."""
+    from fastgpt.ops import REGISTRIES
+
+    return {r.op: {name: {"description": r.get_path(name).description,
+                          "options": [o for o in r.options if o in r.get_path(name).options]}
+                   for name in r.kernel_path_names()} for r in REGISTRIES}
 
 
 def render(info: dict[str, Any]) -> str:
@@ -140,4 +149,8 @@ def render(info: dict[str, Any]) -> str:
         for kind, order in info["auto_order"][device].items():
             lines.append(f"  auto, {kind} calls: {' > '.join(order)}")
     lines.append("model kernels on cpu: " + "; ".join(f"{k}: {val}" for k, val in info["model_kernels"].items()))
+    for op, paths in info["ops"].items():
+        lines.append(f"{op} kernel paths:")
+        for name, path in paths.items():
+            lines.append(f"  {name}  {path['description']}; options: {', '.join(path['options']) or 'none'}")
     return "\n".join(lines)
