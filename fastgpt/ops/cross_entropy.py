@@ -47,7 +47,9 @@ OPTIONS = ("bias", "label_smoothing", "reduction_none")
 KINDS = ("plain",)
 REDUCTIONS = ("mean", "sum", "none")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in float32 whatever the vocabulary
+# Logits per chunk: 64 MiB in float32 whatever the vocabulary. Fewer rows per chunk stream W and
+# dW once more per chunk (docs/benchmarks.md, "Linear + cross-entropy").
+CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -193,15 +195,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        dx, dW, db = ctx.saved_tensors
+        dx, dW, db = ctx.saved_tensors  # made for this backward alone (once_differentiable): scaled in place
         g = grad_loss.to(dW.dtype)
         grads = [None, None, None]
         if ctx.needs_input_grad[0]:
-            grads[0] = (dx.to(g.dtype) * g).to(dx.dtype)
+            grads[0] = dx.mul_(g.to(dx.dtype)) if dx.dtype == dW.dtype else (dx.to(g.dtype) * g).to(dx.dtype)
         if ctx.needs_input_grad[1]:
-            grads[1] = (dW * g).to(ctx.weight_dtype)
+            grads[1] = dW.mul_(g).to(ctx.weight_dtype)
         if db is not None and ctx.needs_input_grad[2]:
-            grads[2] = (db * g).to(ctx.weight_dtype)
+            grads[2] = db.mul_(g).to(ctx.weight_dtype)
         return (*grads, None, None)
 
 
