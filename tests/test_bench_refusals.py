@@ -171,7 +171,8 @@ def test_other_kinds_refuse_unknown_backends_before_work(kind, flags, says, no_w
     (["generate", "--seq-lens", "64"], "--seq-lens applies to bench attention; bench generate would ignore it"),
     (["train", "--smoke"], "--smoke applies to bench attention, generate; bench train would ignore it"),
     (["train", "--profile", "--reps", "3"],
-     "--reps applies to bench attention, generate, train, packing, decode; bench train --profile would ignore it"),
+     "--reps applies to bench attention, generate, train, packing, decode, cross-entropy; bench train --profile "
+     "would ignore it"),
     (["attention", "--profile"], "--profile applies to bench train; bench attention would ignore it"),
 ])
 def test_a_flag_the_kind_would_ignore_is_refused(argv, says, no_work, tmp_path, capsys):

@@ -147,3 +147,16 @@ def test_fastgpt_parity_checks_a_paged_cache_the_output_only(capsys):
     assert "-- paged:32" in out and "FAIL" not in out
     rows = [line for line in out.splitlines() if line.startswith("ext.cpu_flash float32")]
     assert rows and all(line.rstrip().endswith("ok") and line.count(" - ") >= 3 for line in rows)
+
+
+def test_block_table_entries_past_a_sequences_pages_are_never_read():
+    # unchecked and never read: whatever they hold (here past int32 and negative), the result is the same
+    q, _, _, k_pages, v_pages, table, seq_lens, cu_q, _ = _step(Q_LENS["decode"], 16, torch.float32)
+    wide = torch.cat([table.long(), torch.full((table.shape[0], 2), 2**40)], dim=1)
+    wide[0, 1] = -7  # sequence 0 has one key: one page
+    for path in ("naive", "ext.cpu_flash"):
+        if path != "naive":
+            _skip_unless_runs(path, torch.float32)
+        with torch.no_grad():
+            assert torch.equal(paged_attention(q, k_pages, v_pages, wide, seq_lens, cu_q, backend=path),
+                               paged_attention(q, k_pages, v_pages, table, seq_lens, cu_q, backend=path))

@@ -145,7 +145,7 @@ def paged_layout(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: i
     q_lens = _q_lens(cu_seqlens_q, len(lens))
     max_pages = block_table.shape[1]
     _check_lengths(lens, q_lens, max_pages, page_size)
-    new_slots, positions = [], []
+    new_slots, positions, rows = [], [], []
     for b, (row, n, t) in enumerate(zip(table, lens, q_lens)):
         used = row[:-(-n // page_size)]  # the pages that hold positions 0 .. n - 1
         bad = [p for p in used if not 0 <= p < num_pages]
@@ -153,12 +153,13 @@ def paged_layout(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: i
             raise ValueError(f"block_table[{b}] holds page {bad[0]}, outside the pool's pages 0 .. {num_pages - 1}")
         new_slots += [used[pos // page_size] * page_size + pos % page_size for pos in range(n - t, n)]
         positions += range(n - t, n)
+        rows.append(used + [0] * (max_pages - len(used)))  # the entries never read: 0, whatever they held
     device = block_table.device if device is None else device
     cu_q = torch.tensor([0, *q_lens], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
     cu_k = torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
     as_index = dict(dtype=torch.int64, device=device)
     # the kernels read this copy, never the caller's table (which may change after the checks)
-    table_copy = torch.tensor(table, dtype=torch.int32).reshape(len(table), max_pages).to(device)
+    table_copy = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), max_pages).to(device)
     return PagedLayout(page_size, VarlenLayout(cu_q, cu_k, tuple(q_lens), tuple(lens)), table_copy,
                        torch.tensor(new_slots, **as_index), torch.tensor(positions, **as_index))
 
