@@ -28,6 +28,9 @@ def test_dry_run_reports_every_stage(tmp_path, capsys):
     assert stages["build"]["kind"] in ("jit", "aot")
     assert stages["parity"]["checks_passed"] > 0 and not stages["parity"]["failures"]
     assert {t["backend"] for t in stages["parity"]["tasks"]} >= {"naive", "sdpa"}
+    layouts = {s["shape"][0] for t in stages["parity"]["tasks"] for s in t["shapes"]
+               if isinstance(s["shape"][0], str) and s["status"] == "ok"}
+    assert layouts == {"varlen", "paged"}  # packed sequences and a paged cache, besides (B, H, T, D)
     assert stages["attention"]["sweeps"]["smoke"]["records"]
     assert stages["training"]["full_run"]["curve"] and stages["training"]["fastest"]
     assert any(r["status"] == "ok" for r in stages["generation"]["records"])

@@ -20,6 +20,7 @@ stage cut off by its budget still reports what it finished. On a GPU it measures
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -145,9 +146,53 @@ def stage_build(ctx: StageContext) -> None:
 
 # ---- parity -----------------------------------------------------------------------------------------
 
+# The layouts the parity stage checks besides (B, H, T, D) calls: packed sequences (varlen) and
+# their keys in a paged KV cache of 16-position pages (forward only), on two shapes of head dim 64
+# (one square, one of few queries over grouped heads), to stay within the stage's budget on a GPU.
+LAYOUTS = ("varlen", "paged")
+LAYOUT_SHAPES = [(2, 2, 100, 100, 64), (2, 8, 1, 13, 100, 64)]
+PAGE_SIZE = 16
+
+
+def _layout_refusal(backend: str, layout: str, shape, dtype, device) -> Optional[str]:
+    """Why `backend` does not run the layout's call at `shape`, or None."""
+    from fastgpt.attention import AttentionCall, refusal
+    from fastgpt.attention.paged import paged_call, paged_layout
+    from fastgpt.attention.varlen import varlen_call
+    from fastgpt.verify import parity
+
+    if layout is None:
+        return refusal(AttentionCall.of(*parity.make_qkv(shape, dtype, device)), backend)
+    if layout == "varlen":
+        return refusal(varlen_call(*parity.make_packed(shape, dtype, device)), backend)
+    q, k_pages, v_pages, table, seq_lens, cu_q = parity.make_paged(shape, dtype, device, PAGE_SIZE)
+    layout_ = paged_layout(table, seq_lens, PAGE_SIZE, k_pages.shape[0], cu_q, device)
+    return refusal(paged_call(q, k_pages, v_pages, layout_), backend)
+
+
+def _shape_check(backend: str, entry, dtype, device) -> dict[str, Any]:
+    """One parity check: `entry` a shape, or (layout, shape) for a LAYOUTS check."""
+    from fastgpt.verify import parity
+
+    layout, shape = entry if isinstance(entry[0], str) else (None, entry)
+    label = list(shape) if layout is None else [layout, list(shape)]
+    reason = _layout_refusal(backend, layout, shape, dtype, device)
+    if reason is not None:
+        return {"shape": label, "status": f"not supported: {reason}"}
+    check = {None: parity.check_parity, "varlen": parity.check_varlen_parity,
+             "paged": functools.partial(parity.check_paged_parity, page_size=PAGE_SIZE)}[layout]
+    try:
+        r = check(backend, shape, dtype, device)
+        return {"shape": label, "status": "ok" if r.ok else f"FAIL ({r.worst})", "errors": r.errors,
+                "limits": r.limits}
+    except Exception as e:  # a kernel error is a failed check, not the end of the stage
+        return {"shape": label, "status": f"error: {type(e).__name__}: {e}"[:500]}
+
+
 def _parity_task(task: tuple[str, str, str, list, list]) -> dict[str, Any]:
-    """A worker's job: one backend in one dtype on `device`, its parity shapes, then its dropout shapes."""
-    from fastgpt.attention import AttentionCall, get_backend
+    """A worker's job: one backend in one dtype on `device`, its parity shapes (each a shape or a
+    (layout, shape)), then its dropout shapes."""
+    from fastgpt.attention import get_backend
     from fastgpt.verify import parity
 
     backend, dtype_name, device_name, shapes, dropout_shapes = task
@@ -158,18 +203,8 @@ def _parity_task(task: tuple[str, str, str, list, list]) -> dict[str, Any]:
     if reason is not None:
         out["unavailable"] = reason
         return out
-    for shape in shapes:
-        q, k, v = parity.make_qkv(shape, dtype, device)
-        reason = get_backend(backend).backend_refusal(AttentionCall.of(q, k, v))
-        if reason is not None:
-            out["shapes"].append({"shape": list(shape), "status": f"not supported: {reason}"})
-            continue
-        try:
-            r = parity.check_parity(backend, shape, dtype, device)
-            out["shapes"].append({"shape": list(shape), "status": "ok" if r.ok else f"FAIL ({r.worst})",
-                                  "errors": r.errors, "limits": r.limits})
-        except Exception as e:  # a kernel error is a failed check, not the end of the stage
-            out["shapes"].append({"shape": list(shape), "status": f"error: {type(e).__name__}: {e}"[:500]})
+    for entry in shapes:
+        out["shapes"].append(_shape_check(backend, entry, dtype, device))
     for shape in dropout_shapes:
         from fastgpt.verify.dropout_check import check_dropout
 
@@ -191,8 +226,9 @@ def _parity_tasks(ctx: StageContext) -> list[tuple]:
         few = [s for s in PARITY_SHAPES if s[2] * s[3] <= 100 * 100][::3]
         small = [s for s in PARITY_SHAPES if s[2] * s[3] <= 17 * 17][:2]
         cpu = torch.device("cpu")
+        layouts = [(layout, few[1]) for layout in LAYOUTS]  # one (B, H, T, D) shape per layout
         return [(b, "float32", "cpu", small, []) if get_backend(b).emulated(cpu) else
-                (b, "float32", "cpu", few, DROPOUT_SHAPES[1:] if b in masked_backends() else [])
+                (b, "float32", "cpu", few + layouts, DROPOUT_SHAPES[1:] if b in masked_backends() else [])
                 for b in available_backends(cpu)]
     tasks = []
     for dtype in ("bfloat16", "float16", "float32"):
@@ -203,6 +239,7 @@ def _parity_tasks(ctx: StageContext) -> list[tuple]:
                 tasks.append((backend, dtype, "cuda", [s for s in ALL_SHAPES if s[-1] == D], []))
             if backend in masked_backends():
                 tasks.append((backend, dtype, "cuda", [], DROPOUT_SHAPES))
+            tasks.append((backend, dtype, "cuda", [(layout, s) for layout in LAYOUTS for s in LAYOUT_SHAPES], []))
     return sorted(tasks, key=lambda t: -len(t[3]) - len(t[4]))
 
 
