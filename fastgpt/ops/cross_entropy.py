@@ -155,7 +155,7 @@ def _chunk(x_c, weight, bias, t_c, call: LinearCrossEntropyCall, scale: float, g
     loss = torch.where(valid, loss, 0.0)
     if grads is not None:
         dx_c, dW, db = grads
-        g = torch.exp(z - lse[:, None])  # softmax, in place of z
+        g = torch.exp(z - lse[:, None])  # (c, V) the softmax, then its gradient in place
         g.scatter_add_(1, t_safe[:, None], torch.full_like(lse[:, None], -(1.0 - eps)))
         if eps > 0:
             g -= eps / call.vocab
