@@ -238,12 +238,17 @@ def _time_batched(model, prompts, new_tokens: int, backend: str, kernel: str, re
     return records
 
 
+def _machine_line(result: dict[str, Any]) -> str:
+    """The run's machine, versions, commit, time and load average, as the tables' first line."""
+    env, load = result["environment"], result["load_average"]
+    return (f"Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, python {env['python']}, "
+            f"commit {env['commit']}, {env['timestamp']}; load average {load['before']} before, {load['after']} after")
+
+
 def batched_markdown(result: dict[str, Any]) -> str:
     """One row per (backend, linear kernel, variant): median s [p20-p80], tokens/s, × sequential, peak MiB."""
-    env, lengths = result["environment"], result["prompt_lengths"]
-    lines = [f"Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, python {env['python']}, "
-             f"commit {env['commit']}, {env['timestamp']}; load average {result['load_average']['before']} before, "
-             f"{result['load_average']['after']} after; memory: {result['memory_method']}", "",
+    lengths = result["prompt_lengths"]
+    lines = [_machine_line(result) + f"; memory: {result['memory_method']}", "",
              f"{result['n_prompts']} prompts of {min(lengths)}-{max(lengths)} tokens, "
              f"{result['new_tokens']} new tokens each, {result['preset']} model (random weights), page size "
              f"{result['page_size']}", "",
@@ -296,10 +301,8 @@ def plot_batched(result: dict[str, Any], out_dir: Path, name: str = "generate_ba
 
 def generate_markdown(result: dict[str, Any]) -> str:
     """One row per (backend, linear kernel, case, variant): median s [p20-p80], tokens/s, × the first variant."""
-    env, auto = result["environment"], result["auto"]
-    lines = [f"Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}, "
-             f"python {env['python']}, commit {env['commit']}, {env['timestamp']}; load average "
-             f"{result['load_average']['before']} before, {result['load_average']['after']} after", "",
+    auto = result["auto"]
+    lines = [_machine_line(result), "",
              f"`fastgpt sample`'s defaults here: attention auto → {auto['attention_plain']} (no cache, prefill), "
              f"{auto['attention_cached']} (decode over the cache); linear auto → {auto['linear']} ({auto['linear_how']})",
              "",

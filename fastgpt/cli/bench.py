@@ -216,7 +216,6 @@ def _bench_generate_batched(args: argparse.Namespace):
 
 def _bench_packing(args: argparse.Namespace):
     """Trains on documents padded and packed, interleaved; the results' files and plot."""
-    from fastgpt.bench.common import check_backend_names
     from fastgpt.bench.packing import (packing_markdown, plot_packing, run_packing_benchmark, shakespeare_speeches,
                                        write_documents)
     from fastgpt.bench.report import prepare_out_dir, write_results
@@ -226,10 +225,7 @@ def _bench_packing(args: argparse.Namespace):
         speeches = shakespeare_speeches()
         print(f"wrote {len(speeches):,} speeches to {write_documents(speeches, args.write_speeches)}")
         return {}, []
-    if args.backends is not None and len(args.backends) != 1:
-        raise ValueError(f"--backends: packing runs one attention backend in both modes; got {len(args.backends)}: "
-                         f"{' '.join(args.backends)}")
-    check_backend_names(args.backends, allow_auto=True)
+    _one_backend(args, "--backends: packing runs one attention backend in both modes; got")
     out_dir = prepare_out_dir(args.out_dir)
     kept = resolve_device(args.device or "auto").type == "cpu" and keep_freed_memory(True)
     preset = args.preset or "cpu"
@@ -240,6 +236,15 @@ def _bench_packing(args: argparse.Namespace):
     result["environment"]["keep_freed_memory"] = kept
     print(packing_markdown(result))
     return write_results(result, out_dir, f"packing_{preset}"), [plot_packing(result, out_dir / f"packing_{preset}.png")]
+
+
+def _one_backend(args: argparse.Namespace, refusal: str) -> None:
+    """--backends names at most one backend ("auto" allowed), else a ValueError: `refusal`, the count, the names."""
+    from fastgpt.bench.common import check_backend_names
+
+    if args.backends is not None and len(args.backends) != 1:
+        raise ValueError(f"{refusal} {len(args.backends)}: {' '.join(args.backends)}")
+    check_backend_names(args.backends, allow_auto=True)
 
 
 def _bench_decode(args: argparse.Namespace):
@@ -299,15 +304,11 @@ def _bench_cross_entropy(args: argparse.Namespace):
 
 def _bench_train_profile(args: argparse.Namespace):
     """Profiles one whole training run per phase; the results' files (no plots)."""
-    from fastgpt.bench.common import check_backend_names
     from fastgpt.bench.report import prepare_out_dir, write_results
     from fastgpt.bench.train_profile import profile_markdown, run_train_profile
     from fastgpt.run.trainer import resolve_device
 
-    if args.backends is not None and len(args.backends) != 1:
-        raise ValueError(f"--profile runs one attention backend; --backends names {len(args.backends)}: "
-                         f"{' '.join(args.backends)}")
-    check_backend_names(args.backends, allow_auto=True)
+    _one_backend(args, "--profile runs one attention backend; --backends names")
     out_dir = prepare_out_dir(args.out_dir)
     kept = resolve_device(args.device or "auto").type == "cpu" and keep_freed_memory(True)
     preset = args.preset or "cpu"
